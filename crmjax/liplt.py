@@ -1,0 +1,396 @@
+"""Lipschitz upper bounds of deep networks: naive and LipLT (Fazlyab et al., NeurIPS 2023).
+
+For a network in the form of paper eq. 17 (see ``crmjax.network``),
+
+    x_{k+1} = H_k x_k + G_k phi_k(W_k x_k),   z = R x_L,   alpha_k <= phi_k' <= beta_k,
+
+the loop transformation ``Hhat_k = H_k + c_k G_k W_k`` with ``c_k = (alpha_k + beta_k)/2``,
+``r_k = (beta_k - alpha_k)/2`` gives Theorem 3.3 (eq. 19): ``m_e``, a bound on the Lipschitz
+constant of ``x_0 -> W_e x_e``, obeys
+
+    m_0 = ||W_0||,
+    m_e = ||W_e Hhat_{e-1} .. Hhat_0|| + sum_{j<e} r_j ||W_e Hhat_{e-1} .. Hhat_{j+1} G_j|| m_j,
+
+and the bound of ``c^T z`` is the same expression with ``W_e`` replaced by ``c^T R``. With
+``c = e_i - e_j`` this is the pairwise bound ``L_ij`` of the margin ``z_i - z_j`` (eq. 5),
+with ``c = e_i`` the per-class bound, and with the whole ``R`` the global bound.
+
+How it is computed:
+
+* The interior norms ``||W_e Hhat .. G_j||`` (the "table") are estimated by power iteration
+  on ``A^T A``. All O(L^2) operators are pushed through the network in ONE sweep of depth
+  L: at layer i, the vectors of every (start, end) pair in flight share the shape of
+  ``x_i`` and go through ``W_i`` and ``Hhat_i`` as a single batched call. ``jax.vjp`` of
+  that sweep gives all the transposes at once. The vectors are ``PowerState``: thread it
+  through training steps (warm start) and 1 to 10 iterations per step suffice.
+* The readout terms (class rows) are exact, no iteration: one ``jax.vjp`` of the network's
+  linear part, ``jax.vmap``-ed over the K basis vectors, gives the rows ``e_k^T R Hhat..G_j``;
+  pair norms follow from their Gram matrix, ``||a_i - a_j||^2 = G_ii + G_jj - 2 G_ij``.
+* The recursion over ``m`` is one unit-lower-triangular solve.
+* ``norm='linf'``: the induced infinity norm (max absolute row sum). LipLT holds for any
+  induced norm. Single dense/conv operators are exact; a chain ``A = A_n .. A_1`` is bounded
+  by ``max(|A_n| .. |A_1| 1)`` (no iteration); class rows are exact (their l1 norms).
+
+The power-iteration estimates are lower estimates of each interior norm: fine for training,
+not for certificates. ``crmjax.certify`` replaces them by guaranteed upper bounds.
+
+Every function here is pure (params and state in, values out) and works under ``jit``,
+``grad`` and ``vmap``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from crmjax import operators as ops
+from crmjax.network import LipNet
+
+Mode = Literal["pairwise", "per_class", "global"]
+Norm = Literal["l2", "linf"]
+Method = Literal["liplt", "naive"]
+MODES = ("pairwise", "per_class", "global")
+NORMS = ("l2", "linf")
+METHODS = ("liplt", "naive")
+
+_TINY = 1e-30
+
+
+@struct.dataclass
+class PowerState:
+  """Power-iteration vectors (right singular vector estimates), one row per operator.
+
+  Attributes:
+    liplt: tuple over starts ``t = 0..L-1``; entry ``t`` has shape
+      ``(L - t, *shape_t)``: row ``e - t`` is the vector of ``A = W_e Hhat_{e-1} .. G_{t-1}``
+      (``t = 0``: the input start, ``G_{-1} = I``, ``shape_0`` = the input shape;
+      ``t >= 1``: ``shape_t`` = the shape of ``W_{t-1} x``), for ``e = t .. L-1``.
+    naive: tuple over blocks of ``(u_W, u_G, u_H)``, each ``(1, *in_shape)`` or ``None``
+      where the norm is known exactly (identity, reshape, absent).
+  """
+
+  liplt: tuple
+  naive: tuple
+
+
+def _start_shapes(net: LipNet) -> list[tuple[int, ...]]:
+  return [net.input_shape] + [b.phi_shape for b in net.blocks]
+
+
+def _needs_iteration(op) -> bool:
+  return op is not None and not ops.is_isometry(op) and not isinstance(op, ops.Scale)
+
+
+def _random_rows(key, shape):
+  return _normalize_rows(jax.random.normal(key, shape, jnp.float32))
+
+
+def init_state(net: LipNet, key: jax.Array) -> PowerState:
+  """Random unit starting vectors for every operator norm that needs power iteration.
+
+  Args:
+    net: the network (only its shapes are read).
+    key: a ``jax.random`` key.
+
+  Returns:
+    A ``PowerState`` (see its docstring for the shapes).
+  """
+  L = len(net.blocks)
+  shapes = _start_shapes(net)
+  keys = iter(jax.random.split(key, L + 3 * L))
+  liplt = tuple(_random_rows(next(keys), (L - t, *shapes[t])) for t in range(L))
+  naive = tuple(
+      tuple(_random_rows(next(keys), (1, *op.in_shape)) if _needs_iteration(op) else None
+            for op in (b.W, b.G, b.H))
+      for b in net.blocks)
+  return PowerState(liplt=liplt, naive=naive)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _flat(v):
+  return v.reshape(v.shape[0], -1)
+
+
+def _safe_sqrt(x):
+  return jnp.sqrt(jnp.maximum(x, _TINY))
+
+
+def _row_norms(v):
+  return _safe_sqrt(jnp.sum(jnp.square(_flat(v)), axis=-1))
+
+
+def _normalize_rows(v):
+  n = _row_norms(v)
+  return v / n.reshape((-1,) + (1,) * (v.ndim - 1))
+
+
+def power_iterate(fn: Callable, us: Sequence[jax.Array], num_iters: int) -> tuple:
+  """``num_iters`` steps of ``u <- A^T A u / ||A^T A u||`` for a batch of operators.
+
+  Args:
+    fn: a linear map from a tuple of arrays ``us[t]`` of shape ``(n_t, *in_t)`` to a tuple
+      of outputs, where row ``r`` of each output depends only on one row of one input
+      (so that rows are independent operators ``A_r``).
+    us: the current vectors, unit rows.
+    num_iters: number of iterations (static).
+
+  Returns:
+    The updated unit rows (gradients are stopped: they are state, not parameters).
+  """
+  us = tuple(jax.lax.stop_gradient(u) for u in us)
+
+  def step(_, us):
+    ys, vjp = jax.vjp(fn, us)
+    (ws,) = vjp(ys)
+    return tuple(_normalize_rows(w) for w in ws)
+
+  return jax.lax.fori_loop(0, num_iters, step, us)
+
+
+# ------------------------------------------------------------------- the LipLT table
+
+
+def table_sweep(net: LipNet, us: Sequence[jax.Array]) -> list[jax.Array]:
+  """Applies every interior operator ``A_{t,e} = W_e Hhat_{e-1} .. Hhat_t G_{t-1}`` at once.
+
+  One pass over the layers (sequential depth L): at layer ``i`` the in-flight vectors form
+  an array ``(L - i, i + 1, *x_i shape)`` (ends ``e >= i`` by starts ``t <= i``) that goes
+  through ``W_i`` and ``Hhat_i`` as one batched call; the start ``t = i + 1`` joins as
+  ``G_i u``.
+
+  Args:
+    net: the network.
+    us: ``PowerState.liplt``-shaped vectors (any values: the map is linear).
+
+  Returns:
+    A list over ends ``e = 0..L-1`` of arrays ``(e + 1, *phi_shape_e)``; row ``t`` is
+    ``A_{t,e} us[t][e - t]``.
+  """
+  L = len(net.blocks)
+  x = us[0][:, None]
+  outs = []
+  for i, b in enumerate(net.blocks):
+    wx = b.W(x)
+    outs.append(wx[0])
+    if i + 1 < L:
+      x = jnp.concatenate([b.hhat(x[1:], wx[1:]), b.g(us[i + 1])[:, None]], axis=1)
+  return outs
+
+
+def _table_matrix(outs: Sequence[jax.Array], reduce: Callable) -> jax.Array:
+  """Packs per-end outputs into the lower-triangular ``(L, L)`` table ``B[e, t]``."""
+  L = len(outs)
+  rows = [jnp.pad(reduce(o), (0, L - o.shape[0])) for o in outs]
+  return jnp.stack(rows)
+
+
+def interior_table(net: LipNet, state: PowerState | None = None, *, norm: Norm = "l2",
+                   num_iters: int = 1) -> tuple[jax.Array, PowerState | None]:
+  """The table ``B[e, t] = ||W_e Hhat_{e-1} .. Hhat_t G_{t-1}||`` of eq. 19.
+
+  Args:
+    net: the network.
+    state: power-iteration vectors (``norm='l2'``); ``None`` for ``norm='linf'``.
+    norm: ``'l2'`` (power iteration, a lower estimate that converges to the norm) or
+      ``'linf'`` (a guaranteed upper bound, exact for single operators).
+    num_iters: power iterations this call (``l2`` only).
+
+  Returns:
+    ``B`` of shape ``(L, L)``, zero above the diagonal (column 0 is the input start), and
+    the updated state.
+  """
+  if norm == "linf":
+    ones = [jnp.ones((len(net.blocks) - t, *s)) for t, s in enumerate(_start_shapes(net)[:-1])]
+    outs = table_sweep(net.abs(), ones)
+    return _table_matrix(outs, lambda o: jnp.max(_flat(o), axis=-1)), state
+  us = power_iterate(lambda u: table_sweep(net, u), state.liplt, num_iters)
+  outs = table_sweep(net, us)
+  return _table_matrix(outs, _row_norms), state.replace(liplt=us)
+
+
+def interior_bounds(table: jax.Array, radii: jax.Array) -> jax.Array:
+  """Solves eq. 19 for ``m_0..m_{L-1}``: ``m_e = B[e,0] + sum_{j<e} r_j B[e,j+1] m_j``.
+
+  Args:
+    table: ``(L, L)`` lower-triangular table from ``interior_table``.
+    radii: ``(L,)`` the ``(beta_j - alpha_j)/2`` of each block.
+
+  Returns:
+    ``m`` of shape ``(L,)``.
+  """
+  L = table.shape[0]
+  inner = jnp.tril(jnp.pad(table[:, 1:], ((0, 0), (0, 1))), k=-1) * radii[None, :]
+  return jax.scipy.linalg.solve_triangular(jnp.eye(L) - inner, table[:, 0], lower=True,
+                                           unit_diagonal=True)
+
+
+# ------------------------------------------------------------------- exact class rows
+
+
+def class_rows(net: LipNet) -> list[jax.Array]:
+  """The exact rows ``e_k^T R Hhat_{L-1} .. Hhat_t G_{t-1}`` for every class k and start t.
+
+  One ``jax.vjp`` of the linear part of the network, ``jax.vmap``-ed over the K basis
+  cotangents (no power iteration: these operators have K rows).
+
+  Returns:
+    A list over starts ``t = 0..L`` of arrays ``(K, n_t)``.
+  """
+  def linear_part(x0, vs):
+    x = x0
+    for b, v in zip(net.blocks, vs):
+      x = b.hhat(x) + b.g(v)
+    return net.readout(x)
+
+  shapes = _start_shapes(net)
+  x0 = jnp.zeros(shapes[0])
+  vs = tuple(jnp.zeros(s) for s in shapes[1:])
+  _, vjp = jax.vjp(linear_part, x0, vs)
+  gx0, gvs = jax.vmap(vjp)(jnp.eye(net.num_classes))
+  return [_flat(gx0)] + [_flat(g) for g in gvs]
+
+
+def row_norms(rows: jax.Array, *, mode: Mode = "pairwise", norm: Norm = "l2") -> jax.Array:
+  """The norm of ``c^T A`` for the rows ``(K, n)`` of ``A``: pairs, classes or all of ``A``.
+
+  Args:
+    rows: ``(K, n)``, row k is ``e_k^T A``.
+    mode: ``'pairwise'`` -> ``(K, K)`` with ``||rows_i - rows_j||`` (zero diagonal);
+      ``'per_class'`` -> ``(K,)``; ``'global'`` -> ``()``, the induced norm of ``A``.
+    norm: ``'l2'`` (pairs via the Gram matrix, global via its top eigenvalue) or ``'linf'``
+      (l1 norms of rows; global = largest row l1 norm).
+  """
+  K = rows.shape[0]
+  if norm == "l2":
+    gram = jnp.matmul(rows, rows.T, precision=jax.lax.Precision.HIGHEST)
+    d = jnp.diagonal(gram)
+    if mode == "per_class":
+      return _safe_sqrt(d)
+    if mode == "global":
+      return _safe_sqrt(jnp.linalg.eigvalsh(gram)[-1])
+    sq = d[:, None] + d[None, :] - 2.0 * gram
+    return jnp.where(jnp.eye(K, dtype=bool), 0.0, _safe_sqrt(sq))
+  l1 = jnp.sum(jnp.abs(rows), axis=-1)
+  if mode == "per_class":
+    return l1
+  if mode == "global":
+    return jnp.max(l1)
+  return jax.lax.map(lambda r: jnp.sum(jnp.abs(r[None, :] - rows), axis=-1), rows)
+
+
+# ------------------------------------------------------------------------ the bounds
+
+
+def _check(method, mode, norm, state):
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def _radii(net: LipNet) -> jax.Array:
+  return jnp.asarray([b.radius for b in net.blocks], jnp.float32)
+
+
+def liplt_bound(net: LipNet, state: PowerState | None = None, *, mode: Mode = "pairwise",
+                norm: Norm = "l2", num_iters: int = 1
+                ) -> tuple[jax.Array, PowerState | None]:
+  """The LipLT bound (paper Theorem 3.3, eq. 19) of the network's logits.
+
+  Args:
+    net: the network in eq. 17 form (``crmjax.network.from_layers``); differentiable.
+    state: power-iteration vectors from ``init_state`` (``l2``; threaded through training
+      steps for a warm start). ``None`` starts from ``init_state(net, jax.random.key(0))``.
+    mode: ``'pairwise'`` -> ``(K, K)`` symmetric ``L_ij`` bounding ``z_i - z_j``, zero
+      diagonal; ``'per_class'`` -> ``(K,)`` bounding each ``z_i``; ``'global'`` -> ``()``
+      bounding the whole logit map.
+    norm: ``'l2'`` or ``'linf'`` (induced norms on input and output).
+    num_iters: power iterations for the interior norms this call.
+
+  Returns:
+    ``(bound, new_state)``.
+  """
+  _check("liplt", mode, norm, state)
+  if norm == "l2" and state is None:
+    state = init_state(net, jax.random.key(0))
+  radii = _radii(net)
+  if net.blocks:
+    table, state = interior_table(net, state, norm=norm, num_iters=num_iters)
+    m = interior_bounds(table, radii)
+  else:
+    m = jnp.zeros((0,))
+  norms = jnp.stack([row_norms(r, mode=mode, norm=norm) for r in class_rows(net)])
+  weights = jnp.concatenate([jnp.ones((1,)), radii * m])
+  return jnp.tensordot(weights, norms, axes=1), state
+
+
+def layer_norms(net: LipNet, state: PowerState | None = None, *, norm: Norm = "l2",
+                num_iters: int = 1) -> tuple[jax.Array, PowerState | None]:
+  """Per-block norms ``(L, 3)``: ``||W_k||``, ``||G_k||`` (1 if absent), ``||H_k||`` (0 if absent)."""
+  if norm == "l2" and state is None:
+    state = init_state(net, jax.random.key(0))
+  ops_ = [(b.W, b.G, b.H) for b in net.blocks]
+  if norm == "linf":
+    vals = [[jnp.float32(1.0 if j == 1 else 0.0) if op is None else
+             jnp.max(op.abs()(jnp.ones(op.in_shape))) for j, op in enumerate(t)]
+            for t in ops_]
+    return _stack2(vals, len(ops_)), state
+  flat = [(i, j, op) for i, t in enumerate(ops_) for j, op in enumerate(t)
+          if _needs_iteration(op)]
+  us = power_iterate(lambda u: tuple(op(v) for (_, _, op), v in zip(flat, u)),
+                     tuple(state.naive[i][j] for i, j, _ in flat), num_iters)
+  found = {(i, j): _row_norms(op(u))[0] for (i, j, op), u in zip(flat, us)}
+  new = [list(t) for t in state.naive]
+  for (i, j, _), u in zip(flat, us):
+    new[i][j] = u
+
+  def exact(op, j):
+    if op is None:
+      return jnp.float32(1.0 if j == 1 else 0.0)
+    if isinstance(op, ops.Scale):
+      return jnp.max(jnp.abs(op.scale))
+    return jnp.float32(1.0)  # isometry
+
+  vals = [[found[(i, j)] if (i, j) in found else exact(op, j) for j, op in enumerate(t)]
+          for i, t in enumerate(ops_)]
+  return _stack2(vals, len(ops_)), state.replace(naive=tuple(tuple(t) for t in new))
+
+
+def _stack2(vals, n):
+  if not n:
+    return jnp.zeros((0, 3), jnp.float32)
+  return jnp.stack([jnp.stack([jnp.asarray(v, jnp.float32) for v in row]) for row in vals])
+
+
+def naive_bound(net: LipNet, state: PowerState | None = None, *, mode: Mode = "pairwise",
+                norm: Norm = "l2", num_iters: int = 1
+                ) -> tuple[jax.Array, PowerState | None]:
+  """The naive bound: ``||c^T R|| * prod_k (||H_k|| + s_k ||G_k|| ||W_k||)``.
+
+  ``s_k = max(|alpha_k|, |beta_k|)``. For a feed-forward network (H = 0, G = I) this is the
+  product of layer norms, and pairwise it is ``||(e_i - e_j)^T W_last||`` times the product
+  of the earlier layers' norms (the paper's naive baseline). Same arguments and returns as
+  ``liplt_bound``.
+  """
+  _check("naive", mode, norm, state)
+  norms, state = layer_norms(net, state, norm=norm, num_iters=num_iters)
+  slopes = jnp.asarray([max(abs(b.alpha), abs(b.beta)) for b in net.blocks], jnp.float32)
+  factor = jnp.prod(norms[:, 2] + slopes * norms[:, 1] * norms[:, 0])
+  rows = class_rows(LipNet((), net.readout))[0]
+  return row_norms(rows, mode=mode, norm=norm) * factor, state
+
+
+def lipschitz_bound(net: LipNet, state: PowerState | None = None, *, method: Method = "liplt",
+                    mode: Mode = "pairwise", norm: Norm = "l2", num_iters: int = 1
+                    ) -> tuple[jax.Array, PowerState | None]:
+  """``liplt_bound`` or ``naive_bound`` by name (``method``); see those."""
+  _check(method, mode, norm, state)
+  fn = liplt_bound if method == "liplt" else naive_bound
+  return fn(net, state, mode=mode, norm=norm, num_iters=num_iters)

@@ -1,0 +1,117 @@
+"""The paper's architectures as layer specs, a registry by name, and their LipLT form.
+
+Every model is ``crmjax.layers.Sequential(layers)``; ``Model.lipnet(params)`` builds its
+eq. 17 form for the bounds, generically (``crmjax.network.from_layers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from crmjax import layers as L
+from crmjax import network
+
+
+def _c(features, k, s, p):
+  return L.Conv(features, k, s, p)
+
+
+def four_c_three_f(num_classes: int = 10) -> tuple:
+  """4C3F (MNIST): 4 convolutions, then dense 512, 512, K."""
+  return (_c(32, 3, 1, 1), L.Act(), _c(32, 4, 2, 1), L.Act(), _c(64, 3, 1, 1), L.Act(),
+          _c(64, 4, 2, 1), L.Act(), L.Flatten(), L.Dense(512), L.Act(), L.Dense(512),
+          L.Act(), L.Dense(num_classes))
+
+
+def six_c_two_f(num_classes: int = 10) -> tuple:
+  """6C2F (CIFAR-10): 6 convolutions, then dense 512, K."""
+  return (_c(32, 3, 1, 1), L.Act(), _c(32, 4, 2, 1), L.Act(), _c(64, 3, 1, 1), L.Act(),
+          _c(64, 4, 2, 1), L.Act(), _c(64, 3, 1, 1), L.Act(), _c(64, 4, 2, 1), L.Act(),
+          L.Flatten(), L.Dense(512), L.Act(), L.Dense(num_classes))
+
+
+def eight_c_two_f(num_classes: int = 200) -> tuple:
+  """8C2F (Tiny-ImageNet, 64x64x3): 8 convolutions, then dense 256 (from 6x6x256), K."""
+  return (_c(64, 3, 1, 1), L.Act(), _c(64, 3, 1, 1), L.Act(), _c(64, 4, 2, 0), L.Act(),
+          _c(128, 3, 1, 1), L.Act(), _c(128, 3, 1, 1), L.Act(), _c(128, 4, 2, 0), L.Act(),
+          _c(256, 3, 1, 1), L.Act(), _c(256, 4, 2, 0), L.Act(), L.Flatten(), L.Dense(256),
+          L.Act(), L.Dense(num_classes))
+
+
+def res_4c3f(num_classes: int = 10) -> tuple:
+  """A small residual variant of 4C3F: two ``x + conv(relu(conv x))`` blocks (H = I)."""
+  return (_c(32, 3, 1, 1), L.Act(),
+          L.Residual((_c(32, 3, 1, 1), L.Act(), _c(32, 3, 1, 1))),
+          _c(64, 4, 2, 1), L.Act(),
+          L.Residual((_c(64, 3, 1, 1), L.Act(), _c(64, 3, 1, 1))),
+          _c(64, 4, 2, 1), L.Act(), L.Flatten(), L.Dense(512), L.Act(),
+          L.Dense(num_classes))
+
+
+def mlp(num_classes: int = 10, hidden: tuple[int, ...] = (256, 256)) -> tuple:
+  """A small multilayer perceptron (flatten, then dense layers)."""
+  body = tuple(x for h in hidden for x in (L.Dense(h), L.Act()))
+  return (L.Flatten(),) + body + (L.Dense(num_classes),)
+
+
+ARCHITECTURES: dict[str, Callable[..., tuple]] = {
+    "4C3F": four_c_three_f,
+    "6C2F": six_c_two_f,
+    "8C2F": eight_c_two_f,
+    "Res4C3F": res_4c3f,
+    "MLP": mlp,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A classifier: its layers, input shape, and (optional) fixed input normalisation."""
+
+  name: str
+  layers: tuple
+  input_shape: tuple[int, ...]
+
+  @property
+  def module(self) -> L.Sequential:
+    return L.Sequential(self.layers)
+
+  @property
+  def num_classes(self) -> int:
+    return self.layers[-1].features
+
+  def init(self, key: jax.Array):
+    """Fresh params ``{'layer_i': ...}`` (the ``'params'`` collection)."""
+    return self.module.init(key, jnp.zeros((1, *self.input_shape)))["params"]
+
+  def apply(self, params, x: jax.Array) -> jax.Array:
+    """Logits ``(B, K)`` of images ``(B, *input_shape)`` in [0, 1] pixel space."""
+    return self.module.apply({"params": params}, x)
+
+  def lipnet(self, params) -> network.LipNet:
+    """The eq. 17 form of this network with ``params`` (for ``crmjax.liplt``)."""
+    return network.from_layers(self.layers, params, self.input_shape)
+
+
+def get_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
+              normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+              **kwargs) -> Model:
+  """A registered architecture by name.
+
+  Args:
+    name: one of ``ARCHITECTURES`` (``'4C3F'``, ``'6C2F'``, ``'8C2F'``, ``'Res4C3F'``, ``'MLP'``).
+    input_shape: one image's ``(H, W, C)``.
+    num_classes: K.
+    normalize: optional ``(mean, std)`` per channel; becomes a fixed first layer, inside
+      the Lipschitz bound (certificates stay in [0, 1] pixel space).
+  """
+  if name not in ARCHITECTURES:
+    raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)} "
+                     "(or register yours in crmjax.models.ARCHITECTURES)")
+  layers = ARCHITECTURES[name](num_classes=num_classes, **kwargs)
+  if normalize is not None:
+    layers = (L.Normalize(tuple(normalize[0]), tuple(normalize[1])),) + layers
+  return Model(name, layers, tuple(input_shape))

@@ -1,0 +1,200 @@
+"""Linear operators as pytrees: the W_k, H_k, G_k of the LipLT network form (paper eq. 17).
+
+Every operator maps arrays of shape ``(*batch, *in_shape)`` to ``(*batch, *out_shape)``
+for any number of leading batch axes, so that many vectors (start points of the LipLT
+table, class-pair rows, power-iteration vectors) go through one call. Operators are
+``flax.struct`` dataclasses: their arrays are pytree leaves (gradients flow into them) and
+their shapes, strides and paddings are static metadata.
+
+Biases are not operators: an affine map and its linear part have the same Lipschitz
+constant, so only the linear part is represented.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Shape = tuple[int, ...]
+
+
+class Operator(Protocol):
+  """A linear map between arrays of static shapes."""
+
+  @property
+  def in_shape(self) -> Shape: ...
+
+  @property
+  def out_shape(self) -> Shape: ...
+
+  def __call__(self, x: jax.Array) -> jax.Array: ...
+
+  def abs(self) -> "Operator":
+    """The operator whose matrix is the elementwise absolute value of this one's."""
+    ...
+
+
+def _batched(fn, x: jax.Array, in_shape: Shape, out_ndim: int) -> jax.Array:
+  """Applies ``fn`` (one leading batch axis) to ``x`` of shape ``(*batch, *in_shape)``."""
+  batch = x.shape[: x.ndim - len(in_shape)]
+  if tuple(x.shape[len(batch):]) != tuple(in_shape):
+    raise ValueError(f"operator expects trailing shape {in_shape}, got {x.shape}")
+  y = fn(x.reshape((-1, *in_shape)))
+  return y.reshape((*batch, *y.shape[y.ndim - out_ndim:]))
+
+
+@struct.dataclass
+class Dense:
+  """``x -> x @ kernel`` with ``kernel`` of shape ``(n_in, n_out)`` (Flax layout)."""
+
+  kernel: jax.Array
+
+  @property
+  def in_shape(self) -> Shape:
+    return (self.kernel.shape[0],)
+
+  @property
+  def out_shape(self) -> Shape:
+    return (self.kernel.shape[1],)
+
+  def __call__(self, x):
+    return x @ self.kernel
+
+  def abs(self):
+    return Dense(jnp.abs(self.kernel))
+
+
+@struct.dataclass
+class Conv:
+  """2-D convolution of an ``(H, W, C)`` image with an ``HWIO`` kernel (Flax layout).
+
+  ``padding`` is ``((top, bottom), (left, right))`` of zeros, as in ``flax.linen.Conv``
+  with explicit padding.
+  """
+
+  kernel: jax.Array
+  in_shape: Shape = struct.field(pytree_node=False)
+  strides: tuple[int, int] = struct.field(pytree_node=False, default=(1, 1))
+  padding: tuple[tuple[int, int], tuple[int, int]] = struct.field(
+      pytree_node=False, default=((0, 0), (0, 0)))
+
+  @property
+  def out_shape(self) -> Shape:
+    h, w, _ = self.in_shape
+    kh, kw, _, o = self.kernel.shape
+    (pt, pb), (pl, pr) = self.padding
+    return ((h + pt + pb - kh) // self.strides[0] + 1,
+            (w + pl + pr - kw) // self.strides[1] + 1, o)
+
+  def __call__(self, x):
+    conv = lambda z: jax.lax.conv_general_dilated(
+        z, self.kernel, window_strides=self.strides, padding=self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _batched(conv, x, self.in_shape, 3)
+
+  def abs(self):
+    return self.replace(kernel=jnp.abs(self.kernel))
+
+
+@struct.dataclass
+class Reshape:
+  """Reshape (e.g. flatten of an ``(H, W, C)`` map): an isometry."""
+
+  in_shape: Shape = struct.field(pytree_node=False)
+  out_shape: Shape = struct.field(pytree_node=False)
+
+  def __call__(self, x):
+    batch = x.shape[: x.ndim - len(self.in_shape)]
+    return x.reshape((*batch, *self.out_shape))
+
+  def abs(self):
+    return self
+
+
+@struct.dataclass
+class Scale:
+  """Elementwise scaling ``x -> x * scale`` (``scale`` broadcasts against ``in_shape``).
+
+  A fixed input normalisation ``(x - mean) / std`` is ``Scale(1 / std)``: the shift does
+  not change the Lipschitz constant.
+  """
+
+  scale: jax.Array
+  in_shape: Shape = struct.field(pytree_node=False)
+
+  @property
+  def out_shape(self) -> Shape:
+    return self.in_shape
+
+  def __call__(self, x):
+    return x * self.scale
+
+  def abs(self):
+    return self.replace(scale=jnp.abs(self.scale))
+
+
+@struct.dataclass
+class Identity:
+  """The identity on arrays of ``shape`` (the ``H_k = I`` of a residual block)."""
+
+  shape: Shape = struct.field(pytree_node=False)
+
+  @property
+  def in_shape(self) -> Shape:
+    return self.shape
+
+  @property
+  def out_shape(self) -> Shape:
+    return self.shape
+
+  def __call__(self, x):
+    return x
+
+  def abs(self):
+    return self
+
+
+@struct.dataclass
+class Chain:
+  """Composition ``ops[-1] o ... o ops[0]`` (``ops[0]`` is applied first)."""
+
+  ops: tuple
+
+  @property
+  def in_shape(self) -> Shape:
+    return self.ops[0].in_shape
+
+  @property
+  def out_shape(self) -> Shape:
+    return self.ops[-1].out_shape
+
+  def __call__(self, x):
+    for op in self.ops:
+      x = op(x)
+    return x
+
+  def abs(self):
+    return Chain(tuple(op.abs() for op in self.ops))
+
+
+def chain(ops: Sequence[Operator], shape: Shape) -> Operator:
+  """Composes ``ops`` (applied first to last); the identity on ``shape`` when empty."""
+  ops = tuple(ops)
+  if not ops:
+    return Identity(tuple(shape))
+  return ops[0] if len(ops) == 1 else Chain(ops)
+
+
+def size(shape: Shape) -> int:
+  return math.prod(shape)
+
+
+def is_isometry(op: Operator) -> bool:
+  """True for operators whose l2 and l_inf norms are exactly 1 (identity, reshape)."""
+  if isinstance(op, Chain):
+    return all(is_isometry(o) for o in op.ops)
+  return isinstance(op, (Identity, Reshape))

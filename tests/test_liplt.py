@@ -1,0 +1,249 @@
+"""crmjax.liplt against float64 numpy references (explicit matrices, exact SVD)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crmjax import layers as L
+from crmjax import liplt, models, network
+from crmjax import operators as ops
+from tests import reference as ref
+
+K = 4
+ITERS = 3000  # power iterations where a test needs the exact norm (1e-4 relative)
+
+
+def _conv_net(act):
+  return (L.Conv(3, 3, 1, 1), act, L.Conv(4, 3, 2, 1), act, L.Conv(3, 2, 1, 0), act,
+          L.Flatten(), L.Dense(10), act, L.Dense(K))
+
+
+NETS = {
+    "dense2_relu": ((5,), (L.Dense(7), L.Act(), L.Dense(K))),
+    "dense4_leaky": ((6,), (L.Dense(8), L.Act("leaky_relu", 0.1), L.Dense(9),
+                            L.Act("leaky_relu", 0.1), L.Dense(7), L.Act("leaky_relu", 0.1),
+                            L.Dense(K))),
+    "dense3_tanh": ((5,), (L.Dense(6), L.Act("tanh"), L.Dense(6), L.Act("tanh"), L.Dense(K))),
+    "conv_relu": ((6, 6, 2), _conv_net(L.Act())),
+    "conv_norm_leaky": ((5, 5, 2), (L.Normalize((0.5, 0.4), (0.3, 0.2)),) +
+                        _conv_net(L.Act("leaky_relu", 0.2))),
+    "residual_dense": ((6,), (L.Dense(6), L.Act(),
+                              L.Residual((L.Dense(5), L.Act(), L.Dense(6))),
+                              L.Residual((L.Dense(4), L.Act("tanh"), L.Dense(6))),
+                              L.Dense(K))),
+    "residual_conv": ((5, 5, 2), (L.Conv(3, 3, 1, 1), L.Act(),
+                                  L.Residual((L.Conv(3, 3, 1, 1), L.Act(), L.Conv(3, 3, 1, 1))),
+                                  L.Flatten(), L.Dense(K))),
+}
+
+
+def _build(name, seed=0, scale=1.0):
+  shape, layers = NETS[name]
+  p = L.Sequential(layers).init(jax.random.key(seed), jnp.zeros((1, *shape)))["params"]
+  p = jax.tree.map(lambda a: a * scale, p)
+  return shape, layers, p
+
+
+def _reference(name, p, **kw):
+  shape, layers = NETS[name]
+  blocks, R = ref.blocks_of(layers, jax.tree.map(np.asarray, p), shape)
+  return blocks, R
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("mode", liplt.MODES)
+def test_l2_bounds_match_float64_reference(name, mode):
+  shape, layers, p = _build(name)
+  net = network.from_layers(layers, p, shape)
+  blocks, R = _reference(name, p)
+  state = liplt.init_state(net, jax.random.key(1))
+  got, _ = jax.jit(lambda n, s: liplt.liplt_bound(n, s, mode=mode, num_iters=ITERS))(net, state)
+  want, _ = ref.liplt_reference(blocks, R, mode=mode)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+  got_n, _ = jax.jit(lambda n, s: liplt.naive_bound(n, s, mode=mode, num_iters=ITERS))(net, state)
+  np.testing.assert_allclose(got_n, ref.naive_reference(blocks, R, mode=mode), rtol=2e-4,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("mode", liplt.MODES)
+def test_linf_bounds_sound_and_exact_on_single_operators(name, mode):
+  shape, layers, p = _build(name)
+  net = network.from_layers(layers, p, shape)
+  blocks, R = _reference(name, p)
+  got, _ = liplt.liplt_bound(net, mode=mode, norm="linf")
+  exact, _ = ref.liplt_reference(blocks, R, mode=mode, norm="linf")
+  # Upper bound of the recursion with exact interior infinity norms ...
+  assert np.all(np.asarray(got) >= exact * (1 - 1e-5) - 1e-6)
+  # ... and below the naive bound, which is exact for single operators.
+  naive, _ = liplt.naive_bound(net, mode=mode, norm="linf")
+  np.testing.assert_allclose(naive, ref.naive_reference(blocks, R, mode=mode, norm="linf"),
+                             rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(got) <= np.asarray(naive) * (1 + 1e-5) + 1e-6)
+
+
+def test_linf_interior_table_exact_for_single_operators():
+  shape, layers, p = _build("dense2_relu")
+  net = network.from_layers(layers, p, shape)
+  table, _ = liplt.interior_table(net, norm="linf")
+  W0 = np.asarray(p["layer_0"]["kernel"], np.float64).T
+  np.testing.assert_allclose(table[0, 0], np.abs(W0).sum(1).max(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("norm", liplt.NORMS)
+def test_liplt_never_above_naive(name, norm):
+  for seed, scale in [(0, 1.0), (3, 2.0)]:
+    shape, layers, p = _build(name, seed, scale)
+    net = network.from_layers(layers, p, shape)
+    for mode in ("pairwise", "global"):
+      a, _ = liplt.liplt_bound(net, mode=mode, norm=norm, num_iters=ITERS)
+      b, _ = liplt.naive_bound(net, mode=mode, norm=norm, num_iters=ITERS)
+      assert np.all(np.asarray(a) <= np.asarray(b) * (1 + 1e-4) + 1e-6), (mode, seed)
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_bounds_exceed_gradient_norms(name):
+  """Every bound >= ||c^T J(x)|| at many random inputs (the model with its biases)."""
+  shape, layers, p = _build(name, seed=2)
+  p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(9), a.shape), p)
+  model = L.Sequential(layers)
+  net = network.from_layers(layers, p, shape)
+  xs = jax.random.normal(jax.random.key(4), (256, *shape))
+  jac = jax.vmap(jax.jacrev(lambda x: model.apply({"params": p}, x[None])[0]))(xs)
+  jac = np.asarray(jac, np.float64).reshape(256, K, -1)
+  pair = jac[:, :, None] - jac[:, None, :]
+  for norm, vec in (("l2", lambda a: np.linalg.norm(a, axis=-1)),
+                    ("linf", lambda a: np.abs(a).sum(-1))):
+    pw, _ = liplt.liplt_bound(net, mode="pairwise", norm=norm, num_iters=ITERS)
+    pc, _ = liplt.liplt_bound(net, mode="per_class", norm=norm, num_iters=ITERS)
+    gl, _ = liplt.liplt_bound(net, mode="global", norm=norm, num_iters=ITERS)
+    tol = 1 + 1e-4
+    assert np.all(vec(pair).max(0) <= np.asarray(pw) * tol + 1e-6)
+    assert np.all(vec(jac).max(0) <= np.asarray(pc) * tol + 1e-6)
+    op = np.linalg.norm(jac, 2, axis=(1, 2)) if norm == "l2" else np.abs(jac).sum(-1).max(-1)
+    assert op.max() <= float(gl) * tol
+    # Relations between the modes.
+    pc, pw = np.asarray(pc), np.asarray(pw)
+    assert np.all(pw <= pc[:, None] + pc[None, :] + 1e-5)
+    if norm == "l2":
+      assert np.all(pw <= np.sqrt(2) * float(gl) * tol)
+
+
+@pytest.mark.parametrize("name", ["conv_relu", "residual_conv", "dense4_leaky"])
+def test_power_iteration_converges_to_exact_svd(name):
+  shape, layers, p = _build(name)
+  net = network.from_layers(layers, p, shape)
+  blocks, _ = _reference(name, p)
+  table, _ = liplt.interior_table(net, liplt.init_state(net, jax.random.key(0)),
+                                  num_iters=ITERS)
+  hh = [ref._hhat(*b) for b in blocks]
+  for e in range(len(blocks)):
+    for t in range(e + 1):
+      A = blocks[e][0]
+      for k in range(e - 1, t - 1, -1):
+        A = A @ hh[k][0]
+      if t > 0:
+        A = A @ hh[t - 1][1]
+      np.testing.assert_allclose(table[e, t], np.linalg.norm(A, 2), rtol=1e-4)
+
+
+def test_grad_matches_finite_differences():
+  shape, layers = NETS["conv_relu"]
+  with jax.enable_x64(True):
+    p = L.Sequential(layers).init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float64))
+    p = jax.tree.map(lambda a: a.astype(jnp.float64), p["params"])
+    state = liplt.init_state(network.from_layers(layers, p, shape), jax.random.key(1))
+    state = jax.tree.map(lambda a: a.astype(jnp.float64), state)
+    _, state = liplt.liplt_bound(network.from_layers(layers, p, shape), state, num_iters=2000)
+
+    def f(params):
+      b, _ = liplt.liplt_bound(network.from_layers(layers, params, shape), state,
+                               num_iters=200)
+      return jnp.sum(b * jnp.arange(K * K).reshape(K, K) / K)
+
+    g = jax.grad(f)(p)
+    d = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape, a.dtype), p)
+    h = 1e-5
+    fd = (f(jax.tree.map(lambda a, b: a + h * b, p, d)) -
+          f(jax.tree.map(lambda a, b: a - h * b, p, d))) / (2 * h)
+    an = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(d)))
+    np.testing.assert_allclose(an, fd, rtol=1e-4)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
+
+
+def test_grad_in_float32_is_finite_and_nonzero_for_every_param():
+  model = models.get_model("4C3F", input_shape=(8, 8, 1), num_classes=10)
+  p = model.init(jax.random.key(0))
+  state = liplt.init_state(model.lipnet(p), jax.random.key(1))
+  g = jax.grad(lambda q: jnp.mean(liplt.liplt_bound(model.lipnet(q), state)[0]))(p)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(g):
+    assert np.all(np.isfinite(leaf)), path
+    if "kernel" in jax.tree_util.keystr(path):
+      assert np.any(leaf != 0), path
+
+
+def test_jit_vmap_and_warm_start():
+  shape, layers = NETS["conv_relu"]
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = jax.vmap(lambda k: L.Sequential(layers).init(k, jnp.zeros((1, *shape))))(keys)
+  params = params["params"]
+  net0 = network.from_layers(layers, jax.tree.map(lambda a: a[0], params), shape)
+  state = liplt.init_state(net0, jax.random.key(1))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def bound(p, s):
+    return liplt.liplt_bound(network.from_layers(layers, p, shape), s, num_iters=1)
+
+  batched = jax.jit(jax.vmap(bound, in_axes=(0, None)))
+  b_all, _ = batched(params, state)
+  assert b_all.shape == (3, K, K)
+  for i in range(3):
+    p_i = jax.tree.map(lambda a: a[i], params)
+    exact, _ = liplt.liplt_bound(network.from_layers(layers, p_i, shape), state,
+                                 num_iters=ITERS)
+    # warm start: repeated single iterations converge to the many-iteration value
+    s = state
+    for _ in range(150):
+      b, s = bound(p_i, s)
+    np.testing.assert_allclose(b, exact, rtol=1e-4, atol=1e-6)
+    # vmapped one-iteration bound equals the unbatched one
+    np.testing.assert_allclose(b_all[i], bound(p_i, state)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_model_forward_matches_explicit_matrices():
+  """The LipNet operators are the Flax model's linear maps (flatten order, conv padding)."""
+  for name in ["dense2_relu", "dense4_leaky", "conv_relu", "residual_conv"]:  # ReLU family
+    shape, layers, p = _build(name)
+    p0 = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.zeros_like(a) if "bias" in jax.tree_util.keystr(path) else a, p)
+    x = jax.random.normal(jax.random.key(3), (5, *shape))
+    net = network.from_layers(layers, p0, shape)
+    np.testing.assert_allclose(net(x), L.Sequential(layers).apply({"params": p0}, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride,pad", [(1, 1), (2, 1), (2, 0), (1, 0)])
+def test_conv_operator_matches_numpy_matrix(stride, pad):
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 2, 4))
+  op = ops.Conv(kernel, (7, 6, 2), (stride, stride), ((pad, pad), (pad, pad)))
+  M, out_shape = ref.conv_matrix(np.asarray(kernel), (7, 6, 2), stride, pad)
+  x = np.random.default_rng(0).normal(size=(3, 7, 6, 2))
+  assert op.out_shape == out_shape
+  np.testing.assert_allclose(op(jnp.asarray(x, jnp.float32)).reshape(3, -1), x.reshape(3, -1) @ M.T,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_errors_are_clear():
+  with pytest.raises(ValueError, match="mode must be one of"):
+    liplt.liplt_bound(network.from_layers(*_build("dense2_relu")[1:2],
+                                          _build("dense2_relu")[2], (5,)), mode="pair")
+  with pytest.raises(ValueError, match="exactly one Act"):
+    L.Residual((L.Dense(3), L.Dense(3)))
+  with pytest.raises(ValueError, match="unknown architecture"):
+    models.get_model("VGG", input_shape=(28, 28, 1), num_classes=10)
+  with pytest.raises(ValueError, match="end with a linear layer"):
+    network.from_layers((L.Dense(3), L.Act()), {"layer_0": {"kernel": jnp.ones((2, 3))}}, (2,))
