@@ -394,3 +394,23 @@ def lipschitz_bound(net: LipNet, state: PowerState | None = None, *, method: Met
   _check(method, mode, norm, state)
   fn = liplt_bound if method == "liplt" else naive_bound
   return fn(net, state, mode=mode, norm=norm, num_iters=num_iters)
+
+
+
+def as_pairwise(bound: jax.Array, *, mode: Mode, num_classes: int | None = None,
+                norm: Norm = "l2") -> jax.Array:
+  """A ``(K, K)`` pairwise matrix (zero diagonal) from a bound of any mode.
+
+  ``per_class``: ``L_ij = L_i + L_j`` (triangle inequality). ``global`` (needs
+  ``num_classes``): ``sqrt(2) L`` in l2 (``||e_i - e_j||_2 = sqrt(2)``) and ``2 L`` in linf
+  (each row's l1 norm is at most ``L``).
+  """
+  if mode == "pairwise":
+    return bound
+  if mode == "per_class":
+    eye = jnp.eye(bound.shape[0], dtype=bool)
+    return jnp.where(eye, 0.0, bound[:, None] + bound[None, :])
+  if num_classes is None:
+    raise ValueError("as_pairwise(mode='global') needs num_classes=K")
+  factor = jnp.sqrt(2.0) if norm == "l2" else 2.0
+  return jnp.where(jnp.eye(num_classes, dtype=bool), 0.0, factor * bound)

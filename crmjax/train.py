@@ -1,0 +1,338 @@
+"""CRM training: train state, one jit-compiled data-parallel step, the resumable loop.
+
+``train_and_evaluate(config, workdir)`` is the main job: it trains with the loss named by
+``config.loss`` (``crm``, ``ce`` or ``gloro``), checkpoints with Orbax, resumes from the
+latest checkpoint when rerun with the same workdir, and ends with a test evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from crmjax import certify, checkpoint, data, liplt, losses, models
+
+LOSSES = ("crm", "ce", "gloro")
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes (and a checkpoint holds).
+
+  Attributes:
+    step: global step count (the data position is derived from it).
+    params: the model's params.
+    opt_state: the optax state (it carries the learning-rate schedule count).
+    power: ``crmjax.liplt.PowerState``, the warm-started power-iteration vectors.
+    key: raw ``uint32`` PRNG key data for any randomness of the step.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  power: liplt.PowerState
+  key: jax.Array
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or inf; the last good checkpoint is left untouched."""
+
+
+# ---------------------------------------------------------------------- construction
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+  """Raises ``ValueError`` naming the field and the fix for any invalid setting."""
+  def bad(field, value, fix):
+    raise ValueError(f"--config.{field}={value!r} is invalid: {fix}")
+
+  if config.dataset not in data.KNOWN_DATASETS:
+    bad("dataset", config.dataset, f"use one of {list(data.KNOWN_DATASETS)}")
+  if config.model not in models.ARCHITECTURES:
+    bad("model", config.model, f"use one of {sorted(models.ARCHITECTURES)}")
+  if config.loss not in LOSSES:
+    bad("loss", config.loss, f"use one of {list(LOSSES)}")
+  if config.bound not in liplt.METHODS:
+    bad("bound", config.bound, f"use one of {list(liplt.METHODS)}")
+  if config.bound_mode not in liplt.MODES:
+    bad("bound_mode", config.bound_mode, f"use one of {list(liplt.MODES)}")
+  if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
+    bad("batch_size", config.batch_size, "use a positive integer")
+  if config.batch_size % num_devices:
+    bad("batch_size", config.batch_size,
+        f"it must be divisible by the {num_devices} devices; use a multiple of {num_devices}")
+  if not (isinstance(config.power_iters, int) and config.power_iters >= 1):
+    bad("power_iters", config.power_iters, "use an integer >= 1")
+  if not (isinstance(config.eval_power_iters, int) and config.eval_power_iters >= 1):
+    bad("eval_power_iters", config.eval_power_iters, "use an integer >= 1")
+  if not config.eps >= 0:
+    bad("eps", config.eps, "the certified radius eps must be >= 0")
+  if not config.crm.temperature > 0:
+    bad("crm.temperature", config.crm.temperature, "the soft-min temperature t must be > 0")
+  if not config.crm.lam >= 0:
+    bad("crm.lam", config.crm.lam, "lambda must be >= 0")
+  if not config.learning_rate > 0:
+    bad("learning_rate", config.learning_rate, "use a positive learning rate")
+  if not (isinstance(config.num_epochs, int) and config.num_epochs >= 1):
+    bad("num_epochs", config.num_epochs, "use an integer >= 1")
+  if config.crm.warmup_epochs < 0:
+    bad("crm.warmup_epochs", config.crm.warmup_epochs, "use an integer >= 0")
+
+
+def make_model(config: ml_collections.ConfigDict) -> models.Model:
+  info = data.dataset_info(config.dataset)
+  normalize = tuple(map(tuple, config.normalize)) if config.get("normalize") else None
+  return models.get_model(config.model, input_shape=info.image_shape,
+                          num_classes=info.num_classes, normalize=normalize)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+  """Adam with exponential decay from ``learning_rate`` to ``final_learning_rate``."""
+  lr = optax.exponential_decay(
+      config.learning_rate, transition_steps=max(total_steps, 1),
+      decay_rate=config.final_learning_rate / config.learning_rate)
+  return optax.adam(lr)
+
+
+def penalty_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int
+                      ) -> tuple[optax.Schedule, optax.Schedule]:
+  """``lambda(step)`` (0 before the warm-up ends, then constant or a linear ramp) and ``r0(step)``."""
+  start = config.crm.warmup_epochs * steps_per_epoch
+  ramp = max(config.crm.ramp_epochs * steps_per_epoch, 1)
+  if config.crm.ramp_epochs:
+    lam = optax.linear_schedule(0.0, config.crm.lam, ramp)
+    r0 = optax.linear_schedule(config.crm.r0_start, config.crm.r0, ramp)
+  else:
+    lam, r0 = optax.constant_schedule(config.crm.lam), optax.constant_schedule(config.crm.r0)
+  lam = optax.join_schedules([optax.constant_schedule(0.0), lam], [start])
+  r0 = optax.join_schedules([optax.constant_schedule(config.crm.r0_start), r0], [start])
+  return lam, r0
+
+
+def create_state(model: models.Model, tx: optax.GradientTransformation, seed: int
+                 ) -> TrainState:
+  k_params, k_power, k_state = jax.random.split(jax.random.key(seed), 3)
+  params = model.init(k_params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    power=liplt.init_state(model.lipnet(params), k_power),
+                    key=jax.random.key_data(k_state))
+
+
+def pairwise_bound(model: models.Model, params, power: liplt.PowerState, *, method: str,
+                   mode: str, num_iters: int) -> tuple[jax.Array, liplt.PowerState]:
+  """The ``(K, K)`` pairwise Lipschitz matrix of the model's logits (any bound mode)."""
+  bound, power = liplt.lipschitz_bound(model.lipnet(params), power, method=method, mode=mode,
+                                       num_iters=num_iters)
+  return liplt.as_pairwise(bound, mode=mode, num_classes=model.num_classes), power
+
+
+# ------------------------------------------------------------------------ the step
+
+
+def make_train_step(model: models.Model, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, *, regularized: bool,
+                    steps_per_epoch: int) -> Callable:
+  """The pure train step ``(state, images, labels) -> (state, metrics)``.
+
+  ``regularized=False`` is plain cross-entropy (the CRM warm-up, and the ``ce`` loss);
+  otherwise the configured CRM or GloRo loss with the configured bound, whose power
+  iteration advances ``config.power_iters`` warm-started steps.
+  """
+  lam_fn, r0_fn = penalty_schedules(config, steps_per_epoch)
+
+  def loss_fn(params, power, images, labels, step):
+    logits = model.apply(params, images)
+    if not regularized:
+      correct = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+      ce = losses.cross_entropy(logits, labels)
+      return ce, ({"ce": ce, "accuracy": correct}, power)
+    lip, power = pairwise_bound(model, params, power, method=config.bound,
+                                mode=config.bound_mode, num_iters=config.power_iters)
+    if config.loss == "gloro":
+      loss, aux = losses.gloro_loss(logits, labels, lip, eps=config.eps)
+    else:
+      loss, aux = losses.crm_loss(logits, labels, lip, lam=lam_fn(step),
+                                  temperature=config.crm.temperature, r0=r0_fn(step))
+    K = lip.shape[0]
+    aux["lip"] = jnp.sum(lip) / (K * (K - 1))
+    return loss, (aux, power)
+
+  def train_step(state: TrainState, images, labels):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (aux, power)), grads = grad_fn(state.params, state.power, images, labels,
+                                          state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, power=power)
+    return new, {"loss": loss, **aux}
+
+  return train_step
+
+
+def make_mesh() -> tuple[NamedSharding, NamedSharding]:
+  """(replicated, batch-sharded) shardings over all devices (data parallelism)."""
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def jit_step(step_fn: Callable, replicated: NamedSharding, batch: NamedSharding) -> Callable:
+  return jax.jit(step_fn, in_shardings=(replicated, batch, batch),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+def _global_batches(it, sharding):
+  """Host batches -> global arrays: prefetched to device (one process) or assembled."""
+  if jax.process_count() == 1:
+    return data.prefetch_to_device(it, size=2, sharding=sharding)
+  n, i = jax.process_count(), jax.process_index()
+
+  def assemble():
+    for x, y in it:
+      b = len(x) // n
+      yield tuple(jax.make_array_from_process_local_data(sharding, a[i * b:(i + 1) * b])
+                  for a in (x, y))
+  return assemble()
+
+
+def _load(config, split):
+  images, labels = data.load_split(config.dataset, split, data_dir=config.data_dir or None,
+                                   download=config.download)
+  limit = config.train_subset if split == "train" else config.test_subset
+  if limit:
+    images, labels = images[:limit], labels[:limit]
+  info = data.dataset_info(config.dataset)
+  if tuple(images.shape[1:]) != tuple(info.image_shape):
+    raise ValueError(f"{config.dataset} {split} images have shape {images.shape[1:]}, the "
+                     f"model expects {info.image_shape}: check --config.data_dir")
+  if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
+    raise ValueError(f"{config.dataset} {split} labels must lie in [0, {info.num_classes}), "
+                     f"found [{labels.min()}, {labels.max()}]: check the data files")
+  return images, labels
+
+
+def _meta(config, model, step, spe):
+  return {"architecture": model.name, "dataset": config.dataset, "step": int(step),
+          "epoch": int(step) // spe, "step_in_epoch": int(step) % spe,
+          "config": json.loads(config.to_json_best_effort())}
+
+
+def _finite_or_raise(metrics: dict, step: int, ckpt: checkpoint.Checkpointer):
+  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+  if bad:
+    last = ckpt.latest_step()
+    where = (f"the last good checkpoint is step {last} in {ckpt.directory} (left untouched)"
+             if last is not None else "no checkpoint was written yet")
+    raise TrainingDiverged(
+        f"training diverged by step {step}: {bad}; {where}. Lower --config.learning_rate or "
+        "--config.crm.lam, then rerun the same command to resume from that checkpoint.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from ``workdir`` if it holds checkpoints), then evaluates.
+
+  Writes ``metrics.jsonl`` (one line per epoch and a final line), ``results.json`` and
+  ``checkpoints/`` under ``workdir``.
+
+  Returns:
+    The final evaluation metrics.
+  """
+  if config.get("distributed"):
+    jax.distributed.initialize()
+  validate_config(config, num_devices=jax.device_count())
+  workdir = checkpoint.check_writable(workdir)
+  model = make_model(config)
+  train_x, train_y = _load(config, "train")
+  test_x, test_y = _load(config, "test")
+  spe = data.steps_per_epoch(len(train_x), config.batch_size, True)
+  if spe == 0:
+    raise ValueError(f"--config.batch_size={config.batch_size} exceeds the {len(train_x)} "
+                     "training examples: lower it")
+  total = spe * config.num_epochs
+  tx = make_optimizer(config, total)
+  replicated, batch_sharding = make_mesh()
+  state = jax.device_put(create_state(model, tx, config.seed), replicated)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=config.max_checkpoints)
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state, expected_meta={"architecture": model.name,
+                                                     "dataset": config.dataset})
+    print(f"resumed from step {int(state.step)} (epoch {meta['epoch']}) in {ckpt.directory}")
+
+  regular = config.loss != "ce"
+  warm_epochs = config.crm.warmup_epochs if config.loss == "crm" else 0
+  steps = {reg: jit_step(make_train_step(model, tx, config, regularized=reg,
+                                         steps_per_epoch=spe), replicated, batch_sharding)
+           for reg in {False, regular}}
+  augment = data.Augment(random_crop_padding=config.augment.crop_padding,
+                         horizontal_flip=config.augment.flip)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+  step = int(state.step)
+  try:
+    while step < total:
+      epoch, start = divmod(step, spe)
+      step_fn = steps[regular and epoch >= warm_epochs]
+      batches = data.epoch_batches(train_x, train_y, batch_size=config.batch_size,
+                                   seed=config.seed, epoch=epoch, start_step=start,
+                                   augment=augment if (augment.random_crop_padding or
+                                                       augment.horizontal_flip) else None)
+      t0, sums, count = time.time(), None, 0
+      bar = tqdm.tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                      file=sys.stdout, dynamic_ncols=True, mininterval=1.0,
+                      disable=not config.progress_bar)
+      for x, y in _global_batches(batches, batch_sharding):
+        state, m = step_fn(state, x, y)
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+        count += 1
+        step += 1
+        bar.update(1)
+        last_of_epoch = step % spe == 0
+        if count % config.log_every_steps == 0 or last_of_epoch or \
+            step % config.checkpoint_every_steps == 0:
+          avg = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+          _finite_or_raise(avg, step, ckpt)
+          bar.set_postfix({k: f"{avg[k]:.4g}" for k in ("loss", "accuracy", "radius")
+                           if k in avg})
+        if step % config.checkpoint_every_steps == 0 or step == total:
+          ckpt.save(step, state, _meta(config, model, step, spe))
+      bar.close()
+      record = {"epoch": epoch + 1, "step": step, "epoch_time_s": time.time() - t0,
+                **{f"train/{k}": float(v) / max(count, 1)
+                   for k, v in jax.device_get(sums or {}).items()}}
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in record.items()))
+  finally:
+    ckpt.wait()
+
+  result = certify.evaluate(model, state.params, state.power, test_x, test_y, eps=config.eps,
+                            batch_size=config.eval_batch_size,
+                            num_iters=config.eval_power_iters, method=config.bound,
+                            sound=config.sound_eval, sound_iters=config.sound_power_iters)
+  result.update({"step": step, "model": model.name, "dataset": config.dataset})
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(metrics_path, "a") as f:
+    f.write(json.dumps({"final": result}) + "\n")
+  ckpt.close()
+  return result

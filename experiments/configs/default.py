@@ -1,0 +1,46 @@
+"""Shared defaults of every experiment (the paper's MNIST settings); see mnist.py."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dataset = "mnist"
+  c.data_dir = ""  # '' = TFDS, then $CRMJAX_DATA_DIR, then the vendored data/ folder
+  c.download = False  # let TFDS download when no prepared or local copy exists
+  c.train_subset = 0  # 0 = the whole split
+  c.test_subset = 0
+  c.model = "4C3F"
+  c.normalize = ()  # ((mean...), (std...)) per channel, a fixed first layer inside the bound
+  c.seed = 0
+
+  c.loss = "crm"  # crm | ce | gloro
+  c.bound = "liplt"  # liplt | naive
+  c.bound_mode = "pairwise"  # pairwise | per_class | global
+  c.power_iters = 10  # warm-started power iterations per training step
+  c.crm = ml_collections.ConfigDict()
+  c.crm.lam = 30.0
+  c.crm.temperature = 5.0
+  c.crm.r0 = 2.2
+  c.crm.r0_start = 2.2
+  c.crm.warmup_epochs = 5  # plain cross-entropy before the penalty switches on
+  c.crm.ramp_epochs = 0  # 0 = constant lambda / r0 after the warm-up, else a linear ramp
+
+  c.batch_size = 512
+  c.num_epochs = 20
+  c.learning_rate = 1e-3
+  c.final_learning_rate = 1e-6  # exponential decay over the whole run
+  c.augment = ml_collections.ConfigDict({"crop_padding": 0, "flip": False})
+
+  c.eps = 1.58  # certified l2 radius in [0, 1] pixel space (also GloRo's training eps)
+  c.eval_batch_size = 1000
+  c.eval_power_iters = 200
+  c.sound_eval = True  # certify with guaranteed bounds at the end of training
+  c.sound_power_iters = 1000
+
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 200
+  c.max_checkpoints = 3
+  c.progress_bar = True
+  c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  return c

@@ -1,0 +1,662 @@
+"""Property-based soundness tests: every Lipschitz bound is an upper bound, certificates hold.
+
+Hypothesis draws small random networks (dense and conv, ReLU / leaky ReLU / tanh /
+sigmoid, sequential and residual) and checks, against lower estimates computed
+independently of crmjax's bound code:
+
+1a. every bound (naive and LipLT; global, per-class, pairwise; l2 and linf) is >= a lower
+    estimate of the true Lipschitz constant found by gradient ascent, and LipLT <= naive;
+1b. on one-hidden-layer ReLU networks, every bound is >= the exact constant, the max over
+    the activation patterns realised in the input space (2-D inputs: all of them, found
+    from the vertices of the hyperplane arrangement; 3-D inputs: those hit by sampling);
+2.  a point certified at radius R (pairwise LipLT, l2) keeps its label under l2 PGD
+    (``crmjax.attacks.pgd_l2``, multi-targeted, restarts) at eps = R and under an exhaustive
+    search of the 2-D disc of radius R;
+3.  radii computed in float32 are not larger than the same radii computed in float64.
+
+The lower estimates use a float64 numpy copy of each network built from explicit matrices
+(``tests.reference``), checked against the Flax model's outputs in every example.
+
+Set ``CRMJAX_SOUNDNESS_REPORT=1`` to append per-example counts (networks, points,
+violations) as JSON lines to ``$CRMJAX_SOUNDNESS_REPORT_PATH`` (default
+``/tmp/crmjax_soundness_report.jsonl``); the tests print nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crmjax import attacks
+from crmjax import layers as L
+from crmjax import liplt, network
+from tests import reference as ref
+
+ITERS = 1000  # power iterations: plenty for these tiny operators
+# A bound B passes against a lower estimate / exact value E when E <= B * (1 + RTOL) + ATOL:
+# the bounds are float32 and power iteration converges from below.
+RTOL, ATOL = 1e-4, 1e-6
+
+_REPORT = os.environ.get("CRMJAX_SOUNDNESS_REPORT", "") not in ("", "0")
+_REPORT_PATH = os.environ.get("CRMJAX_SOUNDNESS_REPORT_PATH",
+                              "/tmp/crmjax_soundness_report.jsonl")
+
+
+def _report(prop, **fields):
+  if _REPORT:
+    with open(_REPORT_PATH, "a") as f:
+      f.write(json.dumps({"property": prop, **fields}) + "\n")
+
+
+def _settings(n):
+  return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# --------------------------------------------------------------------- random networks
+
+ACTS = st.one_of(
+    st.just(L.Act("relu")),
+    st.builds(lambda s: L.Act("leaky_relu", negative_slope=round(s, 3)),
+              st.floats(0.0, 0.5)),
+    st.just(L.Act("tanh")),
+    st.just(L.Act("sigmoid")),
+)
+
+# (kernel, stride, padding) of the plain conv layers; residual convs are (3, 1, 1).
+CONVS = [(3, 1, 1), (2, 1, 0), (3, 2, 1), (2, 2, 0), (1, 1, 0)]
+
+
+@st.composite
+def networks(draw, kinds=("dense", "conv"), acts=ACTS, max_layers=6, residual=True,
+             classes=(2, 4)):
+  """(layers, input_shape, params-seed, weight scale): 2..max_layers linear layers.
+
+  Residual blocks count as one layer. Occasionally: a layer without activation (so that
+  linear layers chain, e.g. into a residual's H), an extra activation (W = identity), an
+  input normalisation.
+  """
+  kind = draw(st.sampled_from(kinds))
+  n_layers = draw(st.integers(2, max_layers))
+  k = draw(st.integers(*classes))
+  layers = []
+  if kind == "dense":
+    shape = (draw(st.integers(2, 6)),)
+    dim = shape[0]
+    for _ in range(n_layers - 1):
+      if residual and draw(st.integers(0, 2)) == 0:
+        layers.append(L.Residual((L.Dense(draw(st.integers(2, 8))), draw(acts), L.Dense(dim))))
+        continue
+      dim = draw(st.integers(2, 8))
+      layers.append(L.Dense(dim))
+      if draw(st.integers(0, 5)) > 0:
+        layers.append(draw(acts))
+        if draw(st.integers(0, 7)) == 0:
+          layers.append(draw(acts))
+  else:
+    shape = draw(st.sampled_from([(4, 4, 1), (5, 5, 2)]))
+    if draw(st.integers(0, 3)) == 0:
+      c = shape[2]
+      layers.append(L.Normalize(tuple(draw(st.floats(-1, 1)) for _ in range(c)),
+                                tuple(draw(st.floats(0.25, 2.0)) for _ in range(c))))
+    h, ch = shape[0], shape[2]
+    dense_hidden = n_layers > 2 and draw(st.booleans())
+    for _ in range(n_layers - 1 - dense_hidden):
+      if residual and draw(st.integers(0, 2)) == 0:
+        layers.append(L.Residual((L.Conv(draw(st.integers(2, 4)), 3, 1, 1), draw(acts),
+                                  L.Conv(ch, 3, 1, 1))))
+        continue
+      kern, stride, pad = draw(st.sampled_from([c for c in CONVS if (h + 2 * c[2] - c[0])
+                                                // c[1] + 1 >= 1]))
+      ch = draw(st.integers(2, 8))
+      h = (h + 2 * pad - kern) // stride + 1
+      layers.append(L.Conv(ch, kern, stride, pad))
+      layers.append(draw(acts))
+    layers.append(L.Flatten())
+    if dense_hidden:
+      layers += [L.Dense(draw(st.integers(2, 8))), draw(acts)]
+  layers.append(L.Dense(k))
+  seed = draw(st.integers(0, 2**31 - 1))
+  scale = draw(st.floats(0.3, 3.0))
+  return tuple(layers), tuple(shape), seed, scale
+
+
+def make_params(layers, shape, seed, scale, bias_scale=0.5):
+  """Random params: kernels N(0, 1/fan_in) * scale, biases N(0, bias_scale^2)."""
+  tree = jax.eval_shape(L.Sequential(layers).init, jax.random.key(0),
+                        jnp.zeros((1, *shape)))["params"]
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    if jax.tree_util.keystr(path).endswith("['kernel']"):
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.normal(size=leaf.shape) * scale / np.sqrt(fan_in)).astype(np.float32)
+    return (rng.normal(size=leaf.shape) * bias_scale).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, tree)
+
+
+# ------------------------------------------------- float64 numpy copy of the network
+
+
+def _np_act(act):
+  if act.name == "relu":
+    return lambda u: np.maximum(u, 0.0), lambda u: (u > 0).astype(u.dtype)
+  if act.name == "leaky_relu":
+    s = act.negative_slope
+    return lambda u: np.where(u >= 0, u, s * u), lambda u: np.where(u >= 0, 1.0, s)
+  if act.name == "tanh":
+    return np.tanh, lambda u: 1.0 - np.tanh(u) ** 2
+
+  def sig(u):
+    return 0.5 * (1.0 + np.tanh(0.5 * u))
+
+  return sig, lambda u: sig(u) * (1.0 - sig(u))
+
+
+def np_ops(layers, params, shape):
+  """The network as float64 ops: ('lin', M, b), ('act', f, df), ('res', ops)."""
+  out = []
+  for i, layer in enumerate(layers):
+    p = params.get(f"layer_{i}", {})
+    if isinstance(layer, L.Act):
+      out.append(("act",) + _np_act(layer))
+    elif isinstance(layer, L.Residual):
+      sub, _ = np_ops(layer.layers, p, shape)
+      out.append(("res", sub))
+    else:
+      M, new_shape = ref.layer_matrix(layer, p, shape)
+      n_out = M.shape[0]
+      if isinstance(layer, L.Normalize):
+        b = np.broadcast_to(-np.asarray(layer.mean) / np.asarray(layer.std), shape).ravel()
+      elif "bias" in p:
+        b = np.tile(np.asarray(p["bias"], np.float64), n_out // p["bias"].shape[0])
+      else:
+        b = np.zeros(n_out)
+      out.append(("lin", M, b.astype(np.float64)))
+      shape = tuple(new_shape)
+  return out, shape
+
+
+def np_forward(ops, x, tape=None):
+  for op in ops:
+    if op[0] == "lin":
+      x = x @ op[1].T + op[2]
+    elif op[0] == "act":
+      if tape is not None:
+        tape.append(x)
+      x = op[1](x)
+    else:
+      sub_tape = [] if tape is not None else None
+      x = x + np_forward(op[1], x, sub_tape)
+      if tape is not None:
+        tape.append(sub_tape)
+  return x
+
+
+def np_vjp(ops, tape, g):
+  """Cotangent ``g`` of the output -> cotangent of the input (tape from np_forward)."""
+  tape = list(tape)
+  for op in reversed(ops):
+    if op[0] == "lin":
+      g = g @ op[1]
+    elif op[0] == "act":
+      g = g * op[2](tape.pop())
+    else:
+      g = g + np_vjp(op[1], tape.pop(), g)
+  return g
+
+
+def np_jacobian(ops, x):
+  """(B, n) -> (B, K, n), forward mode."""
+  jac = np.broadcast_to(np.eye(x.shape[1]), (x.shape[0], x.shape[1], x.shape[1]))
+
+  def go(ops, x, jac):
+    for op in ops:
+      if op[0] == "lin":
+        x, jac = x @ op[1].T + op[2], np.einsum("oi,bin->bon", op[1], jac)
+      elif op[0] == "act":
+        x, jac = op[1](x), op[2](x)[:, :, None] * jac
+      else:
+        y, j = go(op[1], x, jac)
+        x, jac = x + y, jac + j
+    return x, jac
+
+  return go(ops, x, jac)[1]
+
+
+# ------------------------------------------------------------ lower estimates, exact
+
+
+def objectives(k):
+  """Rows c of the pairwise (i < j) and per-class objectives; the global one is separate."""
+  pairs = list(itertools.combinations(range(k), 2))
+  c = np.zeros((len(pairs) + k, k))
+  for r, (i, j) in enumerate(pairs):
+    c[r, i], c[r, j] = 1.0, -1.0
+  c[len(pairs):] = np.eye(k)
+  return pairs, c
+
+
+def jacobian_values(jac, c):
+  """Lipschitz lower bounds from Jacobians (B, K, n): {norm: (B, n_c + 1)}, last = global."""
+  cj = np.einsum("ck,bkn->bcn", c, jac)
+  return {
+      "l2": np.concatenate([np.linalg.norm(cj, axis=-1),
+                            np.linalg.norm(jac, 2, axis=(1, 2))[:, None]], axis=1),
+      "linf": np.concatenate([np.abs(cj).sum(-1), np.abs(jac).sum(-1).max(-1)[:, None]],
+                             axis=1),
+  }
+
+
+def as_modes(vals, k):
+  """(n_c + 1,) objective values -> {'pairwise': (K, K), 'per_class': (K,), 'global': ()}."""
+  pairs, _ = objectives(k)
+  pw = np.zeros((k, k))
+  for r, (i, j) in enumerate(pairs):
+    pw[i, j] = pw[j, i] = vals[r]
+  return {"pairwise": pw, "per_class": vals[len(pairs):len(pairs) + k], "global": vals[-1]}
+
+
+def ascent_lower_estimate(ops, n_in, k, rng, *, starts=6, steps=40, n_random=256):
+  """Lower estimates of every Lipschitz constant by gradient ascent, in float64.
+
+  For each objective (pair, class, global; l2 and linf) and each start, maximises the
+  secant ratio ``|c^T (f(x + d) - f(x))| / ||d||`` (global: ``||f(x+d) - f(x)|| / ||d||``)
+  over ``x`` and ``d`` by normalised gradient ascent. The secant has a useful gradient also
+  for piecewise-linear networks, where ``||J(x)^T c||`` is piecewise constant. Every secant
+  and every Jacobian norm (at points along the best segments and at random inputs) is a
+  valid lower bound of every constant; the max over all of them is returned.
+
+  Returns:
+    {norm: (n_c + 1,)} lower estimates, and the number of points evaluated.
+  """
+  _, c = objectives(k)
+  n_c = c.shape[0]
+  rows = [(norm, o) for norm in ("l2", "linf") for o in range(n_c + 1)] * starts
+  B = len(rows)
+  is_inf = np.array([r[0] == "linf" for r in rows])
+  obj = np.array([r[1] for r in rows])
+  is_glob = obj == n_c
+  cmat = np.concatenate([c, np.zeros((1, k))])[obj]
+  x = rng.normal(size=(B, n_in)) * rng.choice([0.3, 1.0, 3.0], size=(B, 1))
+  d = rng.normal(size=(B, n_in))
+  d = np.where(is_inf[:, None], np.sign(d), d)
+  d *= rng.choice([0.03, 0.3], size=(B, 1)) / np.linalg.norm(d, axis=1, keepdims=True)
+
+  def dnorm(d):
+    return np.where(is_inf, np.abs(d).max(1), np.linalg.norm(d, axis=1))
+
+  def value_and_grads(x, d):
+    t0, t1 = [], []
+    z0, z1 = np_forward(ops, x, t0), np_forward(ops, x + d, t1)
+    dz = z1 - z0
+    s = np.einsum("bk,bk->b", cmat, dz)
+    g_l2 = dz / np.maximum(np.linalg.norm(dz, axis=1, keepdims=True), 1e-300)
+    top = np.argmax(np.abs(dz), axis=1)
+    g_inf = np.eye(k)[top] * np.sign(dz[np.arange(B), top])[:, None]
+    num = np.where(is_glob, np.where(is_inf, np.abs(dz).max(1), np.linalg.norm(dz, axis=1)),
+                   np.abs(s))
+    gnum = np.where(is_glob[:, None], np.where(is_inf[:, None], g_inf, g_l2),
+                    np.sign(s)[:, None] * cmat)
+    nd = dnorm(d)
+    ratio = num / nd
+    gz = gnum / nd[:, None]
+    v1, v0 = np_vjp(ops, t1, gz), np_vjp(ops, t0, gz)
+    j = np.argmax(np.abs(d), axis=1)
+    gnd = np.where(is_inf[:, None], np.eye(n_in)[j] * np.sign(d[np.arange(B), j])[:, None],
+                   d / nd[:, None])
+    return ratio, v1 - v0, v1 - (ratio / nd)[:, None] * gnd
+
+  def unit(g):
+    return g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-300)
+
+  best = np.full(B, -np.inf)
+  best_x, best_d = x.copy(), d.copy()
+  for t in range(steps + 1):
+    ratio, gx, gd = value_and_grads(x, d)
+    better = ratio > best
+    best = np.where(better, ratio, best)
+    best_x[better], best_d[better] = x[better], d[better]
+    if t == steps:
+      break
+    lr = 0.25 * 0.5 * (1 + np.cos(np.pi * t / steps)) + 0.01
+    x = x + lr * unit(gx)
+    d = d + lr * dnorm(d)[:, None] * unit(gd)
+    d = d / np.maximum(dnorm(d) / 3.0, 1.0)[:, None]  # keep ||d|| <= 3
+
+  pts = np.concatenate([best_x + a * best_d for a in (0.0, 0.25, 0.5, 0.75, 1.0)] +
+                       [rng.normal(size=(n_random, n_in)) * rng.choice([0.3, 1.0, 3.0],
+                                                                        size=(n_random, 1))])
+  jv = jacobian_values(np_jacobian(ops, pts), c)
+  out = {}
+  for norm in ("l2", "linf"):
+    sec = np.full(n_c + 1, -np.inf)
+    m = is_inf == (norm == "linf")
+    np.maximum.at(sec, obj[m], best[m])
+    out[norm] = np.maximum(sec, jv[norm].max(0))
+  return out, B * (steps + 1) * 2 + pts.shape[0]
+
+
+# -------------------------------------------------------------------- crmjax, jitted
+
+
+@functools.lru_cache(maxsize=None)
+def _bounds_fn(layers, shape):
+  """Jitted: (params, state, x) -> ({(method, mode, norm): bound}, logits at x)."""
+  model = L.Sequential(layers)
+
+  def fn(params, state, x):
+    net = network.from_layers(layers, params, shape)
+    # Converge the power iteration once, then every mode reuses the state (warm start).
+    _, s1 = liplt.liplt_bound(net, state, num_iters=ITERS)
+    _, s2 = liplt.naive_bound(net, state, num_iters=ITERS)
+    state = s1.replace(naive=s2.naive)
+    out = {}
+    for method in liplt.METHODS:
+      for mode in liplt.MODES:
+        for norm in liplt.NORMS:
+          out[(method, mode, norm)] = liplt.lipschitz_bound(
+              net, state if norm == "l2" else None, method=method, mode=mode, norm=norm,
+              num_iters=0)[0]
+    return out, model.apply({"params": params}, x)
+
+  return jax.jit(fn)
+
+
+def all_bounds(layers, shape, params, x_check):
+  net = network.from_layers(layers, params, shape)
+  state = liplt.init_state(net, jax.random.key(1))
+  b, logits = _bounds_fn(layers, shape)(params, state, jnp.asarray(x_check, jnp.float32))
+  return {key: np.asarray(v, np.float64) for key, v in b.items()}, np.asarray(logits)
+
+
+def check_np_model(ops, x_check, logits):
+  """The float64 numpy copy computes the Flax model (up to float32 rounding)."""
+  want = np_forward(ops, x_check.reshape(x_check.shape[0], -1).astype(np.float64))
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * (1 + np.abs(want).max()))
+
+
+def compare(bounds, lower, k, what):
+  """Violations of ``lower <= bound`` for every (method, mode, norm), and of LipLT <= naive.
+
+  Returns (number of comparisons, list of violation descriptions).
+  """
+  n, bad = 0, []
+  for norm in liplt.NORMS:
+    low = as_modes(lower[norm], k)
+    for mode in liplt.MODES:
+      mask = ~np.eye(k, dtype=bool) if mode == "pairwise" else np.ones(np.shape(low[mode]), bool)
+      for method in liplt.METHODS:
+        b = bounds[(method, mode, norm)]
+        ok = low[mode] <= b * (1 + RTOL) + ATOL
+        n += int(mask.sum())
+        if not np.all(ok[mask]):
+          bad.append(f"{what} > {method} {mode} {norm}: {low[mode][mask]} vs {b[mask]}")
+      lt, nv = bounds[("liplt", mode, norm)], bounds[("naive", mode, norm)]
+      n += int(mask.sum())
+      if not np.all((lt <= nv * (1 + RTOL) + ATOL)[mask]):
+        bad.append(f"liplt > naive {mode} {norm}: {lt[mask]} vs {nv[mask]}")
+  return n, bad
+
+
+# ------------------------------------------------------------------------ property 1a
+
+
+@_settings(20)
+@given(networks())
+def test_bounds_above_gradient_ascent_lower_estimates(spec):
+  layers, shape, seed, scale = spec
+  params = make_params(layers, shape, seed, scale)
+  rng = np.random.default_rng(seed)
+  x_check = rng.normal(size=(4, *shape)).astype(np.float32)
+  bounds, logits = all_bounds(layers, shape, params, x_check)
+  ops, _ = np_ops(layers, jax.tree.map(np.asarray, params), shape)
+  check_np_model(ops, x_check, logits)
+  k = logits.shape[-1]
+  lower, n_points = ascent_lower_estimate(ops, int(np.prod(shape)), k, rng)
+  n_cmp, bad = compare(bounds, lower, k, "ascent lower estimate")
+  tight = float(np.max(lower["l2"][-1:] / bounds[("liplt", "global", "l2")]))
+  _report("1a_ascent", networks=1, points=n_points, comparisons=n_cmp,
+          violations=len(bad), layers=len(layers), liplt_global_l2_tightness=tight)
+  assert not bad, (layers, shape, seed, scale, bad)
+
+
+# ------------------------------------------------------------------------ property 1b
+
+
+def realised_patterns(w1, b1, rng, n_samples=4096):
+  """Activation patterns (bool rows) of relu(x @ w1 + b1) realised somewhere in R^d.
+
+  Sampling at several scales; for d = 2 additionally the exact enumeration of the line
+  arrangement: the four cells around every vertex and every unbounded direction, so the
+  patterns found are all the realisable ones (general position holds almost surely).
+  Returns (patterns, exact_enumeration).
+  """
+  d, n = w1.shape
+  x = rng.normal(size=(n_samples, d)) * rng.choice([0.1, 1.0, 10.0, 100.0],
+                                                    size=(n_samples, 1))
+  pats = [(x @ w1 + b1) > 0]
+  if d == 2:
+    for j, l in itertools.combinations(range(n), 2):
+      A = w1[:, [j, l]].T
+      if abs(np.linalg.det(A)) < 1e-12:
+        continue
+      v = np.linalg.solve(A, -b1[[j, l]])
+      base = (v @ w1 + b1) > 0
+      for sj, sl in itertools.product([False, True], repeat=2):
+        p = base.copy()
+        p[j], p[l] = sj, sl
+        pats.append(p[None])
+    crit = np.sort(np.concatenate([np.arctan2(w1[1], w1[0]) + s * np.pi / 2
+                                   for s in (-1, 1)]) % (2 * np.pi))
+    mids = (crit + np.diff(np.concatenate([crit, crit[:1] + 2 * np.pi])) / 2)
+    u = np.stack([np.cos(mids), np.sin(mids)], axis=1)
+    pats.append((u @ w1) > 0)
+  return np.unique(np.concatenate(pats), axis=0), d == 2
+
+
+@_settings(20)
+@given(st.integers(2, 3), st.integers(2, 6), st.integers(0, 2**31 - 1), st.floats(0.3, 3.0))
+def test_bounds_above_exact_constant_one_hidden_layer_relu(d, n, seed, scale):
+  k = 3
+  layers = (L.Dense(n), L.Act("relu"), L.Dense(k))
+  shape = (d,)
+  params = make_params(layers, shape, seed, scale, bias_scale=1.0)
+  rng = np.random.default_rng(seed)
+  x_check = rng.normal(size=(4, d)).astype(np.float32)
+  bounds, logits = all_bounds(layers, shape, params, x_check)
+  p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  w1, b1 = p64["layer_0"]["kernel"], p64["layer_0"]["bias"]
+  w2 = p64["layer_2"]["kernel"]
+  ops, _ = np_ops(layers, p64, shape)
+  check_np_model(ops, x_check, logits)
+
+  pats, exact = realised_patterns(w1, b1, rng)
+  _, c = objectives(k)
+  jac = np.einsum("nk,pn,dn->pkd", w2, pats.astype(np.float64), w1)  # (P, K, d) = W2^T D W1^T
+  jv = jacobian_values(jac, c)
+  lower = {norm: v.max(0) for norm, v in jv.items()}
+  n_cmp, bad = compare(bounds, lower, k, "exact constant" if exact else "pattern max")
+
+  # Self-check of the machinery of property 1a: with all patterns known, the ascent
+  # estimate cannot exceed the exact constant (and usually reaches it).
+  est, _ = ascent_lower_estimate(ops, d, k, rng)
+  reached = 0
+  if exact:
+    for norm in liplt.NORMS:
+      assert np.all(est[norm] <= lower[norm] * (1 + 1e-9) + 1e-12), (est, lower)
+      reached += int(np.sum(est[norm] >= lower[norm] * (1 - 1e-6)))
+  _report("1b_exact", networks=1, exact_enumeration=bool(exact), patterns=int(len(pats)),
+          all_patterns=2**n, comparisons=n_cmp, violations=len(bad),
+          ascent_reached_exact=reached, ascent_objectives=2 * (c.shape[0] + 1) if exact else 0)
+  assert not bad, (d, n, seed, scale, bad)
+
+
+# ------------------------------------------------------------------------- property 2
+
+PGD_STEPS, PGD_RESTARTS = 100, 10
+N_POINTS = 32
+N_ANGLES, N_RADII = 4096, 16
+# The exact search counts a label change where the float64 margin is below
+# -MARGIN_TOL * (1 + max |z|): a float64 evaluation of the float32 model at distance
+# exactly R may differ from the float32 certificate by rounding only.
+MARGIN_TOL = 1e-6
+
+
+@functools.lru_cache(maxsize=None)
+def _certify_fn(layers, shape):
+  """Jitted: (params, state, x) -> (labels, radii), the pairwise-LipLT l2 certificate."""
+  model = L.Sequential(layers)
+
+  def fn(params, state, x):
+    net = network.from_layers(layers, params, shape)
+    lip, _ = liplt.liplt_bound(net, state, mode="pairwise", norm="l2", num_iters=ITERS)
+    z = model.apply({"params": params}, x)
+    y = jnp.argmax(z, axis=-1)
+    z_y = jnp.take_along_axis(z, y[:, None], axis=-1)
+    ratio = (z_y - z) / jnp.maximum(lip[y], 1e-30)
+    ratio = jnp.where(jax.nn.one_hot(y, z.shape[-1], dtype=bool), jnp.inf, ratio)
+    return y, jnp.min(ratio, axis=-1)
+
+  return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _pgd_fn(layers):
+  model = L.Sequential(layers)
+
+  def fn(params, x, y, eps, key):
+    return attacks.pgd_l2(lambda v: model.apply({"params": params}, v), x, y, key=key,
+                          eps=eps, num_steps=PGD_STEPS, num_restarts=PGD_RESTARTS,
+                          loss="multitarget", clip_min=-jnp.inf, clip_max=jnp.inf)
+
+  return jax.jit(fn)
+
+
+@st.composite
+def relu_2d_networks(draw):
+  n_hidden = draw(st.integers(1, 3))
+  layers = []
+  for _ in range(n_hidden):
+    layers += [L.Dense(draw(st.integers(2, 8))), L.Act("relu")]
+  layers.append(L.Dense(draw(st.integers(2, 4))))
+  return tuple(layers), draw(st.integers(0, 2**31 - 1)), draw(st.floats(0.3, 3.0))
+
+
+@_settings(15)
+@given(relu_2d_networks())
+def test_certified_points_survive_pgd_and_exhaustive_2d_search(spec):
+  layers, seed, scale = spec
+  shape = (2,)
+  params = make_params(layers, shape, seed, scale)
+  rng = np.random.default_rng(seed)
+  x = (rng.normal(size=(N_POINTS, 2)) * 1.5).astype(np.float32)
+  net = network.from_layers(layers, params, shape)
+  state = liplt.init_state(net, jax.random.key(1))
+  y, radius = (np.asarray(a) for a in _certify_fn(layers, shape)(params, state, x))
+  assert np.all(radius >= 0)
+  cert = radius > 0  # margin > 0 only
+
+  pgd = _pgd_fn(layers)
+  res = pgd(params, x, y, radius, jax.random.key(seed % 1000))
+  pgd_broken = np.asarray(res.success) & cert
+  # The attack's iterates stay in the ball (else a success would prove nothing).
+  dist = np.linalg.norm(np.asarray(res.x_adv) - x, axis=1)
+  assert np.all(dist <= radius * (1 + 1e-5) + 1e-7)
+  # Power check, reported only: the same attack at eps = 2R (not certified).
+  res2 = pgd(params, x, y, 2 * radius, jax.random.key(seed % 1000 + 1))
+
+  # Exhaustive 2-D search: the circle of radius R (N_ANGLES angles) and N_RADII - 1
+  # concentric circles inside it, in float64.
+  ops, _ = np_ops(layers, jax.tree.map(np.asarray, params), shape)
+  theta = np.linspace(0, 2 * np.pi, N_ANGLES, endpoint=False)
+  u = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+  fr = np.arange(1, N_RADII + 1) / N_RADII
+  offsets = (fr[:, None, None] * u[None]).reshape(-1, 2)  # unit disc, circle included
+  pts = x[cert].astype(np.float64)[:, None] + radius[cert, None, None] * offsets[None]
+  z = np_forward(ops, pts.reshape(-1, 2)).reshape(pts.shape[0], offsets.shape[0], -1)
+  yc = y[cert]
+  z_y = np.take_along_axis(z, yc[:, None, None], axis=-1)[..., 0]
+  z_o = np.where(np.eye(z.shape[-1], dtype=bool)[yc][:, None], -np.inf, z).max(-1)
+  margin = z_y - z_o
+  strict_changes = int(np.sum(margin < 0))
+  z0 = np_forward(ops, x.astype(np.float64))
+  clean_margin = np.take_along_axis(z0, y[:, None], 1)[:, 0] - np.where(
+      np.eye(z0.shape[-1], dtype=bool)[y], -np.inf, z0).max(-1)
+  search_broken = np.any(margin < -MARGIN_TOL * (1 + np.abs(z).max(-1)), axis=1)
+
+  _report("2_pgd", networks=1, points=N_POINTS, certified=int(cert.sum()),
+          pgd_runs_per_point=PGD_RESTARTS * (z.shape[-1] - 1), pgd_steps=PGD_STEPS,
+          pgd_violations=int(pgd_broken.sum()), search_points=int(margin.size),
+          search_violations=int(search_broken.sum()),
+          search_strict_label_changes=strict_changes,
+          pgd_success_at_2R=int((np.asarray(res2.success) & cert).sum()),
+          pgd_min_margin_fraction=float(np.min(np.asarray(res.margin)[cert] /
+                                               clean_margin[cert])) if cert.any() else None)
+  assert not pgd_broken.any(), (layers, seed, scale, np.flatnonzero(pgd_broken))
+  assert not search_broken.any(), (layers, seed, scale, np.flatnonzero(search_broken))
+
+
+# ------------------------------------------------------------------------- property 3
+
+# Documented margin: a float32 radius may exceed the float64 radius of the same network
+# and points by at most F32_RTOL relative plus F32_ATOL absolute.
+F32_RTOL, F32_ATOL = 1e-4, 1e-6
+
+
+def _radius_fn(layers, shape):
+  model = L.Sequential(layers)
+
+  def fn(params, state, x):
+    net = network.from_layers(layers, params, shape)
+    out = {}
+    for norm in liplt.NORMS:
+      lip, _ = liplt.liplt_bound(net, state if norm == "l2" else None, mode="pairwise",
+                                 norm=norm, num_iters=ITERS)
+      z = model.apply({"params": params}, x)
+      y = jnp.argmax(z, axis=-1)
+      z_y = jnp.take_along_axis(z, y[:, None], axis=-1)
+      ratio = (z_y - z) / jnp.maximum(lip[y], 1e-30)
+      ratio = jnp.where(jax.nn.one_hot(y, z.shape[-1], dtype=bool), jnp.inf, ratio)
+      out[norm] = (y, jnp.min(ratio, axis=-1))
+    return out
+
+  return jax.jit(fn)
+
+
+@_settings(15)
+@given(networks(max_layers=4))
+def test_float32_radii_not_above_float64_radii(spec):
+  layers, shape, seed, scale = spec
+  params = make_params(layers, shape, seed, scale)
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(16, *shape)).astype(np.float32)
+  net = network.from_layers(layers, params, shape)
+  state = liplt.init_state(net, jax.random.key(1))
+  r32 = jax.tree.map(np.asarray, _radius_fn(layers, shape)(params, state, x))
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    s64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
+    r64 = jax.tree.map(np.asarray, _radius_fn(layers, shape)(p64, s64, x.astype(np.float64)))
+    assert r64["l2"][1].dtype == np.float64
+  bad, worst = [], 0.0
+  for norm in liplt.NORMS:
+    (y32, a), (y64, b) = r32[norm], r64[norm]
+    same = y32 == y64  # a label flip needs a float32 margin ~ 0, i.e. radius ~ 0
+    over = same & (a > b * (1 + F32_RTOL) + F32_ATOL)
+    worst = max(worst, float(np.max(np.where(same, (a - b) / np.maximum(b, 1e-12), -np.inf))))
+    if over.any():
+      bad.append((norm, a[over], b[over]))
+    assert np.all(np.where(same, True, a <= F32_ATOL)), (norm, a, b)
+  _report("3_float32", networks=1, points=x.shape[0], radii=2 * x.shape[0],
+          violations=int(sum(len(v[1]) for v in bad)), worst_rel_excess=worst)
+  assert not bad, (layers, shape, seed, scale, bad)
