@@ -183,10 +183,11 @@ def make_train_step(model: models.Model, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_mesh() -> tuple[NamedSharding, NamedSharding]:
-  """(replicated, batch-sharded) shardings over all devices (data parallelism)."""
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(devices=None) -> tuple[NamedSharding, NamedSharding]:
+  """(replicated, batch-sharded) shardings over ``devices`` (default: all; data parallel)."""
+  devices = jax.devices() if devices is None else list(devices)
+  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
   return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
@@ -287,8 +288,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics_path = os.path.join(workdir, "metrics.jsonl")
 
   step = int(state.step)
+  stop_at = step + config.stop_after_steps if config.stop_after_steps else total
   try:
-    while step < total:
+    while step < min(total, stop_at):
       epoch, start = divmod(step, spe)
       step_fn = steps[regular and epoch >= warm_epochs]
       batches = data.epoch_batches(train_x, train_y, batch_size=config.batch_size,
@@ -312,8 +314,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           _finite_or_raise(avg, step, ckpt)
           bar.set_postfix({k: f"{avg[k]:.4g}" for k in ("loss", "accuracy", "radius")
                            if k in avg})
-        if step % config.checkpoint_every_steps == 0 or step == total:
+        if step % config.checkpoint_every_steps == 0 or step in (total, stop_at):
           ckpt.save(step, state, _meta(config, model, step, spe))
+        if step == stop_at:
+          break
       bar.close()
       record = {"epoch": epoch + 1, "step": step, "epoch_time_s": time.time() - t0,
                 **{f"train/{k}": float(v) / max(count, 1)
@@ -324,6 +328,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      for k, v in record.items()))
   finally:
     ckpt.wait()
+  if step < total:
+    ckpt.close()
+    print(f"stopped at step {step} of {total} (--config.stop_after_steps); rerun the same "
+          "command to continue")
+    return {"step": step, "stopped": True}
 
   result = certify.evaluate(model, state.params, state.power, test_x, test_y, eps=config.eps,
                             batch_size=config.eval_batch_size,

@@ -22,6 +22,8 @@ def main(argv, default_workdir: str):
   except (ValueError, FileNotFoundError, OSError, train.TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if result.get("stopped"):
+    return
   print(f"clean accuracy {result['clean_accuracy']:.2%}, certified accuracy "
         f"{result['certified_accuracy']:.2%} at eps={result['eps']:.4g} "
         f"({result['bound_kind']}), mean pairwise Lipschitz "

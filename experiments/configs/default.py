@@ -42,5 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 200
   c.max_checkpoints = 3
   c.progress_bar = True
+  c.stop_after_steps = 0  # > 0: checkpoint and exit after this many steps (preemptible jobs)
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
   return c

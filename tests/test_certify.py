@@ -1,0 +1,368 @@
+"""crmjax.certify and crmjax.soundness against float64 brute force and numpy references.
+
+* Certified radii of tiny 2-D-input networks (sound pairwise bound) never exceed the true
+  minimal adversarial distance, found by a dense polar search in float64.
+* The sound bound is >= the exact (SVD) LipLT / naive value of small conv chains, exact
+  up to its 1e-4 margin when the operators are materialised, and above the training
+  power-iteration estimate.
+* The probabilistic power-method constants (``kw_epsilon``) and ``certify.evaluate``.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crmjax import certify, liplt, models, network, soundness
+from crmjax import layers as L
+from tests import reference as ref
+
+MARGIN = 1e-4  # soundness.sound_bound's default relative margin per norm
+
+
+# ------------------------------------------------------------ 2-D brute-force radii
+
+NETS_2D = {
+    "relu_8": (L.Dense(8), L.Act(), L.Dense(3)),
+    "leaky_6_6": (L.Dense(6), L.Act("leaky_relu", 0.2), L.Dense(6), L.Act("leaky_relu", 0.2),
+                  L.Dense(3)),
+}
+ACT_NP = {"relu": lambda u: np.maximum(u, 0.0),
+          "leaky_relu": lambda u: np.where(u >= 0, u, 0.2 * u)}
+
+
+def _net_2d(name, seed=0):
+  layers = NETS_2D[name]
+  p = L.Sequential(layers).init(jax.random.key(seed), jnp.zeros((1, 2)))["params"]
+  # random biases so that the decision regions do not all meet at the origin
+  keys = iter(jax.random.split(jax.random.key(seed + 100), 8))
+  p = jax.tree_util.tree_map_with_path(
+      lambda path, a: 0.5 * jax.random.normal(next(keys), a.shape)
+      if "bias" in jax.tree_util.keystr(path) else a, p)
+  return layers, p
+
+
+def _forward64(layers, p):
+  """The network as a float64 numpy function of ``(..., 2)`` inputs."""
+  ws = []
+  for i, l in enumerate(layers):
+    if isinstance(l, L.Dense):
+      q = p[f"layer_{i}"]
+      ws.append(("dense", np.asarray(q["kernel"], np.float64), np.asarray(q["bias"], np.float64)))
+    else:
+      ws.append(("act", ACT_NP[l.name]))
+
+  def f(x):
+    for w in ws:
+      x = x @ w[1] + w[2] if w[0] == "dense" else w[1](x)
+    return x
+  return f
+
+
+def _min_adversarial_distance(f, x0, label, *, r_max=4.0, n_dirs=720, n_steps=200,
+                              n_bisect=30):
+  """An upper bound on the true minimal distance (every value found is adversarial).
+
+  Scans rays of a dense polar grid; on each ray, the first grid radius where the argmax
+  differs from ``label`` is refined by bisection. Returns ``inf`` if nothing is found
+  within ``r_max``; 0 if ``x0`` itself is not classified as ``label``.
+  """
+  if f(x0[None])[0].argmax() != label:
+    return 0.0
+  th = np.linspace(0.0, 2 * np.pi, n_dirs, endpoint=False)
+  dirs = np.stack([np.cos(th), np.sin(th)], 1)
+  rs = np.linspace(0.0, r_max, n_steps + 1)[1:]
+  pts = x0 + rs[None, :, None] * dirs[:, None, :]  # (D, S, 2)
+  adv = f(pts).argmax(-1) != label
+  hit = adv.any(1)
+  if not hit.any():
+    return math.inf
+  first = adv.argmax(1)[hit]
+  d = dirs[hit]
+  hi = rs[first]
+  lo = np.where(first > 0, rs[np.maximum(first - 1, 0)], 0.0)
+  for _ in range(n_bisect):
+    mid = 0.5 * (lo + hi)
+    a = f(x0 + mid[:, None] * d).argmax(-1) != label
+    hi = np.where(a, mid, hi)
+    lo = np.where(a, lo, mid)
+  return float(hi.min())  # hi is always adversarial
+
+
+@pytest.mark.parametrize("name", sorted(NETS_2D))
+def test_sound_radii_below_brute_force_distance_2d(name):
+  layers, p = _net_2d(name)
+  f64 = _forward64(layers, p)
+  net = network.from_layers(layers, p, (2,))
+  lip, info = soundness.sound_bound(net, mode="pairwise")
+  assert info["kind"] == "guaranteed upper bound"
+  rng = np.random.default_rng(1)
+  x = rng.uniform(-1.5, 1.5, (16, 2))
+  logits = np.asarray(L.Sequential(layers).apply({"params": p}, jnp.asarray(x, jnp.float32)))
+  np.testing.assert_allclose(logits, f64(x), rtol=1e-5, atol=1e-5)
+  labels = logits.argmax(1)
+  labels[:3] = (labels[:3] + 1) % 3  # three misclassified points
+  radii = certify.radii_of(logits, labels, lip)
+  dist = np.array([_min_adversarial_distance(f64, xi, yi) for xi, yi in zip(x, labels)])
+  assert np.all(radii[:3] == 0.0) and np.all(dist[:3] == 0.0)
+  assert np.all(np.isfinite(dist[3:]))  # every correct point has an adversary in range
+  assert np.all(radii <= dist), np.c_[radii, dist][radii > dist]
+  ok = radii > 0
+  print(f"{name}: R / true distance in [{(radii[ok] / dist[ok]).min():.3f}, "
+        f"{(radii[ok] / dist[ok]).max():.3f}] on {ok.sum()} certified points")
+  assert np.sum(radii > 0) >= 6  # not vacuous
+  # Same count as numpy, and never above the empirical robust accuracy.
+  eps = [0.0, 0.01, 0.05, 0.1, 0.2, 0.5]
+  got = certify.certified_accuracy(radii, eps)
+  np.testing.assert_array_equal(got, [(radii > e).mean() for e in eps])
+  assert np.all(got <= np.array([(dist > e).mean() for e in eps]))
+  assert isinstance(certify.certified_accuracy(radii, 0.05), float)
+  # The radius uses the pairwise bound of the label row: check against numpy.
+  want = np.array([max(0.0, min((z[y] - z[i]) / lip[y, i] for i in range(3) if i != y))
+                   for z, y in zip(logits.astype(np.float64), labels)])
+  np.testing.assert_allclose(radii, want, rtol=1e-5, atol=1e-7)
+
+
+def test_sound_pairwise_bound_above_sampled_gradient_norms_2d():
+  """Away from kinks the margin's gradient is exact: ``||grad (z_i - z_j)|| <= L_ij``."""
+  layers, p = _net_2d("leaky_6_6", seed=3)
+  net = network.from_layers(layers, p, (2,))
+  lip, _ = soundness.sound_bound(net, mode="pairwise")
+  f = lambda x: L.Sequential(layers).apply({"params": p}, x[None])[0]
+  xs = jax.random.uniform(jax.random.key(0), (512, 2), minval=-3, maxval=3)
+  jac = np.asarray(jax.vmap(jax.jacfwd(f))(xs), np.float64)  # (N, K, 2)
+  pair = np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1).max(0)
+  assert np.all(pair <= lip)
+
+
+def test_certified_accuracy_and_mean_pairwise():
+  radii = np.array([0.0, 0.1, 0.3, 0.3, 1.0])
+  np.testing.assert_allclose(certify.certified_accuracy(radii, [0.0, 0.1, 0.3, 2.0]),
+                             [0.8, 0.6, 0.2, 0.0])
+  assert certify.certified_accuracy(radii, 0.0) == 0.8  # radius 0 never counts
+  np.testing.assert_array_equal(certify.certified_accuracy(np.zeros(0), [0.1, 0.2]), [0, 0])
+  lip = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 6.0], [2.0, 6.0, 0.0]])
+  assert certify.mean_pairwise(lip) == pytest.approx(3.0)
+
+
+# --------------------------------------------------- sound bound vs exact references
+
+K = 4
+CONV_NETS = {
+    "conv3": ((5, 5, 2), (L.Conv(3, 3, 1, 1), L.Act(), L.Conv(4, 3, 2, 1), L.Act(),
+                          L.Flatten(), L.Dense(6), L.Act(), L.Dense(K))),
+    "residual_conv": ((4, 4, 2), (L.Conv(3, 3, 1, 1), L.Act("leaky_relu", 0.1),
+                                  L.Residual((L.Conv(3, 3, 1, 1), L.Act(),
+                                              L.Conv(3, 3, 1, 1))),
+                                  L.Flatten(), L.Dense(K))),
+}
+
+
+def _conv_net(name, seed=0):
+  shape, layers = CONV_NETS[name]
+  p = L.Sequential(layers).init(jax.random.key(seed), jnp.zeros((1, *shape)))["params"]
+  net = network.from_layers(layers, p, shape)
+  blocks, R = ref.blocks_of(layers, jax.tree.map(np.asarray, p), shape)
+  return net, blocks, R
+
+
+def _estimates(net, state, fn):
+  """Few-iteration power estimates in every mode (one compilation)."""
+  f = jax.jit(lambda n, s: [fn(n, s, mode=m, num_iters=3)[0] for m in liplt.MODES])
+  return dict(zip(liplt.MODES, (np.asarray(b) for b in f(net, state))))
+
+
+def _ratio(got, want, mode):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  if mode == "pairwise":
+    assert np.all(np.diag(got) == 0.0)
+    off = ~np.eye(got.shape[0], dtype=bool)
+    got, want = got[off], want[off]
+  return np.atleast_1d(got / want)
+
+
+@pytest.mark.parametrize("name", sorted(CONV_NETS))
+def test_sound_bound_exact_materialisation(name):
+  net, blocks, R = _conv_net(name)
+  n_blocks = len(net.blocks)
+  state = liplt.init_state(net, jax.random.key(1))
+  est, est_n = (_estimates(net, state, fn) for fn in (liplt.liplt_bound, liplt.naive_bound))
+  ratios = []
+  for mode in liplt.MODES:
+    got, info = soundness.sound_bound(net, mode=mode)
+    assert info["kind"] == "guaranteed upper bound" and info["probabilistic_norms"] == 0
+    assert info["exact_norms"] == n_blocks * (n_blocks + 1) // 2
+    want, _ = ref.liplt_reference(blocks, R, mode=mode)
+    r = _ratio(got, want, mode)
+    ratios.append(r)
+    # sound, and exact up to the margin (1 + 1e-4)^(L + 1) plus float32 materialisation
+    assert np.all(r >= 1.0), (mode, r.min())
+    assert np.all(r <= (1 + MARGIN) ** (n_blocks + 1) + 1e-5), (mode, r.max())
+    assert np.all(np.asarray(got) >= est[mode])
+    # naive
+    got_n, info = soundness.sound_bound(net, method="naive", mode=mode)
+    assert info["failure_probability"] == 0.0
+    r = _ratio(got_n, ref.naive_reference(blocks, R, mode=mode), mode)
+    ratios.append(r)
+    assert np.all(r >= 1.0) and np.all(r <= (1 + MARGIN) ** (n_blocks + 1) + 1e-5), r
+    assert np.all(np.asarray(got_n) >= est_n[mode])
+  ratios = np.concatenate(ratios)
+  print(f"{name}: sound / exact in [{ratios.min():.7f}, {ratios.max():.7f}]")
+
+
+@pytest.mark.parametrize("name", sorted(CONV_NETS))
+def test_sound_bound_probabilistic(name):
+  net, blocks, R = _conv_net(name, seed=1)
+  est = _estimates(net, liplt.init_state(net, jax.random.key(2)), liplt.liplt_bound)
+  n_blocks = len(net.blocks)
+  ratios = []
+  for mode in liplt.MODES:
+    got, info = soundness.sound_bound(net, mode=mode, exact_max_dim=1, num_iters=300)
+    assert info["exact_norms"] == 0
+    assert info["probabilistic_norms"] == n_blocks * (n_blocks + 1) // 2
+    assert info["kind"] == "upper bound with probability >= 0.999999"
+    infl = info["max_relative_inflation"]
+    assert 0.0 < infl < 0.2
+    want, _ = ref.liplt_reference(blocks, R, mode=mode)
+    r = _ratio(got, want, mode)
+    ratios.append(r)
+    assert np.all(r >= 1.0), (mode, r.min())
+    # each interior norm is inflated by at most 1 + infl (estimates converge from below)
+    assert np.all(r <= ((1 + infl) * (1 + MARGIN)) ** (n_blocks + 1) * (1 + 1e-4)), r.max()
+    assert np.all(np.asarray(got) >= est[mode])
+  ratios = np.concatenate(ratios)
+  print(f"{name}: probabilistic sound / exact in [{ratios.min():.4f}, {ratios.max():.4f}]")
+  got_n, info = soundness.sound_bound(net, method="naive", mode="pairwise", exact_max_dim=1,
+                                      num_iters=300)
+  assert info["probabilistic_norms"] > 0
+  r = _ratio(got_n, ref.naive_reference(blocks, R), "pairwise")
+  assert np.all(r >= 1.0)
+
+
+def test_sound_bound_warm_start_only_raises_and_too_few_iterations_raise():
+  net, blocks, R = _conv_net("conv3")
+  state = liplt.init_state(net, jax.random.key(3))
+  _, state = liplt.liplt_bound(net, state, num_iters=500)  # converged warm vectors
+  cold, _ = soundness.sound_bound(net, exact_max_dim=1, num_iters=50)
+  warm, info = soundness.sound_bound(net, exact_max_dim=1, num_iters=50, warm=state)
+  want, _ = ref.liplt_reference(blocks, R)
+  assert np.all(_ratio(warm, want, "pairwise") >= 1.0)
+  assert np.all(_ratio(cold, want, "pairwise") >= 1.0)
+  # one power iteration gives no guarantee at all (kw_epsilon = 1)
+  with pytest.raises(ValueError, match="raise num_iters"):
+    soundness.sound_bound(net, exact_max_dim=1, num_iters=1)
+
+
+@pytest.mark.parametrize("name", sorted(CONV_NETS))
+def test_linf_sound_bound_is_the_linf_liplt_bound_times_the_margin(name):
+  net, blocks, R = _conv_net(name)
+  n_blocks = len(net.blocks)
+  for mode in liplt.MODES:
+    for method, fn in (("liplt", liplt.liplt_bound), ("naive", liplt.naive_bound)):
+      got, info = soundness.sound_bound(net, method=method, mode=mode, norm="linf")
+      assert info["kind"] == "guaranteed upper bound"
+      est, _ = fn(net, mode=mode, norm="linf")
+      np.testing.assert_allclose(got, np.asarray(est, np.float64) *
+                                 (1 + MARGIN) ** (n_blocks + 1), rtol=1e-9)
+    exact, _ = ref.liplt_reference(blocks, R, mode=mode, norm="linf")
+    got, _ = soundness.sound_bound(net, mode=mode, norm="linf")
+    assert np.all(np.asarray(got) >= exact)
+
+
+def test_exact_norm_matches_svd_both_sides():
+  rng = np.random.default_rng(0)
+  for shape in [(5, 9), (9, 5)]:
+    A = rng.normal(size=shape).astype(np.float32)
+    fn = lambda u: u @ jnp.asarray(A).T
+    got = soundness.exact_norm(fn, (shape[1],), (shape[0],), chunk=2)
+    np.testing.assert_allclose(got, np.linalg.norm(A.astype(np.float64), 2), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- kw_epsilon
+
+
+def _kw_delta(n, k, eps):
+  return soundness.KW_CONSTANT * math.sqrt(n) * (1 - eps) ** ((k - 1) / 2)
+
+
+def test_kw_epsilon_round_trip_and_monotone():
+  for n in [10, 1000, 10 ** 6]:
+    for delta in [1e-9, 1e-6, 1e-3]:
+      prev = 1.0
+      for k in [10, 50, 100, 300, 1000, 10000]:
+        e = soundness.kw_epsilon(n=n, num_iters=k, delta=delta)
+        assert 0.0 < e < 1.0
+        assert e < prev  # more iterations: tighter
+        prev = e
+        np.testing.assert_allclose(_kw_delta(n, k, e), delta, rtol=1e-6)
+    for k in [50, 1000]:
+      es = [soundness.kw_epsilon(n=n, num_iters=k, delta=d) for d in [1e-12, 1e-9, 1e-6, 1e-3]]
+      assert all(a > b for a, b in zip(es, es[1:]))  # larger failure allowed: tighter
+    es = [soundness.kw_epsilon(n=m, num_iters=200, delta=1e-6) for m in [10, 1000, 10 ** 6]]
+    assert all(a < b for a, b in zip(es, es[1:]))  # larger dimension: looser
+
+
+def test_kw_epsilon_degenerate_cases():
+  assert soundness.kw_epsilon(n=100, num_iters=1, delta=1e-6) == 1.0
+  assert soundness.kw_epsilon(n=100, num_iters=0, delta=1e-6) == 1.0
+  # delta >= 0.824 sqrt(n): any eps fails to be needed -> the formula gives no information
+  assert soundness.kw_epsilon(n=1, num_iters=100, delta=0.9) == 1.0
+
+
+# ------------------------------------------------------------------- evaluate
+
+KEYS = {"clean_accuracy", "eps", "method", "estimate_mean_pairwise_lipschitz",
+        "estimate_certified_accuracy", "certified_accuracy", "mean_pairwise_lipschitz",
+        "bound_kind", "mean_certified_radius"}
+
+
+def _tiny_model():
+  layers = (L.Conv(2, 3, 2, 1), L.Act(), L.Flatten(), L.Dense(5), L.Act(), L.Dense(3))
+  model = models.Model("tiny", layers, (6, 6, 1))
+  params = model.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (7, 6, 6, 1), dtype=np.uint8)
+  logits = np.asarray(model.apply(params, jnp.asarray(images, jnp.float32) / 255.0))
+  labels = logits.argmax(1)
+  labels[:2] = (labels[:2] + 1) % 3
+  return model, params, images, labels, logits
+
+
+def test_batched_logits_uint8():
+  model, params, images, _, logits = _tiny_model()
+  got = certify.batched_logits(model, params, images, batch_size=3)
+  np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-6)
+  assert certify.batched_logits(model, params, images[:0], batch_size=3).shape == (0, 3)
+
+
+@pytest.mark.parametrize("method", ["liplt", "naive"])
+def test_evaluate(method):
+  model, params, images, labels, logits = _tiny_model()
+  net = model.lipnet(params)
+  power = liplt.init_state(net, jax.random.key(1))
+  out = certify.evaluate(model, params, power, images, labels, eps=0.01, batch_size=3,
+                         num_iters=5, method=method, sound=True, sound_iters=200)
+  assert KEYS | {"bound_details"} == set(out)
+  assert out["bound_kind"] == "guaranteed upper bound"
+  assert out["method"] == method and out["eps"] == 0.01
+  assert out["clean_accuracy"] == pytest.approx((logits.argmax(1) == labels).mean())
+  assert out["clean_accuracy"] == pytest.approx(5 / 7)
+  assert out["certified_accuracy"] <= out["clean_accuracy"]
+  assert out["estimate_certified_accuracy"] <= out["clean_accuracy"]
+  # the sound bound is above the estimate, so it certifies less
+  assert out["mean_pairwise_lipschitz"] >= out["estimate_mean_pairwise_lipschitz"]
+  assert out["certified_accuracy"] <= out["estimate_certified_accuracy"]
+  lip, _ = soundness.sound_bound(net, method=method, mode="pairwise")
+  radii = certify.radii_of(logits, labels, lip)
+  assert out["mean_certified_radius"] == pytest.approx(radii.mean(), rel=1e-5, abs=1e-7)
+  assert out["certified_accuracy"] == pytest.approx((radii > 0.01).mean())
+  assert out["mean_pairwise_lipschitz"] == pytest.approx(certify.mean_pairwise(lip))
+
+  out = certify.evaluate(model, params, power, images, labels, eps=0.01, batch_size=4,
+                         num_iters=5, method=method, sound=False)
+  assert set(out) == KEYS
+  assert out["bound_kind"] == "power-iteration estimate (not guaranteed)"
+  assert out["certified_accuracy"] == out["estimate_certified_accuracy"]
+  assert out["certified_accuracy"] <= out["clean_accuracy"]

@@ -1,0 +1,145 @@
+"""The train step, data parallelism, checkpoint resume, and the main command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crmjax import checkpoint, train
+from experiments.configs import mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config(**overrides):
+  """The smoke config, smaller, with the MLP (the loop is model-agnostic; 4C3F runs in the
+  command-line test)."""
+  c = mnist.get_config("smoke")
+  c.model = "MLP"
+  c.train_subset, c.test_subset, c.batch_size, c.num_epochs = 128, 64, 32, 2
+  c.crm.warmup_epochs, c.power_iters, c.eval_power_iters = 1, 2, 5
+  c.sound_power_iters, c.checkpoint_every_steps, c.log_every_steps = 20, 3, 2
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _batch(n=32, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.random((n, 28, 28, 1)), jnp.float32),
+          jnp.asarray(rng.integers(0, 10, n), jnp.int32))
+
+
+def _setup(config, devices=None):
+  model = train.make_model(config)
+  tx = train.make_optimizer(config, 100)
+  rep, bat = train.make_mesh(devices)
+  state = jax.device_put(train.create_state(model, tx, 0), rep)
+  return model, tx, rep, bat, state
+
+
+def test_one_crm_step_lowers_the_loss_on_a_fixed_batch():
+  config = _tiny_config()
+  config.crm.warmup_epochs = 0
+  model, tx, rep, bat, state = _setup(config)
+  step = train.jit_step(train.make_train_step(model, tx, config, regularized=True,
+                                              steps_per_epoch=10), rep, bat)
+  x, y = _batch()
+  losses = []
+  for _ in range(4):
+    state, m = step(state, x, y)
+    losses.append(float(m["loss"]))
+    assert all(np.isfinite(float(v)) for v in m.values())
+  assert losses[-1] < losses[0]
+  assert float(m["lip"]) > 0 and float(m["penalty"]) > 0
+
+
+def test_sharded_step_on_8_devices_equals_single_device_step():
+  assert jax.device_count() == 8, "conftest sets 8 host devices"
+  config = _tiny_config()
+  config.crm.warmup_epochs = 0
+  x, y = _batch()
+  out = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    model, tx, rep, bat, state = _setup(config, devices)
+    step = train.jit_step(train.make_train_step(model, tx, config, regularized=True,
+                                                steps_per_epoch=10), rep, bat)
+    state, m = step(state, x, y)
+    state, m = step(state, x, y)
+    out.append((jax.device_get(state.params), jax.device_get(m)))
+  # Reductions run in another order across devices; Adam's normalised update turns float32
+  # noise in tiny gradients into ~1e-6 absolute differences after two steps.
+  chex.assert_trees_all_close(out[0][0], out[1][0], rtol=1e-4, atol=2e-5)
+  chex.assert_trees_all_close(out[0][1], out[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_no_recompilation_after_the_first_step():
+  config = _tiny_config()
+  model, tx, rep, bat, state = _setup(config)
+  fn = chex.assert_max_traces(
+      train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1)
+  step = train.jit_step(fn, rep, bat)
+  for seed in range(3):
+    state, _ = step(state, *_batch(seed=seed))
+
+
+def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path):
+  full = train.train_and_evaluate(_tiny_config(), str(tmp_path / "full"))
+  part = str(tmp_path / "part")
+  first = train.train_and_evaluate(_tiny_config(stop_after_steps=5), part)
+  assert first == {"step": 5, "stopped": True}
+  resumed = train.train_and_evaluate(_tiny_config(), part)
+  assert resumed["step"] == full["step"] == 8
+  for key in ("clean_accuracy", "certified_accuracy", "mean_pairwise_lipschitz"):
+    assert resumed[key] == full[key], key
+
+  def final_params(workdir):
+    config = _tiny_config()
+    model, tx, rep, _, state = _setup(config)
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+      state, meta = ckpt.restore(state)
+    assert meta["step"] == 8
+    return jax.device_get(state)
+
+  a, b = final_params(str(tmp_path / "full")), final_params(part)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  lines = [json.loads(l) for l in open(os.path.join(part, "metrics.jsonl"))]
+  assert "final" in lines[-1]
+
+
+def test_invalid_config_is_refused_with_the_field_and_the_fix(tmp_path):
+  for field, value, match in [("eps", -1.0, "eps"), ("batch_size", 30, "divisible by the 8"),
+                              ("power_iters", 0, "power_iters"), ("model", "VGG", "model")]:
+    c = _tiny_config()
+    c[field] = value
+    with pytest.raises(ValueError, match=match):
+      train.train_and_evaluate(c, str(tmp_path / field))
+  c = _tiny_config()
+  c.crm.temperature = 0.0
+  with pytest.raises(ValueError, match="temperature"):
+    train.train_and_evaluate(c, str(tmp_path / "t"))
+  assert not os.path.exists(tmp_path / "eps" / "checkpoints")
+
+
+def test_main_command_smoke_and_bad_input_exit_codes(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.mnist",
+         "--config=experiments/configs/mnist.py:smoke", f"--workdir={tmp_path / 'run'}"]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  small = ["--config.num_epochs=1", "--config.crm.warmup_epochs=0", "--config.train_subset=128",
+           "--config.test_subset=64"]
+  out = subprocess.run(cmd + small,
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "certified accuracy" in out.stdout
+  results = json.load(open(tmp_path / "run" / "results.json"))
+  assert results["certified_accuracy"] <= results["clean_accuracy"]
+  bad = subprocess.run(cmd + ["--config.eps=-0.5"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode == 2 and "eps" in bad.stderr
