@@ -149,7 +149,10 @@ def power_iterate(fn: Callable, us: Sequence[jax.Array], num_iters: int) -> tupl
     (ws,) = vjp(ys)
     return tuple(_normalize_rows(w) for w in ws)
 
-  return jax.lax.fori_loop(0, num_iters, step, us)
+  # Unrolled for the few iterations of a training step (XLA fuses across them); a loop
+  # for the many iterations of evaluation and tests (bounded compile time).
+  unroll = num_iters if num_iters <= 16 else 1
+  return jax.lax.stop_gradient(jax.lax.fori_loop(0, num_iters, step, us, unroll=unroll))
 
 
 # ------------------------------------------------------------------- the LipLT table
@@ -208,7 +211,8 @@ def interior_table(net: LipNet, state: PowerState | None = None, *, norm: Norm =
     ones = [jnp.ones((len(net.blocks) - t, *s)) for t, s in enumerate(_start_shapes(net)[:-1])]
     outs = table_sweep(net.abs(), ones)
     return _table_matrix(outs, lambda o: jnp.max(_flat(o), axis=-1)), state
-  us = power_iterate(lambda u: table_sweep(net, u), state.liplt, num_iters)
+  frozen = jax.lax.stop_gradient(net)  # the iteration is state: no gradient through it
+  us = power_iterate(lambda u: table_sweep(frozen, u), state.liplt, num_iters)
   outs = table_sweep(net, us)
   return _table_matrix(outs, _row_norms), state.replace(liplt=us)
 
@@ -344,7 +348,8 @@ def layer_norms(net: LipNet, state: PowerState | None = None, *, norm: Norm = "l
     return _stack2(vals, len(ops_)), state
   flat = [(i, j, op) for i, t in enumerate(ops_) for j, op in enumerate(t)
           if _needs_iteration(op)]
-  us = power_iterate(lambda u: tuple(op(v) for (_, _, op), v in zip(flat, u)),
+  frozen = jax.lax.stop_gradient([op for _, _, op in flat])
+  us = power_iterate(lambda u: tuple(op(v) for op, v in zip(frozen, u)),
                      tuple(state.naive[i][j] for i, j, _ in flat), num_iters)
   found = {(i, j): _row_norms(op(u))[0] for (i, j, op), u in zip(flat, us)}
   new = [list(t) for t in state.naive]

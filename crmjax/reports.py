@@ -64,7 +64,7 @@ class Run:
 def _read_meta(directory: str, step: int) -> dict:
   """The JSON ``meta`` item of one step, read without a state target."""
   mngr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      directory, options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={"meta": ocp.JsonCheckpointHandler()})
   try:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

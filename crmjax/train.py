@@ -314,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           _finite_or_raise(avg, step, ckpt)
           bar.set_postfix({k: f"{avg[k]:.4g}" for k in ("loss", "accuracy", "radius")
                            if k in avg})
-        if step % config.checkpoint_every_steps == 0 or step in (total, stop_at):
+        if step % config.checkpoint_every_steps == 0 or last_of_epoch or step == stop_at:
           ckpt.save(step, state, _meta(config, model, step, spe))
         if step == stop_at:
           break

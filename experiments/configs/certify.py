@@ -16,7 +16,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval_batch_size = 1000
   c.eps = 0.0  # 0 = the training config's eps
 
-  c.pgd_subset = 1000  # PGD (Table 1 and the soundness check) on the first points only
+  c.pgd_subset = 1000  # PGD (Table 1, soundness check) on the first points only; 0 = all
   c.pgd_steps = 50
   c.pgd_restarts = 3
   c.pgd_batch_size = 250

@@ -1,0 +1,420 @@
+"""Speed of CRM training: ms per jit-compiled step, cross-entropy vs CRM, and LipLT's depth.
+
+  python -m experiments.benchmark --config=experiments/configs/benchmark.py
+  python -m experiments.benchmark --config=experiments/configs/benchmark.py:smoke
+  python -m experiments.benchmark --config=experiments/configs/benchmark.py \
+      --config.depth_sweep=True --config.models="()"
+
+For each model, on random images and labels, with the real training step
+(``crmjax.train.make_train_step`` + ``jit_step``, data parallel over every device): the median
+ms per step after warm-up of the cross-entropy step, the CRM step with the pairwise LipLT
+bound at the paper's power iterations and at 1 warm-started iteration, the CRM step with the
+naive bound, and the LipLT bound alone (forward); compile time apart. ``depth_sweep`` adds
+the bounds alone on equal-width conv nets of growing depth. Prints markdown tables and
+writes JSON (``--config.output``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from crmjax import layers as L
+from crmjax import liplt, models, network, train
+from experiments.configs import default
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
+                                          lock_config=True)
+
+COLUMNS = ("ce", "crm_liplt", "crm_liplt_1it", "crm_naive", "liplt_bound")
+BREAKDOWN = ("ce_forward", "liplt_bound_grad", "liplt_bound_grad_detached")
+HEADERS = {
+    "ce": "cross-entropy step",
+    "crm_liplt": "CRM step, LipLT",
+    "crm_liplt_1it": "CRM step, LipLT 1 it",
+    "crm_naive": "CRM step, naive",
+    "liplt_bound": "LipLT bound alone",
+    "ce_forward": "model forward",
+    "liplt_bound_grad": "LipLT bound fwd+bwd",
+    "liplt_bound_grad_detached": "LipLT bound fwd+bwd, power it. not differentiated",
+}
+
+
+# ------------------------------------------------------------------------- timing
+
+
+def compile_fn(fn: Callable, args: tuple) -> tuple[Any, float]:
+  """``fn.lower(*args).compile()`` (``fn`` jitted) and its wall time in seconds."""
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def xla_memory_bytes(compiled) -> int | None:
+  """XLA's estimate of one call's memory: arguments + outputs + temporaries - aliased."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it  # noqa: BLE001
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def time_steps(compiled, args: tuple, advance: Callable[[tuple, Any], tuple], *, steps: int,
+               warmup: int) -> list[float]:
+  """Milliseconds of each of ``steps`` calls after ``warmup`` untimed ones.
+
+  ``advance(args, outputs)`` gives the next call's arguments (the train state or the power
+  vectors are threaded through, as in training; donated inputs are never reused).
+  """
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    if i >= warmup:
+      times.append(1e3 * (time.perf_counter() - t0))
+    args = advance(args, out)
+  return times
+
+
+def measure(fn: Callable, args: tuple, advance: Callable, config) -> dict:
+  """Compiles ``fn`` (jitted), times it; ``{'ms', 'compile_s', 'steps_ms', 'xla_memory_bytes'}``."""
+  compiled, compile_s = compile_fn(fn, args)
+  times = time_steps(compiled, args, advance, steps=config.steps, warmup=config.warmup_steps)
+  return {"ms": statistics.median(times), "compile_s": compile_s, "steps_ms": times,
+          "xla_memory_bytes": xla_memory_bytes(compiled)}
+
+
+def peak_memory_bytes(devices) -> int | None:
+  """The largest ``peak_bytes_in_use`` over ``devices`` (process lifetime); None if unknown."""
+  peaks = []
+  for d in devices:
+    stats = d.memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+# ------------------------------------------------------------------- the model table
+
+
+def train_config(config: ml_collections.ConfigDict, *, bound: str, power_iters: int,
+                 batch_size: int) -> ml_collections.ConfigDict:
+  """The training config of one CRM column (the paper's CRM settings, no warm-up)."""
+  c = default.get_config()
+  c.loss, c.bound, c.bound_mode = "crm", bound, "pairwise"
+  c.power_iters, c.batch_size = power_iters, batch_size
+  c.crm = config.crm
+  c.eps = config.eps
+  return c
+
+
+def random_batch(model: models.Model, batch_size: int, seed: int, sharding
+                 ) -> tuple[jax.Array, jax.Array]:
+  rng = np.random.default_rng(seed)
+  x = rng.random((batch_size, *model.input_shape), dtype=np.float32)
+  y = rng.integers(0, model.num_classes, batch_size).astype(np.int32)
+  return jax.device_put(x, sharding), jax.device_put(y, sharding)
+
+
+def _advance_state(args, out):
+  return (out[0],) + tuple(args[1:])
+
+
+def _advance_power(args, out):
+  return (args[0], out[1])
+
+
+def step_column(model: models.Model, config, devices, *, regularized: bool, bound: str,
+                power_iters: int, batch_size: int) -> dict:
+  """Times ``jit_step(make_train_step(...))`` from a fresh state on a fixed random batch."""
+  tc = train_config(config, bound=bound, power_iters=power_iters, batch_size=batch_size)
+  tx = train.make_optimizer(tc, 1000)
+  replicated, batch_sharding = train.make_mesh(devices)
+  step = train.jit_step(train.make_train_step(model, tx, tc, regularized=regularized,
+                                              steps_per_epoch=1000),
+                        replicated, batch_sharding)
+  state = jax.device_put(train.create_state(model, tx, config.seed), replicated)
+  x, y = random_batch(model, batch_size, config.seed, batch_sharding)
+  return measure(step, (state, x, y), _advance_state, config)
+
+
+def init_params_power(model: models.Model, seed: int) -> tuple[Any, liplt.PowerState]:
+  k_params, k_power = jax.random.split(jax.random.key(seed))
+  params = model.init(k_params)
+  return params, liplt.init_state(model.lipnet(params), k_power)
+
+
+def bound_column(model: models.Model, config, *, power_iters: int) -> dict:
+  """Times the pairwise LipLT bound alone (forward, power vectors threaded)."""
+  params, power = init_params_power(model, config.seed)
+
+  @jax.jit
+  def fn(params, power):
+    return liplt.liplt_bound(model.lipnet(params), power, mode="pairwise",
+                             num_iters=power_iters)
+
+  return measure(fn, (params, power), _advance_power, config)
+
+
+def bound_grad_column(model: models.Model, config, *, power_iters: int, detached: bool
+                      ) -> dict:
+  """The bound's forward + backward, as inside the CRM step (``sum(L_ij)`` wrt params).
+
+  ``detached=True`` runs the power iteration on ``stop_gradient(params)`` and then the bound
+  with 0 iterations from the new vectors: the same value, the power iteration not
+  differentiated.
+  """
+  params, power = init_params_power(model, config.seed)
+
+  def loss(params, power):
+    if detached:
+      _, power = liplt.liplt_bound(model.lipnet(jax.lax.stop_gradient(params)), power,
+                                   num_iters=power_iters)
+      bound, _ = liplt.liplt_bound(model.lipnet(params), power, num_iters=0)
+    else:
+      bound, power = liplt.liplt_bound(model.lipnet(params), power, num_iters=power_iters)
+    return jnp.sum(bound), power
+
+  fn = jax.jit(jax.grad(loss, has_aux=True))
+  return measure(fn, (params, power), _advance_power, config)
+
+
+def forward_column(model: models.Model, config, devices, *, batch_size: int) -> dict:
+  replicated, batch_sharding = train.make_mesh(devices)
+  params = jax.device_put(model.init(jax.random.key(config.seed)), replicated)
+  x, _ = random_batch(model, batch_size, config.seed, batch_sharding)
+  fn = jax.jit(model.apply)
+  return measure(fn, (params, x), lambda args, out: args, config)
+
+
+def benchmark_model(name: str, config, devices) -> dict:
+  """Every column of one model's row (``None`` where skipped)."""
+  model = models.get_model(name, input_shape=tuple(config.input_shapes[name]),
+                           num_classes=config.num_classes[name])
+  batch = config.batch_sizes[name] or config.batch_size
+  iters = config.power_iters[name]
+  if batch % len(devices):
+    raise ValueError(f"--config.batch_size={batch} ({name}) must be divisible by the "
+                     f"{len(devices)} devices")
+  skip = set(config.skip[name])
+  runs = {
+      "ce": lambda: step_column(model, config, devices, regularized=False, bound="liplt",
+                                power_iters=iters, batch_size=batch),
+      "crm_liplt": lambda: step_column(model, config, devices, regularized=True,
+                                       bound="liplt", power_iters=iters, batch_size=batch),
+      "crm_liplt_1it": lambda: step_column(model, config, devices, regularized=True,
+                                           bound="liplt", power_iters=1, batch_size=batch),
+      "crm_naive": lambda: step_column(model, config, devices, regularized=True,
+                                       bound="naive", power_iters=iters, batch_size=batch),
+      "liplt_bound": lambda: bound_column(model, config, power_iters=iters),
+  }
+  if config.breakdown:
+    runs.update({
+        "ce_forward": lambda: forward_column(model, config, devices, batch_size=batch),
+        "liplt_bound_grad": lambda: bound_grad_column(model, config, power_iters=iters,
+                                                      detached=False),
+        "liplt_bound_grad_detached": lambda: bound_grad_column(
+            model, config, power_iters=iters, detached=True),
+    })
+  results = {}
+  for column, run in runs.items():
+    results[column] = None if column in skip else run()
+    if results[column] is not None:
+      print(f"  {name} {column}: {results[column]['ms']:.1f} ms "
+            f"(compile {results[column]['compile_s']:.1f} s)", flush=True)
+  ms = {k: (v["ms"] if v else None) for k, v in results.items()}
+  ratio = ms["crm_liplt"] / ms["ce"] if ms["crm_liplt"] and ms["ce"] else None
+  return {
+      "model": name,
+      "input_shape": list(model.input_shape),
+      "num_classes": model.num_classes,
+      "batch_size": batch,
+      "power_iters": iters,
+      "ms": ms,
+      "compile_s": {k: (v["compile_s"] if v else None) for k, v in results.items()},
+      "steps_ms": {k: (v["steps_ms"] if v else None) for k, v in results.items()},
+      "xla_memory_bytes": {k: (v["xla_memory_bytes"] if v else None)
+                           for k, v in results.items()},
+      "crm_ce_ratio": ratio,
+      "samples_per_s_crm": batch / (ms["crm_liplt"] / 1e3) if ms["crm_liplt"] else None,
+      "peak_memory_bytes": peak_memory_bytes(devices),
+  }
+
+
+# --------------------------------------------------------------------- depth sweep
+
+
+def sweep_layers(depth: int, width: int, num_classes: int) -> tuple:
+  """``depth`` x (conv ``width`` 3x3 s1 p1, ReLU), then flatten and dense ``num_classes``."""
+  body = tuple(x for _ in range(depth) for x in (L.Conv(width, 3, 1, 1), L.Act()))
+  return body + (L.Flatten(), L.Dense(num_classes))
+
+
+def table_products(depth: int) -> int:
+  """Vector-layer products of one LipLT table sweep: ``sum_i (L - i)(i + 1)`` (O(L^3))."""
+  return sum((depth - i) * (i + 1) for i in range(depth))
+
+
+def sweep_depth(depth: int, config) -> dict:
+  """The pairwise LipLT and naive bounds alone (forward) of one depth."""
+  sc = config.sweep
+  layers = sweep_layers(depth, sc.width, sc.num_classes)
+  shape = tuple(sc.input_shape)
+  params = L.Sequential(layers).init(jax.random.key(config.seed),
+                                     jnp.zeros((1, *shape)))["params"]
+  power = liplt.init_state(network.from_layers(layers, params, shape),
+                           jax.random.key(config.seed + 1))
+  row = {"depth": depth, "table_products": table_products(depth)}
+  for method, bound_fn in (("liplt", liplt.liplt_bound), ("naive", liplt.naive_bound)):
+    fn = jax.jit(lambda p, s, bound_fn=bound_fn: bound_fn(
+        network.from_layers(layers, p, shape), s, mode="pairwise", num_iters=sc.power_iters))
+    convs = fn.lower(params, power).as_text().count("stablehlo.convolution")
+    r = measure(fn, (params, power), _advance_power, config)
+    row[method] = {"ms": r["ms"], "ms_per_layer": r["ms"] / depth,
+                   "compile_s": r["compile_s"], "steps_ms": r["steps_ms"],
+                   "hlo_convolutions": convs}
+    print(f"  depth {depth} {method}: {r['ms']:.1f} ms (compile {r['compile_s']:.1f} s)",
+          flush=True)
+  return row
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _ms(v: float | None) -> str:
+  return "skipped" if v is None else f"{v:.1f} ms"
+
+
+def _bytes(v: int | None) -> str:
+  return "n/a" if v is None else f"{v / 2**20:.0f} MiB"
+
+
+def format_model_table(rows: list[dict]) -> str:
+  head = (["model, power iterations"] + [HEADERS[c] for c in COLUMNS]
+          + ["CRM/CE", "samples/s (CRM)", "peak mem"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [f"{r['model']} (batch {r['batch_size']}), {r['power_iters']} it"]
+    cells += [_ms(r["ms"][c]) for c in COLUMNS]
+    cells.append("n/a" if r["crm_ce_ratio"] is None else f"{r['crm_ce_ratio']:.2f}x")
+    cells.append("n/a" if r["samples_per_s_crm"] is None else f"{r['samples_per_s_crm']:.0f}")
+    cells.append(_bytes(r["peak_memory_bytes"]))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def format_compile_table(rows: list[dict]) -> str:
+  head = (["model"] + [f"compile s: {HEADERS[c]}" for c in COLUMNS]
+          + ["XLA mem estimate, CRM step"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [r["model"]] + ["skipped" if r["compile_s"][c] is None else
+                            f"{r['compile_s'][c]:.1f}" for c in COLUMNS]
+    cells.append(_bytes(r["xla_memory_bytes"]["crm_liplt"]))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def format_breakdown_table(rows: list[dict]) -> str:
+  cols = ("ce", "ce_forward", "crm_liplt", "liplt_bound", "liplt_bound_grad",
+          "liplt_bound_grad_detached")
+  head = ["model, power iterations"] + [HEADERS[c] for c in cols]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [f"{r['model']}, {r['power_iters']} it"] + [_ms(r["ms"].get(c)) for c in cols]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def format_sweep_table(rows: list[dict]) -> str:
+  head = ["layers L", "LipLT bound", "LipLT ms/L", "naive bound", "naive ms/L",
+          "LipLT HLO convolutions", "naive HLO convolutions",
+          "LipLT table vector-layer products"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    a, n = r["liplt"], r["naive"]
+    lines.append("| " + " | ".join([
+        str(r["depth"]), _ms(a["ms"]), f"{a['ms_per_layer']:.2f}", _ms(n["ms"]),
+        f"{n['ms_per_layer']:.2f}", str(a["hlo_convolutions"]), str(n["hlo_convolutions"]),
+        str(r["table_products"])]) + " |")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def validate(config) -> None:
+  for name in config.models:
+    if name not in config.input_shapes or name not in models.ARCHITECTURES:
+      raise ValueError(f"--config.models: unknown model {name!r}; use some of "
+                       f"{sorted(config.input_shapes)}")
+    unknown = set(config.skip[name]) - set(COLUMNS)
+    if unknown:
+      raise ValueError(f"--config.skip.{name}: unknown columns {sorted(unknown)}; use "
+                       f"some of {list(COLUMNS)}")
+  if config.steps < 1 or config.warmup_steps < 0:
+    raise ValueError("--config.steps must be >= 1 and --config.warmup_steps >= 0")
+
+
+def run_benchmark(config: ml_collections.ConfigDict) -> dict:
+  """Runs every measurement, prints the tables, writes ``config.output``; returns the JSON."""
+  validate(config)
+  devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
+  result = {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+            "num_devices": len(devices), "jax_version": jax.__version__,
+            "steps": config.steps, "warmup_steps": config.warmup_steps,
+            "columns": list(COLUMNS), "models": [], "depth_sweep": []}
+  print(f"backend {result['backend']} ({result['device_kind']}) x {len(devices)}, "
+        f"{config.steps} timed steps after {config.warmup_steps} warm-up", flush=True)
+  for name in config.models:
+    result["models"].append(benchmark_model(name, config, devices))
+  if config.depth_sweep:
+    result["depth_sweep"] = [sweep_depth(d, config) for d in config.sweep.depths]
+
+  if result["models"]:
+    print("\nmedian ms per jit-compiled step after warm-up (pairwise bounds)\n")
+    print(format_model_table(result["models"]))
+    print()
+    print(format_compile_table(result["models"]))
+    if config.breakdown:
+      print()
+      print(format_breakdown_table(result["models"]))
+  if result["depth_sweep"]:
+    sc = config.sweep
+    print(f"\nbounds alone (pairwise, {sc.power_iters} power iteration, forward): "
+          f"conv {sc.width} channels 3x3 on {tuple(sc.input_shape)}, dense "
+          f"{sc.num_classes}\n")
+    print(format_sweep_table(result["depth_sweep"]))
+  with open(config.output, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"\nwrote {config.output}")
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    run_benchmark(_CONFIG.value)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

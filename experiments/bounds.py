@@ -1,0 +1,56 @@
+"""Naive vs LipLT pairwise bounds of randomly initialised 4C3F / 6C2F, and bound timing.
+
+``python -m experiments.bounds --config=experiments/configs/bounds.py``
+"""
+
+import time
+
+import jax
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+
+from crmjax import certify, liplt, models
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/bounds.py")
+SHAPES = {"4C3F": ((28, 28, 1), 10), "6C2F": ((32, 32, 3), 10), "8C2F": ((64, 64, 3), 200)}
+
+
+def measure(name: str, *, seed: int, num_iters: int, converged_iters: int, repeats: int):
+  shape, k = SHAPES[name]
+  model = models.get_model(name, input_shape=shape, num_classes=k)
+  params = model.init(jax.random.key(seed))
+  state = liplt.init_state(model.lipnet(params), jax.random.key(seed + 1))
+  row = {"model": name}
+  for method in liplt.METHODS:
+    fn = jax.jit(lambda p, s, n, m=method: liplt.lipschitz_bound(
+        model.lipnet(p), s, method=m, num_iters=n), static_argnums=2)
+    bound, _ = fn(params, state, converged_iters)
+    row[f"{method}_mean_pairwise"] = certify.mean_pairwise(bound)
+    jax.block_until_ready(fn(params, state, num_iters))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(params, state, num_iters))
+      times.append(time.perf_counter() - t0)
+    row[f"{method}_ms"] = 1e3 * float(np.median(times))
+  return row
+
+
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  print(f"backend: {jax.default_backend()}, {jax.devices()[0].device_kind}; "
+        f"{c.num_iters} power iterations per timed call")
+  print("| model | naive mean L_ij | LipLT mean L_ij | naive / LipLT | naive ms | LipLT ms |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for name in c.models:
+    r = measure(name, seed=c.seed, num_iters=c.num_iters, converged_iters=c.converged_iters,
+                repeats=c.repeats)
+    print(f"| {name} | {r['naive_mean_pairwise']:.2f} | {r['liplt_mean_pairwise']:.2f} | "
+          f"{r['naive_mean_pairwise'] / r['liplt_mean_pairwise']:.2f} | {r['naive_ms']:.1f} | "
+          f"{r['liplt_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
