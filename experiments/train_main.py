@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from crmjax import train
+from crmjax import checkpoint, train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; "
                                "rerunning with the same one resumes.")
@@ -19,7 +19,8 @@ def main(argv, default_workdir: str):
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the log
   try:
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value or default_workdir)
-  except (ValueError, FileNotFoundError, OSError, train.TrainingDiverged) as e:
+  except (ValueError, FileNotFoundError, OSError, checkpoint.CheckpointError,
+          train.TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if result.get("stopped"):

@@ -146,7 +146,7 @@ def test_sound_pairwise_bound_above_sampled_gradient_norms_2d():
   lip, _ = soundness.sound_bound(net, mode="pairwise")
   f = lambda x: L.Sequential(layers).apply({"params": p}, x[None])[0]
   xs = jax.random.uniform(jax.random.key(0), (512, 2), minval=-3, maxval=3)
-  jac = np.asarray(jax.vmap(jax.jacfwd(f))(xs), np.float64)  # (N, K, 2)
+  jac = np.asarray(jax.jit(jax.vmap(jax.jacfwd(f)))(xs), np.float64)  # (N, K, 2)
   pair = np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1).max(0)
   assert np.all(pair <= lip)
 
@@ -226,7 +226,7 @@ def test_sound_bound_exact_materialisation(name, methods):
 
 
 def test_sound_bound_probabilistic():
-  net, blocks, R = _conv_net("conv3", seed=1)
+  net, blocks, R = _conv_net("conv3")
   est = _estimates(net, _init_state(net, 2), "liplt")
   n_blocks = len(net.blocks)
   ratios = []
@@ -269,16 +269,17 @@ def test_sound_bound_warm_start_and_too_few_iterations():
 def test_linf_sound_bound_is_the_linf_liplt_bound_times_the_margin():
   net, blocks, R = _conv_net("conv3")
   n_blocks = len(net.blocks)
-  for method in liplt.METHODS:
+  for method, modes in (("liplt", liplt.MODES), ("naive", ("pairwise",))):
     est = _estimates(net, None, method, norm="linf")
-    for mode in liplt.MODES:
+    for mode in modes:
       got, info = soundness.sound_bound(net, method=method, mode=mode, norm="linf")
       assert info["kind"] == "guaranteed upper bound"
       np.testing.assert_allclose(got, est[mode].astype(np.float64) *
                                  (1 + MARGIN) ** (n_blocks + 1), rtol=1e-9)
-      fn = ref.liplt_reference if method == "liplt" else \
-          lambda *a, **k: (ref.naive_reference(*a, **k), None)
-      exact, _ = fn(blocks, R, mode=mode, norm="linf")
+      if method == "liplt":
+        exact, _ = ref.liplt_reference(blocks, R, mode=mode, norm="linf")
+      else:
+        exact = ref.naive_reference(blocks, R, mode=mode, norm="linf")
       assert np.all(np.asarray(got) >= exact), (method, mode)
 
 

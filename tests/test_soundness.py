@@ -351,13 +351,19 @@ def ascent_lower_estimate(ops, n_in, k, rng, *, starts=6, steps=40, n_random=256
 # -------------------------------------------------------------------- crmjax, jitted
 
 
+# XLA's backend optimisations are switched off for these one-off programs: on CPU they
+# cost more compile time than they save at run time on tiny networks.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
 @functools.lru_cache(maxsize=None)
 def _bounds_fn(layers, shape):
-  """Jitted: (params, state, x) -> ({(method, mode, norm): bound}, logits at x)."""
+  """Jitted: (params, x) -> ({(method, mode, norm): bound}, logits at x)."""
   model = L.Sequential(layers)
 
-  def fn(params, state, x):
+  def fn(params, x):
     net = network.from_layers(layers, params, shape)
+    state = liplt.init_state(net, jax.random.key(1))
     # Converge the power iteration once, then every mode reuses the state (warm start).
     _, s1 = liplt.liplt_bound(net, state, num_iters=ITERS)
     _, s2 = liplt.naive_bound(net, state, num_iters=ITERS)
@@ -371,13 +377,11 @@ def _bounds_fn(layers, shape):
               num_iters=0)[0]
     return out, model.apply({"params": params}, x)
 
-  return jax.jit(fn)
+  return _jit(fn)
 
 
 def all_bounds(layers, shape, params, x_check):
-  net = network.from_layers(layers, params, shape)
-  state = liplt.init_state(net, jax.random.key(1))
-  b, logits = _bounds_fn(layers, shape)(params, state, jnp.asarray(x_check, jnp.float32))
+  b, logits = _bounds_fn(layers, shape)(params, jnp.asarray(x_check, jnp.float32))
   return {key: np.asarray(v, np.float64) for key, v in b.items()}, np.asarray(logits)
 
 
@@ -519,12 +523,16 @@ MARGIN_TOL = 1e-6
 def _certify_fn(layers, shape):
   """Jitted: (params, state, x) -> (labels, radii), the pairwise-LipLT l2 certificate.
 
-  Works in float32 and, under ``jax.enable_x64``, in float64.
+  ``state=None``: a fresh ``init_state`` in the dtype of ``x``. Works in float32 and, under
+  ``jax.enable_x64``, in float64.
   """
   model = L.Sequential(layers)
 
   def fn(params, state, x):
     net = network.from_layers(layers, params, shape)
+    if state is None:  # same start in float32 and float64
+      state = jax.tree.map(lambda a: a.astype(x.dtype),
+                           liplt.init_state(net, jax.random.key(1)))
     lip, _ = liplt.liplt_bound(net, state, mode="pairwise", norm="l2", num_iters=ITERS)
     z = model.apply({"params": params}, x)
     y = jnp.argmax(z, axis=-1)
@@ -533,12 +541,12 @@ def _certify_fn(layers, shape):
     ratio = jnp.where(jax.nn.one_hot(y, z.shape[-1], dtype=bool), jnp.inf, ratio)
     return y, jnp.min(ratio, axis=-1)
 
-  return jax.jit(fn)
+  return _jit(fn)
 
 
 @functools.lru_cache(maxsize=None)
 def _apply_fn(layers):
-  return jax.jit(lambda p, x: L.Sequential(layers).apply({"params": p}, x))
+  return _jit(lambda p, x: L.Sequential(layers).apply({"params": p}, x))
 
 
 # pgd_l2 attacks every network of this property embedded in one fixed architecture, so
@@ -578,7 +586,7 @@ def _pgd_fn():
                           eps=eps, num_steps=PGD_STEPS, num_restarts=PGD_RESTARTS,
                           loss="multitarget", clip_min=-jnp.inf, clip_max=jnp.inf)
 
-  return jax.jit(fn)
+  return _jit(fn)
 
 
 @st.composite
@@ -604,9 +612,7 @@ def test_certified_points_survive_pgd_and_exhaustive_2d_search(spec):
   params = jax.tree.map(np.asarray, make_params(layers, shape, seed, scale))
   rng = np.random.default_rng(seed)
   x = (rng.normal(size=(N_POINTS, 2)) * 1.5).astype(np.float32)
-  net = network.from_layers(layers, params, shape)
-  state = liplt.init_state(net, jax.random.key(1))
-  y, radius = (np.asarray(a) for a in _certify_fn(layers, shape)(params, state, x))
+  y, radius = (np.asarray(a) for a in _certify_fn(layers, shape)(params, None, x))
   assert np.all(radius >= 0)
   cert = radius > 0  # margin > 0 only
   k = layers[-1].features
@@ -668,14 +674,11 @@ def test_float32_radii_not_above_float64_radii(spec):
   params = make_params(layers, shape, seed, scale)
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(16, *shape)).astype(np.float32)
-  net = network.from_layers(layers, params, shape)
-  state = liplt.init_state(net, jax.random.key(1))
   fn = _certify_fn(layers, shape)
-  y32, r32 = (np.asarray(a) for a in fn(params, state, x))
+  y32, r32 = (np.asarray(a) for a in fn(params, None, x))
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-    s64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
-    y64, r64 = (np.asarray(a) for a in fn(p64, s64, x.astype(np.float64)))
+    y64, r64 = (np.asarray(a) for a in fn(p64, None, jnp.asarray(x, jnp.float64)))
   assert r32.dtype == np.float32 and r64.dtype == np.float64
   same = y32 == y64
   # A label flip needs a float32 margin within rounding of 0, i.e. a radius ~ 0.
