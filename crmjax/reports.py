@@ -334,7 +334,7 @@ def plot_curves(eps: np.ndarray, curves: dict[str, np.ndarray], path: str, *,
   for label, vals in curves.items():
     ax.plot(eps, 100 * np.asarray(vals), label=label, lw=1.5,
             ls="--" if "naive" in label else "-")
-  if eps_mark:
+  if eps_mark and len(eps) and eps_mark <= eps[-1]:
     ax.axvline(eps_mark, color="gray", lw=0.8, ls=":", label=f"eps = {eps_mark:.3g}")
   ax.set(xlabel="l2 radius eps", ylabel="certified at eps (% of test points)", ylim=(0, 100),
          xlim=(0, float(eps[-1]) if len(eps) and eps[-1] > 0 else 1.0), title=title)

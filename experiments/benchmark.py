@@ -36,8 +36,9 @@ from experiments.configs import default
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
                                           lock_config=True)
 
+_START = time.perf_counter()
 COLUMNS = ("ce", "crm_liplt", "crm_liplt_1it", "crm_naive", "liplt_bound")
-BREAKDOWN = ("ce_forward", "liplt_bound_grad", "liplt_bound_grad_detached")
+BREAKDOWN = ("ce_forward", "liplt_bound_grad", "liplt_bound_grad_0it")
 HEADERS = {
     "ce": "cross-entropy step",
     "crm_liplt": "CRM step, LipLT",
@@ -46,7 +47,7 @@ HEADERS = {
     "liplt_bound": "LipLT bound alone",
     "ce_forward": "model forward",
     "liplt_bound_grad": "LipLT bound fwd+bwd",
-    "liplt_bound_grad_detached": "LipLT bound fwd+bwd, power it. not differentiated",
+    "liplt_bound_grad_0it": "LipLT bound fwd+bwd, 0 it",
 }
 
 
@@ -169,23 +170,15 @@ def bound_column(model: models.Model, config, *, power_iters: int) -> dict:
   return measure(fn, (params, power), _advance_power, config)
 
 
-def bound_grad_column(model: models.Model, config, *, power_iters: int, detached: bool
-                      ) -> dict:
-  """The bound's forward + backward, as inside the CRM step (``sum(L_ij)`` wrt params).
+def bound_grad_column(model: models.Model, config, *, power_iters: int) -> dict:
+  """The bound's forward + backward as inside the CRM step (``sum(L_ij)`` wrt params).
 
-  ``detached=True`` runs the power iteration on ``stop_gradient(params)`` and then the bound
-  with 0 iterations from the new vectors: the same value, the power iteration not
-  differentiated.
+  With ``power_iters=0`` it is the table sweep, the class rows and their backward alone.
   """
   params, power = init_params_power(model, config.seed)
 
   def loss(params, power):
-    if detached:
-      _, power = liplt.liplt_bound(model.lipnet(jax.lax.stop_gradient(params)), power,
-                                   num_iters=power_iters)
-      bound, _ = liplt.liplt_bound(model.lipnet(params), power, num_iters=0)
-    else:
-      bound, power = liplt.liplt_bound(model.lipnet(params), power, num_iters=power_iters)
+    bound, power = liplt.liplt_bound(model.lipnet(params), power, num_iters=power_iters)
     return jnp.sum(bound), power
 
   fn = jax.jit(jax.grad(loss, has_aux=True))
@@ -224,17 +217,16 @@ def benchmark_model(name: str, config, devices) -> dict:
   if config.breakdown:
     runs.update({
         "ce_forward": lambda: forward_column(model, config, devices, batch_size=batch),
-        "liplt_bound_grad": lambda: bound_grad_column(model, config, power_iters=iters,
-                                                      detached=False),
-        "liplt_bound_grad_detached": lambda: bound_grad_column(
-            model, config, power_iters=iters, detached=True),
+        "liplt_bound_grad": lambda: bound_grad_column(model, config, power_iters=iters),
+        "liplt_bound_grad_0it": lambda: bound_grad_column(model, config, power_iters=0),
     })
   results = {}
   for column, run in runs.items():
     results[column] = None if column in skip else run()
     if results[column] is not None:
-      print(f"  {name} {column}: {results[column]['ms']:.1f} ms "
-            f"(compile {results[column]['compile_s']:.1f} s)", flush=True)
+      print(f"  [{time.perf_counter() - _START:6.0f} s] {name} {column}: "
+            f"{results[column]['ms']:.1f} ms (compile {results[column]['compile_s']:.1f} s)",
+            flush=True)
   ms = {k: (v["ms"] if v else None) for k, v in results.items()}
   ratio = ms["crm_liplt"] / ms["ce"] if ms["crm_liplt"] and ms["ce"] else None
   return {
@@ -286,8 +278,8 @@ def sweep_depth(depth: int, config) -> dict:
     row[method] = {"ms": r["ms"], "ms_per_layer": r["ms"] / depth,
                    "compile_s": r["compile_s"], "steps_ms": r["steps_ms"],
                    "hlo_convolutions": convs}
-    print(f"  depth {depth} {method}: {r['ms']:.1f} ms (compile {r['compile_s']:.1f} s)",
-          flush=True)
+    print(f"  [{time.perf_counter() - _START:6.0f} s] depth {depth} {method}: {r['ms']:.1f} ms "
+          f"(compile {r['compile_s']:.1f} s)", flush=True)
   return row
 
 
@@ -329,8 +321,7 @@ def format_compile_table(rows: list[dict]) -> str:
 
 
 def format_breakdown_table(rows: list[dict]) -> str:
-  cols = ("ce", "ce_forward", "crm_liplt", "liplt_bound", "liplt_bound_grad",
-          "liplt_bound_grad_detached")
+  cols = ("ce", "ce_forward", "crm_liplt", "liplt_bound") + BREAKDOWN[1:]
   head = ["model, power iterations"] + [HEADERS[c] for c in cols]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:

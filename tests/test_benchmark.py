@@ -13,9 +13,9 @@ def _tiny_config(output, **overrides):
   c = benchmark_config.get_config("smoke")
   c.models = ("MLP",)
   c.batch_size, c.steps, c.warmup_steps = 8, 2, 1
-  c.power_iters["MLP"] = 2
+  c.power_iters["MLP"] = 1
   c.depth_sweep = True
-  c.sweep.depths, c.sweep.width, c.sweep.input_shape = (2, 3), 4, (8, 8, 1)
+  c.sweep.depths, c.sweep.width, c.sweep.input_shape = (1, 2), 4, (8, 8, 1)
   c.output = str(output)
   for k, v in overrides.items():
     c[k] = v
@@ -30,7 +30,7 @@ def test_benchmark_writes_every_column_with_consistent_ratios(tmp_path, capsys):
   assert result == json.loads(json.dumps(returned))
   assert result["columns"] == list(benchmark.COLUMNS)
   (row,) = result["models"]
-  assert row["model"] == "MLP" and row["batch_size"] == 8 and row["power_iters"] == 2
+  assert row["model"] == "MLP" and row["batch_size"] == 8 and row["power_iters"] == 1
   for column in benchmark.COLUMNS:
     assert row["ms"][column] > 0, column
     assert row["compile_s"][column] > 0, column
@@ -41,7 +41,7 @@ def test_benchmark_writes_every_column_with_consistent_ratios(tmp_path, capsys):
   assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] > 0
 
   depths = [r["depth"] for r in result["depth_sweep"]]
-  assert depths == [2, 3]
+  assert depths == [1, 2]
   for r in result["depth_sweep"]:
     assert r["table_products"] == sum((r["depth"] - i) * (i + 1) for i in range(r["depth"]))
     for method in ("liplt", "naive"):
@@ -51,7 +51,7 @@ def test_benchmark_writes_every_column_with_consistent_ratios(tmp_path, capsys):
 
   out = capsys.readouterr().out
   assert "| model, power iterations | cross-entropy step | CRM step, LipLT |" in out
-  assert "| MLP (batch 8), 2 it |" in out
+  assert "| MLP (batch 8), 1 it |" in out
   assert "| layers L | LipLT bound | LipLT ms/L |" in out
   assert f"{row['crm_ce_ratio']:.2f}x" in out
 

@@ -33,29 +33,40 @@ ACT_NP = {"relu": lambda u: np.maximum(u, 0.0),
           "leaky_relu": lambda u: np.where(u >= 0, u, 0.2 * u)}
 
 
-def _init(layers, shape, seed):
-  """Params of ``Sequential(layers)`` (jitted: one compilation instead of one per op)."""
-  init = jax.jit(lambda k: L.Sequential(layers).init(k, jnp.zeros((1, *shape)))["params"])
-  return init(jax.random.key(seed))
+def _init(layers, shape, seed, bias_scale=0.0):
+  """Random params of ``Sequential(layers)``: shapes from ``jax.eval_shape`` (no
+  compilation), values from numpy (kernels ``N(0, 1 / fan_in)``, biases
+  ``N(0, bias_scale^2)``)."""
+  shapes = jax.eval_shape(
+      lambda: L.Sequential(layers).init(jax.random.key(0), jnp.zeros((1, *shape))))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    if "bias" in jax.tree_util.keystr(path):
+      return jnp.asarray(bias_scale * rng.normal(size=a.shape), jnp.float32)
+    fan_in = int(np.prod(a.shape[:-1]))
+    return jnp.asarray(rng.normal(size=a.shape) / np.sqrt(fan_in), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _init_state(net, seed):
-  return jax.jit(liplt.init_state)(net, jax.random.key(seed))
+  """A ``PowerState`` of random unit rows (numpy; no compilation)."""
+  shapes = jax.eval_shape(lambda: liplt.init_state(net, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+
+  def draw(a):
+    v = rng.normal(size=a.shape)
+    v /= np.linalg.norm(v.reshape(len(v), -1), axis=1).reshape((-1,) + (1,) * (v.ndim - 1))
+    return jnp.asarray(v, jnp.float32)
+
+  return jax.tree.map(draw, shapes)
 
 
 def _net_2d(name, seed=0):
   layers = NETS_2D[name]
-
-  @jax.jit
-  def init(key):
-    p = L.Sequential(layers).init(key, jnp.zeros((1, 2)))["params"]
-    # random biases so that the decision regions do not all meet at the origin
-    keys = iter(jax.random.split(jax.random.fold_in(key, 1), 8))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, a: 0.5 * jax.random.normal(next(keys), a.shape)
-        if "bias" in jax.tree_util.keystr(path) else a, p)
-
-  return layers, init(jax.random.key(seed))
+  # random biases so that the decision regions do not all meet at the origin
+  return layers, _init(layers, (2,), seed, bias_scale=0.5)
 
 
 def _forward64(layers, p):
@@ -127,6 +138,8 @@ def test_sound_radii_below_brute_force_distance_2d(name):
   print(f"{name}: R / true distance in [{(radii[ok] / dist[ok]).min():.3f}, "
         f"{(radii[ok] / dist[ok]).max():.3f}] on {ok.sum()} certified points")
   assert np.sum(radii > 0) >= 6  # not vacuous
+  # ... and the search is sharp enough to expose a bound 2.5x too small
+  assert np.any(certify.radii_of(logits, labels, 0.4 * lip) > dist)
   # Same count as numpy, and never above the empirical robust accuracy.
   eps = [0.0, 0.01, 0.05, 0.1, 0.2, 0.5]
   got = certify.certified_accuracy(radii, eps)
@@ -166,7 +179,9 @@ def test_certified_accuracy_and_mean_pairwise():
 K = 4
 CONV_NETS = {
     "conv3": ((5, 5, 2), (L.Conv(3, 3, 1, 1), L.Act(), L.Conv(4, 3, 2, 1), L.Act(),
-                          L.Flatten(), L.Dense(6), L.Act(), L.Dense(K))),
+                          L.Flatten(), L.Dense(6), L.Act("tanh"), L.Dense(K))),
+    "conv2": ((5, 5, 2), (L.Conv(3, 3, 1, 1), L.Act(), L.Conv(4, 3, 2, 1),
+                          L.Act("leaky_relu", 0.2), L.Flatten(), L.Dense(K))),
     "residual_conv": ((4, 4, 2), (L.Conv(3, 3, 1, 1), L.Act("leaky_relu", 0.1),
                                   L.Residual((L.Conv(3, 3, 1, 1), L.Act(),
                                               L.Conv(3, 3, 1, 1))),
@@ -183,7 +198,7 @@ def _conv_net(name, seed=0):
 
 
 def _estimates(net, state, method, norm="l2"):
-  """Few-iteration power estimates (``l2``) in every mode, one compilation."""
+  """The training bound in every mode (3 power iterations for l2), one compilation."""
   f = jax.jit(lambda n, s: [liplt.lipschitz_bound(n, s, method=method, mode=m, norm=norm,
                                                   num_iters=3)[0] for m in liplt.MODES])
   return dict(zip(liplt.MODES, (np.asarray(b) for b in f(net, state))))
@@ -198,7 +213,8 @@ def _ratio(got, want, mode):
   return np.atleast_1d(got / want)
 
 
-@pytest.mark.parametrize("name,methods", [("conv3", ("liplt", "naive")),
+@pytest.mark.parametrize("name,methods", [("conv2", ("liplt", "naive")),
+                                          ("conv3", ("liplt",)),
                                           ("residual_conv", ("liplt",))])
 def test_sound_bound_exact_materialisation(name, methods):
   net, blocks, R = _conv_net(name)
@@ -207,8 +223,8 @@ def test_sound_bound_exact_materialisation(name, methods):
   refs = {"liplt": lambda m: ref.liplt_reference(blocks, R, mode=m)[0],
           "naive": lambda m: ref.naive_reference(blocks, R, mode=m)}
   ratios = []
+  est = _estimates(net, state, "liplt")
   for method in methods:
-    est = _estimates(net, state, method)
     for mode in liplt.MODES:
       got, info = soundness.sound_bound(net, method=method, mode=mode)
       assert info["kind"] == "guaranteed upper bound" and info["probabilistic_norms"] == 0
@@ -220,18 +236,21 @@ def test_sound_bound_exact_materialisation(name, methods):
       # sound, and exact up to the margin (1 + 1e-4)^(L + 1) plus float32 materialisation
       assert np.all(r >= 1.0), (method, mode, r.min())
       assert np.all(r <= (1 + MARGIN) ** (n_blocks + 1) + 1e-5), (method, mode, r.max())
-      assert np.all(np.asarray(got) >= est[mode]), (method, mode)
+      if method == "liplt":
+        assert np.all(np.asarray(got) >= est[mode]), mode
   ratios = np.concatenate(ratios)
   print(f"{name}: sound / exact in [{ratios.min():.7f}, {ratios.max():.7f}]")
 
 
 def test_sound_bound_probabilistic():
-  net, blocks, R = _conv_net("conv3")
-  est = _estimates(net, _init_state(net, 2), "liplt")
+  net, blocks, R = _conv_net("conv2")
+  state = _init_state(net, 2)
+  est = _estimates(net, state, "liplt")
   n_blocks = len(net.blocks)
-  ratios = []
+  ratios, cold = [], None
   for mode in liplt.MODES:
     got, info = soundness.sound_bound(net, mode=mode, exact_max_dim=1, num_iters=300)
+    cold = got if mode == "pairwise" else cold
     assert info["exact_norms"] == 0
     assert info["probabilistic_norms"] == n_blocks * (n_blocks + 1) // 2
     assert info["kind"] == "upper bound with probability >= 0.999999"
@@ -246,41 +265,29 @@ def test_sound_bound_probabilistic():
     assert np.all(np.asarray(got) >= est[mode])
   ratios = np.concatenate(ratios)
   print(f"probabilistic sound / exact in [{ratios.min():.4f}, {ratios.max():.4f}]")
-  got_n, info = soundness.sound_bound(net, method="naive", mode="pairwise", exact_max_dim=1,
-                                      num_iters=300)
-  assert info["probabilistic_norms"] > 0
-  r = _ratio(got_n, ref.naive_reference(blocks, R), "pairwise")
-  assert np.all(r >= 1.0)
-
-
-def test_sound_bound_warm_start_and_too_few_iterations():
-  net, blocks, R = _conv_net("residual_conv")
-  state = _init_state(net, 3)
+  # A converged warm start can only raise the estimates (max of warm and fresh): still
+  # sound, and not below the cold bound with the same iterations and key.
   _, state = jax.jit(lambda n, s: liplt.liplt_bound(n, s, num_iters=500))(net, state)
-  warm, info = soundness.sound_bound(net, exact_max_dim=1, num_iters=50, warm=state)
+  warm, info = soundness.sound_bound(net, exact_max_dim=1, num_iters=300, warm=state)
   assert info["probabilistic_norms"] > 0
-  want, _ = ref.liplt_reference(blocks, R)
-  assert np.all(_ratio(warm, want, "pairwise") >= 1.0)
+  assert np.all(warm >= cold * (1 - 1e-6))
+  assert np.all(_ratio(warm, ref.liplt_reference(blocks, R)[0], "pairwise") >= 1.0)
   # one power iteration gives no guarantee at all (kw_epsilon = 1)
   with pytest.raises(ValueError, match="raise num_iters"):
     soundness.sound_bound(net, exact_max_dim=1, num_iters=1)
 
 
 def test_linf_sound_bound_is_the_linf_liplt_bound_times_the_margin():
-  net, blocks, R = _conv_net("conv3")
+  net, blocks, R = _conv_net("conv2")
   n_blocks = len(net.blocks)
-  for method, modes in (("liplt", liplt.MODES), ("naive", ("pairwise",))):
-    est = _estimates(net, None, method, norm="linf")
-    for mode in modes:
-      got, info = soundness.sound_bound(net, method=method, mode=mode, norm="linf")
-      assert info["kind"] == "guaranteed upper bound"
-      np.testing.assert_allclose(got, est[mode].astype(np.float64) *
-                                 (1 + MARGIN) ** (n_blocks + 1), rtol=1e-9)
-      if method == "liplt":
-        exact, _ = ref.liplt_reference(blocks, R, mode=mode, norm="linf")
-      else:
-        exact = ref.naive_reference(blocks, R, mode=mode, norm="linf")
-      assert np.all(np.asarray(got) >= exact), (method, mode)
+  est = _estimates(net, None, "liplt", norm="linf")
+  for mode in liplt.MODES:
+    got, info = soundness.sound_bound(net, mode=mode, norm="linf")
+    assert info["kind"] == "guaranteed upper bound" and info["norm"] == "linf"
+    np.testing.assert_allclose(got, est[mode].astype(np.float64) *
+                               (1 + MARGIN) ** (n_blocks + 1), rtol=1e-9)
+    exact, _ = ref.liplt_reference(blocks, R, mode=mode, norm="linf")
+    assert np.all(np.asarray(got) >= exact), mode
 
 
 def test_exact_norm_matches_svd_both_sides():
@@ -319,7 +326,7 @@ def test_kw_epsilon_round_trip_and_monotone():
 def test_kw_epsilon_degenerate_cases():
   assert soundness.kw_epsilon(n=100, num_iters=1, delta=1e-6) == 1.0
   assert soundness.kw_epsilon(n=100, num_iters=0, delta=1e-6) == 1.0
-  # delta >= 0.824 sqrt(n): any eps fails to be needed -> the formula gives no information
+  # delta >= 0.824 sqrt(n): every eps (even 0) would do; 1.0 is returned (conservative)
   assert soundness.kw_epsilon(n=1, num_iters=100, delta=0.9) == 1.0
 
 
@@ -331,9 +338,9 @@ KEYS = {"clean_accuracy", "eps", "method", "estimate_mean_pairwise_lipschitz",
 
 
 def _tiny_model():
-  layers = (L.Conv(2, 3, 2, 1), L.Act(), L.Flatten(), L.Dense(5), L.Act(), L.Dense(3))
+  layers = (L.Conv(2, 3, 2, 1), L.Act(), L.Flatten(), L.Dense(3))
   model = models.Model("tiny", layers, (6, 6, 1))
-  params = jax.jit(model.init)(jax.random.key(0))
+  params = _init(layers, (6, 6, 1), 0)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (7, 6, 6, 1), dtype=np.uint8)
   logits = np.asarray(jax.jit(model.apply)(params, jnp.asarray(images, jnp.float32) / 255.0))
@@ -347,6 +354,14 @@ def test_batched_logits_uint8():
   got = certify.batched_logits(model, params, images, batch_size=3)
   np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-6)
   assert certify.batched_logits(model, params, images[:0], batch_size=3).shape == (0, 3)
+
+
+@pytest.mark.xfail(strict=True, reason="batched_logits divides float [0, 1] images by 255 "
+                   "again (data.epoch_batches always does x / 255), contrary to its docstring")
+def test_batched_logits_float_images_in_unit_range():
+  model, params, images, _, logits = _tiny_model()
+  got = certify.batched_logits(model, params, images.astype(np.float32) / 255, batch_size=3)
+  np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["liplt", "naive"])

@@ -143,3 +143,24 @@ def test_main_command_smoke_and_bad_input_exit_codes(tmp_path):
   bad = subprocess.run(cmd + ["--config.eps=-0.5"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
   assert bad.returncode == 2 and "eps" in bad.stderr
+
+
+@pytest.mark.slow
+def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
+  """Real MNIST (10k training images, 6 epochs, MLP): > 90% clean, > 0% certified at 1.58.
+
+  The certificate uses the sound bound (every MLP norm is exact). Measured here: 90.9%
+  clean, 1.2% certified, ~35 s on the 2-core CPU.
+  """
+  cmd = [sys.executable, "-m", "experiments.mnist", "--config=experiments/configs/mnist.py",
+         f"--workdir={tmp_path}", "--config.model=MLP", "--config.train_subset=10000",
+         "--config.test_subset=1000", "--config.batch_size=50", "--config.num_epochs=6",
+         "--config.crm.warmup_epochs=2", "--config.crm.lam=15", "--config.power_iters=2",
+         "--config.progress_bar=False"]
+  out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""},
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.load(open(tmp_path / "results.json"))
+  assert results["bound_kind"] == "guaranteed upper bound"
+  assert results["clean_accuracy"] > 0.90
+  assert results["certified_accuracy"] > 0.0
