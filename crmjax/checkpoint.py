@@ -400,6 +400,40 @@ class Checkpointer:
             path=problem.split(" ", 1)[0],
         )
 
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON meta of ``step`` (default: the latest committed step), no state read.
+
+        Raises:
+          FileNotFoundError: there is no (such) checkpoint.
+          CorruptCheckpointError: the step is unreadable or was never committed.
+        """
+        return self._read_meta(step)[1]
+
+    def _read_meta(self, step: int | None) -> tuple[int, dict[str, Any]]:
+        self._check_open()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"No complete checkpoint found in {self._directory}.")
+        step = int(step)
+        if not os.path.isdir(self.step_dir(step)):
+            raise FileNotFoundError(
+                f"Checkpoint step {step} does not exist in {self._directory}; "
+                f"available steps: {self.all_steps()}."
+            )
+        if not self._is_committed(step):
+            raise self._corrupt(step, "the write was interrupted: no commit marker")
+        if step not in self._manager.all_steps():
+            self._manager.reload()  # written by another process after we opened
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+        except Exception as e:  # noqa: BLE001 - any read failure means a corrupt step
+            raise self._corrupt(step, f"cannot read item {_META!r}", e) from e
+        if not isinstance(meta, dict):
+            raise self._corrupt(step, f"item {_META!r} is {type(meta).__name__}, not a dict")
+        return step, meta
+
     def restore(
         self,
         target_state: PyTree,
@@ -426,29 +460,7 @@ class Checkpointer:
           CheckpointMismatchError: structure / shape / dtype / expected meta differ.
           CorruptCheckpointError: the step is unreadable or was never committed.
         """
-        self._check_open()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"No complete checkpoint found in {self._directory}.")
-        step = int(step)
-        if not os.path.isdir(self.step_dir(step)):
-            raise FileNotFoundError(
-                f"Checkpoint step {step} does not exist in {self._directory}; "
-                f"available steps: {self.all_steps()}."
-            )
-        if not self._is_committed(step):
-            raise self._corrupt(step, "the write was interrupted: no commit marker")
-        if step not in self._manager.all_steps():
-            self._manager.reload()  # written by another process after we opened
-
-        # 1. Small JSON meta first: cheapest and the most telling mismatch.
-        try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-        except Exception as e:  # noqa: BLE001 - any read failure means a corrupt step
-            raise self._corrupt(step, f"cannot read item {_META!r}", e) from e
-        if not isinstance(meta, dict):
-            raise self._corrupt(step, f"item {_META!r} is {type(meta).__name__}, not a dict")
+        step, meta = self._read_meta(step)
         for k, v in (expected_meta or {}).items():
             if meta.get(k) != v:
                 raise CheckpointMismatchError(

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from crmjax import attacks, certify, checkpoint, data, liplt, models, soundness, train
 
@@ -61,21 +60,6 @@ class Run:
 # ------------------------------------------------------------------------- loading
 
 
-def _read_meta(directory: str, step: int) -> dict:
-  """The JSON ``meta`` item of one step, read without a state target."""
-  mngr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"meta": ocp.JsonCheckpointHandler()})
-  try:
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception as e:  # noqa: BLE001 - any read failure means an unreadable step
-    raise checkpoint.CorruptCheckpointError(
-        f"cannot read the meta of checkpoint step {step} in {directory}: {e}",
-        step=step, path=os.path.join(directory, str(step))) from e
-  finally:
-    mngr.close()
-
-
 def load_run(workdir: str) -> Run:
   """Restores the latest checkpoint of ``workdir`` (written by ``train.train_and_evaluate``).
 
@@ -94,7 +78,7 @@ def load_run(workdir: str) -> Run:
     step = ckpt.latest_step()
     if step is None:
       raise missing
-    stored = _read_meta(directory, step)
+    stored = ckpt.read_meta(step)
     if "config" not in stored:
       raise checkpoint.CorruptCheckpointError(
           f"checkpoint step {step} in {directory} has no meta['config'] (not written by "
@@ -166,9 +150,10 @@ def lipschitz_table(net, power: liplt.PowerState, *, num_classes: int, power_ite
          "pairwise_sound": {}}
   for method in liplt.METHODS:
     out["sound"][method], out["estimate"][method], out["kinds"]["sound"][method] = {}, {}, {}
-    for mode in liplt.MODES:
-      bound, info = soundness.sound_bound(net, method=method, mode=mode, warm=power,
+    bounds, info = soundness.sound_bounds(net, method=method, modes=liplt.MODES, warm=power,
                                           num_iters=sound_iters)
+    for mode in liplt.MODES:
+      bound = bounds[mode]
       if mode == "pairwise":
         out["pairwise_sound"][method] = bound
       pair = liplt.as_pairwise(jnp.asarray(bound), mode=mode, num_classes=num_classes)

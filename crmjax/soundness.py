@@ -147,10 +147,7 @@ def _row_norms64(rows: np.ndarray, mode: str, norm: str):
 
 
 def sound_bound(net: LipNet, *, method: str = "liplt", mode: str = "pairwise",
-                norm: str = "l2", warm: liplt.PowerState | None = None,
-                key: jax.Array | None = None, num_iters: int = 1000,
-                failure_prob: float = 1e-6, exact_max_dim: int = 2048,
-                margin: float = 1e-4) -> tuple[np.ndarray, dict]:
+                norm: str = "l2", **kwargs) -> tuple[np.ndarray, dict]:
   """A guaranteed upper bound (float64) for certificates; see the module docstring.
 
   Args:
@@ -158,6 +155,27 @@ def sound_bound(net: LipNet, *, method: str = "liplt", mode: str = "pairwise",
     method: ``'liplt'`` (eq. 19) or ``'naive'``.
     mode: ``'pairwise'`` ``(K, K)``, ``'per_class'`` ``(K,)`` or ``'global'`` ``()``.
     norm: ``'l2'`` or ``'linf'``.
+    **kwargs: ``warm``, ``key``, ``num_iters``, ``failure_prob``, ``exact_max_dim``,
+      ``margin`` of ``sound_bounds``.
+
+  Returns:
+    ``(bound, info)``; ``info['kind']`` says whether the bound is deterministic or holds
+    with probability ``1 - failure_prob``; ``info`` also counts exact / probabilistic norms.
+  """
+  bounds, info = sound_bounds(net, method=method, modes=(mode,), norm=norm, **kwargs)
+  return bounds[mode], info
+
+
+def sound_bounds(net: LipNet, *, method: str = "liplt", modes=liplt.MODES, norm: str = "l2",
+                 warm: liplt.PowerState | None = None, key: jax.Array | None = None,
+                 num_iters: int = 1000, failure_prob: float = 1e-6,
+                 exact_max_dim: int = 2048, margin: float = 1e-4
+                 ) -> tuple[dict[str, np.ndarray], dict]:
+  """``sound_bound`` for several modes at once (the operator norms are computed once).
+
+  Args:
+    net, method, norm: as ``sound_bound``.
+    modes: the modes wanted.
     warm: the training ``PowerState``, used only to raise fresh estimates.
     key: PRNG key of the fresh random starts (default ``jax.random.key(0)``).
     num_iters: power iterations for operators too large to materialise.
@@ -166,25 +184,26 @@ def sound_bound(net: LipNet, *, method: str = "liplt", mode: str = "pairwise",
     margin: relative inflation of every norm for float32 rounding.
 
   Returns:
-    ``(bound, info)``; ``info['kind']`` says whether the bound is deterministic or holds
-    with probability ``1 - failure_prob``; ``info`` also counts exact / probabilistic norms.
+    ``({mode: bound}, info)``.
   """
-  liplt._check(method, mode, norm, None)  # pylint: disable=protected-access
+  for mode in modes:
+    liplt._check(method, mode, norm, None)  # pylint: disable=protected-access
   key = jax.random.key(0) if key is None else key
   with jax.default_matmul_precision("highest"):
     if norm == "linf":
-      bound = _linf(net, method, mode)
+      bounds = {mode: _linf(net, method, mode) for mode in modes}
       info = {"exact_norms": 0, "probabilistic_norms": 0, "failure_probability": 0.0}
-    elif method == "liplt":
-      bound, info = _liplt_l2(net, mode, warm, key, num_iters, failure_prob, exact_max_dim)
     else:
-      bound, info = _naive_l2(net, mode, warm, key, num_iters, failure_prob, exact_max_dim)
+      fn = _liplt_l2 if method == "liplt" else _naive_l2
+      readout, info = fn(net, warm, key, num_iters, failure_prob, exact_max_dim)
+      bounds = {mode: readout(mode) for mode in modes}
   # A product of at most L + 1 norms enters each term of eq. 19.
-  bound = np.asarray(bound, np.float64) * (1.0 + margin) ** (len(net.blocks) + 1)
+  inflate = (1.0 + margin) ** (len(net.blocks) + 1)
+  bounds = {m: np.asarray(b, np.float64) * inflate for m, b in bounds.items()}
   info["kind"] = ("guaranteed upper bound" if info["failure_probability"] == 0 else
                   f"upper bound with probability >= {1 - info['failure_probability']:.10g}")
   info.update(norm=norm, method=method, relative_margin=margin)
-  return bound, info
+  return bounds, info
 
 
 def _linf(net, method, mode):
@@ -195,7 +214,7 @@ def _linf(net, method, mode):
   return np.asarray(b, np.float64)
 
 
-def _liplt_l2(net, mode, warm, key, num_iters, failure_prob, exact_max_dim):
+def _liplt_l2(net, warm, key, num_iters, failure_prob, exact_max_dim):
   L = len(net.blocks)
   norms = _Norms(exact_max_dim=exact_max_dim, num_iters=num_iters, key=key)
   for e in range(L):
@@ -212,14 +231,18 @@ def _liplt_l2(net, mode, warm, key, num_iters, failure_prob, exact_max_dim):
   for e in range(L):
     m[e] = table[e, 0] + sum(radii[j] * table[e, j + 1] * m[j] for j in range(e))
   rows = [np.asarray(r, np.float64) for r in jax.jit(liplt.class_rows)(net)]
-  out = _row_norms64(rows[0], mode, "l2")
-  for j in range(L):
-    out = out + radii[j] * _row_norms64(rows[j + 1], mode, "l2") * m[j]
+
+  def readout(mode):
+    out = _row_norms64(rows[0], mode, "l2")
+    for j in range(L):
+      out = out + radii[j] * _row_norms64(rows[j + 1], mode, "l2") * m[j]
+    return out
+
   info["interior_bounds"] = m.tolist()
-  return out, info
+  return readout, info
 
 
-def _naive_l2(net, mode, warm, key, num_iters, failure_prob, exact_max_dim):
+def _naive_l2(net, warm, key, num_iters, failure_prob, exact_max_dim):
   norms = _Norms(exact_max_dim=exact_max_dim, num_iters=num_iters, key=key)
   fixed = {}
   for i, b in enumerate(net.blocks):
@@ -239,4 +262,4 @@ def _naive_l2(net, mode, warm, key, num_iters, failure_prob, exact_max_dim):
   for i, b in enumerate(net.blocks):
     factor *= vals[(i, 2)] + max(abs(b.alpha), abs(b.beta)) * vals[(i, 1)] * vals[(i, 0)]
   rows = np.asarray(jax.jit(liplt.class_rows)(LipNet((), net.readout))[0], np.float64)
-  return _row_norms64(rows, mode, "l2") * factor, info
+  return lambda mode: _row_norms64(rows, mode, "l2") * factor, info
