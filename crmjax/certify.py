@@ -12,16 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crmjax import data, liplt, losses, models, soundness
+from crmjax import liplt, losses, models, soundness
 
 
 def batched_logits(model: models.Model, params, images: np.ndarray, *, batch_size: int
                    ) -> np.ndarray:
-  """Logits ``(N, K)`` of uint8 or [0, 1] float images ``(N, H, W, C)``, in batches."""
+  """Logits ``(N, K)`` of uint8 (0..255) or float ([0, 1]) images ``(N, H, W, C)``, in batches."""
   apply = jax.jit(model.apply)
   out = []
-  for x, _ in data.epoch_batches(images, np.zeros(len(images), np.int32), batch_size=batch_size,
-                                 seed=0, epoch=0, shuffle=False, drop_remainder=False):
+  for i in range(0, len(images), batch_size):
+    x = images[i:i + batch_size].astype(np.float32)
+    if images.dtype == np.uint8:
+      x = x / np.float32(255)  # as crmjax.data.epoch_batches
     out.append(np.asarray(apply(params, x)))
   return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
 

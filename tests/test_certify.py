@@ -355,8 +355,6 @@ def test_batched_logits_uint8():
   assert certify.batched_logits(model, params, images[:0], batch_size=3).shape == (0, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="batched_logits divides float [0, 1] images by 255 "
-                   "again (data.epoch_batches always does x / 255), contrary to its docstring")
 def test_batched_logits_float_images_in_unit_range():
   model, params, images, _, logits = _tiny_model()
   got = certify.batched_logits(model, params, images.astype(np.float32) / 255, batch_size=3)

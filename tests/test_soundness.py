@@ -619,7 +619,7 @@ def test_certified_points_survive_pgd_and_exhaustive_2d_search(spec):
 
   padded = embed(params, n_hidden)
   np.testing.assert_allclose(np.asarray(_apply_fn(PAD_LAYERS)(padded, x))[:, :k], z32,
-                             rtol=1e-6, atol=1e-6)
+                             rtol=1e-5, atol=1e-5 * (1 + np.abs(z32).max()))
   pgd = _pgd_fn()
   res = pgd(padded, x, y, radius, jax.random.key(seed % 1000))
   pgd_broken = np.asarray(res.success) & cert
