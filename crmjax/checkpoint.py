@@ -3,38 +3,38 @@
 A checkpoint step holds two items:
 
 * ``"state"`` -- the train-state pytree (params, optax state, power-iteration
-  vectors, step counter, raw ``uint32`` RNG key data, ...), written with
-  ``ocp.args.StandardSave`` and read back with ``ocp.args.StandardRestore``
-  into the structure, dtypes and shardings of a caller-supplied target;
+ vectors, step counter, raw ``uint32`` RNG key data, ...), written with
+ ``ocp.args.StandardSave`` and read back with ``ocp.args.StandardRestore``
+ into the structure, dtypes and shardings of a caller-supplied target;
 * ``"meta"`` -- a small JSON dict (architecture name, epoch, config, ...),
-  written with ``ocp.args.JsonSave`` / read with ``ocp.args.JsonRestore``.
+ written with ``ocp.args.JsonSave`` / read with ``ocp.args.JsonRestore``.
 
 Failure modes are turned into actionable errors instead of raw Orbax /
 TensorStore tracebacks:
 
 * :class:`CheckpointMismatchError` -- the checkpoint was written for another
-  model (tree structure, array shape/dtype or ``meta["architecture"]``
-  differ from what the caller restores into);
+ model (tree structure, array shape/dtype or ``meta["architecture"]``
+ differ from what the caller restores into);
 * :class:`CorruptCheckpointError` -- files of a step are truncated, garbage,
-  missing, or the step was never committed;
+ missing, or the step was never committed;
 * :func:`check_writable` -- fail fast at start-up if the workdir cannot be
-  created/written or is (nearly) full.
+ created/written or is (nearly) full.
 
 Orbax behaviour relied on (orbax-checkpoint 0.12.x, verified empirically):
 
 * A step is written to ``<dir>/<step>.orbax-checkpoint-tmp...`` and renamed to
-  ``<dir>/<step>`` only after a ``commit_success.txt`` marker has been written
-  into it; Orbax's own step listing ignores ``*.orbax-checkpoint-tmp*`` dirs,
-  and a leftover tmp dir of a step is deleted when that step is saved again.
-  A bare ``<dir>/<step>`` directory *without* the marker is, however, still
-  listed by Orbax, so :meth:`Checkpointer.latest_step` additionally requires
-  the commit marker (or a ``commit_timestamp_nsecs`` in the step's
-  ``_CHECKPOINT_METADATA``).
+ ``<dir>/<step>`` only after a ``commit_success.txt`` marker has been written
+ into it; Orbax's own step listing ignores ``*.orbax-checkpoint-tmp*`` dirs,
+ and a leftover tmp dir of a step is deleted when that step is saved again.
+ A bare ``<dir>/<step>`` directory *without* the marker is, however, still
+ listed by Orbax, so :meth:`Checkpointer.latest_step` additionally requires
+ the commit marker (or a ``commit_timestamp_nsecs`` in the step's
+ ``_CHECKPOINT_METADATA``).
 * ``CheckpointManager.save`` of an already existing step returns ``False``
-  without writing (and raises ``StepAlreadyExistsError`` with ``force=True``);
-  :meth:`Checkpointer.save` skips such saves with a warning.
+ without writing (and raises ``StepAlreadyExistsError`` with ``force=True``);
+ :meth:`Checkpointer.save` skips such saves with a warning.
 * ``CheckpointManager.item_metadata`` only returns the array metadata tree if
-  the manager knows the item handlers, hence ``item_handlers=`` below.
+ the manager knows the item handlers, hence ``item_handlers=`` below.
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = [
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "CorruptCheckpointError",
-    "Checkpointer",
-    "check_writable",
-    "DEFAULT_MIN_FREE_BYTES",
+  "CheckpointError",
+  "CheckpointMismatchError",
+  "CorruptCheckpointError",
+  "Checkpointer",
+  "check_writable",
+  "DEFAULT_MIN_FREE_BYTES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,26 +78,26 @@ _MISMATCH_FIX = "use a fresh --workdir, or the config that wrote this checkpoint
 
 
 class CheckpointError(Exception):
-    """Base class of the checkpoint errors raised by this module."""
+  """Base class of the checkpoint errors raised by this module."""
 
 
 class CheckpointMismatchError(CheckpointError, ValueError):
-    """The checkpoint does not fit the state (or metadata) it is restored into."""
+  """The checkpoint does not fit the state (or metadata) it is restored into."""
 
-    def __init__(self, message: str, *, step: int, directory: str, path: str | None = None):
-        super().__init__(message)
-        self.step = step
-        self.directory = directory
-        self.path = path
+  def __init__(self, message: str, *, step: int, directory: str, path: str | None = None):
+    super().__init__(message)
+    self.step = step
+    self.directory = directory
+    self.path = path
 
 
 class CorruptCheckpointError(CheckpointError, RuntimeError):
-    """A checkpoint step is unreadable: truncated, garbage, missing or uncommitted files."""
+  """A checkpoint step is unreadable: truncated, garbage, missing or uncommitted files."""
 
-    def __init__(self, message: str, *, step: int, path: str):
-        super().__init__(message)
-        self.step = step
-        self.path = path
+  def __init__(self, message: str, *, step: int, path: str):
+    super().__init__(message)
+    self.step = step
+    self.path = path
 
 
 # ----------------------------------------------------------------------------
@@ -106,57 +106,57 @@ class CorruptCheckpointError(CheckpointError, RuntimeError):
 
 
 def check_writable(
-    directory: str | os.PathLike[str],
-    *,
-    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+  directory: str | os.PathLike[str],
+  *,
+  min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
 ) -> str:
-    """Fail fast if ``directory`` cannot hold checkpoints.
+  """Fail fast if ``directory`` cannot hold checkpoints.
 
-    Creates ``directory`` (with parents) if needed, writes and deletes a small
-    probe file in it and checks the free space of its file system.
+  Creates ``directory`` (with parents) if needed, writes and deletes a small
+  probe file in it and checks the free space of its file system.
 
-    Args:
-      directory: the checkpoint / work directory.
-      min_free_bytes: minimum free space required on its file system.
+  Args:
+   directory: the checkpoint / work directory.
+   min_free_bytes: minimum free space required on its file system.
 
-    Returns:
-      The absolute path of ``directory``.
+  Returns:
+   The absolute path of ``directory``.
 
-    Raises:
-      OSError: with a message naming the directory and the fix, if it cannot be
-        created, is not writable, or has less than ``min_free_bytes`` free.
-    """
-    path = os.path.abspath(os.fspath(directory))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(
-            f"Checkpoint directory {path!r} exists but is not a directory. Pass another --workdir."
-        )
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise OSError(
-            e.errno,
-            f"Cannot create checkpoint directory {path!r}: {e.strerror or e}. "
-            "Pass a --workdir you can write to.",
-        ) from e
-    try:
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".crmjax_write_probe_") as f:
-            f.write(b"ok")
-            f.flush()
-    except OSError as e:
-        raise OSError(
-            e.errno,
-            f"Checkpoint directory {path!r} is not writable: {e.strerror or e}. "
-            "Fix its permissions or pass a --workdir you can write to.",
-        ) from e
-    free = shutil.disk_usage(path).free
-    if free < min_free_bytes:
-        raise OSError(
-            f"Only {free / 2**20:.1f} MiB free on the file system of checkpoint directory "
-            f"{path!r}; at least {min_free_bytes / 2**20:.1f} MiB are required. "
-            "Free some space or pass a --workdir on another disk."
-        )
-    return path
+  Raises:
+   OSError: with a message naming the directory and the fix, if it cannot be
+    created, is not writable, or has less than ``min_free_bytes`` free.
+  """
+  path = os.path.abspath(os.fspath(directory))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(
+      f"Checkpoint directory {path!r} exists but is not a directory. Pass another --workdir."
+    )
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise OSError(
+      e.errno,
+      f"Cannot create checkpoint directory {path!r}: {e.strerror or e}. "
+      "Pass a --workdir you can write to.",
+    ) from e
+  try:
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".crmjax_write_probe_") as f:
+      f.write(b"ok")
+      f.flush()
+  except OSError as e:
+    raise OSError(
+      e.errno,
+      f"Checkpoint directory {path!r} is not writable: {e.strerror or e}. "
+      "Fix its permissions or pass a --workdir you can write to.",
+    ) from e
+  free = shutil.disk_usage(path).free
+  if free < min_free_bytes:
+    raise OSError(
+      f"Only {free / 2**20:.1f} MiB free on the file system of checkpoint directory "
+      f"{path!r}; at least {min_free_bytes / 2**20:.1f} MiB are required. "
+      "Free some space or pass a --workdir on another disk."
+    )
+  return path
 
 
 # ----------------------------------------------------------------------------
@@ -165,71 +165,71 @@ def check_writable(
 
 
 def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
 
 
 def _leaf_specs(tree: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
-    """Maps normalised key paths to ``(shape, dtype-or-None)``.
+  """Maps normalised key paths to ``(shape, dtype-or-None)``.
 
-    Paths are normalised so that a flax dataclass field ``.params`` and the
-    dict key ``['params']`` Orbax stores it under compare equal.
-    """
-    out = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        shape = getattr(leaf, "shape", None)
-        if shape is None:
-            shape = np.shape(leaf)
-        dtype = getattr(leaf, "dtype", None)
-        out[tuple(_key_str(k) for k in kp)] = (tuple(shape), _norm_dtype(dtype))
-    return out
+  Paths are normalised so that a flax dataclass field ``.params`` and the
+  dict key ``['params']`` Orbax stores it under compare equal.
+  """
+  out = {}
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, "shape", None)
+    if shape is None:
+      shape = np.shape(leaf)
+    dtype = getattr(leaf, "dtype", None)
+    out[tuple(_key_str(k) for k in kp)] = (tuple(shape), _norm_dtype(dtype))
+  return out
 
 
 def _norm_dtype(dtype: Any) -> Any:
-    if dtype is None:
-        return None
-    try:
-        return np.dtype(dtype)
-    except TypeError:  # e.g. jax extended dtypes such as typed PRNG keys
-        return str(dtype)
+  if dtype is None:
+    return None
+  try:
+    return np.dtype(dtype)
+  except TypeError:  # e.g. jax extended dtypes such as typed PRNG keys
+    return str(dtype)
 
 
 def _fmt_path(p: tuple[str, ...]) -> str:
-    return "/".join(p) if p else "<root>"
+  return "/".join(p) if p else "<root>"
 
 
 def _first_mismatch(
-    ckpt: Mapping[tuple[str, ...], tuple[tuple[int, ...], Any]],
-    target: Mapping[tuple[str, ...], tuple[tuple[int, ...], Any]],
+  ckpt: Mapping[tuple[str, ...], tuple[tuple[int, ...], Any]],
+  target: Mapping[tuple[str, ...], tuple[tuple[int, ...], Any]],
 ) -> tuple[str, int] | None:
-    """Returns (description of the first mismatch, number of mismatches) or None."""
-    problems = []
-    # Target order first (params before opt_state), then checkpoint-only leaves.
-    for p in list(target) + sorted(set(ckpt) - set(target)):
-        if p not in ckpt:
-            problems.append(f"{_fmt_path(p)} is in the target state but not in the checkpoint")
-        elif p not in target:
-            problems.append(f"{_fmt_path(p)} is in the checkpoint but not in the target state")
-        else:
-            (cs, cd), (ts, td) = ckpt[p], target[p]
-            if cs != ts:
-                problems.append(
-                    f"{_fmt_path(p)} has shape {cs} in the checkpoint but {ts} in the target state"
-                )
-            elif cd is not None and td is not None and cd != td:
-                problems.append(
-                    f"{_fmt_path(p)} has dtype {cd} in the checkpoint but {td} in the target state"
-                )
-    if not problems:
-        return None
-    return problems[0], len(problems)
+  """Returns (description of the first mismatch, number of mismatches) or None."""
+  problems = []
+  # Target order first (params before opt_state), then checkpoint-only leaves.
+  for p in list(target) + sorted(set(ckpt) - set(target)):
+    if p not in ckpt:
+      problems.append(f"{_fmt_path(p)} is in the target state but not in the checkpoint")
+    elif p not in target:
+      problems.append(f"{_fmt_path(p)} is in the checkpoint but not in the target state")
+    else:
+      (cs, cd), (ts, td) = ckpt[p], target[p]
+      if cs != ts:
+        problems.append(
+          f"{_fmt_path(p)} has shape {cs} in the checkpoint but {ts} in the target state"
+        )
+      elif cd is not None and td is not None and cd != td:
+        problems.append(
+          f"{_fmt_path(p)} has dtype {cd} in the checkpoint but {td} in the target state"
+        )
+  if not problems:
+    return None
+  return problems[0], len(problems)
 
 
 def _to_abstract(x: Any) -> Any:
-    """Abstract restore target of one leaf: ShapeDtypeStruct carrying its sharding."""
-    return ocp.utils.to_shape_dtype_struct(x)
+  """Abstract restore target of one leaf: ShapeDtypeStruct carrying its sharding."""
+  return ocp.utils.to_shape_dtype_struct(x)
 
 
 # ----------------------------------------------------------------------------
@@ -238,309 +238,309 @@ def _to_abstract(x: Any) -> Any:
 
 
 class Checkpointer:
-    """Saves/restores ``(state, meta)`` pairs per training step.
+  """Saves/restores ``(state, meta)`` pairs per training step.
 
-    Wraps ``ocp.CheckpointManager`` with two items, ``"state"`` (a pytree,
-    ``StandardSave``/``StandardRestore``) and ``"meta"`` (a JSON dict,
-    ``JsonSave``/``JsonRestore``), combined with ``ocp.args.Composite``.
+  Wraps ``ocp.CheckpointManager`` with two items, ``"state"`` (a pytree,
+  ``StandardSave``/``StandardRestore``) and ``"meta"`` (a JSON dict,
+  ``JsonSave``/``JsonRestore``), combined with ``ocp.args.Composite``.
 
-    Usage::
+  Usage::
 
-        with Checkpointer(workdir / "ckpt", max_to_keep=3) as ckpt:
-            if ckpt.latest_step() is not None:
-                state, meta = ckpt.restore(state, expected_meta={"architecture": "4C3F"})
-            ...
-            ckpt.save(step, state, {"architecture": "4C3F", "epoch": epoch})
+    with Checkpointer(workdir / "ckpt", max_to_keep=3) as ckpt:
+      if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state, expected_meta={"architecture": "4C3F"})
+      ...
+      ckpt.save(step, state, {"architecture": "4C3F", "epoch": epoch})
+  """
+
+  def __init__(
+    self,
+    directory: str | os.PathLike[str],
+    *,
+    max_to_keep: int = 3,
+    async_save: bool = False,
+  ) -> None:
+    """Opens (creating if needed) the checkpoint directory.
+
+    Args:
+     directory: where step sub-directories ``<dir>/<step>`` live.
+     max_to_keep: number of most recent steps kept; older ones are deleted
+      after each successful save.
+     async_save: write array data in a background thread; call
+      :meth:`wait` (or :meth:`close`) before relying on the files.
     """
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    self._directory = os.path.abspath(os.fspath(directory))
+    self._manager = ocp.CheckpointManager(
+      self._directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+      ),
+      # Needed for item_metadata() to return the stored array tree.
+      item_handlers={
+        _STATE: ocp.StandardCheckpointHandler(),
+        _META: ocp.JsonCheckpointHandler(),
+      },
+    )
+    self._closed = False
 
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        max_to_keep: int = 3,
-        async_save: bool = False,
-    ) -> None:
-        """Opens (creating if needed) the checkpoint directory.
+  # -- introspection -----------------------------------------------------
 
-        Args:
-          directory: where step sub-directories ``<dir>/<step>`` live.
-          max_to_keep: number of most recent steps kept; older ones are deleted
-            after each successful save.
-          async_save: write array data in a background thread; call
-            :meth:`wait` (or :meth:`close`) before relying on the files.
-        """
-        if max_to_keep < 1:
-            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
-        self._directory = os.path.abspath(os.fspath(directory))
-        self._manager = ocp.CheckpointManager(
-            self._directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
-                create=True,
-                enable_async_checkpointing=async_save,
-            ),
-            # Needed for item_metadata() to return the stored array tree.
-            item_handlers={
-                _STATE: ocp.StandardCheckpointHandler(),
-                _META: ocp.JsonCheckpointHandler(),
-            },
+  @property
+  def directory(self) -> str:
+    """Absolute path of the checkpoint directory."""
+    return self._directory
+
+  def step_dir(self, step: int) -> str:
+    """Directory of ``step`` (whether or not it exists)."""
+    return os.path.join(self._directory, str(step))
+
+  def _is_committed(self, step: int) -> bool:
+    d = self.step_dir(step)
+    if not os.path.isdir(d):
+      return False
+    if os.path.exists(os.path.join(d, _COMMIT_FILE)):
+      return True
+    try:
+      with open(os.path.join(d, _STEP_METADATA_FILE), encoding="utf-8") as f:
+        return json.load(f).get("commit_timestamp_nsecs") is not None
+    except (OSError, ValueError, AttributeError):
+      return False
+
+  def all_steps(self) -> list[int]:
+    """Sorted steps with a fully committed checkpoint (interrupted writes excluded)."""
+    return sorted(s for s in self._manager.all_steps() if self._is_committed(s))
+
+  def latest_step(self) -> int | None:
+    """Latest fully committed step, or ``None`` if there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  # -- save ----------------------------------------------------------------
+
+  def save(
+    self,
+    step: int,
+    state: PyTree,
+    meta: Mapping[str, Any],
+    *,
+    force: bool = False,
+  ) -> bool:
+    """Saves ``state`` and ``meta`` as checkpoint ``step``.
+
+    Never overwrites: if ``step`` already exists, or (unless ``force``) is not
+    newer than the latest step, nothing is written and a warning is issued.
+
+    Args:
+     step: training step (non-negative int) naming the checkpoint.
+     state: the pytree to save (jax/numpy arrays, Python scalars).
+     meta: JSON-serialisable dict stored next to it.
+     force: save even if ``step`` is older than the latest saved step.
+
+    Returns:
+     Whether a checkpoint was written (or, with ``async_save``, started).
+    """
+    self._check_open()
+    step = int(step)
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}")
+    try:
+      json.dumps(dict(meta))
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"Checkpoint meta must be a JSON-serialisable dict: {e}") from e
+    if step in self._manager.all_steps():
+      warnings.warn(
+        f"Checkpoint step {step} already exists in {self._directory}; not overwriting it.",
+        stacklevel=2,
+      )
+      return False
+    saved = self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(dict(meta))}
+      ),
+      force=force,
+    )
+    if not saved:
+      warnings.warn(
+        f"Checkpoint step {step} was not saved to {self._directory} "
+        f"(latest step is {self._manager.latest_step()}; pass force=True to save "
+        "an older step).",
+        stacklevel=2,
+      )
+    return bool(saved)
+
+  # -- restore -------------------------------------------------------------
+
+  def _corrupt(self, step: int, what: str, cause: BaseException | None = None) -> CorruptCheckpointError:
+    d = self.step_dir(step)
+    detail = f": {type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}" if cause else ""
+    return CorruptCheckpointError(
+      f"Checkpoint step {step} at {d} is corrupt or incomplete ({what}{detail}). "
+      f"Fix: delete the directory {d} (training then resumes from the previous step), "
+      "or pass an earlier step to restore.",
+      step=step,
+      path=d,
+    )
+
+  def _mismatch(self, step: int, problem: str, n: int, meta: Mapping[str, Any] | None) -> CheckpointMismatchError:
+    arch = ""
+    if meta and "architecture" in meta:
+      arch = f" (checkpoint architecture: {meta['architecture']!r})"
+    more = f" [{n - 1} more mismatching leaves]" if n > 1 else ""
+    return CheckpointMismatchError(
+      f"Checkpoint step {step} in {self._directory}{arch} does not match the state being "
+      f"restored: {problem}{more}. It was probably written by another architecture or "
+      f"config. Fix: {_MISMATCH_FIX}.",
+      step=step,
+      directory=self._directory,
+      path=problem.split(" ", 1)[0],
+    )
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON meta of ``step`` (default: the latest committed step), no state read.
+
+    Raises:
+     FileNotFoundError: there is no (such) checkpoint.
+     CorruptCheckpointError: the step is unreadable or was never committed.
+    """
+    return self._read_meta(step)[1]
+
+  def _read_meta(self, step: int | None) -> tuple[int, dict[str, Any]]:
+    self._check_open()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"No complete checkpoint found in {self._directory}.")
+    step = int(step)
+    if not os.path.isdir(self.step_dir(step)):
+      raise FileNotFoundError(
+        f"Checkpoint step {step} does not exist in {self._directory}; "
+        f"available steps: {self.all_steps()}."
+      )
+    if not self._is_committed(step):
+      raise self._corrupt(step, "the write was interrupted: no commit marker")
+    if step not in self._manager.all_steps():
+      self._manager.reload()  # written by another process after we opened
+    try:
+      meta = self._manager.restore(
+        step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    except Exception as e:  # noqa: BLE001 - any read failure means a corrupt step
+      raise self._corrupt(step, f"cannot read item {_META!r}", e) from e
+    if not isinstance(meta, dict):
+      raise self._corrupt(step, f"item {_META!r} is {type(meta).__name__}, not a dict")
+    return step, meta
+
+  def restore(
+    self,
+    target_state: PyTree,
+    *,
+    step: int | None = None,
+    expected_meta: Mapping[str, Any] | None = None,
+  ) -> tuple[PyTree, dict[str, Any]]:
+    """Restores ``(state, meta)`` of ``step`` (default: the latest committed step).
+
+    Arrays are restored with the structure, shapes, dtypes and shardings of
+    ``target_state`` (concrete arrays or ``jax.ShapeDtypeStruct`` leaves).
+
+    Args:
+     target_state: pytree with the same structure as the saved state.
+     step: step to restore; ``None`` means :meth:`latest_step`.
+     expected_meta: entries (e.g. ``{"architecture": "4C3F"}``) that the
+      stored meta must contain with equal values.
+
+    Returns:
+     ``(state, meta)``.
+
+    Raises:
+     FileNotFoundError: there is no (such) checkpoint.
+     CheckpointMismatchError: structure / shape / dtype / expected meta differ.
+     CorruptCheckpointError: the step is unreadable or was never committed.
+    """
+    step, meta = self._read_meta(step)
+    for k, v in (expected_meta or {}).items():
+      if meta.get(k) != v:
+        raise CheckpointMismatchError(
+          f"Checkpoint step {step} in {self._directory} has meta[{k!r}] = "
+          f"{meta.get(k)!r}, but {v!r} was expected. Fix: {_MISMATCH_FIX}.",
+          step=step,
+          directory=self._directory,
+          path=f"meta/{k}",
         )
-        self._closed = False
 
-    # -- introspection -----------------------------------------------------
+    # 2. Compare the stored array metadata with the target before reading data.
+    target_specs = _leaf_specs(target_state)
+    try:
+      item_md = self._manager.item_metadata(step)[_STATE]
+    except Exception as e:  # noqa: BLE001
+      raise self._corrupt(step, f"cannot read the metadata of item {_STATE!r}", e) from e
+    ckpt_tree = getattr(item_md, "tree", item_md)
+    if ckpt_tree is None:
+      logger.warning(
+        "Checkpoint step %d in %s has no readable array metadata; "
+        "validating after restore only.", step, self._directory,
+      )
+    else:
+      mm = _first_mismatch(_leaf_specs(ckpt_tree), target_specs)
+      if mm is not None:
+        raise self._mismatch(step, *mm, meta)
 
-    @property
-    def directory(self) -> str:
-        """Absolute path of the checkpoint directory."""
-        return self._directory
+    # 3. Read the arrays into the target's structure and shardings.
+    abstract = jax.tree.map(_to_abstract, target_state)
+    try:
+      state = self._manager.restore(
+        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
+      )[_STATE]
+    except Exception as e:  # noqa: BLE001
+      msg = str(e)
+      if ckpt_tree is None and isinstance(e, ValueError) and (
+        "mismatch" in msg.lower() or "not compatible" in msg
+      ):
+        raise self._mismatch(step, msg.splitlines()[0][:300], 1, meta) from e
+      raise self._corrupt(step, f"cannot read item {_STATE!r}", e) from e
 
-    def step_dir(self, step: int) -> str:
-        """Directory of ``step`` (whether or not it exists)."""
-        return os.path.join(self._directory, str(step))
+    # 4. Post-check: the result must have exactly the target's layout.
+    if jax.tree.structure(state) != jax.tree.structure(target_state):
+      raise self._mismatch(
+        step,
+        f"<root> restored tree structure {jax.tree.structure(state)} differs from the "
+        f"target's {jax.tree.structure(target_state)}",
+        1,
+        meta,
+      )
+    mm = _first_mismatch(_leaf_specs(state), target_specs)
+    if mm is not None:
+      raise self._mismatch(step, *mm, meta)
+    return state, meta
 
-    def _is_committed(self, step: int) -> bool:
-        d = self.step_dir(step)
-        if not os.path.isdir(d):
-            return False
-        if os.path.exists(os.path.join(d, _COMMIT_FILE)):
-            return True
-        try:
-            with open(os.path.join(d, _STEP_METADATA_FILE), encoding="utf-8") as f:
-                return json.load(f).get("commit_timestamp_nsecs") is not None
-        except (OSError, ValueError, AttributeError):
-            return False
+  # -- lifecycle -------------------------------------------------------------
 
-    def all_steps(self) -> list[int]:
-        """Sorted steps with a fully committed checkpoint (interrupted writes excluded)."""
-        return sorted(s for s in self._manager.all_steps() if self._is_committed(s))
+  def wait(self) -> None:
+    """Blocks until pending (async) saves are committed; re-raises their errors."""
+    self._manager.wait_until_finished()
 
-    def latest_step(self) -> int | None:
-        """Latest fully committed step, or ``None`` if there is none."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager. Idempotent."""
+    if self._closed:
+      return
+    try:
+      self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
+      self._closed = True
 
-    # -- save ----------------------------------------------------------------
+  def _check_open(self) -> None:
+    if self._closed:
+      raise RuntimeError(f"Checkpointer for {self._directory} is closed.")
 
-    def save(
-        self,
-        step: int,
-        state: PyTree,
-        meta: Mapping[str, Any],
-        *,
-        force: bool = False,
-    ) -> bool:
-        """Saves ``state`` and ``meta`` as checkpoint ``step``.
+  def __enter__(self) -> Checkpointer:
+    return self
 
-        Never overwrites: if ``step`` already exists, or (unless ``force``) is not
-        newer than the latest step, nothing is written and a warning is issued.
+  def __exit__(self, *exc: object) -> None:
+    self.close()
 
-        Args:
-          step: training step (non-negative int) naming the checkpoint.
-          state: the pytree to save (jax/numpy arrays, Python scalars).
-          meta: JSON-serialisable dict stored next to it.
-          force: save even if ``step`` is older than the latest saved step.
-
-        Returns:
-          Whether a checkpoint was written (or, with ``async_save``, started).
-        """
-        self._check_open()
-        step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        try:
-            json.dumps(dict(meta))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"Checkpoint meta must be a JSON-serialisable dict: {e}") from e
-        if step in self._manager.all_steps():
-            warnings.warn(
-                f"Checkpoint step {step} already exists in {self._directory}; not overwriting it.",
-                stacklevel=2,
-            )
-            return False
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(dict(meta))}
-            ),
-            force=force,
-        )
-        if not saved:
-            warnings.warn(
-                f"Checkpoint step {step} was not saved to {self._directory} "
-                f"(latest step is {self._manager.latest_step()}; pass force=True to save "
-                "an older step).",
-                stacklevel=2,
-            )
-        return bool(saved)
-
-    # -- restore -------------------------------------------------------------
-
-    def _corrupt(self, step: int, what: str, cause: BaseException | None = None) -> CorruptCheckpointError:
-        d = self.step_dir(step)
-        detail = f": {type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}" if cause else ""
-        return CorruptCheckpointError(
-            f"Checkpoint step {step} at {d} is corrupt or incomplete ({what}{detail}). "
-            f"Fix: delete the directory {d} (training then resumes from the previous step), "
-            "or pass an earlier step to restore.",
-            step=step,
-            path=d,
-        )
-
-    def _mismatch(self, step: int, problem: str, n: int, meta: Mapping[str, Any] | None) -> CheckpointMismatchError:
-        arch = ""
-        if meta and "architecture" in meta:
-            arch = f" (checkpoint architecture: {meta['architecture']!r})"
-        more = f" [{n - 1} more mismatching leaves]" if n > 1 else ""
-        return CheckpointMismatchError(
-            f"Checkpoint step {step} in {self._directory}{arch} does not match the state being "
-            f"restored: {problem}{more}. It was probably written by another architecture or "
-            f"config. Fix: {_MISMATCH_FIX}.",
-            step=step,
-            directory=self._directory,
-            path=problem.split(" ", 1)[0],
-        )
-
-    def read_meta(self, step: int | None = None) -> dict[str, Any]:
-        """The JSON meta of ``step`` (default: the latest committed step), no state read.
-
-        Raises:
-          FileNotFoundError: there is no (such) checkpoint.
-          CorruptCheckpointError: the step is unreadable or was never committed.
-        """
-        return self._read_meta(step)[1]
-
-    def _read_meta(self, step: int | None) -> tuple[int, dict[str, Any]]:
-        self._check_open()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"No complete checkpoint found in {self._directory}.")
-        step = int(step)
-        if not os.path.isdir(self.step_dir(step)):
-            raise FileNotFoundError(
-                f"Checkpoint step {step} does not exist in {self._directory}; "
-                f"available steps: {self.all_steps()}."
-            )
-        if not self._is_committed(step):
-            raise self._corrupt(step, "the write was interrupted: no commit marker")
-        if step not in self._manager.all_steps():
-            self._manager.reload()  # written by another process after we opened
-        try:
-            meta = self._manager.restore(
-                step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-        except Exception as e:  # noqa: BLE001 - any read failure means a corrupt step
-            raise self._corrupt(step, f"cannot read item {_META!r}", e) from e
-        if not isinstance(meta, dict):
-            raise self._corrupt(step, f"item {_META!r} is {type(meta).__name__}, not a dict")
-        return step, meta
-
-    def restore(
-        self,
-        target_state: PyTree,
-        *,
-        step: int | None = None,
-        expected_meta: Mapping[str, Any] | None = None,
-    ) -> tuple[PyTree, dict[str, Any]]:
-        """Restores ``(state, meta)`` of ``step`` (default: the latest committed step).
-
-        Arrays are restored with the structure, shapes, dtypes and shardings of
-        ``target_state`` (concrete arrays or ``jax.ShapeDtypeStruct`` leaves).
-
-        Args:
-          target_state: pytree with the same structure as the saved state.
-          step: step to restore; ``None`` means :meth:`latest_step`.
-          expected_meta: entries (e.g. ``{"architecture": "4C3F"}``) that the
-            stored meta must contain with equal values.
-
-        Returns:
-          ``(state, meta)``.
-
-        Raises:
-          FileNotFoundError: there is no (such) checkpoint.
-          CheckpointMismatchError: structure / shape / dtype / expected meta differ.
-          CorruptCheckpointError: the step is unreadable or was never committed.
-        """
-        step, meta = self._read_meta(step)
-        for k, v in (expected_meta or {}).items():
-            if meta.get(k) != v:
-                raise CheckpointMismatchError(
-                    f"Checkpoint step {step} in {self._directory} has meta[{k!r}] = "
-                    f"{meta.get(k)!r}, but {v!r} was expected. Fix: {_MISMATCH_FIX}.",
-                    step=step,
-                    directory=self._directory,
-                    path=f"meta/{k}",
-                )
-
-        # 2. Compare the stored array metadata with the target before reading data.
-        target_specs = _leaf_specs(target_state)
-        try:
-            item_md = self._manager.item_metadata(step)[_STATE]
-        except Exception as e:  # noqa: BLE001
-            raise self._corrupt(step, f"cannot read the metadata of item {_STATE!r}", e) from e
-        ckpt_tree = getattr(item_md, "tree", item_md)
-        if ckpt_tree is None:
-            logger.warning(
-                "Checkpoint step %d in %s has no readable array metadata; "
-                "validating after restore only.", step, self._directory,
-            )
-        else:
-            mm = _first_mismatch(_leaf_specs(ckpt_tree), target_specs)
-            if mm is not None:
-                raise self._mismatch(step, *mm, meta)
-
-        # 3. Read the arrays into the target's structure and shardings.
-        abstract = jax.tree.map(_to_abstract, target_state)
-        try:
-            state = self._manager.restore(
-                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
-            )[_STATE]
-        except Exception as e:  # noqa: BLE001
-            msg = str(e)
-            if ckpt_tree is None and isinstance(e, ValueError) and (
-                "mismatch" in msg.lower() or "not compatible" in msg
-            ):
-                raise self._mismatch(step, msg.splitlines()[0][:300], 1, meta) from e
-            raise self._corrupt(step, f"cannot read item {_STATE!r}", e) from e
-
-        # 4. Post-check: the result must have exactly the target's layout.
-        if jax.tree.structure(state) != jax.tree.structure(target_state):
-            raise self._mismatch(
-                step,
-                f"<root> restored tree structure {jax.tree.structure(state)} differs from the "
-                f"target's {jax.tree.structure(target_state)}",
-                1,
-                meta,
-            )
-        mm = _first_mismatch(_leaf_specs(state), target_specs)
-        if mm is not None:
-            raise self._mismatch(step, *mm, meta)
-        return state, meta
-
-    # -- lifecycle -------------------------------------------------------------
-
-    def wait(self) -> None:
-        """Blocks until pending (async) saves are committed; re-raises their errors."""
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        """Waits for pending saves and releases the manager. Idempotent."""
-        if self._closed:
-            return
-        try:
-            self._manager.wait_until_finished()
-        finally:
-            self._manager.close()
-            self._closed = True
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"Checkpointer for {self._directory} is closed.")
-
-    def __enter__(self) -> Checkpointer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Checkpointer({self._directory!r}, steps={self.all_steps()})"
+  def __repr__(self) -> str:
+    return f"Checkpointer({self._directory!r}, steps={self.all_steps()})"
