@@ -10,12 +10,19 @@ For each model, on random images and labels, with the real training step
 ms per step after warm-up of the cross-entropy step, the CRM step with the pairwise LipLT
 bound at the paper's power iterations and at 1 warm-started iteration, the CRM step with the
 naive bound, and the LipLT bound alone (forward); compile time apart. ``depth_sweep`` adds
-the bounds alone on equal-width conv nets of growing depth. Prints markdown tables and
-writes JSON (``--config.output``).
+the bounds alone on equal-width conv nets of growing depth; ``breakdown`` the model's
+forward and the bound's forward+backward (what the CRM step adds to cross-entropy). Prints
+markdown tables and writes JSON (``--config.output``): per model ``ms``, ``compile_s``,
+``steps_ms`` and ``xla_memory_bytes`` by column, ``crm_ce_ratio``, ``samples_per_s_crm``,
+``peak_memory_bytes`` (None where the backend does not report it, e.g. CPU).
+
+Params and power vectors are random (numpy; the speed does not depend on their values), the
+batch is random and fixed. Power vectors are threaded from step to step as in training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -26,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -36,7 +44,7 @@ from experiments.configs import default
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
                                           lock_config=True)
 
-_START = time.perf_counter()
+_START = [time.perf_counter()]  # reset by run_benchmark; for the progress lines
 COLUMNS = ("ce", "crm_liplt", "crm_liplt_1it", "crm_naive", "liplt_bound")
 BREAKDOWN = ("ce_forward", "liplt_bound_grad", "liplt_bound_grad_0it")
 HEADERS = {
@@ -130,6 +138,77 @@ def random_batch(model: models.Model, batch_size: int, seed: int, sharding
   return jax.device_put(x, sharding), jax.device_put(y, sharding)
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """One model's inputs, shared by its columns: an initial train state and a batch."""
+
+  model: models.Model
+  tx: optax.GradientTransformation
+  state: train.TrainState  # replicated; copied per column (the step donates it)
+  images: jax.Array
+  labels: jax.Array
+  replicated: Any
+  batch_sharding: Any
+
+
+def random_params(shapes, rng: np.random.Generator):
+  """LeCun-normal kernels and zero biases of the given shapes (numpy: no PRNG compiles).
+
+  The step's speed does not depend on the values; ``jax.random`` initialisation would
+  spend seconds compiling on a CPU.
+  """
+  def leaf(s):
+    if len(s.shape) < 2:
+      return np.zeros(s.shape, s.dtype)
+    fan_in = int(np.prod(s.shape[:-1]))
+    return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(s.dtype)
+  return jax.tree.map(leaf, shapes)
+
+
+def random_power(shapes, rng: np.random.Generator) -> liplt.PowerState:
+  """Random unit rows shaped like ``liplt.init_state`` (numpy)."""
+  def leaf(s):
+    v = rng.standard_normal(s.shape)
+    return (v / np.linalg.norm(v.reshape(len(v), -1), axis=1).reshape(
+        (-1,) + (1,) * (v.ndim - 1))).astype(s.dtype)
+  return jax.tree.map(leaf, shapes)
+
+
+def init_params_power(layers: tuple, input_shape: tuple[int, ...], seed: int
+                      ) -> tuple[Any, liplt.PowerState]:
+  """Params of ``crmjax.layers.Sequential(layers)`` and power vectors of its LipLT form."""
+  rng = np.random.default_rng(seed)
+  module = L.Sequential(layers)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0),
+                                              jnp.zeros((1, *input_shape))))["params"]
+  params = random_params(shapes, rng)
+  power_shapes = jax.eval_shape(
+      lambda p: liplt.init_state(network.from_layers(layers, p, input_shape),
+                                 jax.random.key(0)), params)
+  return params, random_power(power_shapes, rng)
+
+
+def make_setup(model: models.Model, config, devices, *, batch_size: int) -> Setup:
+  """A ``train.TrainState`` like ``train.create_state``'s (random numpy values) and a batch."""
+  tx = train.make_optimizer(train_config(config, bound="liplt", power_iters=1,
+                                         batch_size=batch_size), 1000)
+  replicated, batch_sharding = train.make_mesh(devices)
+  params, power = init_params_power(model.layers, model.input_shape, config.seed)
+  params = jax.device_put(params, replicated)
+  state = train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=jax.jit(tx.init, out_shardings=replicated)(params),
+      power=jax.device_put(power, replicated),
+      key=jax.random.key_data(jax.random.key(config.seed)))
+  state = jax.device_put(state, replicated)
+  x, y = random_batch(model, batch_size, config.seed, batch_sharding)
+  return Setup(model, tx, state, x, y, replicated, batch_sharding)
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
 def _advance_state(args, out):
   return (out[0],) + tuple(args[1:])
 
@@ -138,59 +217,48 @@ def _advance_power(args, out):
   return (args[0], out[1])
 
 
-def step_column(model: models.Model, config, devices, *, regularized: bool, bound: str,
-                power_iters: int, batch_size: int) -> dict:
-  """Times ``jit_step(make_train_step(...))`` from a fresh state on a fixed random batch."""
-  tc = train_config(config, bound=bound, power_iters=power_iters, batch_size=batch_size)
-  tx = train.make_optimizer(tc, 1000)
-  replicated, batch_sharding = train.make_mesh(devices)
-  step = train.jit_step(train.make_train_step(model, tx, tc, regularized=regularized,
-                                              steps_per_epoch=1000),
-                        replicated, batch_sharding)
-  state = jax.device_put(train.create_state(model, tx, config.seed), replicated)
-  x, y = random_batch(model, batch_size, config.seed, batch_sharding)
-  return measure(step, (state, x, y), _advance_state, config)
+def step_column(setup: Setup, config, *, regularized: bool, bound: str, power_iters: int
+                ) -> dict:
+  """Times ``jit_step(make_train_step(...))`` from the initial state on the fixed batch."""
+  tc = train_config(config, bound=bound, power_iters=power_iters,
+                    batch_size=setup.images.shape[0])
+  step = train.jit_step(train.make_train_step(setup.model, setup.tx, tc,
+                                              regularized=regularized, steps_per_epoch=1000),
+                        setup.replicated, setup.batch_sharding)
+  return measure(step, (_copy(setup.state), setup.images, setup.labels), _advance_state,
+                 config)
 
 
-def init_params_power(model: models.Model, seed: int) -> tuple[Any, liplt.PowerState]:
-  k_params, k_power = jax.random.split(jax.random.key(seed))
-  params = model.init(k_params)
-  return params, liplt.init_state(model.lipnet(params), k_power)
-
-
-def bound_column(model: models.Model, config, *, power_iters: int) -> dict:
+def bound_column(setup: Setup, config, *, power_iters: int) -> dict:
   """Times the pairwise LipLT bound alone (forward, power vectors threaded)."""
-  params, power = init_params_power(model, config.seed)
+  model = setup.model
 
   @jax.jit
   def fn(params, power):
     return liplt.liplt_bound(model.lipnet(params), power, mode="pairwise",
                              num_iters=power_iters)
 
-  return measure(fn, (params, power), _advance_power, config)
+  return measure(fn, (setup.state.params, _copy(setup.state.power)), _advance_power, config)
 
 
-def bound_grad_column(model: models.Model, config, *, power_iters: int) -> dict:
+def bound_grad_column(setup: Setup, config, *, power_iters: int) -> dict:
   """The bound's forward + backward as inside the CRM step (``sum(L_ij)`` wrt params).
 
   With ``power_iters=0`` it is the table sweep, the class rows and their backward alone.
   """
-  params, power = init_params_power(model, config.seed)
+  model = setup.model
 
   def loss(params, power):
     bound, power = liplt.liplt_bound(model.lipnet(params), power, num_iters=power_iters)
     return jnp.sum(bound), power
 
   fn = jax.jit(jax.grad(loss, has_aux=True))
-  return measure(fn, (params, power), _advance_power, config)
+  return measure(fn, (setup.state.params, _copy(setup.state.power)), _advance_power, config)
 
 
-def forward_column(model: models.Model, config, devices, *, batch_size: int) -> dict:
-  replicated, batch_sharding = train.make_mesh(devices)
-  params = jax.device_put(model.init(jax.random.key(config.seed)), replicated)
-  x, _ = random_batch(model, batch_size, config.seed, batch_sharding)
-  fn = jax.jit(model.apply)
-  return measure(fn, (params, x), lambda args, out: args, config)
+def forward_column(setup: Setup, config) -> dict:
+  fn = jax.jit(setup.model.apply)
+  return measure(fn, (setup.state.params, setup.images), lambda args, out: args, config)
 
 
 def benchmark_model(name: str, config, devices) -> dict:
@@ -203,28 +271,29 @@ def benchmark_model(name: str, config, devices) -> dict:
     raise ValueError(f"--config.batch_size={batch} ({name}) must be divisible by the "
                      f"{len(devices)} devices")
   skip = set(config.skip[name])
+  setup = make_setup(model, config, devices, batch_size=batch)
   runs = {
-      "ce": lambda: step_column(model, config, devices, regularized=False, bound="liplt",
-                                power_iters=iters, batch_size=batch),
-      "crm_liplt": lambda: step_column(model, config, devices, regularized=True,
-                                       bound="liplt", power_iters=iters, batch_size=batch),
-      "crm_liplt_1it": lambda: step_column(model, config, devices, regularized=True,
-                                           bound="liplt", power_iters=1, batch_size=batch),
-      "crm_naive": lambda: step_column(model, config, devices, regularized=True,
-                                       bound="naive", power_iters=iters, batch_size=batch),
-      "liplt_bound": lambda: bound_column(model, config, power_iters=iters),
+      "ce": lambda: step_column(setup, config, regularized=False, bound="liplt",
+                                power_iters=iters),
+      "crm_liplt": lambda: step_column(setup, config, regularized=True, bound="liplt",
+                                       power_iters=iters),
+      "crm_liplt_1it": lambda: step_column(setup, config, regularized=True, bound="liplt",
+                                           power_iters=1),
+      "crm_naive": lambda: step_column(setup, config, regularized=True, bound="naive",
+                                       power_iters=iters),
+      "liplt_bound": lambda: bound_column(setup, config, power_iters=iters),
   }
   if config.breakdown:
     runs.update({
-        "ce_forward": lambda: forward_column(model, config, devices, batch_size=batch),
-        "liplt_bound_grad": lambda: bound_grad_column(model, config, power_iters=iters),
-        "liplt_bound_grad_0it": lambda: bound_grad_column(model, config, power_iters=0),
+        "ce_forward": lambda: forward_column(setup, config),
+        "liplt_bound_grad": lambda: bound_grad_column(setup, config, power_iters=iters),
+        "liplt_bound_grad_0it": lambda: bound_grad_column(setup, config, power_iters=0),
     })
   results = {}
   for column, run in runs.items():
     results[column] = None if column in skip else run()
     if results[column] is not None:
-      print(f"  [{time.perf_counter() - _START:6.0f} s] {name} {column}: "
+      print(f"  [{time.perf_counter() - _START[0]:6.0f} s] {name} {column}: "
             f"{results[column]['ms']:.1f} ms (compile {results[column]['compile_s']:.1f} s)",
             flush=True)
   ms = {k: (v["ms"] if v else None) for k, v in results.items()}
@@ -265,10 +334,7 @@ def sweep_depth(depth: int, config) -> dict:
   sc = config.sweep
   layers = sweep_layers(depth, sc.width, sc.num_classes)
   shape = tuple(sc.input_shape)
-  params = L.Sequential(layers).init(jax.random.key(config.seed),
-                                     jnp.zeros((1, *shape)))["params"]
-  power = liplt.init_state(network.from_layers(layers, params, shape),
-                           jax.random.key(config.seed + 1))
+  params, power = init_params_power(layers, shape, config.seed)
   row = {"depth": depth, "table_products": table_products(depth)}
   for method, bound_fn in (("liplt", liplt.liplt_bound), ("naive", liplt.naive_bound)):
     fn = jax.jit(lambda p, s, bound_fn=bound_fn: bound_fn(
@@ -278,7 +344,7 @@ def sweep_depth(depth: int, config) -> dict:
     row[method] = {"ms": r["ms"], "ms_per_layer": r["ms"] / depth,
                    "compile_s": r["compile_s"], "steps_ms": r["steps_ms"],
                    "hlo_convolutions": convs}
-    print(f"  [{time.perf_counter() - _START:6.0f} s] depth {depth} {method}: {r['ms']:.1f} ms "
+    print(f"  [{time.perf_counter() - _START[0]:6.0f} s] depth {depth} {method}: {r['ms']:.1f} ms "
           f"(compile {r['compile_s']:.1f} s)", flush=True)
   return row
 
@@ -363,6 +429,7 @@ def validate(config) -> None:
 def run_benchmark(config: ml_collections.ConfigDict) -> dict:
   """Runs every measurement, prints the tables, writes ``config.output``; returns the JSON."""
   validate(config)
+  _START[0] = time.perf_counter()
   devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
   result = {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
             "num_devices": len(devices), "jax_version": jax.__version__,
