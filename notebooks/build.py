@@ -297,11 +297,12 @@ for mode in liplt.MODES:
     print(f"{mode:10s} bound shape {str(b.shape):8s} -> mean pairwise L_ij = {certify.mean_pairwise(pairwise[mode]):.3f}")
 
 vmax = max(p.max() for p in pairwise.values())
-fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.3), layout="constrained")
 for ax, (mode, p) in zip(axes, pairwise.items()):
     im = ax.imshow(p, vmin=0, vmax=vmax, cmap="viridis")
     ax.set_title(f"{mode} -> pairwise")
-    ax.set_xlabel("j"); ax.set_ylabel("i")
+    ax.set_xticks(range(K)); ax.set_yticks(range(K))
+    ax.set_xlabel("class j"); ax.set_ylabel("class i")
 fig.colorbar(im, ax=axes, shrink=0.8, label="L_ij")
 plt.show()
 '''),
@@ -488,9 +489,10 @@ HWIO and linear weights to `(I, O)`, and permutes the rows of the first linear l
 the flatten from PyTorch's `(C, H, W)` order to crmjax's `(H, W, C)` order.
 '''),
     ("code", '''\
-path = os.path.join(tempfile.mkdtemp(), "model.npz")
-np.savez(path, **sd)                       # what you would do once where torch is installed
-loaded = importers.load_state_dict(path)   # or importers.load_state_dict("model.pth") with torch
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "model.npz")
+    np.savez(path, **sd)                      # what you would do once where torch is installed
+    loaded = importers.load_state_dict(path)  # or importers.load_state_dict("model.pth") with torch
 
 layers = (L.Conv(8, 3, stride=1, padding=1), L.Act(),
           L.Conv(16, 4, stride=2, padding=1), L.Act(), L.Flatten(),
