@@ -311,11 +311,12 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def plot_curves(eps: np.ndarray, curves: dict[str, np.ndarray], path: str, *,
                 eps_mark: float | None = None, title: str = "") -> None:
   """Figure 1 as a PNG: one line per curve ``(E,)`` over the radii ``eps`` ``(E,)``."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # The object-oriented API draws without pyplot: no global backend switch (Jupyter keeps
+  # its inline backend).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
-  fig, ax = plt.subplots(figsize=(5, 3.5), dpi=150)
+  fig = Figure(figsize=(5, 3.5), dpi=150)
+  ax = fig.subplots()
   for label, vals in curves.items():
     ax.plot(eps, 100 * np.asarray(vals), label=label, lw=1.5,
             ls="--" if "naive" in label else "-")
@@ -327,7 +328,6 @@ def plot_curves(eps: np.ndarray, curves: dict[str, np.ndarray], path: str, *,
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
 
 
 def format_table1(results: dict) -> str:
