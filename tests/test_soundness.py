@@ -81,9 +81,9 @@ def networks(draw, kinds=("dense", "conv"), acts=ACTS, max_layers=6, max_conv_la
   """(layers, input_shape, params-seed, weight scale): 2..max_layers linear layers.
 
   Residual blocks count as one layer; conv networks have at most ``max_conv_layers``
-  (XLA's compile time of the power iteration grows quickly with the number of convs). Occasionally: a layer without activation (so that
-  linear layers chain, e.g. into a residual's H), an extra activation (W = identity), an
-  input normalisation.
+  (XLA's compile time of the power iteration grows quickly with the number of convs).
+  Occasionally: a layer without activation (so that linear layers chain, e.g. into a
+  residual's H), an extra activation (W = identity), an input normalisation.
   """
   kind = draw(st.sampled_from(kinds))
   n_layers = draw(st.integers(2, max_layers if kind == "dense" else
