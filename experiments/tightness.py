@@ -1,0 +1,148 @@
+"""How tight is LipLT? Global l2 Lipschitz bounds of small ReLU MLPs against LipSDP-Neuron.
+
+``python -m experiments.tightness --config=experiments/configs/tightness.py[:smoke]``
+
+Per network: a lower estimate (largest ``||J(x)||_2`` found by random search + hill
+climbing: a true lower bound of the Lipschitz constant), LipSDP-Neuron (``crmjax.lipsdp``,
+SDP via cvxpy, certified from its multipliers), LipLT (``crmjax.liplt``, global mode,
+converged power iteration), LipLT with the AOL rescaling of ``crmjax.refinement``, and the
+naive product of norms, each with its time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+
+from crmjax import layers as L
+from crmjax import liplt, lipsdp, network, refinement
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tightness.py")
+
+
+def mlp_layers(hidden, num_classes) -> tuple:
+  return tuple(x for h in hidden for x in (L.Dense(h), L.Act())) + (L.Dense(num_classes),)
+
+
+def build(hidden, *, input_dim, num_classes, seed, weight_scale=1.0, bias_scale=0.1):
+  """``(layers, params)`` of a random ReLU MLP."""
+  layers = mlp_layers(hidden, num_classes)
+  p = L.Sequential(layers).init(jax.random.key(seed), jnp.zeros((1, input_dim)))["params"]
+  keys = iter(jax.random.split(jax.random.key(seed + 1000), 64))
+
+  def init(path, a):
+    if "bias" in jax.tree_util.keystr(path):
+      return bias_scale * jax.random.normal(next(keys), a.shape)
+    return weight_scale * a
+  return layers, jax.tree_util.tree_map_with_path(init, p)
+
+
+def lower_estimate(layers, params, input_dim, *, key, chains=512, rounds=30, step=0.3):
+  """``max ||J(x)||_2`` over random starts refined by random-step hill climbing.
+
+  ReLU networks are piecewise linear, so ``J`` is piecewise constant and gradient ascent on
+  ``||J(x)||`` stalls; random steps move between linear regions. Every value is the norm
+  of a Jacobian of the network: a valid lower bound of its Lipschitz constant.
+  """
+  model = L.Sequential(layers)
+
+  @jax.jit
+  def score(x):
+    jac = jax.vmap(jax.jacrev(lambda z: model.apply({"params": params}, z[None])[0]))(x)
+    return jnp.linalg.norm(jac, 2, axis=(1, 2))
+
+  k0, key = jax.random.split(key)
+  x = jax.random.normal(k0, (chains, input_dim))
+  best = score(x)
+  for _ in range(rounds):
+    k, key = jax.random.split(key)
+    cand = x + step * jnp.linalg.norm(x, axis=1, keepdims=True) / np.sqrt(input_dim) * \
+        jax.random.normal(k, x.shape)
+    s = score(cand)
+    better = s > best
+    x, best = jnp.where(better[:, None], cand, x), jnp.where(better, s, best)
+  return float(jnp.max(best))
+
+
+def _timed(fn, *args, repeats=1):
+  out = jax.block_until_ready(fn(*args))  # compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return out, float(np.median(times))
+
+
+def measure(hidden, c) -> dict:
+  layers, params = build(hidden, input_dim=c.input_dim, num_classes=c.num_classes, seed=c.seed,
+                         weight_scale=c.weight_scale, bias_scale=c.bias_scale)
+  row = {"hidden": list(hidden)}
+  t0 = time.perf_counter()
+  row["lower"] = lower_estimate(layers, params, c.input_dim, key=jax.random.key(c.seed + 7),
+                                chains=c.lower.chains, rounds=c.lower.rounds, step=c.lower.step)
+  row["lower_s"] = time.perf_counter() - t0
+
+  weights, (alpha, beta) = lipsdp.weights_of(layers, params)
+  sdp = lipsdp.lipsdp_neuron(weights, alpha=alpha, beta=beta, solver=c.solver or None)
+  row.update(lipsdp=sdp["bound"], lipsdp_s=sdp["seconds"], lipsdp_status=sdp["status"],
+             lipsdp_lmi_max_eig=sdp["lmi_max_eig"])
+
+  net = network.from_layers(layers, params, (c.input_dim,))
+  state = liplt.init_state(net, jax.random.key(c.seed + 1))
+  n = c.converged_iters
+  for name, fn in (
+      ("liplt", lambda nt, s: liplt.liplt_bound(nt, s, mode="global", num_iters=n)[0]),
+      ("liplt_aol", lambda nt, s: refinement.refined_liplt_bound(nt, s, mode="global",
+                                                                 num_iters=n)[0]),
+      ("naive", lambda nt, s: liplt.naive_bound(nt, s, mode="global", num_iters=n)[0])):
+    val, sec = _timed(jax.jit(fn), net, state, repeats=c.repeats)
+    row[name], row[f"{name}_s"] = float(val), sec
+  row["naive_exact"] = lipsdp.naive(weights, alpha=alpha, beta=beta)
+  return row
+
+
+def table(rows) -> str:
+  lines = ["| hidden | lower est. | LipSDP | LipLT | LipLT+AOL | naive | LipLT / LipSDP | "
+           "lower s | LipSDP s | LipLT ms | LipLT+AOL ms | naive ms |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    lines.append(
+        f"| {'x'.join(map(str, r['hidden']))} | {r['lower']:.4f} | {r['lipsdp']:.4f} | "
+        f"{r['liplt']:.4f} | {r['liplt_aol']:.4f} | {r['naive']:.4f} | "
+        f"{r['liplt'] / r['lipsdp']:.3f} | {r['lower_s']:.1f} | {r['lipsdp_s']:.2f} | "
+        f"{1e3 * r['liplt_s']:.2f} | {1e3 * r['liplt_aol_s']:.2f} | {1e3 * r['naive_s']:.2f} |")
+  return "\n".join(lines)
+
+
+def run(c) -> list[dict]:
+  rows = [measure(tuple(h), c) for h in c.hidden]
+  for r in rows:  # every estimate sits between the lower estimate and the naive bound
+    for k in ("lipsdp", "liplt", "liplt_aol"):
+      if not (r["lower"] <= r[k] * (1 + 1e-4) and r[k] <= r["naive"] * (1 + 1e-4)):
+        raise AssertionError(f"{k} out of [lower, naive] for {r['hidden']}: {r}")
+  return rows
+
+
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  print(f"backend: {jax.default_backend()}; input {c.input_dim}, {c.num_classes} outputs, "
+        f"ReLU, weight scale {c.weight_scale}, seed {c.seed}; LipLT / naive: "
+        f"{c.converged_iters} power iterations, time per jitted call after compilation; "
+        f"LipSDP: cvxpy + {c.solver} incl. canonicalisation")
+  rows = run(c)
+  print(table(rows))
+  if c.output:
+    with open(c.output, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
