@@ -41,8 +41,6 @@ from crmjax import layers as L
 from crmjax import liplt, models, network, train
 from experiments.configs import default
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
-                                          lock_config=True)
 
 _START = [time.perf_counter()]  # reset by run_benchmark; for the progress lines
 COLUMNS = ("ce", "crm_liplt", "crm_liplt_1it", "crm_naive", "liplt_bound")
@@ -474,5 +472,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a command, so tests can import this module.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
+                                            lock_config=True)
   flags.mark_flags_as_required(["config"])
   app.run(main)

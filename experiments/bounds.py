@@ -12,7 +12,6 @@ from ml_collections import config_flags
 
 from crmjax import certify, liplt, models, soundness
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/bounds.py")
 SHAPES = {"4C3F": ((28, 28, 1), 10), "6C2F": ((32, 32, 3), 10), "8C2F": ((64, 64, 3), 200)}
 
 
@@ -74,4 +73,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a command, so tests can import this module.
+  _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/bounds.py")
   app.run(main)

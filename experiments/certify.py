@@ -16,10 +16,6 @@ from ml_collections import config_flags
 
 from crmjax import checkpoint, reports
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (with "
-                               "checkpoints/).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Certification config file.",
-                                          lock_config=True)
 
 
 def main(argv):
@@ -46,5 +42,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a command, so tests can import this module.
+  _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (with "
+                                 "checkpoints/).")
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Certification config file.",
+                                            lock_config=True)
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -23,7 +23,6 @@ from ml_collections import config_flags
 from crmjax import layers as L
 from crmjax import liplt, lipsdp, network, refinement
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tightness.py")
 
 
 def mlp_layers(hidden, num_classes) -> tuple:
@@ -145,4 +144,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a command, so tests can import this module.
+  _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tightness.py")
   app.run(main)
