@@ -99,12 +99,18 @@ def make_model(config: ml_collections.ConfigDict) -> models.Model:
                           num_classes=info.num_classes, normalize=normalize)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
-  """Adam with exponential decay from ``learning_rate`` to ``final_learning_rate``."""
-  lr = optax.exponential_decay(
-      config.learning_rate, transition_steps=max(total_steps, 1),
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
+                   warmup_steps: int = 0) -> optax.GradientTransformation:
+  """Adam with exponential decay from ``learning_rate`` to ``final_learning_rate``.
+
+  The decay spans the whole run, or, with ``config.lr_decay_after_warmup``, only the steps
+  after the CRM warm-up (``warmup_steps``; the rate is constant before).
+  """
+  start = warmup_steps if config.get("lr_decay_after_warmup") else 0
+  decay = optax.exponential_decay(
+      config.learning_rate, transition_steps=max(total_steps - start, 1),
       decay_rate=config.final_learning_rate / config.learning_rate)
+  lr = optax.join_schedules([optax.constant_schedule(config.learning_rate), decay], [start])
   return optax.adam(lr)
 
 
@@ -267,7 +273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"--config.batch_size={config.batch_size} exceeds the {len(train_x)} "
                      "training examples: lower it")
   total = spe * config.num_epochs
-  tx = make_optimizer(config, total)
+  warm_epochs = config.crm.warmup_epochs if config.loss == "crm" else 0
+  tx = make_optimizer(config, total, warmup_steps=warm_epochs * spe)
   replicated, batch_sharding = make_mesh()
   state = jax.device_put(create_state(model, tx, config.seed), replicated)
 
@@ -279,7 +286,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"resumed from step {int(state.step)} (epoch {meta['epoch']}) in {ckpt.directory}")
 
   regular = config.loss != "ce"
-  warm_epochs = config.crm.warmup_epochs if config.loss == "crm" else 0
   steps = {reg: jit_step(make_train_step(model, tx, config, regularized=reg,
                                          steps_per_epoch=spe), replicated, batch_sharding)
            for reg in {False, regular}}

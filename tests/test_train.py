@@ -165,3 +165,18 @@ def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
   assert results["bound_kind"] == "guaranteed upper bound"
   assert results["clean_accuracy"] > 0.90
   assert results["certified_accuracy"] > 0.0
+
+
+def test_learning_rate_decays_over_the_run_or_after_the_warm_up():
+  """Adam's update of a constant unit gradient is -lr: read the schedule off the updates."""
+  config = _tiny_config()
+  for after, want in ((False, [1e-3, 1e-3 * 1e-3 ** 0.5, 1e-6]), (True, [1e-3, 1e-3, 1e-6])):
+    config.lr_decay_after_warmup = after
+    tx = train.make_optimizer(config, 100, warmup_steps=50)
+    params, grads = {"w": jnp.zeros(())}, {"w": jnp.ones(())}
+    state, got = tx.init(params), []
+    for step in range(101):
+      updates, state = tx.update(grads, state, params)
+      if step in (0, 50, 100):
+        got.append(-float(updates["w"]))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
