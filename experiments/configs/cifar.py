@@ -13,10 +13,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.num_epochs, c.crm.warmup_epochs = 200, 10
   c.eps = 36 / 255
   c.augment.crop_padding, c.augment.flip = 4, True
-  if variant == "smoke":
-    c.train_subset, c.test_subset, c.batch_size, c.num_epochs = 128, 64, 32, 1
-    c.crm.warmup_epochs, c.power_iters, c.sound_power_iters = 0, 1, 20
-    c.progress_bar = False
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}: use '' or 'smoke'")
-  return c
+  return default.apply_variant(c, variant, train_subset=128, test_subset=64, batch_size=32)

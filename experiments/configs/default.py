@@ -46,3 +46,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.stop_after_steps = 0  # > 0: checkpoint and exit after this many steps (preemptible jobs)
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
   return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str, *, train_subset: int,
+                  test_subset: int, batch_size: int) -> ml_collections.ConfigDict:
+  """The ``smoke`` variant of a dataset config: one tiny epoch, CRM from the start."""
+  if variant == "smoke":
+    c.train_subset, c.test_subset, c.batch_size, c.num_epochs = (train_subset, test_subset,
+                                                                 batch_size, 1)
+    c.crm.warmup_epochs, c.power_iters, c.sound_power_iters = 0, 1, 20
+    c.progress_bar = False
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}: use '' or 'smoke'")
+  return c

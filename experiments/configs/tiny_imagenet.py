@@ -14,10 +14,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eps = 36 / 255
   c.augment.crop_padding, c.augment.flip = 4, True
   c.eval_batch_size = 250
-  if variant == "smoke":
-    c.train_subset, c.test_subset, c.batch_size, c.num_epochs = 16, 8, 8, 1
-    c.crm.warmup_epochs, c.power_iters, c.sound_power_iters = 0, 1, 20
-    c.progress_bar = False
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}: use '' or 'smoke'")
-  return c
+  return default.apply_variant(c, variant, train_subset=16, test_subset=8, batch_size=8)
