@@ -290,7 +290,7 @@ def row_norms(rows: jax.Array, *, mode: Mode = "pairwise", norm: Norm = "l2") ->
 # ------------------------------------------------------------------------ the bounds
 
 
-def _check(method, mode, norm, state):
+def _check(method, mode, norm):
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if mode not in MODES:
@@ -321,7 +321,7 @@ def liplt_bound(net: LipNet, state: PowerState | None = None, *, mode: Mode = "p
   Returns:
     ``(bound, new_state)``.
   """
-  _check("liplt", mode, norm, state)
+  _check("liplt", mode, norm)
   if norm == "l2" and state is None:
     state = init_state(net, jax.random.key(0))
   radii = _radii(net)
@@ -384,7 +384,7 @@ def naive_bound(net: LipNet, state: PowerState | None = None, *, mode: Mode = "p
   of the earlier layers' norms (the paper's naive baseline). Same arguments and returns as
   ``liplt_bound``.
   """
-  _check("naive", mode, norm, state)
+  _check("naive", mode, norm)
   norms, state = layer_norms(net, state, norm=norm, num_iters=num_iters)
   slopes = jnp.asarray([max(abs(b.alpha), abs(b.beta)) for b in net.blocks], jnp.float32)
   factor = jnp.prod(norms[:, 2] + slopes * norms[:, 1] * norms[:, 0])
@@ -396,7 +396,7 @@ def lipschitz_bound(net: LipNet, state: PowerState | None = None, *, method: Met
                     mode: Mode = "pairwise", norm: Norm = "l2", num_iters: int = 1
                     ) -> tuple[jax.Array, PowerState | None]:
   """``liplt_bound`` or ``naive_bound`` by name (``method``); see those."""
-  _check(method, mode, norm, state)
+  _check(method, mode, norm)
   fn = liplt_bound if method == "liplt" else naive_bound
   return fn(net, state, mode=mode, norm=norm, num_iters=num_iters)
 

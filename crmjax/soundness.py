@@ -187,7 +187,7 @@ def sound_bounds(net: LipNet, *, method: str = "liplt", modes=liplt.MODES, norm:
     ``({mode: bound}, info)``.
   """
   for mode in modes:
-    liplt._check(method, mode, norm, None)  # pylint: disable=protected-access
+    liplt._check(method, mode, norm)  # pylint: disable=protected-access
   key = jax.random.key(0) if key is None else key
   with jax.default_matmul_precision("highest"):
     if norm == "linf":

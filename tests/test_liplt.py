@@ -46,7 +46,7 @@ def _build(name, seed=0, scale=1.0):
   return shape, layers, p
 
 
-def _reference(name, p, **kw):
+def _reference(name, p):
   shape, layers = NETS[name]
   blocks, R = ref.blocks_of(layers, jax.tree.map(np.asarray, p), shape)
   return blocks, R
