@@ -59,7 +59,7 @@ def evaluate(model: models.Model, params, power: liplt.PowerState, images: np.nd
     images, labels: the test split (uint8 images in pixel space).
     eps: l2 radius in [0, 1] pixel space.
     num_iters: power iterations from the warm state for the estimate.
-    method: ``'liplt'`` or ``'naive'``.
+    method: ``'liplt'``, ``'naive'`` or ``'liplt_aol'`` (``liplt.ALL_METHODS``).
     sound: also compute the guaranteed bound (``crmjax.soundness``) and certify with it.
     sound_iters: power iterations of the sound bound's probabilistic norms.
 

@@ -26,12 +26,20 @@ For convolutions the row sums of ``|W W^T|`` are replaced by the upper bound
 valid; ``W^T`` is the exact adjoint (``jax.linear_transpose``) of the convolution.
 
 With ``rho = 1`` and ReLU this is the SLL layer ``x - 2 W^T diag(...)^{-1} relu(W x + b)``.
+
+In a network: the layer spec ``Controlled`` runs these modules inside
+``crmjax.layers.Sequential`` and is one block of the LipLT form (paper eq. 17) for
+``crmjax.network.from_layers``: ``H = sqrt(rho) I``, ``W``, ``G = -(alpha + beta) / sqrt(rho)
+W^T diag(T)`` (``W^T`` = ``crmjax.operators.Adjoint(W)``), so a stack of them trains with
+CRM and the LipLT bound like any registered model (``crmjax.models``, ``'CtrlConv'``).
+
 Layout: Flax's. Dense: ``kernel (n, m)``, ``W x = x @ kernel``, input and output ``(*batch,
 n)``. Conv: ``kernel (k, k, C, m)`` (HWIO), input and output ``(*batch, H, W, C)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Literal
 
@@ -44,6 +52,8 @@ from crmjax import operators as ops
 
 Rescaling = Literal["aol", "sll"]
 RESCALINGS = ("aol", "sll")
+Kind = Literal["dense", "conv"]
+KINDS = ("dense", "conv")
 _TINY = 1e-12
 
 
@@ -91,14 +101,9 @@ def conv_operator(kernel: jax.Array, in_shape: tuple[int, int, int], *, stride: 
   return ops.Conv(kernel, tuple(in_shape), (stride, stride), ((p, p), (p, p)))
 
 
-def transpose(op: ops.Operator) -> Callable[[jax.Array], jax.Array]:
+def transpose(op: ops.Operator) -> ops.Adjoint:
   """``W^T`` of a linear operator, for any leading batch axes (exact adjoint)."""
-  def apply(y):
-    batch = y.shape[: y.ndim - len(op.out_shape)]
-    fn = jax.linear_transpose(op, jax.ShapeDtypeStruct((*batch, *op.in_shape), y.dtype))
-    (x,) = fn(y)
-    return x
-  return apply
+  return ops.Adjoint(op)
 
 
 def conv_scaling(kernel: jax.Array, in_shape: tuple[int, int, int], *, stride: int = 1,
@@ -128,9 +133,13 @@ def conv_scaling(kernel: jax.Array, in_shape: tuple[int, int, int], *, stride: i
   return _scale(rho, alpha, beta) / jnp.maximum(sums, _TINY)
 
 
-def _log_q(module: nn.Module, rescaling: str, features: int):
+def _check_rescaling(rescaling: str) -> None:
   if rescaling not in RESCALINGS:
     raise ValueError(f"rescaling must be one of {RESCALINGS}, got {rescaling!r}")
+
+
+def _log_q(module: nn.Module, rescaling: str, features: int):
+  _check_rescaling(rescaling)
   if rescaling == "aol":
     return None
   return jnp.exp(module.param("log_q", nn.initializers.zeros, (features,), jnp.float32))
@@ -209,3 +218,95 @@ class ControlledConv(nn.Module):
       v = v + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     s = math.sqrt(self.rho)
     return s * x - ((alpha + beta) / s) * transpose(op)(self.act.function(v) * t)
+
+
+@dataclasses.dataclass(frozen=True)
+class Controlled:
+  """A Proposition 3.1 layer as a layer spec (``crmjax.layers``): one block of eq. 17.
+
+  ``apply`` runs ``ControlledDense`` (``kind='dense'``) or ``ControlledConv``
+  (``kind='conv'``) under the ``layer_i`` name of ``crmjax.layers.Sequential``; for the
+  bound, ``crmjax.network.from_layers`` reads ``block_operators`` and builds the block
+
+      x -> H x + G phi(W x),   H = sqrt(rho) I,   W = the dense / conv operator,
+      G = -(alpha + beta) / sqrt(rho) W^T diag(T),
+
+  with the same ``T`` as the Flax layer (``dense_scaling`` / ``conv_scaling`` of the params,
+  no ``stop_gradient``: the bound stays differentiable in ``kernel`` and ``log_q``). The
+  bias sits inside ``phi`` and does not enter the bound.
+
+  Attributes:
+    kind: ``'dense'`` (input ``(n,)``) or ``'conv'`` (input ``(H, W, C)``).
+    features: ``m``, the width / channels of ``W x``; the output has the input's shape.
+    kernel_size, stride, padding: of the convolution (``kind='conv'`` only; ``padding=None``
+      is ``(kernel_size - 1) // 2``).
+    rho: the layer is ``sqrt(rho)``-Lipschitz (l2).
+    act: the activation, slopes ``0 <= alpha <= beta``.
+    rescaling: ``'aol'`` or ``'sll'`` (learnable ``log_q (features,)``).
+    use_bias: a bias inside ``phi``.
+  """
+
+  kind: Kind
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  padding: int | None = None
+  rho: float = 1.0
+  act: L.Act = L.Act()
+  rescaling: Rescaling = "aol"
+  use_bias: bool = True
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"Controlled kind must be one of {KINDS}, got {self.kind!r}")
+    _check_rescaling(self.rescaling)
+    _scale(self.rho, *_slopes(self.act))
+
+  @property
+  def slope_bounds(self) -> tuple[float, float]:
+    return _slopes(self.act)
+
+  def module(self, name: str | None = None) -> nn.Module:
+    """The Flax layer (``ControlledDense`` or ``ControlledConv``)."""
+    common = dict(rho=self.rho, act=self.act, rescaling=self.rescaling,
+                  use_bias=self.use_bias, name=name)
+    if self.kind == "dense":
+      return ControlledDense(self.features, **common)
+    return ControlledConv(self.features, kernel_size=self.kernel_size, stride=self.stride,
+                          padding=self.padding, **common)
+
+  def apply(self, x, name):
+    return self.module(name)(x)
+
+  def operator(self, params, in_shape: tuple[int, ...]) -> ops.Operator:
+    """``W``: ``ops.Dense`` ``(n,) -> (m,)`` or ``ops.Conv`` ``(H, W, C) -> (H', W', m)``."""
+    if self.kind == "dense":
+      if len(in_shape) != 1:
+        raise ValueError(f"Controlled('dense') expects a flat input, got shape {in_shape}")
+      return ops.Dense(params["kernel"])
+    if len(in_shape) != 3:
+      raise ValueError(f"Controlled('conv') expects an (H, W, C) input, got shape {in_shape}")
+    return conv_operator(params["kernel"], tuple(in_shape), stride=self.stride,
+                         padding=self.padding)
+
+  def scaling(self, params, in_shape: tuple[int, ...]) -> jax.Array:
+    """``T`` of shape ``W.out_shape``, exactly as the Flax layer computes it."""
+    alpha, beta = self.slope_bounds
+    q = jnp.exp(params["log_q"]) if self.rescaling == "sll" else None
+    if self.kind == "dense":
+      return dense_scaling(params["kernel"], rho=self.rho, alpha=alpha, beta=beta, q=q)
+    return conv_scaling(params["kernel"], tuple(in_shape), stride=self.stride,
+                        padding=self.padding, rho=self.rho, alpha=alpha, beta=beta, q=q)
+
+  def block_operators(self, params, in_shape: tuple[int, ...]
+                      ) -> tuple[ops.Operator, ops.Operator, float]:
+    """``(W, G, sqrt(rho))`` of the block ``x -> sqrt(rho) x + G phi(W x)``.
+
+    ``G = Adjoint(W) o Scale(-(alpha + beta) / sqrt(rho) T)``: ``W.out_shape -> in_shape``.
+    """
+    alpha, beta = self.slope_bounds
+    W = self.operator(params, in_shape)
+    s = math.sqrt(self.rho)
+    d = (-(alpha + beta) / s) * self.scaling(params, in_shape)
+    G = ops.Chain((ops.Scale(d, W.out_shape), ops.Adjoint(W)))
+    return W, G, s

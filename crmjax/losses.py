@@ -61,6 +61,22 @@ def exp_penalty(radius: jax.Array, *, temperature: float) -> jax.Array:
   return jnp.exp(-temperature * radius) / temperature
 
 
+def linear_penalty(radius: jax.Array, *, temperature: float) -> jax.Array:
+  """``g(r) = -r``: the penalty is minus the soft radius, ``(1/t) log sum_i exp(-t R_i)``.
+
+  This is the reference implementation's ``softMax`` robust loss. Unlike ``exp_penalty``,
+  whose gradient ``exp(-t r)`` vanishes once ``r`` exceeds a few ``1/t`` (at ``t = 5`` it is
+  below 1e-3 at ``r = 1.4``), its gradient stays 1 for every penalised point up to ``r0``:
+  with ``r0 = 2.2`` it keeps pushing radii towards the certified target of 1.58.
+  ``temperature`` is accepted for a uniform signature and unused.
+  """
+  del temperature
+  return -radius
+
+
+PENALTIES: dict[str, Callable[..., jax.Array]] = {"exp": exp_penalty, "linear": linear_penalty}
+
+
 def crm_loss(logits: jax.Array, labels: jax.Array, lip: jax.Array, *, lam: float | jax.Array,
              temperature: float, r0: float | jax.Array,
              penalty: Callable[..., jax.Array] | None = None

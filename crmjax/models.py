@@ -12,6 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from crmjax import controlled as C
 from crmjax import layers as L
 from crmjax import network
 
@@ -58,12 +59,37 @@ def mlp(num_classes: int = 10, hidden: tuple[int, ...] = (256, 256)) -> tuple:
   return (L.Flatten(),) + body + (L.Dense(num_classes),)
 
 
+def res_mlp(num_classes: int = 10, width: int = 64, blocks: int = 2) -> tuple:
+  """A small residual MLP: flatten, dense ``width`` + ReLU, ``blocks`` x ``x + W2 relu(W1 x)``."""
+  res = L.Residual((L.Dense(width), L.Act(), L.Dense(width)))
+  return (L.Flatten(), L.Dense(width), L.Act()) + (res,) * blocks + (L.Dense(num_classes),)
+
+
+def ctrl_conv(num_classes: int = 10, width: int = 16, depth: int = 2, dense: int = 128,
+              rescaling: str = "aol") -> tuple:
+  """CtrlConv (MNIST-size): Proposition 3.1 layers (``crmjax.controlled``) in a LipNet.
+
+  A lifting conv (``width`` channels) + ReLU, ``depth`` controlled 3x3 convs (``rho = 1``:
+  each 1-Lipschitz, ``H = I``), a strided conv (``2 width`` channels, half resolution) +
+  ReLU, flatten, dense ``dense`` + ReLU, two controlled dense layers (``rho = 1``), dense K.
+  On 28x28x1: 28x28x16 -> 14x14x32 -> 128 -> K; ``depth + 5`` blocks of eq. 17 (7 by
+  default). ``rescaling``: ``'aol'`` or ``'sll'`` for every controlled layer.
+  """
+  conv = C.Controlled("conv", width, rescaling=rescaling)
+  fc = C.Controlled("dense", dense, rescaling=rescaling)
+  return ((_c(width, 3, 1, 1), L.Act()) + (conv,) * depth +
+          (_c(2 * width, 4, 2, 1), L.Act(), L.Flatten(), L.Dense(dense), L.Act(), fc, fc,
+           L.Dense(num_classes)))
+
+
 ARCHITECTURES: dict[str, Callable[..., tuple]] = {
     "4C3F": four_c_three_f,
     "6C2F": six_c_two_f,
     "8C2F": eight_c_two_f,
     "Res4C3F": res_4c3f,
     "MLP": mlp,
+    "ResMLP": res_mlp,
+    "CtrlConv": ctrl_conv,
 }
 
 
@@ -102,11 +128,15 @@ def get_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
   """A registered architecture by name.
 
   Args:
-    name: one of ``ARCHITECTURES`` (``'4C3F'``, ``'6C2F'``, ``'8C2F'``, ``'Res4C3F'``, ``'MLP'``).
+    name: one of ``ARCHITECTURES``: ``'4C3F'``, ``'6C2F'``, ``'8C2F'``, ``'Res4C3F'``,
+      ``'MLP'``, ``'ResMLP'``, ``'CtrlConv'`` (Proposition 3.1 layers in a LipNet, MNIST-size; see
+      ``ctrl_conv``).
     input_shape: one image's ``(H, W, C)``.
     num_classes: K.
     normalize: optional ``(mean, std)`` per channel; becomes a fixed first layer, inside
       the Lipschitz bound (certificates stay in [0, 1] pixel space).
+    **kwargs: passed to the architecture's function (e.g. ``width``, ``rescaling`` of
+      ``ctrl_conv``).
   """
   if name not in ARCHITECTURES:
     raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)} "

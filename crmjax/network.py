@@ -6,6 +6,11 @@ with ``phi_k`` slope-restricted in ``[alpha_k, beta_k]`` and ``R`` the final lin
 layers (the readout, with K output logits). ``H_k = None`` means ``H_k = 0`` (a plain
 feed-forward layer) and ``G_k = None`` means ``G_k = I``. ``LipNet`` is a pytree: build it
 from the params inside a loss and gradients flow into every operator.
+
+Blocks come from ``Act`` (``H = 0``, ``G = I``), ``Residual`` (``H = I``) and the
+Proposition 3.1 layers ``crmjax.controlled.Controlled`` (``H = sqrt(rho) I``,
+``G = -(alpha + beta) / sqrt(rho) W^T diag(T)``); linear layers before a block are folded
+into its ``W`` and ``H``.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
+from crmjax import controlled as C
 from crmjax import layers as L
 from crmjax import operators as ops
 
@@ -145,6 +152,15 @@ def from_layers(layers: Sequence[Any], params: Any, input_shape: Shape) -> LipNe
       blocks.append(Block(ops.chain(pending + pre, shape), G=ops.chain(post, s), H=H,
                           alpha=a, beta=b))
       pending, shape = [], tuple(x_shape)
+    elif isinstance(layer, C.Controlled):
+      # Proposition 3.1: y -> sqrt(rho) y + G phi(W y) on y = P x (P: the pending linear
+      # layers), i.e. H = sqrt(rho) P, W P, and G = -(alpha+beta)/sqrt(rho) W^T diag(T).
+      W, G, s = layer.block_operators(p, shape)
+      scale = [] if s == 1.0 else [ops.Scale(jnp.asarray(s), tuple(shape))]
+      a, b = layer.slope_bounds
+      blocks.append(Block(ops.chain(pending + [W], shape), G=G,
+                          H=ops.chain(pending + scale, shape), alpha=a, beta=b))
+      pending = []
     else:
       raise ValueError(f"layer {i}: unknown layer spec {layer!r}")
   if not pending:

@@ -159,6 +159,39 @@ class Identity:
 
 
 @struct.dataclass
+class Adjoint:
+  """The transpose ``A^T`` of a linear operator ``op = A``: ``(*batch, *op.out_shape) ->
+  (*batch, *op.in_shape)``.
+
+  Computed exactly by ``jax.linear_transpose`` (no materialised matrix), so it is
+  differentiable in ``op``'s arrays; for a convolution it is the transposed convolution.
+  ``|A^T| = |A|^T``, so ``abs()`` is ``Adjoint(op.abs())``. The ``W^T`` of the Proposition
+  3.1 layers (``crmjax.controlled``).
+  """
+
+  op: Operator
+
+  @property
+  def in_shape(self) -> Shape:
+    return self.op.out_shape
+
+  @property
+  def out_shape(self) -> Shape:
+    return self.op.in_shape
+
+  def __call__(self, y):
+    def transpose(z):
+      primal = jax.ShapeDtypeStruct((z.shape[0], *self.op.in_shape), z.dtype)
+      out = jax.eval_shape(self.op, primal)
+      (x,) = jax.linear_transpose(self.op, primal)(z.astype(out.dtype))
+      return x
+    return _batched(transpose, y, self.in_shape, len(self.out_shape))
+
+  def abs(self):
+    return Adjoint(self.op.abs())
+
+
+@struct.dataclass
 class Chain:
   """Composition ``ops[-1] o ... o ops[0]`` (``ops[0]`` is applied first)."""
 
@@ -197,4 +230,6 @@ def is_isometry(op: Operator) -> bool:
   """True for operators whose l2 and l_inf norms are exactly 1 (identity, reshape)."""
   if isinstance(op, Chain):
     return all(is_isometry(o) for o in op.ops)
+  if isinstance(op, Adjoint):
+    return is_isometry(op.op)
   return isinstance(op, (Identity, Reshape))

@@ -64,8 +64,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     bad("model", config.model, f"use one of {sorted(models.ARCHITECTURES)}")
   if config.loss not in LOSSES:
     bad("loss", config.loss, f"use one of {list(LOSSES)}")
-  if config.bound not in liplt.METHODS:
-    bad("bound", config.bound, f"use one of {list(liplt.METHODS)}")
+  if config.bound not in liplt.ALL_METHODS:
+    bad("bound", config.bound, f"use one of {list(liplt.ALL_METHODS)}")
   if config.bound_mode not in liplt.MODES:
     bad("bound_mode", config.bound_mode, f"use one of {list(liplt.MODES)}")
   if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
@@ -87,6 +87,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     bad("learning_rate", config.learning_rate, "use a positive learning rate")
   if not (isinstance(config.num_epochs, int) and config.num_epochs >= 1):
     bad("num_epochs", config.num_epochs, "use an integer >= 1")
+  if config.crm.get("penalty", "exp") not in losses.PENALTIES:
+    bad("crm.penalty", config.crm.penalty, f"use one of {list(losses.PENALTIES)}")
   if config.crm.warmup_epochs < 0:
     bad("crm.warmup_epochs", config.crm.warmup_epochs, "use an integer >= 0")
 
@@ -171,7 +173,8 @@ def make_train_step(model: models.Model, tx: optax.GradientTransformation,
       loss, aux = losses.gloro_loss(logits, labels, lip, eps=config.eps)
     else:
       loss, aux = losses.crm_loss(logits, labels, lip, lam=lam_fn(step),
-                                  temperature=config.crm.temperature, r0=r0_fn(step))
+                                  temperature=config.crm.temperature, r0=r0_fn(step),
+                                  penalty=losses.PENALTIES[config.crm.get("penalty", "exp")])
     K = lip.shape[0]
     aux["lip"] = jnp.sum(lip) / (K * (K - 1))
     return loss, (aux, power)

@@ -1,7 +1,8 @@
 """Independent float64 numpy references: explicit matrices, exact SVD norms, eq. 19 by hand.
 
 Nothing here imports crmjax's operators or bounds: convolutions are built as explicit
-matrices with loops, and the LipLT recursion is written out term by term.
+matrices with loops, the Proposition 3.1 scaling ``T`` from those matrices, and the LipLT
+recursion is written out term by term (layer specs are read only for their attributes).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import itertools
 import numpy as np
 
 from crmjax import layers as L
+from crmjax.controlled import Controlled
 
 
 def conv_matrix(kernel, in_shape, stride, pad):
@@ -44,6 +46,32 @@ def layer_matrix(layer, params, shape):
   raise TypeError(layer)
 
 
+def controlled_matrices(layer, params, shape):
+  """(W, G, sqrt(rho)) of a Proposition 3.1 layer, ``T`` from the explicit matrices.
+
+  ``T_i = 2 rho / (alpha + beta)^2 / ((|W| |W|^T q)_i / q_i)`` for convolutions and with
+  ``|W W^T|`` in place of ``|W| |W|^T`` for dense layers; ``G = -(alpha + beta) / sqrt(rho)
+  W^T diag(T)``.
+  """
+  a, b = layer.act.slope_bounds
+  kernel = np.asarray(params["kernel"], np.float64)
+  if layer.kind == "dense":
+    W = kernel.T
+    gram = np.abs(W @ W.T)
+  else:
+    pad = (layer.kernel_size - 1) // 2 if layer.padding is None else layer.padding
+    W, _ = conv_matrix(kernel, shape, layer.stride, pad)
+    Wa, _ = conv_matrix(np.abs(kernel), shape, layer.stride, pad)
+    gram = Wa @ Wa.T
+  q = np.ones(W.shape[0])
+  if layer.rescaling == "sll":
+    q = np.broadcast_to(np.exp(np.asarray(params["log_q"], np.float64)),
+                        (W.shape[0] // kernel.shape[-1], kernel.shape[-1])).ravel()
+  t = 2 * layer.rho / (a + b) ** 2 / np.maximum(gram @ q / q, 1e-12)
+  s = np.sqrt(layer.rho)
+  return W, -(a + b) / s * W.T * t[None, :], s
+
+
 def blocks_of(layers, params, input_shape):
   """[(W, G, H, alpha, beta)], R as float64 matrices (G None = I, H None = 0)."""
   blocks, pending, shape = [], np.eye(int(np.prod(input_shape))), tuple(input_shape)
@@ -63,6 +91,10 @@ def blocks_of(layers, params, input_shape):
         M, s = layer_matrix(l, p.get(f"layer_{j}", {}), s)
         G = M @ G
       blocks.append((W @ pending, G, pending) + tuple(layer.layers[k].slope_bounds))
+      pending = np.eye(pending.shape[0])
+    elif isinstance(layer, Controlled):
+      W, G, s = controlled_matrices(layer, p, shape)
+      blocks.append((W @ pending, G, s * pending) + tuple(layer.act.slope_bounds))
       pending = np.eye(pending.shape[0])
     else:
       M, shape = layer_matrix(layer, p, shape)

@@ -163,6 +163,34 @@ def test_exp_penalty():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+def test_linear_penalty_is_the_log_sum_exp_of_the_pairwise_ratios(seed):
+  # g(R_soft) = -R_soft = (1/t) log sum_{i != y} exp(-t (z_y - z_i) / L_yi): the reference
+  # code's "softMax" robust loss, written here directly from the ratios in float64.
+  logits, labels, lip = _batch(seed)
+  ratios = _ratios_np(logits, labels, lip)
+  want = np.array([np.log(np.sum(np.exp(-T * r[np.isfinite(r)]))) / T for r in ratios])
+  got = losses.linear_penalty(
+      losses.soft_radius(*_j(logits, labels, lip), temperature=T), temperature=T)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  loss, aux = losses.crm_loss(*_j(logits, labels, lip), lam=2.0, temperature=T, r0=R0,
+                              penalty=losses.linear_penalty)
+  ref, pen, *_ = crm_np(logits, labels, lip, lam=2.0, t=T, r0=R0, g=lambda r: -r)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  np.testing.assert_allclose(aux["penalty"], pen, rtol=1e-5)
+
+
+def test_linear_penalty_gradient_does_not_vanish_at_large_radii():
+  # The reason the experiment configs use it: at r = 1.58 (the MNIST target) exp_penalty's
+  # slope is exp(-t r) = 3.7e-4 at t = 5, the linear penalty's stays -1.
+  r = jnp.asarray(1.58)
+  d_exp = jax.grad(lambda x: losses.exp_penalty(x, temperature=T))(r)
+  d_lin = jax.grad(lambda x: losses.linear_penalty(x, temperature=T))(r)
+  np.testing.assert_allclose(d_exp, -np.exp(-T * 1.58), rtol=1e-5)
+  assert float(d_lin) == -1.0
+  assert set(losses.PENALTIES) == {"exp", "linear"}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 3.0])
 def test_crm_loss_matches_numpy(seed, lam):
   logits, labels, lip = _batch(seed)

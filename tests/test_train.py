@@ -89,6 +89,19 @@ def test_no_recompilation_after_the_first_step():
     state, _ = step(state, *_batch(seed=seed))
 
 
+def test_a_whole_run_compiles_each_train_step_once(tmp_path, caplog):
+  # jax.log_compiles over the real loop: 8 steps over 2 epochs (the CE warm-up step, then the
+  # CRM step) must compile exactly two train steps; a recompile per step or per epoch (a
+  # changed sharding, a Python scalar turned into a new constant) would add records.
+  config = _tiny_config()
+  with caplog.at_level("WARNING", logger="jax"), jax.log_compiles():
+    result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 8
+  compiled = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("Compiling jit(train_step)")]
+  assert len(compiled) == 2, compiled
+
+
 def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path):
   full = train.train_and_evaluate(_tiny_config(), str(tmp_path / "full"))
   part = str(tmp_path / "part")
@@ -125,6 +138,10 @@ def test_invalid_config_is_refused_with_the_field_and_the_fix(tmp_path):
   c.crm.temperature = 0.0
   with pytest.raises(ValueError, match="temperature"):
     train.train_and_evaluate(c, str(tmp_path / "t"))
+  c = _tiny_config()
+  c.crm.penalty = "square"
+  with pytest.raises(ValueError, match=r"crm\.penalty.*'exp', 'linear'"):
+    train.train_and_evaluate(c, str(tmp_path / "p"))
   assert not os.path.exists(tmp_path / "eps" / "checkpoints")
 
 
@@ -180,3 +197,18 @@ def test_learning_rate_decays_over_the_run_or_after_the_warm_up():
       if step in (0, 50, 100):
         got.append(-float(updates["w"]))
     np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_crm_step_with_the_aol_rescaled_liplt_bound():
+  """``config.bound='liplt_aol'`` (LipLT of the AOL-rescaled network, same PowerState) trains."""
+  config = _tiny_config(bound="liplt_aol")
+  config.crm.warmup_epochs = 0
+  train.validate_config(config, num_devices=1)
+  model, tx, rep, bat, state = _setup(config, jax.devices()[:1])
+  step = train.jit_step(train.make_train_step(model, tx, config, regularized=True,
+                                              steps_per_epoch=10), rep, bat)
+  x, y = _batch()
+  for _ in range(2):
+    state, m = step(state, x, y)
+    assert all(np.isfinite(float(v)) for v in m.values())
+  assert float(m["lip"]) > 0

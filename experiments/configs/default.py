@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.loss = "crm"  # crm | ce | gloro
-  c.bound = "liplt"  # liplt | naive
+  c.bound = "liplt"  # liplt | naive | liplt_aol (LipLT of the AOL-rescaled network)
   c.bound_mode = "pairwise"  # pairwise | per_class | global
   c.power_iters = 10  # warm-started power iterations per training step
   c.crm = ml_collections.ConfigDict()
@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.crm.temperature = 5.0
   c.crm.r0 = 2.2
   c.crm.r0_start = 2.2
+  c.crm.penalty = "exp"  # g of eq. 8: exp (g(r) = exp(-t r) / t) | linear (g(r) = -r)
   c.crm.warmup_epochs = 5  # plain cross-entropy before the penalty switches on
   c.crm.ramp_epochs = 0  # 0 = constant lambda / r0 after the warm-up, else a linear ramp
 

@@ -17,6 +17,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.converged_iters = 2000  # power iterations of LipLT / naive (converged)
   c.repeats = 3  # timed calls (median) of LipLT / naive after compilation
   c.solver = "SCS"
+  c.opt = ml_collections.ConfigDict()  # refinement.optimize_scales (LipLT + optimised D)
+  c.opt.init = "aol"  # aol | ones
+  c.opt.steps = 300
+  c.opt.learning_rate = 0.005
+  c.opt.norms = "auto"  # auto | exact | power (the objective's interior norms)
   c.lower = ml_collections.ConfigDict()
   c.lower.chains = 512  # random starting points
   c.lower.rounds = 30  # hill-climbing rounds (random steps, keep the larger ||J(x)||)
@@ -27,6 +32,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.hidden = ((16,), (16, 16))
     c.converged_iters, c.repeats = 300, 1
     c.lower.chains, c.lower.rounds = 128, 5
+    c.opt.steps = 50
   elif variant:
     raise ValueError(f"unknown variant {variant!r}: use '' or 'smoke'")
   return c
