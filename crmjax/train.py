@@ -89,6 +89,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     bad("num_epochs", config.num_epochs, "use an integer >= 1")
   if config.crm.get("penalty", "exp") not in losses.PENALTIES:
     bad("crm.penalty", config.crm.penalty, f"use one of {list(losses.PENALTIES)}")
+  if not (isinstance(config.get("lr_decay_start_epoch", 0), int)
+          and config.get("lr_decay_start_epoch", 0) >= 0):
+    bad("lr_decay_start_epoch", config.lr_decay_start_epoch,
+        "use an integer epoch >= 0 (past num_epochs: a constant rate)")
   if config.crm.warmup_epochs < 0:
     bad("crm.warmup_epochs", config.crm.warmup_epochs, "use an integer >= 0")
 
@@ -101,13 +105,15 @@ def make_model(config: ml_collections.ConfigDict) -> models.Model:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
-                   warmup_steps: int = 0) -> optax.GradientTransformation:
-  """Adam with exponential decay from ``learning_rate`` to ``final_learning_rate``.
+                   steps_per_epoch: int = 1) -> optax.GradientTransformation:
+  """Adam; the rate is ``learning_rate`` until ``lr_decay_start_epoch``, then decays
+  exponentially to ``final_learning_rate`` at ``total_steps``.
 
-  The decay spans the whole run, or, with ``config.lr_decay_after_warmup``, only the steps
-  after the CRM warm-up (``warmup_steps``; the rate is constant before).
+  ``lr_decay_start_epoch = 0`` is the paper's decay over the whole run; the reference
+  implementation's ``learningRateDecayEpoch`` is the same knob. ``final_learning_rate ==
+  learning_rate`` is a constant rate.
   """
-  start = warmup_steps if config.get("lr_decay_after_warmup") else 0
+  start = min(int(config.get("lr_decay_start_epoch", 0)) * steps_per_epoch, total_steps)
   decay = optax.exponential_decay(
       config.learning_rate, transition_steps=max(total_steps - start, 1),
       decay_rate=config.final_learning_rate / config.learning_rate)
@@ -276,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "training examples: lower it")
   total = spe * config.num_epochs
   warm_epochs = config.crm.warmup_epochs if config.loss == "crm" else 0
-  tx = make_optimizer(config, total, warmup_steps=warm_epochs * spe)
+  tx = make_optimizer(config, total, steps_per_epoch=spe)
   replicated, batch_sharding = make_mesh()
   state = jax.device_put(create_state(model, tx, config.seed), replicated)
 

@@ -50,7 +50,7 @@ plus a penalty on small certified radii, with the differentiable LipLT bound ins
 reloads the final parameters from the Orbax checkpoint, computes a **guaranteed** pairwise
 Lipschitz bound with `crmjax.soundness.sound_bound`, and plots the certified-radius curve.
 
-* On a GPU: 5 epochs on the full training set (2 of plain cross-entropy warm-up), a few minutes.
+* On a GPU: 5 epochs on the full training set, CRM from the first step, a few minutes.
 * On a CPU (or with `CRMJAX_NOTEBOOK_SMALL=1`): the `smoke` config on 256 training images,
   one epoch. The accuracies are then meaningless; the point is that every step runs.
 '''),
@@ -70,7 +70,8 @@ from experiments.configs import mnist as mnist_config
 ## The configuration
 
 `experiments/configs/mnist.py` holds the paper's settings (t = 5, r0 = 2.2, lambda = 30,
-eps = 1.58, 10 warm-started power iterations per step). Any field can be changed here.
+eps = 1.58, 10 warm-started power iterations per step) with the reference implementation's
+penalty g(r) = -r and learning-rate schedule. Any field can be changed here.
 '''),
     ("code", '''\
 if SMALL:  # seconds on a CPU
@@ -85,7 +86,6 @@ if SMALL:  # seconds on a CPU
 else:  # a GPU: the full training set
     config = mnist_config.get_config()
     config.num_epochs = 5
-    config.crm.warmup_epochs = 2
     EXACT_MAX_DIM = 2048  # the default of soundness.sound_bound (and of train_and_evaluate)
 
 WORKDIR = tempfile.mkdtemp(prefix="crmjax_quickstart_")  # a fixed path resumes an interrupted run

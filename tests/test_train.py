@@ -184,12 +184,13 @@ def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
   assert results["certified_accuracy"] > 0.0
 
 
-def test_learning_rate_decays_over_the_run_or_after_the_warm_up():
+def test_learning_rate_is_constant_until_the_decay_epoch_then_decays_exponentially():
   """Adam's update of a constant unit gradient is -lr: read the schedule off the updates."""
-  config = _tiny_config()
-  for after, want in ((False, [1e-3, 1e-3 * 1e-3 ** 0.5, 1e-6]), (True, [1e-3, 1e-3, 1e-6])):
-    config.lr_decay_after_warmup = after
-    tx = train.make_optimizer(config, 100, warmup_steps=50)
+  config = _tiny_config(final_learning_rate=1e-6)
+  for start, want in ((0, [1e-3, 1e-3 * 1e-3 ** 0.5, 1e-6]), (5, [1e-3, 1e-3, 1e-6]),
+                      (10, [1e-3, 1e-3, 1e-3])):
+    config.lr_decay_start_epoch = start  # 10 steps per epoch, 100 steps
+    tx = train.make_optimizer(config, 100, steps_per_epoch=10)
     params, grads = {"w": jnp.zeros(())}, {"w": jnp.ones(())}
     state, got = tx.init(params), []
     for step in range(101):

@@ -30,8 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 512
   c.num_epochs = 20
   c.learning_rate = 1e-3
-  c.final_learning_rate = 1e-6  # exponential decay over the whole run ...
-  c.lr_decay_after_warmup = False  # ... or only over the epochs after the CRM warm-up
+  c.final_learning_rate = 1e-6  # exponential decay to this rate at the end ...
+  c.lr_decay_start_epoch = 0  # ... starting at this epoch (0: over the whole run)
   c.augment = ml_collections.ConfigDict({"crop_padding": 0, "flip": False})
 
   c.eps = 1.58  # certified l2 radius in [0, 1] pixel space (also GloRo's training eps)
