@@ -47,6 +47,7 @@ def _setup(config, devices=None):
 def test_one_crm_step_lowers_the_loss_on_a_fixed_batch():
   config = _tiny_config()
   config.crm.warmup_epochs = 0
+  config.crm.penalty = "exp"  # positive for every penalised point (linear: -R_soft, any sign)
   model, tx, rep, bat, state = _setup(config)
   step = train.jit_step(train.make_train_step(model, tx, config, regularized=True,
                                               steps_per_epoch=10), rep, bat)
@@ -167,14 +168,17 @@ def test_main_command_smoke_and_bad_input_exit_codes(tmp_path):
 def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
   """Real MNIST (10k training images, 6 epochs, MLP): > 90% clean, > 0% certified at 1.58.
 
-  The certificate uses the sound bound (every MLP norm is exact). Measured here: 90.9%
+  The certificate uses the sound bound (every MLP norm is exact). The paper's exponential g
+  and decay to 1e-6 after a 2-epoch warm-up: in 6 short epochs they trade less accuracy than
+  the 20-epoch defaults (linear g, no warm-up: 86.6% clean here). Measured here: 90.9%
   clean, 1.2% certified, ~35 s on the 2-core CPU.
   """
   cmd = [sys.executable, "-m", "experiments.mnist", "--config=experiments/configs/mnist.py",
          f"--workdir={tmp_path}", "--config.model=MLP", "--config.train_subset=10000",
          "--config.test_subset=1000", "--config.batch_size=50", "--config.num_epochs=6",
          "--config.crm.warmup_epochs=2", "--config.crm.lam=15", "--config.power_iters=2",
-         "--config.progress_bar=False"]
+         "--config.crm.penalty=exp", "--config.final_learning_rate=1e-6",
+         "--config.lr_decay_start_epoch=0", "--config.progress_bar=False"]
   out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""},
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
