@@ -60,11 +60,6 @@ def rescale(net: LipNet, scales: Scales) -> LipNet:
   return LipNet(tuple(blocks), net.readout)
 
 
-def _adjoint_apply(op, y):
-  fn = jax.linear_transpose(op, jax.ShapeDtypeStruct(op.in_shape, y.dtype))
-  return fn(y)[0]
-
-
 def aol_diag(op, q: jax.Array | None = None) -> jax.Array:
   """``(|A|^T |A| q) / q`` of shape ``op.in_shape``: ``A^T A <= diag(.)`` (Gershgorin).
 
@@ -73,7 +68,7 @@ def aol_diag(op, q: jax.Array | None = None) -> jax.Array:
   """
   a = op.abs()
   qv = jnp.ones(op.in_shape, jnp.float32) if q is None else q
-  return _adjoint_apply(a, a(qv)) / qv
+  return ops.Adjoint(a)(a(qv)) / qv
 
 
 def reader(net: LipNet, k: int):
