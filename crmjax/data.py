@@ -1,55 +1,59 @@
-"""Datasets and host-side input pipeline.
+"""Datasets: finding, downloading and reading MNIST, CIFAR-10 and Tiny-ImageNet.
 
-Loading (:func:`load_split`) tries, in order:
+:func:`load_split` returns a whole split as uint8 images and int32 labels. It tries, in order:
 
-1. TFDS random-access data sources (``tfds.data_source``, no TensorFlow
-   needed) that are already prepared locally -- never downloads.
+1. A TFDS copy that is already prepared (``tfds.data_source``, random access, no TensorFlow
+   needed). TFDS is imported only when a prepared copy exists on disk (or the caller has
+   imported TFDS, e.g. under ``tfds.testing.mock_data``), and its warnings about dataset
+   folders that do not exist are kept quiet.
 2. The datasets' standard distribution files in a local directory, searched in
-   ``data_dir``, then ``$CRMJAX_DATA_DIR``, then the repository's vendored
+   ``data_dir``, then ``$CRMJAX_DATA_DIR``, then the download cache
+   (``$XDG_CACHE_HOME/crmjax``, default ``~/.cache/crmjax``), then the repository's vendored
    ``data/`` folder (which ships MNIST).
-3. ``tfds.data_source(..., download=True)`` when ``download=True``.
+3. With ``download=True``: TFDS where it can prepare the dataset (TensorFlow installed, a
+   TFDS builder exists, no mirror given); otherwise (or if TFDS fails) the dataset's
+   canonical distribution files (CIFAR-10 python tarball, Tiny-ImageNet zip, MNIST IDX
+   files), checked against their published checksums and unpacked atomically into
+   ``data_dir`` (else ``$CRMJAX_DATA_DIR``, else the cache) by :mod:`crmjax.download`.
 
-Otherwise a :class:`FileNotFoundError` explains both ways to provide the data.
-
-Batching (:func:`epoch_batches`) is pure numpy, deterministic in
-``(seed, epoch)`` and resumable at any step of an epoch;
-:func:`prefetch_to_device` overlaps it with device compute.
+Otherwise a :class:`FileNotFoundError` explains every way to provide the data. Batching and
+augmentation live in :mod:`crmjax.input_pipeline`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import gzip
+import importlib.util
 import logging
 import os
 import pickle
-import queue
-import threading
-from collections.abc import Iterable, Iterator
+import sys
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
+import tqdm
+
+from crmjax import download as download_lib
 
 __all__ = [
     "DATA_DIR_ENV",
+    "DOWNLOAD_URL_ENV",
     "KNOWN_DATASETS",
-    "Augment",
     "DatasetInfo",
-    "augment_batch",
+    "cache_dir",
     "dataset_info",
-    "epoch_batches",
     "load_split",
-    "prefetch_to_device",
     "read_idx",
-    "steps_per_epoch",
 ]
 
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "CRMJAX_DATA_DIR"
+DOWNLOAD_URL_ENV = "CRMJAX_DOWNLOAD_URL"
 KNOWN_DATASETS = ("mnist", "cifar10", "tiny_imagenet")
 _SPLITS = ("train", "test")
 _VENDORED_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -113,6 +117,76 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 # ---------------------------------------------------------------------------
+# Canonical distribution files (what ``download=True`` fetches)
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Distribution:
+  """Where a dataset's standard files come from and where they go.
+
+  Attributes:
+    remotes: the published files, with their checksums.
+    folder: the sub-folder (of the data directory) that plain, non-archive files go to.
+    members: what ends up in the data directory, per remote (the extracted top folder of
+      an archive, or ``folder/<filename>``).
+  """
+
+  remotes: tuple[download_lib.Remote, ...]
+  folder: str
+  members: tuple[str, ...]
+
+
+def _mnist_remote(filename: str, size: int, sha256: str) -> download_lib.Remote:
+  return download_lib.Remote(
+      filename, f"https://storage.googleapis.com/cvdf-datasets/mnist/{filename}", size=size,
+      sha256=sha256, source="TFDS (tensorflow_datasets/url_checksums/mnist.txt)")
+
+
+# Checksums and sizes as published:
+# * MNIST: TFDS 4.9's url_checksums/mnist.txt (its mirror of yann.lecun.com's files);
+# * CIFAR-10: sha256 from Keras (keras.datasets.cifar10.load_data's file_hash), md5 from
+#   torchvision (torchvision.datasets.CIFAR10.tgz_md5) and the dataset page;
+# * Tiny-ImageNet: md5 as used by every loader of the cs231n zip (e.g. avalanche's and
+#   the torchvision-style TinyImageNet datasets); no SHA-256 is published.
+_DISTRIBUTIONS: dict[str, _Distribution] = {
+    "mnist": _Distribution(
+        remotes=(
+            _mnist_remote("train-images-idx3-ubyte.gz", 9912422,
+                          "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+            _mnist_remote("train-labels-idx1-ubyte.gz", 28881,
+                          "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+            _mnist_remote("t10k-images-idx3-ubyte.gz", 1648877,
+                          "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+            _mnist_remote("t10k-labels-idx1-ubyte.gz", 4542,
+                          "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+        ),
+        folder="mnist",
+        members=("mnist/train-images-idx3-ubyte.gz", "mnist/train-labels-idx1-ubyte.gz",
+                 "mnist/t10k-images-idx3-ubyte.gz", "mnist/t10k-labels-idx1-ubyte.gz"),
+    ),
+    "cifar10": _Distribution(
+        remotes=(download_lib.Remote(
+            "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            size=170498071,
+            sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+            md5="c58f30108f718f92721af3b95e74349a",
+            source="Keras (sha256) and torchvision (md5)"),),
+        folder="",
+        members=("cifar-10-batches-py",),
+    ),
+    "tiny_imagenet": _Distribution(
+        remotes=(download_lib.Remote(
+            "tiny-imagenet-200.zip", "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+            size=248100043, md5="90528d7ca1a48142e341f4ef8d21d0de",
+            source="the Tiny-ImageNet loaders of avalanche and torchvision-style datasets"),),
+        folder="",
+        members=("tiny-imagenet-200",),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
 
@@ -123,17 +197,23 @@ def load_split(
     *,
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = False,
+    download_url: str | None = None,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Loads a whole split into host memory.
+  """Loads a whole split into host memory, downloading it first if asked to.
 
   Args:
     name: one of ``"mnist"``, ``"cifar10"``, ``"tiny_imagenet"``.
     split: ``"train"`` or ``"test"`` (for Tiny-ImageNet, ``"test"`` is the
       labelled validation set).
     data_dir: optional directory searched first, both as a TFDS data dir and
-      for the standard distribution files.
-    download: if True and nothing is found locally, download and prepare the
-      dataset with TFDS (needs internet).
+      for the standard distribution files; downloads go there too.
+    download: if True and nothing is found locally, download the dataset (see the module
+      docstring); it stays on disk for the next call. If False, never touch the network.
+    download_url: base URL of a mirror holding the canonical file names (e.g.
+      ``https://host/path/`` + ``cifar-10-python.tar.gz``); default
+      ``$CRMJAX_DOWNLOAD_URL``, else the canonical sources. The checksums are the same.
+    progress: show download / extraction progress bars.
 
   Returns:
     ``(images, labels)``: ``images`` uint8 of shape (N, H, W, C) and
@@ -141,8 +221,9 @@ def load_split(
 
   Raises:
     ValueError: unknown ``name`` / ``split``, or a corrupt local file.
-    FileNotFoundError: the data is not available offline and ``download`` is
-      False (the message says how to provide it).
+    FileNotFoundError: the data is not available offline and ``download`` is False, or the
+      download failed (no network, interrupted, wrong checksum); the message says why and
+      how to provide the data. A failed download leaves nothing behind.
   """
   _check_name(name)
   if split not in _SPLITS:
@@ -153,18 +234,36 @@ def load_split(
     return result
 
   searched = _local_dirs(data_dir)
-  for root in searched:
-    result = _LOCAL_LOADERS[name](root, split)
-    if result is not None:
-      log.info("Loaded %s/%s from local files under %s", name, split, root)
-      return _validated(name, *result)
+  result = _load_local(name, split, searched)
+  if result is not None:
+    return result
 
-  if download:
-    result = _load_tfds(name, split, data_dir=data_dir, download=True)
-    if result is not None:
-      return result
+  mirror = download_url or os.environ.get(DOWNLOAD_URL_ENV) or None
+  if not download:
+    raise FileNotFoundError(_missing_message(name, split, searched, data_dir, mirror,
+                                             reason=None))
+  try:
+    return _download(name, split, data_dir=data_dir, mirror=mirror, progress=progress)
+  except download_lib.DownloadError as e:
+    raise FileNotFoundError(_missing_message(name, split, searched, data_dir, mirror,
+                                             reason=str(e))) from e
 
-  raise FileNotFoundError(_missing_message(name, split, searched, data_dir))
+
+def cache_dir() -> Path:
+  """Where downloads go when neither ``data_dir`` nor ``$CRMJAX_DATA_DIR`` is given.
+
+  ``$XDG_CACHE_HOME/crmjax``, by default ``~/.cache/crmjax``.
+  """
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+  return Path(base).expanduser() / "crmjax"
+
+
+def _download_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+  if data_dir is not None:
+    return Path(data_dir).expanduser()
+  if os.environ.get(DATA_DIR_ENV):
+    return Path(os.environ[DATA_DIR_ENV]).expanduser()
+  return cache_dir()
 
 
 def _local_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
@@ -174,6 +273,7 @@ def _local_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
     candidates.append(Path(data_dir).expanduser())
   if os.environ.get(DATA_DIR_ENV):
     candidates.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
+  candidates.append(cache_dir())
   candidates.append(_VENDORED_DATA_DIR)
   dirs: list[Path] = []
   for c in candidates:
@@ -182,56 +282,124 @@ def _local_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
   return dirs
 
 
+def _load_local(name: str, split: str, dirs: list[Path]
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+  for root in dirs:
+    result = _LOCAL_LOADERS[name](root, split)
+    if result is not None:
+      log.info("Loaded %s/%s from local files under %s", name, split, root)
+      return _validated(name, *result, source=root)
+  return None
+
+
+def _download(name: str, split: str, *, data_dir: str | os.PathLike[str] | None,
+              mirror: str | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Downloads ``name`` (TFDS if it can prepare it, else the distribution files)."""
+  dist = _DISTRIBUTIONS[name]
+  if mirror is None and _tfds_can_prepare(name):
+    download_lib.probe(dist.remotes[0])  # No network: fail now, not inside TFDS's retries.
+    _say(f"{name}: no local copy; preparing it with TFDS (tfds.data_source(...,"
+         " download=True)); --config.download=False stays offline", progress)
+    try:
+      result = _load_tfds(name, split, data_dir=data_dir, download=True)
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("TFDS could not prepare %s (%s: %s); downloading %s instead", name,
+                  type(e).__name__, str(e)[:300], dist.remotes[0].filename)
+      result = None
+    if result is not None:
+      return result
+
+  target = _download_dir(data_dir)
+  wanted = [(r, m) for r, m in zip(dist.remotes, dist.members) if not (target / m).exists()]
+  if not wanted:  # Everything is there, yet unreadable: never overwrite a user's files.
+    raise download_lib.DownloadError(
+        f"{', '.join(str(target / m) for m in dist.members)} exist but do not hold the"
+        f" {split} split of {name} (incomplete?); remove them to download afresh")
+  remotes = tuple(r for r, _ in wanted)
+  total = sum(r.size or 0 for r in remotes)
+  _say(f"{name}: no local copy; downloading"
+       f" {', '.join(download_lib.resolve_url(r, mirror) for r in remotes)}"
+       f" ({total / 2**20:.1f} MiB) into {target}; --config.download=False stays offline",
+       progress)
+  download_lib.install(remotes, target, members=tuple(m for _, m in wanted),
+                       folder=dist.folder, mirror=mirror, progress=progress)
+  result = _LOCAL_LOADERS[name](target, split)
+  if result is None:
+    raise download_lib.DownloadError(
+        f"the downloaded files under {target} do not hold the {split} split of {name}")
+  return _validated(name, *result, source=target)
+
+
+def _say(message: str, progress: bool) -> None:
+  """A line the user should see even when logging is at WARNING (absl's default in main)."""
+  if progress:
+    tqdm.tqdm.write(message, file=sys.stderr)
+  log.info(message)
+
+
 def _missing_message(
     name: str,
     split: str,
     searched: list[Path],
     data_dir: str | os.PathLike[str] | None,
+    mirror: str | None,
+    *,
+    reason: str | None,
 ) -> str:
   where = ", ".join(str(d) for d in searched) or "(no existing directory)"
+  dist = _DISTRIBUTIONS[name]
+  urls = ", ".join(download_lib.resolve_url(r, mirror) for r in dist.remotes)
+  if reason is None:
+    status = "Downloading is off (--config.download=False / download=False)."
+  else:
+    status = f"Downloading it failed: {reason}"
+  fixes = [
+      "Run with internet access and --config.download=True (the default of the experiment"
+      f" configs; load_split(..., download=True)): it downloads {urls}, checks the published"
+      f" checksum and unpacks it into {_download_dir(data_dir)} for every later run."
+      f" A mirror with the same file names: --config.download_url=<base URL> or"
+      f" ${DOWNLOAD_URL_ENV}=<base URL>.",
+      "Put the standard distribution files under a directory <dir> and pass it as"
+      f" --config.data_dir or set ${DATA_DIR_ENV}=<dir>. Expected layout: {_LAYOUTS[name]}.",
+  ]
   tfds_name = _TFDS_NAMES[name]
   if tfds_name is None:
-    fix1 = (
-        "  1. TFDS has no builder for this dataset, so it cannot prepare it;"
-        " use option 2."
-    )
+    fixes.append("(TFDS has no builder for this dataset, so it cannot prepare it.)")
   else:
-    fix1 = (
-        "  1. Prepare it with TFDS on a machine with internet:"
+    fixes.append(
+        "Prepare it with TFDS on a machine with internet:"
         f" `tfds.data_source({tfds_name!r}, split={_tfds_split(name, split)!r},"
-        " data_dir=..., download=True)` (or call load_split(...,"
-        " download=True)), then pass that TFDS data dir as --config.data_dir"
-        " (or use the default ~/tensorflow_datasets / $TFDS_DATA_DIR)."
-    )
+        " data_dir=..., download=True)`, then pass that TFDS data dir as --config.data_dir"
+        " (or use the default ~/tensorflow_datasets / $TFDS_DATA_DIR).")
   return (
       f"Dataset {name!r} (split {split!r}) is not available offline:"
-      f" TFDS has no prepared copy (data_dir={data_dir!r}) and no standard"
-      f" files were found in: {where}.\nEither:\n{fix1}\n"
-      "  2. Put the standard distribution files under a directory <dir> and"
-      f" pass it as --config.data_dir or set ${DATA_DIR_ENV}=<dir>. Expected"
-      f" layout: {_LAYOUTS[name]}."
+      f" TFDS has no prepared copy (data_dir={data_dir and os.fspath(data_dir)!r}) and no"
+      f" standard files were found in: {where}. {status}\nTo get it, either:\n"
+      + "\n".join(f"  {i}. {fix}" for i, fix in enumerate(fixes, 1))
   )
 
 
 def _validated(
-    name: str, images: np.ndarray, labels: np.ndarray
+    name: str, images: np.ndarray, labels: np.ndarray, *, source: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
+  """Checks dtype, shape and label range against ``dataset_info(name)`` (the one check)."""
   info = _INFOS[name]
   images = np.asarray(images)
   labels = np.asarray(labels).astype(np.int32, copy=False)
+  origin = f" (read from {source}; check the files there or --config.data_dir)" if source else ""
   if images.dtype != np.uint8 or images.shape[1:] != info.image_shape:
     raise ValueError(
         f"{name}: expected uint8 images of shape (N, *{info.image_shape}),"
-        f" got {images.dtype} {images.shape}"
+        f" got {images.dtype} {images.shape}{origin}"
     )
   if labels.shape != (images.shape[0],):
     raise ValueError(
-        f"{name}: {images.shape[0]} images but labels of shape {labels.shape}"
+        f"{name}: {images.shape[0]} images but labels of shape {labels.shape}{origin}"
     )
   if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
     raise ValueError(
         f"{name}: labels outside [0, {info.num_classes}):"
-        f" [{labels.min()}, {labels.max()}]"
+        f" [{labels.min()}, {labels.max()}]{origin}"
     )
   return images, labels
 
@@ -252,6 +420,48 @@ def _tfds_split(name: str, split: str) -> str:
   return split
 
 
+def _tfds_data_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
+  if data_dir is not None:
+    return [Path(data_dir).expanduser()]
+  return [Path(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()]
+
+
+def _tfds_prepared_on_disk(tfds_name: str, data_dir: str | os.PathLike[str] | None) -> bool:
+  """Whether some ``<tfds dir>/<name>/[<config>/]<version>/dataset_info.json`` exists."""
+  for root in _tfds_data_dirs(data_dir):
+    base = root / tfds_name
+    if base.is_dir() and (any(base.glob("*/dataset_info.json"))
+                          or any(base.glob("*/*/dataset_info.json"))):
+      return True
+  return False
+
+
+def _tfds_can_prepare(name: str) -> bool:
+  """TFDS has a builder and TensorFlow (which its preparation needs) is installed."""
+  return (_TFDS_NAMES[name] is not None
+          and importlib.util.find_spec("tensorflow") is not None
+          and importlib.util.find_spec("tensorflow_datasets") is not None)
+
+
+class _DropTfdsChatter(logging.Filter):
+  """Drops TFDS's INFO / WARNING records (e.g. "Variant folder ... has no dataset_info.json")."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno <= logging.WARNING
+                and "tensorflow_datasets" in (record.pathname or ""))
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  logger = logging.getLogger("absl")  # TFDS logs through absl.logging.
+  chatter = _DropTfdsChatter()
+  logger.addFilter(chatter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(chatter)
+
+
 def _load_tfds(
     name: str,
     split: str,
@@ -259,9 +469,17 @@ def _load_tfds(
     data_dir: str | os.PathLike[str] | None,
     download: bool,
 ) -> tuple[np.ndarray, np.ndarray] | None:
-  """Reads a split through ``tfds.data_source``; None if unavailable."""
+  """Reads a split through ``tfds.data_source``; None if unavailable.
+
+  Without ``download``, TFDS is asked only when a prepared copy exists on disk or the
+  caller has already imported ``tensorflow_datasets`` (e.g. ``tfds.testing.mock_data``):
+  otherwise importing it costs time and prints warnings about folders that do not exist.
+  """
   tfds_name = _TFDS_NAMES[name]
   if tfds_name is None:
+    return None
+  if (not download and sys.modules.get("tensorflow_datasets") is None
+      and not _tfds_prepared_on_disk(tfds_name, data_dir)):
     return None
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -279,18 +497,21 @@ def _load_tfds(
       AssertionError,
   )
   try:
-    source = tfds.data_source(
-        tfds_name,
-        split=_tfds_split(name, split),
-        data_dir=None if data_dir is None else os.fspath(data_dir),
-        download=download,
-    )
+    with contextlib.nullcontext() if download else _quiet_tfds():
+      source = tfds.data_source(
+          tfds_name,
+          split=_tfds_split(name, split),
+          data_dir=None if data_dir is None else os.fspath(data_dir),
+          download=download,
+      )
   except not_found as e:
+    if download:
+      raise
     log.info("TFDS %s/%s unavailable: %s", tfds_name, split, str(e)[:200])
     return None
   images, labels = _read_data_source(source)
   log.info("Loaded %s/%s from TFDS (%d examples)", name, split, len(labels))
-  return _validated(name, images, labels)
+  return _validated(name, images, labels, source="TFDS")
 
 
 def _read_data_source(source: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -490,204 +711,3 @@ _LOCAL_LOADERS = {
 }
 
 
-# ---------------------------------------------------------------------------
-# Batching and augmentation
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Augment:
-  """Training-time augmentation.
-
-  Attributes:
-    random_crop_padding: zero-pad each side by this many pixels, then take a
-      random crop of the original size (= a random translation by up to this
-      many pixels). 0 disables it.
-    horizontal_flip: flip each image left-right with probability 1/2.
-  """
-
-  random_crop_padding: int = 0
-  horizontal_flip: bool = False
-
-  def __post_init__(self):
-    if self.random_crop_padding < 0:
-      raise ValueError(
-          f"random_crop_padding must be >= 0, got {self.random_crop_padding}"
-      )
-
-
-def augment_batch(
-    images: np.ndarray, *, augment: Augment, rng: np.random.Generator
-) -> np.ndarray:
-  """Applies ``augment`` to a batch, independently per example.
-
-  Args:
-    images: (B, H, W, C) array of any dtype (padding uses zeros).
-    augment: what to apply.
-    rng: the randomness source (consumed).
-
-  Returns:
-    A new (B, H, W, C) array of the same dtype.
-  """
-  b, h, w, _ = images.shape
-  p = augment.random_crop_padding
-  if p == 0 and not augment.horizontal_flip:
-    return images.copy()
-  if p:
-    images = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-  dy = rng.integers(0, 2 * p + 1, size=b)
-  dx = rng.integers(0, 2 * p + 1, size=b)
-  rows = dy[:, None] + np.arange(h)  # (B, H)
-  cols = dx[:, None] + np.arange(w)  # (B, W)
-  if augment.horizontal_flip:
-    flip = rng.random(b) < 0.5
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)
-  return images[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-
-def steps_per_epoch(
-    num_examples: int, batch_size: int, drop_remainder: bool = True
-) -> int:
-  """Number of batches :func:`epoch_batches` yields per epoch."""
-  if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
-  if drop_remainder:
-    return num_examples // batch_size
-  return -(-num_examples // batch_size)
-
-
-# Distinguishes the augmentation random stream from the permutation one.
-_AUGMENT_STREAM = 0xA06
-
-
-def epoch_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    start_step: int = 0,
-    shuffle: bool = True,
-    drop_remainder: bool = True,
-    augment: Augment | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields the batches of one epoch.
-
-  The order is ``np.random.default_rng([seed, epoch]).permutation(N)``: it
-  depends only on ``(seed, epoch)``, so training can resume at any epoch and,
-  via ``start_step``, at any step within it. Augmentation of step ``s`` uses
-  ``default_rng([seed, epoch, s, const])``, so it is resumable too.
-
-  Args:
-    images: uint8 (N, H, W, C), values 0..255.
-    labels: (N,) integer labels.
-    batch_size: examples per batch.
-    seed: non-negative integer seed.
-    epoch: non-negative epoch index.
-    start_step: first step to yield (the earlier ones are skipped without
-      being computed).
-    shuffle: permute the examples (use False for evaluation).
-    drop_remainder: drop the last partial batch; if False it is yielded,
-      smaller (use False for evaluation).
-    augment: optional augmentation (training only).
-
-  Yields:
-    ``(x, y)``: float32 (B, H, W, C) in [0, 1] and int32 (B,).
-  """
-  n = len(images)
-  if len(labels) != n:
-    raise ValueError(f"{n} images but {len(labels)} labels")
-  if seed < 0 or epoch < 0:
-    raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}")
-  steps = steps_per_epoch(n, batch_size, drop_remainder)
-  if not 0 <= start_step <= steps:
-    raise ValueError(f"start_step must be in [0, {steps}], got {start_step}")
-  if shuffle:
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-  else:
-    order = np.arange(n)
-  for step in range(start_step, steps):
-    idx = order[step * batch_size : (step + 1) * batch_size]
-    x = images[idx]
-    if augment is not None:
-      rng = np.random.default_rng([seed, epoch, step, _AUGMENT_STREAM])
-      x = augment_batch(x, augment=augment, rng=rng)
-    x = x.astype(np.float32) / np.float32(255)
-    yield x, np.asarray(labels[idx], np.int32)
-
-
-# ---------------------------------------------------------------------------
-# Prefetching
-# ---------------------------------------------------------------------------
-
-
-class _End:
-  pass
-
-
-@dataclasses.dataclass(frozen=True)
-class _Raised:
-  error: BaseException
-
-
-def prefetch_to_device(
-    iterator: Iterable[Any],
-    *,
-    size: int = 2,
-    sharding: jax.sharding.Sharding | None = None,
-) -> Iterator[Any]:
-  """Moves batches to device in a background thread, ``size`` ahead.
-
-  Each item (any pytree of arrays) is placed with
-  ``jax.device_put(item, sharding)``; with ``sharding=None`` on the default
-  device. An exception raised by ``iterator`` is re-raised by the consumer.
-  Closing (or dropping) the returned generator stops the thread.
-
-  Args:
-    iterator: host batches.
-    size: maximum number of batches buffered ahead (>= 1).
-    sharding: where to place each batch, e.g. a ``NamedSharding`` that splits
-      the batch axis across devices.
-
-  Yields:
-    The items of ``iterator`` as ``jax.Array`` pytrees, in order.
-  """
-  if size < 1:
-    raise ValueError(f"size must be >= 1, got {size}")
-  buffer: queue.Queue[Any] = queue.Queue(maxsize=size)
-  stop = threading.Event()
-
-  def put(item: Any) -> bool:
-    while not stop.is_set():
-      try:
-        buffer.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def produce() -> None:
-    try:
-      for item in iterator:
-        if not put(jax.device_put(item, sharding)):
-          return
-    except BaseException as e:  # pylint: disable=broad-except
-      put(_Raised(e))
-      return
-    put(_End())
-
-  thread = threading.Thread(target=produce, name="prefetch_to_device",
-                            daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = buffer.get()
-      if isinstance(item, _End):
-        return
-      if isinstance(item, _Raised):
-        raise item.error
-      yield item
-  finally:
-    stop.set()
-    thread.join()

@@ -77,16 +77,20 @@ def linear_penalty(radius: jax.Array, *, temperature: float) -> jax.Array:
 PENALTIES: dict[str, Callable[..., jax.Array]] = {"exp": exp_penalty, "linear": linear_penalty}
 
 
+PENALTY_NORMALIZATIONS = ("correct", "batch")
+
+
 def crm_loss(logits: jax.Array, labels: jax.Array, lip: jax.Array, *, lam: float | jax.Array,
              temperature: float, r0: float | jax.Array,
-             penalty: Callable[..., jax.Array] | None = None
+             penalty: Callable[..., jax.Array] | None = None, normalize: str = "correct"
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The CRM objective (paper eq. 8): cross-entropy plus a certified-radius penalty.
 
   ``loss = CE + lam * sum_b mask_b g(R_soft_b) / max(1, sum_b correct_b)``, where
   ``R_soft`` is eq. 6 with the pairwise bound, ``mask`` selects correctly classified points
   whose certified radius is below ``r0`` (points already certified beyond ``r0`` are left
-  alone), and the mean runs over the correctly classified points.
+  alone), and the mean runs over the correctly classified points (``normalize='correct'``)
+  or over the whole batch (``normalize='batch'``: divide by ``B``, eq. 8's plain mean).
 
   Args:
     logits: ``(B, K)``.
@@ -96,11 +100,14 @@ def crm_loss(logits: jax.Array, labels: jax.Array, lip: jax.Array, *, lam: float
     temperature: ``t`` of the soft-min (eq. 6) and of the default ``g``.
     r0: radius threshold above which points are not penalised.
     penalty: ``g``; called as ``g(r, temperature=t)``. Default ``exp_penalty``.
+    normalize: ``'correct'`` or ``'batch'`` (``PENALTY_NORMALIZATIONS``), see above.
 
   Returns:
     ``(loss, aux)`` with aux ``ce``, ``penalty``, ``accuracy``, ``radius`` (mean certified
     radius, 0 for misclassified points) and ``penalised`` (share of the batch penalised).
   """
+  if normalize not in PENALTY_NORMALIZATIONS:
+    raise ValueError(f"normalize={normalize!r}: use one of {list(PENALTY_NORMALIZATIONS)}")
   penalty = exp_penalty if penalty is None else penalty
   ce = cross_entropy(logits, labels)
   correct = jnp.argmax(logits, axis=1) == labels
@@ -108,7 +115,8 @@ def crm_loss(logits: jax.Array, labels: jax.Array, lip: jax.Array, *, lam: float
   mask = correct & (radius < r0)
   g = penalty(soft_radius(logits, labels, lip, temperature=temperature),
               temperature=temperature)
-  reg = jnp.sum(jnp.where(mask, g, 0.0)) / jnp.maximum(jnp.sum(correct), 1)
+  count = jnp.maximum(jnp.sum(correct), 1) if normalize == "correct" else labels.shape[0]
+  reg = jnp.sum(jnp.where(mask, g, 0.0)) / count
   aux = {"ce": ce, "penalty": reg, "accuracy": jnp.mean(correct), "radius": jnp.mean(radius),
          "penalised": jnp.mean(mask)}
   return ce + lam * reg, aux

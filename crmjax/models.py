@@ -7,6 +7,7 @@ eq. 17 form for the bounds, generically (``crmjax.network.from_layers``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -93,6 +94,46 @@ ARCHITECTURES: dict[str, Callable[..., tuple]] = {
 }
 
 
+INIT_SCHEMES = ("flax", "torch")
+
+
+def torch_default_init(params, key: jax.Array):
+  """Redraws every ``kernel`` and ``bias`` as PyTorch's default layer init does.
+
+  PyTorch initialises ``nn.Conv2d`` / ``nn.Linear`` weights with
+  ``kaiming_uniform_(a=sqrt(5))`` and biases with ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``;
+  both are ``U(-b, b)`` with ``b = 1 / sqrt(fan_in)`` (kaiming's gain ``sqrt(2 / (1 + 5))``
+  times ``sqrt(3 / fan_in)``). ``fan_in`` is the product of all but the last kernel axis
+  (``kh * kw * c_in`` for Flax's HWIO convolution kernels, ``d_in`` for dense ones). Each
+  kernel's standard deviation is ``1 / sqrt(3 fan_in)``, ``sqrt(3)`` below Flax's LeCun
+  normal, so a depth-L network starts with a Lipschitz bound ~``3^(L/2)`` smaller.
+
+  Args:
+    params: a params tree whose layers are dicts with ``kernel`` (and ``bias``).
+    key: PRNG key.
+
+  Returns:
+    The same tree with new kernels and biases; other leaves are kept.
+  """
+  def redraw(tree, key):
+    if not isinstance(tree, dict):
+      return tree
+    out = {}
+    for i, name in enumerate(sorted(tree)):
+      out[name] = redraw(tree[name], jax.random.fold_in(key, i))
+    if "kernel" in tree and getattr(tree["kernel"], "ndim", 0) >= 2:
+      kernel = tree["kernel"]
+      bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
+      kk, kb = jax.random.split(jax.random.fold_in(key, len(tree)))
+      out["kernel"] = jax.random.uniform(kk, kernel.shape, kernel.dtype, -bound, bound)
+      if "bias" in tree:
+        bias = tree["bias"]
+        out["bias"] = jax.random.uniform(kb, bias.shape, bias.dtype, -bound, bound)
+    return out
+
+  return redraw(dict(params), key)
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
   """A classifier: its layers, input shape, and (optional) fixed input normalisation."""
@@ -109,9 +150,20 @@ class Model:
   def num_classes(self) -> int:
     return self.layers[-1].features
 
-  def init(self, key: jax.Array):
-    """Fresh params ``{'layer_i': ...}`` (the ``'params'`` collection)."""
-    return self.module.init(key, jnp.zeros((1, *self.input_shape)))["params"]
+  def init(self, key: jax.Array, *, scheme: str = "flax"):
+    """Fresh params ``{'layer_i': ...}`` (the ``'params'`` collection).
+
+    Args:
+      key: PRNG key.
+      scheme: ``'flax'`` (Flax's defaults: LeCun-normal kernels, zero biases) or
+        ``'torch'`` (PyTorch's default for ``nn.Conv2d`` / ``nn.Linear``, the reference
+        implementation's init; see ``torch_default_init``).
+    """
+    if scheme not in INIT_SCHEMES:
+      raise ValueError(f"unknown init scheme {scheme!r}; use one of {list(INIT_SCHEMES)}")
+    k_flax, k_torch = jax.random.split(key)
+    params = self.module.init(k_flax, jnp.zeros((1, *self.input_shape)))["params"]
+    return torch_default_init(params, k_torch) if scheme == "torch" else params
 
   def apply(self, params, x: jax.Array) -> jax.Array:
     """Logits ``(B, K)`` of images ``(B, *input_shape)`` in [0, 1] pixel space."""

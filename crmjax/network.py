@@ -62,10 +62,14 @@ class Block:
     return y if self.H is None else y + self.H(x)
 
   def abs(self) -> "Block":
-    """Elementwise-absolute operators, for l_inf upper bounds (|Hhat| <= |H| + |c||G||W|)."""
+    """Elementwise-absolute operators, for l_inf upper bounds (|Hhat| <= |H| + |c||G||W|).
+
+    The result has centre ``|c|`` (so its ``hhat`` applies ``|H| + |c| |G| |W|``) and the
+    same radius ``r``: ``alpha' = |c| - r``, ``beta' = |c| + r``.
+    """
+    c, r = abs(self.center), self.radius
     return Block(self.W.abs(), None if self.G is None else self.G.abs(),
-                 None if self.H is None else self.H.abs(),
-                 alpha=-abs(self.center) + self.radius, beta=abs(self.center) + self.radius)
+                 None if self.H is None else self.H.abs(), alpha=c - r, beta=c + r)
 
 
 @struct.dataclass

@@ -47,7 +47,6 @@ from crmjax import operators as ops
 from crmjax import rescaling
 from crmjax import soundness
 from crmjax.network import LipNet
-from crmjax.rescaling import rescale  # also this module's public name (used in tests)
 
 TChoice = Literal["spectral", "aol", "sll", "sdp"]
 T_CHOICES = ("spectral", "aol", "sll", "sdp")
@@ -185,7 +184,7 @@ def refined_liplt_bound(net: LipNet, state: liplt.PowerState | None = None, *,
 
   Same state / shapes as ``liplt.liplt_bound`` (the rescaled net has the same shapes).
   """
-  return liplt.liplt_bound(rescale(net, refined_scales(net, t_choice=t_choice)), state,
+  return liplt.liplt_bound(rescaling.rescale(net, refined_scales(net, t_choice=t_choice)), state,
                            mode=mode, norm="l2", num_iters=num_iters)
 
 
@@ -272,7 +271,7 @@ def log_scales_bound(net: LipNet, log_d: list[jax.Array],
     ``(scalar, new_state)``, differentiable in ``log_d`` (power vectors are state: the
     gradient is that of the norms at the current singular vectors).
   """
-  scaled = rescale(net, [jnp.exp(l) for l in log_d])
+  scaled = rescaling.rescale(net, [jnp.exp(l) for l in log_d])
   if norms == "exact":
     return reduce_bound(exact_liplt_bound(scaled, mode=mode), mode=mode), state
   bound, state = liplt.liplt_bound(scaled, state, mode=mode, norm="l2", num_iters=num_iters)

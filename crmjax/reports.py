@@ -4,14 +4,22 @@
 training config rebuilt from the checkpoint's meta) and writes ``<workdir>/certify/``:
 
 * ``results.json``: ``table1`` (clean, PGD and certified accuracy at the training eps; the
-  certificate uses the SOUND pairwise LipLT bound), ``table2`` (mean pairwise Lipschitz
-  bounds, naive and LipLT, pairwise / per-class / global, both the sound bound and the
-  power-iteration estimate, each with its kind), ``figure1`` (certified-radius curves) and
-  ``soundness_check`` (points attacked, points certified, violations);
+  certificate uses the SOUND pairwise LipLT bound), ``certificates`` (certified accuracy
+  at eps of the pairwise LipLT bound computed every way: the power-iteration estimate, the
+  sound bound with the power method (the former default, ``config.compare_power``), the
+  sound bound with Lanczos, and the sound bound of the Theorem 3.2 rescaling optimised by
+  ``refinement.optimize_scales`` (``config.refine``); each with its kind, estimator,
+  failure probability, key, exact / probabilistic norm counts and wall time), ``table2``
+  (mean pairwise Lipschitz bounds, naive and LipLT, pairwise / per-class / global, both
+  the sound bound and the power-iteration estimate, each with its kind), ``figure1``
+  (certified-radius curves) and ``soundness_check`` (points attacked, points certified,
+  violations of any certificate);
 * ``figure1.png``: share of test points certified at each radius, naive vs LipLT (and the
   LipLT curve of a second run, ``config.compare_workdir``).
 
-Every point certified at eps that PGD breaks raises ``RuntimeError('SOUNDNESS BUG ...')``.
+Every point certified at eps (by any sound certificate) that PGD breaks raises
+``RuntimeError('SOUNDNESS BUG ...')``. Logits and the attack run at the highest matmul
+precision. With ``config.progress`` each long phase shows a tqdm bar or a line (stderr).
 """
 
 from __future__ import annotations
@@ -20,12 +28,17 @@ import dataclasses
 import functools
 import json
 import os
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 
-from crmjax import attacks, certify, checkpoint, data, liplt, models, soundness, train
+from crmjax import (attacks, certify, checkpoint, data, liplt, models, refinement, soundness,
+                    train)
 
 LOSS_LABELS = {"crm": "CRM", "ce": "standard CE", "gloro": "GloRo"}
 ESTIMATE_KIND = "power-iteration estimate (lower estimate, not guaranteed)"
@@ -129,7 +142,10 @@ def certified_curve(radii: np.ndarray, eps: np.ndarray) -> np.ndarray:
 
 
 def lipschitz_table(net, power: liplt.PowerState, *, num_classes: int, power_iters: int,
-                    sound_iters: int) -> dict:
+                    sound_iters: int, estimator: str = "lanczos",
+                    key: int | jax.Array | None = None, failure_prob: float = 1e-6,
+                    exact_max_dim: int = soundness.EXACT_MAX_DIM, progress: bool = False
+                    ) -> dict:
   """Table 2: mean pairwise Lipschitz bounds of every method and mode, sound and estimated.
 
   Each mode is turned into a ``(K, K)`` pairwise matrix (``liplt.as_pairwise``:
@@ -140,18 +156,28 @@ def lipschitz_table(net, power: liplt.PowerState, *, num_classes: int, power_ite
     power: the checkpoint's warm ``PowerState``.
     num_classes: K.
     power_iters: power iterations of the estimate, from ``power``.
-    sound_iters: power iterations of the sound bound's probabilistic norms.
+    sound_iters: Lanczos steps (or power iterations) of the sound bound's probabilistic norms.
+    estimator, key, failure_prob, exact_max_dim, progress: of ``soundness.sound_bounds``.
 
   Returns:
     ``{'sound': {method: {mode: mean}}, 'estimate': {...}, 'kinds': {'sound': {method:
-    {mode: kind}}, 'estimate': kind}, 'pairwise_sound': {method: (K, K) ndarray}}``.
+    {mode: kind}}, 'estimate': kind}, 'pairwise_sound': {method: (K, K) ndarray},
+    'pairwise_estimate': {method: (K, K) ndarray}, 'info': {method: sound bound info, with
+    'seconds'}}``.
   """
   out = {"sound": {}, "estimate": {}, "kinds": {"sound": {}, "estimate": ESTIMATE_KIND},
-         "pairwise_sound": {}}
+         "pairwise_sound": {}, "pairwise_estimate": {}, "info": {}}
   for method in liplt.METHODS:
     out["sound"][method], out["estimate"][method], out["kinds"]["sound"][method] = {}, {}, {}
+    _phase(f"sound {method} bound ({estimator}, {sound_iters} steps where not exact)",
+           progress)
+    t0 = time.perf_counter()
     bounds, info = soundness.sound_bounds(net, method=method, modes=liplt.MODES, warm=power,
-                                          num_iters=sound_iters)
+                                          num_iters=sound_iters, estimator=estimator, key=key,
+                                          failure_prob=failure_prob,
+                                          exact_max_dim=exact_max_dim, progress=progress)
+    info["seconds"] = time.perf_counter() - t0
+    out["info"][method] = info
     for mode in liplt.MODES:
       bound = bounds[mode]
       if mode == "pairwise":
@@ -159,32 +185,88 @@ def lipschitz_table(net, power: liplt.PowerState, *, num_classes: int, power_ite
       pair = liplt.as_pairwise(jnp.asarray(bound), mode=mode, num_classes=num_classes)
       out["sound"][method][mode] = certify.mean_pairwise(np.asarray(pair))
       out["kinds"]["sound"][method][mode] = info["kind"]
-      fn = jax.jit(functools.partial(liplt.lipschitz_bound, method=method, mode=mode,
-                                     num_iters=power_iters))
-      est, _ = fn(net, power)
+
+      def estimate(n, s, mode=mode, method=method):
+        with jax.default_matmul_precision("highest"):
+          return liplt.lipschitz_bound(n, s, method=method, mode=mode, num_iters=power_iters)
+
+      est, _ = jax.jit(estimate)(net, power)
+      if mode == "pairwise":
+        out["pairwise_estimate"][method] = np.asarray(est)
       pair = liplt.as_pairwise(est, mode=mode, num_classes=num_classes)
       out["estimate"][method][mode] = certify.mean_pairwise(np.asarray(pair))
   return out
 
 
+def _phase(message: str, progress: bool) -> None:
+  """One line on stderr when a long phase starts (``progress``), above any tqdm bar."""
+  if progress:
+    tqdm.tqdm.write(f"[certify] {message} ...", file=sys.stderr)
+
+
+def certificate_row(bound: np.ndarray, info: dict | None, logits: np.ndarray,
+                    labels: np.ndarray, *, eps: float, extra_eps=(), seconds: float = 0.0
+                    ) -> tuple[dict, np.ndarray]:
+  """Certified accuracy of one pairwise bound, with what the bound is (JSON-ready).
+
+  Args:
+    bound: ``(K, K)`` pairwise bound.
+    info: ``soundness`` info of a sound bound, or ``None`` for the estimate.
+    logits, labels: the test points.
+    eps, extra_eps: the radii reported.
+    seconds: wall time of the bound.
+
+  Returns:
+    ``(row, radii)``.
+  """
+  radii = certify.radii_of(logits, labels, bound)
+  row = {"certified_accuracy": certify.certified_accuracy(radii, eps),
+         "certified_accuracy_at": {certify.eps_key(e): certify.certified_accuracy(radii, e)
+                                   for e in (eps, *extra_eps)},
+         "mean_pairwise": certify.mean_pairwise(bound), "seconds": seconds}
+  if info is None:
+    row["kind"] = ESTIMATE_KIND
+    return row, radii
+  row.update({k: info[k] for k in ("kind", "method", "estimator", "failure_probability", "key",
+                                    "exact_norms", "probabilistic_norms", "max_rel_err",
+                                    "rescaling") if k in info})
+  row["num_iters"] = info.get("num_iters", 0)
+  return row, radii
+
+
+def pgd_attack(model: models.Model, params, *, eps: float, num_steps: int, num_restarts: int):
+  """Jitted ``(x, y, key) -> success`` of l2 PGD (margin loss), traced at the highest matmul
+  precision (as the logits of the certificates it checks)."""
+  logits_fn = functools.partial(model.apply, params)
+
+  def attack_fn(x, y, k):
+    with jax.default_matmul_precision("highest"):
+      return attacks.pgd_l2(logits_fn, x, y, key=k, eps=eps, num_steps=num_steps,
+                            num_restarts=num_restarts, loss="margin").success
+
+  return jax.jit(attack_fn)
+
+
 def pgd_success(model: models.Model, params, images: np.ndarray, labels: np.ndarray, *,
-                eps: float, num_steps: int, num_restarts: int, batch_size: int, seed: int
-                ) -> np.ndarray:
+                eps: float, num_steps: int, num_restarts: int, batch_size: int, seed: int,
+                progress: bool = False) -> np.ndarray:
   """Whether l2 PGD (margin loss) breaks each point at ``eps``.
+
+  The logits of the attack are computed at the highest matmul precision (as the logits of
+  the certificates it checks).
 
   Args:
     images: uint8 ``(N, H, W, C)``; attacked in [0, 1] pixel space.
     labels: ``(N,)``.
+    progress: a tqdm bar over the batches (stderr).
 
   Returns:
     ``(N,)`` bool; misclassified points count as broken.
   """
-  logits_fn = functools.partial(model.apply, params)
-  attack = jax.jit(lambda x, y, k: attacks.pgd_l2(
-      logits_fn, x, y, key=k, eps=eps, num_steps=num_steps, num_restarts=num_restarts,
-      loss="margin").success)
+  attack = pgd_attack(model, params, eps=eps, num_steps=num_steps, num_restarts=num_restarts)
   key, out = jax.random.key(seed), []
-  for i in range(0, len(images), batch_size):
+  for i in tqdm.trange(0, len(images), batch_size, desc="PGD", unit=" batches",
+                       disable=not progress, file=sys.stderr, leave=False):
     x = images[i:i + batch_size].astype(np.float32) / np.float32(255)
     y, n = labels[i:i + batch_size], len(labels[i:i + batch_size])
     pad = batch_size - n if len(images) > batch_size else 0  # one compiled shape
@@ -194,14 +276,52 @@ def pgd_success(model: models.Model, params, images: np.ndarray, labels: np.ndar
 
 
 def _sound_iters(config, run: Run) -> int:
-  return config.sound_power_iters or run.config.sound_power_iters
+  return config.sound_iters or run.config.sound_power_iters
 
 
-def _sound_radii(run: Run, logits, labels, sound_iters) -> tuple[np.ndarray, dict]:
+def _key(config) -> int:
+  """The seed of every sound bound of the report: ``config.key``, or fresh OS entropy."""
+  return soundness.seed_of(None if config.key < 0 else config.key)
+
+
+def _sound_radii(run: Run, logits, labels, sound_iters, *, key, config
+                 ) -> tuple[np.ndarray, dict]:
   bound, info = soundness.sound_bound(run.model.lipnet(run.state.params), method="liplt",
                                       mode="pairwise", warm=run.state.power,
-                                      num_iters=sound_iters)
+                                      num_iters=sound_iters, estimator=config.sound_estimator,
+                                      key=key, failure_prob=config.failure_prob,
+                                      exact_max_dim=config.exact_max_dim,
+                                      progress=config.progress)
   return certify.radii_of(logits, labels, bound), info
+
+
+def refined_bound(net, power: liplt.PowerState, *, steps: int, sound_iters: int,
+                  estimator: str = "lanczos", key: int | jax.Array | None = None,
+                  failure_prob: float = 1e-6, exact_max_dim: int = soundness.EXACT_MAX_DIM,
+                  progress: bool = False) -> tuple[np.ndarray, dict]:
+  """The sound pairwise LipLT bound of the rescaling D optimised for it (Theorem 3.2).
+
+  ``refinement.optimize_scales`` chooses ``D`` (the best of ``D = I``, AOL and ``steps`` Adam
+  steps on the mean pairwise bound, judged by its own objective); the sound bound of
+  ``rescale(net, D)`` (valid for every ``D > 0``) is then computed from its own random
+  start, independent of how ``D`` was chosen.
+
+  Returns:
+    ``(bound (K, K), info)``; ``info`` has the sound bound's fields plus ``'scales'`` (the
+    chosen candidate and the candidates' objective values) and ``'seconds'`` (total).
+  """
+  t0 = time.perf_counter()
+  _phase(f"optimising the rescaling D ({steps} Adam steps)", progress)
+  scales, opt = refinement.optimize_scales(net, mode="pairwise", steps=steps)
+  _phase(f"sound bound of the rescaled network ({estimator})", progress)
+  bound, info = soundness.sound_bound(net, scales=scales, mode="pairwise", warm=power,
+                                      num_iters=sound_iters, estimator=estimator, key=key,
+                                      failure_prob=failure_prob, exact_max_dim=exact_max_dim,
+                                      progress=progress)
+  info["scales"] = {"chosen": opt["chosen"], "candidates": opt["candidates"],
+                    "norms": opt["norms"], "steps": steps}
+  info["seconds"] = time.perf_counter() - t0
+  return bound, info
 
 
 # ------------------------------------------------------------------------- the job
@@ -225,24 +345,57 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   images, labels = load_test(run, data_dir=config.data_dir, subset=config.test_subset,
                              download=config.download)
   eps = float(config.eps or run.config.eps)
+  extra_eps = tuple(float(e) for e in config.extra_eps)
   params, power, K = run.state.params, run.state.power, run.model.num_classes
-  sound_iters = _sound_iters(config, run)
+  sound_iters, key, progress = _sound_iters(config, run), _key(config), config.progress
+  net = run.model.lipnet(params)
+  _phase(f"logits of {len(labels)} test points", progress)
   logits = certify.batched_logits(run.model, params, images, batch_size=config.eval_batch_size)
   clean = logits.argmax(1) == labels
 
-  lip = lipschitz_table(run.model.lipnet(params), power, num_classes=K,
-                        power_iters=config.power_iters, sound_iters=sound_iters)
+  sound_kw = dict(key=key, failure_prob=config.failure_prob,
+                  exact_max_dim=config.exact_max_dim, progress=progress)
+  lip = lipschitz_table(net, power, num_classes=K, power_iters=config.power_iters,
+                        sound_iters=sound_iters, estimator=config.sound_estimator, **sound_kw)
   radii = {m: certify.radii_of(logits, labels, lip["pairwise_sound"][m])
            for m in liplt.METHODS}
 
+  # The pairwise LipLT certificate computed every way (table "certificates").
+  row = functools.partial(certificate_row, logits=logits, labels=labels, eps=eps,
+                          extra_eps=extra_eps)
+  certs, cert_radii = {}, {}
+  certs["estimate"], _ = row(lip["pairwise_estimate"]["liplt"], None)
+  certs["estimate"]["num_iters"] = config.power_iters
+  if config.compare_power and config.sound_estimator != "power":
+    _phase(f"sound liplt bound, power method ({config.power_sound_iters} iterations)",
+           progress)
+    t0 = time.perf_counter()
+    bound, info = soundness.sound_bound(net, method="liplt", mode="pairwise", warm=power,
+                                        estimator="power", num_iters=config.power_sound_iters,
+                                        **sound_kw)
+    certs["sound_power"], cert_radii["sound_power"] = row(
+        bound, info, seconds=time.perf_counter() - t0)
+  info = lip["info"]["liplt"]
+  certs[f"sound_{config.sound_estimator}"], _ = row(lip["pairwise_sound"]["liplt"], info,
+                                                    seconds=info["seconds"])
+  if config.refine:
+    bound, info = refined_bound(net, power, steps=config.refine_steps, sound_iters=sound_iters,
+                                estimator=config.sound_estimator, **sound_kw)
+    certs["sound_refined"], cert_radii["sound_refined"] = row(bound, info,
+                                                              seconds=info["seconds"])
+    certs["sound_refined"]["scales"] = info["scales"]
+
   n = min(config.pgd_subset, len(labels)) if config.pgd_subset else len(labels)
+  _phase(f"PGD on {n} points ({config.pgd_steps} steps x {config.pgd_restarts} restarts)",
+         progress)
   broken = pgd_success(run.model, params, images[:n], labels[:n], eps=eps,
                        num_steps=config.pgd_steps, num_restarts=config.pgd_restarts,
-                       batch_size=config.pgd_batch_size, seed=config.seed)
+                       batch_size=config.pgd_batch_size, seed=config.seed, progress=progress)
   where = f"eps={eps:.6g}, {run.model.name}, {workdir}"
-  for m in liplt.METHODS:
-    attacks.raise_on_violation(radii[m][:n] > eps, broken,
-                               context=f"sound pairwise {m} bound, {where}")
+  checked = {f"sound pairwise {m} bound": radii[m] for m in liplt.METHODS}
+  checked |= {f"{name} pairwise liplt bound": r for name, r in cert_radii.items()}
+  for what, r in checked.items():
+    attacks.raise_on_violation(r[:n] > eps, broken, context=f"{what}, {where}")
   table1 = {
       "eps": eps, "num_test": int(len(labels)), "num_pgd": int(n),
       "clean_accuracy": float(clean.mean()),
@@ -254,11 +407,14 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "bound_kind": lip["kinds"]["sound"]["liplt"]["pairwise"],
       "pgd": {"loss": "margin", "steps": config.pgd_steps, "restarts": config.pgd_restarts},
   }
+  if "sound_refined" in certs:
+    table1["refined_certified_accuracy"] = certs["sound_refined"]["certified_accuracy"]
   check = {"points_attacked": int(n), "pgd_broken": int(broken.sum()),
            "certified_liplt": int((radii["liplt"][:n] > eps).sum()),
            "certified_naive": int((radii["naive"][:n] > eps).sum()),
-           "violations": sum(attacks.check_certificates(radii[m][:n] > eps, broken)
-                             for m in liplt.METHODS)}
+           "certificates_checked": sorted(checked),
+           "violations": sum(attacks.check_certificates(r[:n] > eps, broken)
+                             for r in checked.values())}
 
   curves = {f"{run.label}, naive": radii["naive"], f"{run.label}, LipLT": radii["liplt"]}
   compare = None
@@ -269,7 +425,8 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        f"{other.config.dataset} run, {workdir} is {run.config.dataset}")
     o_logits = certify.batched_logits(other.model, other.state.params, images,
                                       batch_size=config.eval_batch_size)
-    o_radii, info = _sound_radii(other, o_logits, labels, _sound_iters(config, other))
+    o_radii, info = _sound_radii(other, o_logits, labels, _sound_iters(config, other),
+                                 key=key, config=config)
     label = f"{other.label}, LipLT"
     if label in curves:
       label = f"{other.label} ({os.path.basename(os.path.normpath(other.workdir))}), LipLT"
@@ -291,10 +448,13 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "run": {"workdir": workdir, "step": int(run.state.step), "model": run.model.name,
               "dataset": run.config.dataset, "loss": run.config.loss},
       "table1": table1,
+      "certificates": certs,
       "table2": {k: lip[k] for k in ("sound", "estimate", "kinds")} | {
           "columns": {"pairwise": "mean L_ij", "per_class": "mean (L_i + L_j)",
                       "global": "sqrt(2) L"},
-          "power_iters": config.power_iters, "sound_power_iters": sound_iters},
+          "power_iters": config.power_iters, "sound_iters": sound_iters,
+          "sound_estimator": config.sound_estimator,
+          "sound_bounds": {m: _compact(lip["info"][m]) for m in liplt.METHODS}},
       "figure1": {"eps": grid.tolist(), "curves": {k: v.tolist() for k, v in curve_vals.items()},
                   "criterion": "radius > eps", "png": png},
       "soundness_check": check,
@@ -303,6 +463,12 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with open(os.path.join(outdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   return results
+
+
+def _compact(info: dict) -> dict:
+  """A sound bound's info without the per-operator list (``norms``) and tables."""
+  drop = ("norms", "interior_norms", "interior_bounds", "layer_norms")
+  return {k: v for k, v in info.items() if k not in drop}
 
 
 # ---------------------------------------------------------------------- output
@@ -352,7 +518,45 @@ def format_table2(results: dict) -> str:
       vals = "".join(f"{t[kind][method][m]:>12.4g}" for m in liplt.MODES)
       lines.append(f"{method + ' (' + kind + ')':<22}{vals}")
   lines.append(f"sound: {t['kinds']['sound']['liplt']['pairwise']} "
-               f"({t['sound_power_iters']} power iterations where not exact)")
+               f"({t['sound_iters']} {t['sound_estimator']} steps where not exact)")
   lines.append(f"estimate: {t['kinds']['estimate']}, {t['power_iters']} warm-started "
                "power iterations from the checkpoint")
   return "\n".join(lines)
+
+
+CERTIFICATE_LABELS = {
+    "estimate": "estimate (power iteration, not guaranteed)",
+    "sound_power": "sound, power method (former)",
+    "sound_lanczos": "sound, Lanczos",
+    "sound_refined": "sound, refined D (Thm 3.2 rescaling)",
+}
+
+
+def format_certificates(results: dict) -> str:
+  """The pairwise LipLT certificate computed every way, as plain text (``certificates``)."""
+  t, certs = results["table1"], results["certificates"]
+  head = (f"{'pairwise LipLT bound':<40}{'cert. %':>9}{'mean L_ij':>11}{'seconds':>9}  "
+          "kind")
+  lines = [f"Certified accuracy at eps = {t['eps']:.4g}", head]
+  for name, c in certs.items():
+    label = CERTIFICATE_LABELS.get(name, name)
+    kind = c["kind"]
+    if c.get("probabilistic_norms"):
+      kind += (f"; {c['exact_norms']} exact + {c['probabilistic_norms']} {c['estimator']} "
+               f"norms, {c['num_iters']} steps, key {c['key']}")
+    elif "exact_norms" in c:
+      kind += f"; {c['exact_norms']} exact norms"
+    lines.append(f"{label:<40}{100 * c['certified_accuracy']:>9.2f}{c['mean_pairwise']:>11.5g}"
+                 f"{c['seconds']:>9.1f}  {kind}")
+  if "sound_refined" in certs:
+    sc = certs["sound_refined"]["scales"]
+    lines.append(f"refined D: {sc['chosen']} of " +
+                 ", ".join(f"{k} {v:.5g}" for k, v in sc["candidates"].items()) +
+                 f" (mean L_ij by the optimiser's {sc['norms']} objective)")
+  first = next(iter(certs.values()))["certified_accuracy_at"]
+  if any(k != certify.eps_key(t["eps"]) for k in first):
+    for name, c in certs.items():
+      lines.append(f"{CERTIFICATE_LABELS.get(name, name)} at other radii: " + ", ".join(
+          f"{k}: {100 * v:.2f}%" for k, v in c["certified_accuracy_at"].items()))
+  return "\n".join(lines)
+

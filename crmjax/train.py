@@ -8,6 +8,7 @@ latest checkpoint when rerun with the same workdir, and ends with a test evaluat
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -17,14 +18,17 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tqdm
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from crmjax import certify, checkpoint, data, liplt, losses, models
+from crmjax import certify, checkpoint, data, input_pipeline, liplt, losses, models, summary
 
 LOSSES = ("crm", "ce", "gloro")
+
+log = logging.getLogger(__name__)
 
 
 @struct.dataclass
@@ -36,14 +40,12 @@ class TrainState:
     params: the model's params.
     opt_state: the optax state (it carries the learning-rate schedule count).
     power: ``crmjax.liplt.PowerState``, the warm-started power-iteration vectors.
-    key: raw ``uint32`` PRNG key data for any randomness of the step.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   power: liplt.PowerState
-  key: jax.Array
 
 
 class TrainingDiverged(FloatingPointError):
@@ -95,6 +97,22 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         "use an integer epoch >= 0 (past num_epochs: a constant rate)")
   if config.crm.warmup_epochs < 0:
     bad("crm.warmup_epochs", config.crm.warmup_epochs, "use an integer >= 0")
+  if config.get("init", "flax") not in models.INIT_SCHEMES:
+    bad("init", config.init, f"use one of {list(models.INIT_SCHEMES)}")
+  if config.get("lr_schedule", "exponential") not in LR_SCHEDULES:
+    bad("lr_schedule", config.lr_schedule, f"use one of {list(LR_SCHEDULES)}")
+  if not config.get("final_learning_rate", 1.0) > 0:
+    bad("final_learning_rate", config.final_learning_rate, "use a positive rate")
+  if not config.get("weight_decay", 0.0) >= 0:
+    bad("weight_decay", config.weight_decay, "use a decay >= 0 (0: plain Adam)")
+  if not config.get("grad_clip_norm", 0.0) >= 0:
+    bad("grad_clip_norm", config.grad_clip_norm, "use a norm >= 0 (0: no clipping)")
+  if config.crm.get("normalize", "correct") not in losses.PENALTY_NORMALIZATIONS:
+    bad("crm.normalize", config.crm.normalize,
+        f"use one of {list(losses.PENALTY_NORMALIZATIONS)}")
+  if not (isinstance(config.get("eval_every_epochs", 0), int)
+          and config.get("eval_every_epochs", 0) >= 0):
+    bad("eval_every_epochs", config.eval_every_epochs, "use an integer >= 0 (0: never)")
 
 
 def make_model(config: ml_collections.ConfigDict) -> models.Model:
@@ -104,21 +122,51 @@ def make_model(config: ml_collections.ConfigDict) -> models.Model:
                           num_classes=info.num_classes, normalize=normalize)
 
 
+LR_SCHEDULES = ("exponential", "cosine", "one_cycle")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, *,
+                           steps_per_epoch: int = 1) -> optax.Schedule:
+  """The learning rate per step, by ``config.lr_schedule``.
+
+  * ``'exponential'`` (default): ``learning_rate`` until ``lr_decay_start_epoch``, then an
+    exponential decay to ``final_learning_rate`` at ``total_steps`` (the paper's decay when
+    the start is 0; the reference implementation's ``learningRateDecayEpoch`` otherwise).
+  * ``'cosine'``: a linear warm-up from 0 over ``lr_warmup_epochs``, then a cosine decay to
+    ``final_learning_rate`` (``optax.warmup_cosine_decay_schedule``).
+  * ``'one_cycle'``: ``optax.cosine_onecycle_schedule`` peaking at ``learning_rate`` after
+    ``lr_warmup_epochs`` (from ``learning_rate / 25``), ending at ``final_learning_rate``.
+  """
+  kind = config.get("lr_schedule", "exponential")
+  lr, final = config.learning_rate, config.final_learning_rate
+  warmup = min(int(config.get("lr_warmup_epochs", 0)) * steps_per_epoch, total_steps)
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup,
+                                              decay_steps=max(total_steps, warmup + 1),
+                                              end_value=final)
+  if kind == "one_cycle":
+    return optax.cosine_onecycle_schedule(max(total_steps, 2), lr,
+                                          pct_start=max(warmup, 1) / max(total_steps, 2),
+                                          div_factor=25.0,
+                                          final_div_factor=lr / 25.0 / final)
+  start = min(int(config.get("lr_decay_start_epoch", 0)) * steps_per_epoch, total_steps)
+  decay = optax.exponential_decay(lr, transition_steps=max(total_steps - start, 1),
+                                  decay_rate=final / lr)
+  return optax.join_schedules([optax.constant_schedule(lr), decay], [start])
+
+
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
                    steps_per_epoch: int = 1) -> optax.GradientTransformation:
-  """Adam; the rate is ``learning_rate`` until ``lr_decay_start_epoch``, then decays
-  exponentially to ``final_learning_rate`` at ``total_steps``.
+  """Adam (AdamW when ``weight_decay > 0``) with ``learning_rate_schedule``, after an
+  optional global-norm gradient clip (``grad_clip_norm > 0``).
 
-  ``lr_decay_start_epoch = 0`` is the paper's decay over the whole run; the reference
-  implementation's ``learningRateDecayEpoch`` is the same knob. ``final_learning_rate ==
-  learning_rate`` is a constant rate.
+  With neither option the transformation is plain ``optax.adam`` (checkpoints of earlier
+  runs keep restoring).
   """
-  start = min(int(config.get("lr_decay_start_epoch", 0)) * steps_per_epoch, total_steps)
-  decay = optax.exponential_decay(
-      config.learning_rate, transition_steps=max(total_steps - start, 1),
-      decay_rate=config.final_learning_rate / config.learning_rate)
-  lr = optax.join_schedules([optax.constant_schedule(config.learning_rate), decay], [start])
-  return optax.adam(lr)
+  lr = learning_rate_schedule(config, total_steps, steps_per_epoch=steps_per_epoch)
+  wd, clip = config.get("weight_decay", 0.0), config.get("grad_clip_norm", 0.0)
+  tx = optax.adamw(lr, weight_decay=wd) if wd else optax.adam(lr)
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
 
 
 def penalty_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int
@@ -136,13 +184,13 @@ def penalty_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int
   return lam, r0
 
 
-def create_state(model: models.Model, tx: optax.GradientTransformation, seed: int
-                 ) -> TrainState:
-  k_params, k_power, k_state = jax.random.split(jax.random.key(seed), 3)
-  params = model.init(k_params)
+def create_state(model: models.Model, tx: optax.GradientTransformation, seed: int, *,
+                 init: str = "flax") -> TrainState:
+  """A fresh train state; ``init`` is ``models.INIT_SCHEMES`` (``'flax'`` or ``'torch'``)."""
+  k_params, k_power = jax.random.split(jax.random.key(seed))
+  params = model.init(k_params, scheme=init)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    power=liplt.init_state(model.lipnet(params), k_power),
-                    key=jax.random.key_data(k_state))
+                    power=liplt.init_state(model.lipnet(params), k_power))
 
 
 def pairwise_bound(model: models.Model, params, power: liplt.PowerState, *, method: str,
@@ -180,7 +228,8 @@ def make_train_step(model: models.Model, tx: optax.GradientTransformation,
     else:
       loss, aux = losses.crm_loss(logits, labels, lip, lam=lam_fn(step),
                                   temperature=config.crm.temperature, r0=r0_fn(step),
-                                  penalty=losses.PENALTIES[config.crm.get("penalty", "exp")])
+                                  penalty=losses.PENALTIES[config.crm.get("penalty", "exp")],
+                                  normalize=config.crm.get("normalize", "correct"))
     K = lip.shape[0]
     aux["lip"] = jnp.sum(lip) / (K * (K - 1))
     return loss, (aux, power)
@@ -216,7 +265,7 @@ def jit_step(step_fn: Callable, replicated: NamedSharding, batch: NamedSharding)
 def _global_batches(it, sharding):
   """Host batches -> global arrays: prefetched to device (one process) or assembled."""
   if jax.process_count() == 1:
-    return data.prefetch_to_device(it, size=2, sharding=sharding)
+    return input_pipeline.prefetch_to_device(it, size=2, sharding=sharding)
   n, i = jax.process_count(), jax.process_index()
 
   def assemble():
@@ -228,18 +277,13 @@ def _global_batches(it, sharding):
 
 
 def _load(config, split):
+  """A split (validated by ``data.load_split``: dtype, shape, label range), cut to the subset."""
   images, labels = data.load_split(config.dataset, split, data_dir=config.data_dir or None,
-                                   download=config.download)
+                                   download=config.download,
+                                   download_url=config.get("download_url") or None)
   limit = config.train_subset if split == "train" else config.test_subset
   if limit:
     images, labels = images[:limit], labels[:limit]
-  info = data.dataset_info(config.dataset)
-  if tuple(images.shape[1:]) != tuple(info.image_shape):
-    raise ValueError(f"{config.dataset} {split} images have shape {images.shape[1:]}, the "
-                     f"model expects {info.image_shape}: check --config.data_dir")
-  if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
-    raise ValueError(f"{config.dataset} {split} labels must lie in [0, {info.num_classes}), "
-                     f"found [{labels.min()}, {labels.max()}]: check the data files")
   return images, labels
 
 
@@ -247,6 +291,40 @@ def _meta(config, model, step, spe):
   return {"architecture": model.name, "dataset": config.dataset, "step": int(step),
           "epoch": int(step) // spe, "step_in_epoch": int(step) % spe,
           "config": json.loads(config.to_json_best_effort())}
+
+
+def make_epoch_eval(model: models.Model, config: ml_collections.ConfigDict, test_x, test_y
+                    ) -> Callable[[TrainState], dict]:
+  """A cheap test evaluation for the per-epoch curves (``eval_every_epochs``).
+
+  Clean accuracy and the certified accuracy at ``eps`` with the power-iteration ESTIMATE of
+  the pairwise bound (``eval_power_iters`` warm-started iterations; not a certificate: the
+  final evaluation certifies with the sound bound). Compiled once.
+  """
+  if config.get("epoch_eval_subset", 0):
+    test_x, test_y = test_x[:config.epoch_eval_subset], test_y[:config.epoch_eval_subset]
+  @jax.jit
+  def epoch_bound(params, power):
+    return pairwise_bound(model, params, power, method=config.bound, mode="pairwise",
+                          num_iters=config.eval_power_iters)[0]
+
+  @jax.jit
+  def epoch_logits(params, images):
+    if images.dtype == jnp.uint8:  # pixel space [0, 1], as the input pipeline feeds it
+      images = images.astype(jnp.float32) / 255.0
+    return model.apply(params, images)
+
+  def evaluate(state: TrainState) -> dict:
+    size = config.eval_batch_size
+    logits = np.concatenate([np.asarray(epoch_logits(state.params, test_x[i:i + size]))
+                             for i in range(0, len(test_x), size)])
+    lip = np.asarray(epoch_bound(state.params, state.power))
+    radii = certify.radii_of(logits, test_y, lip)
+    return {"test/clean_accuracy": float((logits.argmax(1) == test_y).mean()),
+            "test/certified_accuracy_estimate": certify.certified_accuracy(radii, config.eps),
+            "test/mean_pairwise_lipschitz_estimate": certify.mean_pairwise(lip)}
+
+  return evaluate
 
 
 def _finite_or_raise(metrics: dict, step: int, ckpt: checkpoint.Checkpointer):
@@ -276,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = make_model(config)
   train_x, train_y = _load(config, "train")
   test_x, test_y = _load(config, "test")
-  spe = data.steps_per_epoch(len(train_x), config.batch_size, True)
+  spe = input_pipeline.steps_per_epoch(len(train_x), config.batch_size, True)
   if spe == 0:
     raise ValueError(f"--config.batch_size={config.batch_size} exceeds the {len(train_x)} "
                      "training examples: lower it")
@@ -284,78 +362,100 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   warm_epochs = config.crm.warmup_epochs if config.loss == "crm" else 0
   tx = make_optimizer(config, total, steps_per_epoch=spe)
   replicated, batch_sharding = make_mesh()
-  state = jax.device_put(create_state(model, tx, config.seed), replicated)
-
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=config.max_checkpoints)
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state, expected_meta={"architecture": model.name,
-                                                     "dataset": config.dataset})
-    print(f"resumed from step {int(state.step)} (epoch {meta['epoch']}) in {ckpt.directory}")
+  state = jax.device_put(create_state(model, tx, config.seed, init=config.get("init", "flax")),
+                         replicated)
 
   regular = config.loss != "ce"
   steps = {reg: jit_step(make_train_step(model, tx, config, regularized=reg,
                                          steps_per_epoch=spe), replicated, batch_sharding)
            for reg in {False, regular}}
-  augment = data.Augment(random_crop_padding=config.augment.crop_padding,
-                         horizontal_flip=config.augment.flip)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  augment = input_pipeline.Augment(
+      random_crop_padding=config.augment.crop_padding, horizontal_flip=config.augment.flip,
+      rotation_degrees=config.augment.get("rotation_degrees", 0.0),
+      translation=config.augment.get("translation", 0.0), fill=config.augment.get("fill", 0.0))
+  lr_fn = learning_rate_schedule(config, total, steps_per_epoch=spe)
+  lam_fn = penalty_schedules(config, spe)[0] if config.loss == "crm" else None
 
-  step = int(state.step)
-  stop_at = step + config.stop_after_steps if config.stop_after_steps else total
-  try:
-    while step < min(total, stop_at):
-      epoch, start = divmod(step, spe)
-      step_fn = steps[regular and epoch >= warm_epochs]
-      batches = data.epoch_batches(train_x, train_y, batch_size=config.batch_size,
-                                   seed=config.seed, epoch=epoch, start_step=start,
-                                   augment=augment if (augment.random_crop_padding or
-                                                       augment.horizontal_flip) else None)
-      t0, sums, count = time.time(), None, 0
-      bar = tqdm.tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                      file=sys.stdout, dynamic_ncols=True, mininterval=1.0,
-                      disable=not config.progress_bar)
-      for x, y in _global_batches(batches, batch_sharding):
-        state, m = step_fn(state, x, y)
-        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-        count += 1
-        step += 1
-        bar.update(1)
-        last_of_epoch = step % spe == 0
-        if count % config.log_every_steps == 0 or last_of_epoch or \
-            step % config.checkpoint_every_steps == 0:
-          avg = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-          _finite_or_raise(avg, step, ckpt)
-          bar.set_postfix({k: f"{avg[k]:.4g}" for k in ("loss", "accuracy", "radius")
-                           if k in avg})
-        if step % config.checkpoint_every_steps == 0 or last_of_epoch or step == stop_at:
-          ckpt.save(step, state, _meta(config, model, step, spe))
-        if step == stop_at:
-          break
-      bar.close()
-      record = {"epoch": epoch + 1, "step": step, "epoch_time_s": time.time() - t0,
-                **{f"train/{k}": float(v) / max(count, 1)
-                   for k, v in jax.device_get(sums or {}).items()}}
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in record.items()))
-  finally:
-    ckpt.wait()
-  if step < total:
-    ckpt.close()
-    print(f"stopped at step {step} of {total} (--config.stop_after_steps); rerun the same "
-          "command to continue")
-    return {"step": step, "stopped": True}
+  def schedules(step: int) -> dict:
+    values = {"learning_rate": float(lr_fn(step))}
+    if lam_fn is not None:
+      values["lambda"] = float(lam_fn(step)) if step // spe >= warm_epochs else 0.0
+    return values
 
-  result = certify.evaluate(model, state.params, state.power, test_x, test_y, eps=config.eps,
-                            batch_size=config.eval_batch_size,
-                            num_iters=config.eval_power_iters, method=config.bound,
-                            sound=config.sound_eval, sound_iters=config.sound_power_iters)
-  result.update({"step": step, "model": model.name, "dataset": config.dataset})
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(metrics_path, "a") as f:
-    f.write(json.dumps({"final": result}) + "\n")
-  ckpt.close()
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               max_to_keep=config.max_checkpoints) as ckpt, \
+      summary.MetricWriter(workdir, tensorboard=config.get("tensorboard", True)) as writer:
+    if ckpt.latest_step() is not None:
+      state, meta = ckpt.restore(state, expected_meta={"architecture": model.name,
+                                                       "dataset": config.dataset})
+      log.info("resumed from step %d (epoch %d) in %s", int(state.step), meta["epoch"],
+               ckpt.directory)
+
+    epoch_eval = None
+    step = int(state.step)
+    stop_at = step + config.stop_after_steps if config.stop_after_steps else total
+    try:
+      while step < min(total, stop_at):
+        epoch, start = divmod(step, spe)
+        step_fn = steps[regular and epoch >= warm_epochs]
+        batches = input_pipeline.epoch_batches(train_x, train_y, batch_size=config.batch_size,
+                                               seed=config.seed, epoch=epoch, start_step=start,
+                                               augment=augment)
+        t0, sums, count, window, wcount = time.time(), None, 0, None, 0
+        bar = tqdm.tqdm(total=spe, initial=start,
+                        desc=f"epoch {epoch + 1}/{config.num_epochs}", file=sys.stdout,
+                        dynamic_ncols=True, mininterval=1.0, disable=not config.progress_bar)
+        for x, y in _global_batches(batches, batch_sharding):
+          state, m = step_fn(state, x, y)
+          sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+          window = m if window is None else jax.tree.map(jnp.add, window, m)
+          count, wcount, step = count + 1, wcount + 1, step + 1
+          bar.update(1)
+          last_of_epoch = step % spe == 0
+          if count % config.log_every_steps == 0 or last_of_epoch or \
+              step % config.checkpoint_every_steps == 0:
+            avg = {k: float(v) / wcount for k, v in jax.device_get(window).items()}
+            _finite_or_raise(avg, step, ckpt)
+            writer.scalars(step, {**{f"train/{k}": v for k, v in avg.items()},
+                                  **{f"train/{k}": v for k, v in schedules(step - 1).items()}})
+            window, wcount = None, 0
+            bar.set_postfix({k: f"{avg[k]:.4g}" for k in ("loss", "accuracy", "radius")
+                             if k in avg})
+          if step % config.checkpoint_every_steps == 0 or last_of_epoch or step == stop_at:
+            ckpt.save(step, state, _meta(config, model, step, spe))
+          if step == stop_at:
+            break
+        bar.close()
+        record = {"epoch": epoch + 1, "step": step, "epoch_time_s": time.time() - t0,
+                  **{f"train/{k}": float(v) / max(count, 1)
+                     for k, v in jax.device_get(sums or {}).items()}}
+        every = config.get("eval_every_epochs", 0)
+        if every and step % spe == 0 and (epoch + 1) % every == 0:
+          if epoch_eval is None:
+            epoch_eval = make_epoch_eval(model, config, test_x, test_y)
+          record.update(epoch_eval(state))
+        writer.record(record)
+        writer.scalars(step, {f"epoch/{k.split('/', 1)[-1]}" if k.startswith("train/") else k: v
+                              for k, v in record.items() if k not in ("epoch", "step")})
+        writer.flush()
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in record.items()))
+    finally:
+      ckpt.wait()
+    if step < total:
+      log.info("stopped at step %d of %d (--config.stop_after_steps); rerun the same command "
+               "to continue", step, total)
+      return {"step": step, "stopped": True}
+
+    result = certify.evaluate(model, state.params, state.power, test_x, test_y, eps=config.eps,
+                              batch_size=config.eval_batch_size,
+                              num_iters=config.eval_power_iters, method=config.bound,
+                              sound=config.sound_eval, sound_iters=config.sound_power_iters)
+    result.update({"step": step, "model": model.name, "dataset": config.dataset})
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    writer.record({"final": result})
+    writer.scalars(step, {f"final/{k}": v for k, v in result.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)
+                          and k != "step"})
   return result

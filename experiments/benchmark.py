@@ -14,7 +14,8 @@ the bounds alone on equal-width conv nets of growing depth; ``breakdown`` the mo
 forward and the bound's forward+backward (what the CRM step adds to cross-entropy). Prints
 markdown tables and writes JSON (``--config.output``): per model ``ms``, ``compile_s``,
 ``steps_ms`` and ``xla_memory_bytes`` by column, ``crm_ce_ratio``, ``samples_per_s_crm``,
-``peak_memory_bytes`` (None where the backend does not report it, e.g. CPU).
+``peak_memory_bytes`` (None where the backend does not report it, e.g. CPU); the JSON is
+rewritten after each model and depth (``"complete": false`` until the end).
 
 Params and power vectors are random (numpy; the speed does not depend on their values), the
 batch is random and fixed. Power vectors are threaded from step to step as in training.
@@ -23,10 +24,9 @@ batch is random and fixed. Power vectors are threaded from step to step as in tr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import statistics
-import sys
-import time
+import os
 from typing import Any, Callable
 
 import jax
@@ -34,15 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
-from ml_collections import config_flags
 
+from crmjax import data, liplt, models, train
 from crmjax import layers as L
-from crmjax import liplt, models, network, train
+from experiments import cli, timing
+from experiments.configs import benchmark as benchmark_config
 from experiments.configs import default
 
-
-_START = [time.perf_counter()]  # reset by run_benchmark; for the progress lines
 COLUMNS = ("ce", "crm_liplt", "crm_liplt_1it", "crm_naive", "liplt_bound")
 BREAKDOWN = ("ce_forward", "liplt_bound_grad", "liplt_bound_grad_0it")
 HEADERS = {
@@ -57,61 +55,9 @@ HEADERS = {
 }
 
 
-# ------------------------------------------------------------------------- timing
-
-
-def compile_fn(fn: Callable, args: tuple) -> tuple[Any, float]:
-  """``fn.lower(*args).compile()`` (``fn`` jitted) and its wall time in seconds."""
-  t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return compiled, time.perf_counter() - t0
-
-
-def xla_memory_bytes(compiled) -> int | None:
-  """XLA's estimate of one call's memory: arguments + outputs + temporaries - aliased."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # not every backend implements it  # noqa: BLE001
-    return None
-  if m is None:
-    return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-
-
-def time_steps(compiled, args: tuple, advance: Callable[[tuple, Any], tuple], *, steps: int,
-               warmup: int) -> list[float]:
-  """Milliseconds of each of ``steps`` calls after ``warmup`` untimed ones.
-
-  ``advance(args, outputs)`` gives the next call's arguments (the train state or the power
-  vectors are threaded through, as in training; donated inputs are never reused).
-  """
-  times = []
-  for i in range(warmup + steps):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    if i >= warmup:
-      times.append(1e3 * (time.perf_counter() - t0))
-    args = advance(args, out)
-  return times
-
-
 def measure(fn: Callable, args: tuple, advance: Callable, config) -> dict:
-  """Compiles ``fn`` (jitted), times it; ``{'ms', 'compile_s', 'steps_ms', 'xla_memory_bytes'}``."""
-  compiled, compile_s = compile_fn(fn, args)
-  times = time_steps(compiled, args, advance, steps=config.steps, warmup=config.warmup_steps)
-  return {"ms": statistics.median(times), "compile_s": compile_s, "steps_ms": times,
-          "xla_memory_bytes": xla_memory_bytes(compiled)}
-
-
-def peak_memory_bytes(devices) -> int | None:
-  """The largest ``peak_bytes_in_use`` over ``devices`` (process lifetime); None if unknown."""
-  peaks = []
-  for d in devices:
-    stats = d.memory_stats()
-    if stats and "peak_bytes_in_use" in stats:
-      peaks.append(int(stats["peak_bytes_in_use"]))
-  return max(peaks) if peaks else None
+  """``timing.measure`` with the config's timed and warm-up steps."""
+  return timing.measure(fn, args, advance, steps=config.steps, warmup=config.warmup_steps)
 
 
 # ------------------------------------------------------------------- the model table
@@ -126,6 +72,17 @@ def train_config(config: ml_collections.ConfigDict, *, bound: str, power_iters: 
   c.crm = config.crm
   c.eps = config.eps
   return c
+
+
+def paper_model(name: str, dataset: str | None = None) -> models.Model:
+  """A registered architecture on the input shape and classes of ``dataset`` (default: its
+  paper dataset, ``experiments.configs.benchmark.MODELS``; shapes from ``data.dataset_info``)."""
+  if dataset is None:
+    if name not in benchmark_config.MODELS:
+      raise ValueError(f"unknown model {name!r}; use one of {sorted(benchmark_config.MODELS)}")
+    dataset = benchmark_config.MODELS[name][0]
+  info = data.dataset_info(dataset)
+  return models.get_model(name, input_shape=info.image_shape, num_classes=info.num_classes)
 
 
 def random_batch(model: models.Model, batch_size: int, seed: int, sharding
@@ -153,7 +110,8 @@ def random_params(shapes, rng: np.random.Generator):
   """LeCun-normal kernels and zero biases of the given shapes (numpy: no PRNG compiles).
 
   The step's speed does not depend on the values; ``jax.random`` initialisation would
-  spend seconds compiling on a CPU.
+  spend seconds compiling on a CPU (a jitted ``train.create_state`` of 4C3F: 37 s on the
+  loaded 2-core CPU, this: under 1 s).
   """
   def leaf(s):
     if len(s.shape) < 2:
@@ -172,33 +130,27 @@ def random_power(shapes, rng: np.random.Generator) -> liplt.PowerState:
   return jax.tree.map(leaf, shapes)
 
 
-def init_params_power(layers: tuple, input_shape: tuple[int, ...], seed: int
-                      ) -> tuple[Any, liplt.PowerState]:
-  """Params of ``crmjax.layers.Sequential(layers)`` and power vectors of its LipLT form."""
+def random_state(model: models.Model, tx: optax.GradientTransformation, seed: int
+                 ) -> train.TrainState:
+  """A state shaped like ``train.create_state``'s, made in numpy (nothing is compiled).
+
+  The structure is ``jax.eval_shape`` of ``train.create_state``; params and power vectors
+  are random (``random_params``, ``random_power``), every other leaf is zero, as in a fresh
+  state (step 0, Adam's zero moments and count).
+  """
+  shapes = jax.eval_shape(functools.partial(train.create_state, model, tx, seed))
   rng = np.random.default_rng(seed)
-  module = L.Sequential(layers)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0),
-                                              jnp.zeros((1, *input_shape))))["params"]
-  params = random_params(shapes, rng)
-  power_shapes = jax.eval_shape(
-      lambda p: liplt.init_state(network.from_layers(layers, p, input_shape),
-                                 jax.random.key(0)), params)
-  return params, random_power(power_shapes, rng)
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  return zeros.replace(params=random_params(shapes.params, rng),
+                       power=random_power(shapes.power, rng))
 
 
 def make_setup(model: models.Model, config, devices, *, batch_size: int) -> Setup:
-  """A ``train.TrainState`` like ``train.create_state``'s (random numpy values) and a batch."""
+  """A replicated ``random_state`` and a sharded random batch."""
   tx = train.make_optimizer(train_config(config, bound="liplt", power_iters=1,
                                          batch_size=batch_size), 1000)
   replicated, batch_sharding = train.make_mesh(devices)
-  params, power = init_params_power(model.layers, model.input_shape, config.seed)
-  params = jax.device_put(params, replicated)
-  state = train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      opt_state=jax.jit(tx.init, out_shardings=replicated)(params),
-      power=jax.device_put(power, replicated),
-      key=jax.random.key_data(jax.random.key(config.seed)))
-  state = jax.device_put(state, replicated)
+  state = jax.device_put(random_state(model, tx, config.seed), replicated)
   x, y = random_batch(model, batch_size, config.seed, batch_sharding)
   return Setup(model, tx, state, x, y, replicated, batch_sharding)
 
@@ -256,13 +208,13 @@ def bound_grad_column(setup: Setup, config, *, power_iters: int) -> dict:
 
 def forward_column(setup: Setup, config) -> dict:
   fn = jax.jit(setup.model.apply)
-  return measure(fn, (setup.state.params, setup.images), lambda args, out: args, config)
+  return measure(fn, (setup.state.params, setup.images), timing.same_args, config)
 
 
-def benchmark_model(name: str, config, devices) -> dict:
+def benchmark_model(name: str, config, devices, *,
+                    progress: Callable[[str], None] = print) -> dict:
   """Every column of one model's row (``None`` where skipped)."""
-  model = models.get_model(name, input_shape=tuple(config.input_shapes[name]),
-                           num_classes=config.num_classes[name])
+  model = paper_model(name, config.datasets[name])
   batch = config.batch_sizes[name] or config.batch_size
   iters = config.power_iters[name]
   if batch % len(devices):
@@ -291,9 +243,8 @@ def benchmark_model(name: str, config, devices) -> dict:
   for column, run in runs.items():
     results[column] = None if column in skip else run()
     if results[column] is not None:
-      print(f"  [{time.perf_counter() - _START[0]:6.0f} s] {name} {column}: "
-            f"{results[column]['ms']:.1f} ms (compile {results[column]['compile_s']:.1f} s)",
-            flush=True)
+      progress(f"{name} {column}: {results[column]['ms']:.1f} ms "
+               f"(compile {results[column]['compile_s']:.1f} s)")
   ms = {k: (v["ms"] if v else None) for k, v in results.items()}
   ratio = ms["crm_liplt"] / ms["ce"] if ms["crm_liplt"] and ms["ce"] else None
   return {
@@ -309,7 +260,7 @@ def benchmark_model(name: str, config, devices) -> dict:
                            for k, v in results.items()},
       "crm_ce_ratio": ratio,
       "samples_per_s_crm": batch / (ms["crm_liplt"] / 1e3) if ms["crm_liplt"] else None,
-      "peak_memory_bytes": peak_memory_bytes(devices),
+      "peak_memory_bytes": timing.peak_memory_bytes(devices),
   }
 
 
@@ -327,23 +278,23 @@ def table_products(depth: int) -> int:
   return sum((depth - i) * (i + 1) for i in range(depth))
 
 
-def sweep_depth(depth: int, config) -> dict:
+def sweep_depth(depth: int, config, *, progress: Callable[[str], None] = print) -> dict:
   """The pairwise LipLT and naive bounds alone (forward) of one depth."""
   sc = config.sweep
-  layers = sweep_layers(depth, sc.width, sc.num_classes)
-  shape = tuple(sc.input_shape)
-  params, power = init_params_power(layers, shape, config.seed)
+  model = models.Model(f"conv{depth}", sweep_layers(depth, sc.width, sc.num_classes),
+                       tuple(sc.input_shape))
+  state = random_state(model, optax.identity(), config.seed)
+  params, power = state.params, state.power
   row = {"depth": depth, "table_products": table_products(depth)}
   for method, bound_fn in (("liplt", liplt.liplt_bound), ("naive", liplt.naive_bound)):
     fn = jax.jit(lambda p, s, bound_fn=bound_fn: bound_fn(
-        network.from_layers(layers, p, shape), s, mode="pairwise", num_iters=sc.power_iters))
+        model.lipnet(p), s, mode="pairwise", num_iters=sc.power_iters))
     convs = fn.lower(params, power).as_text().count("stablehlo.convolution")
     r = measure(fn, (params, power), _advance_power, config)
     row[method] = {"ms": r["ms"], "ms_per_layer": r["ms"] / depth,
                    "compile_s": r["compile_s"], "steps_ms": r["steps_ms"],
                    "hlo_convolutions": convs}
-    print(f"  [{time.perf_counter() - _START[0]:6.0f} s] depth {depth} {method}: {r['ms']:.1f} ms "
-          f"(compile {r['compile_s']:.1f} s)", flush=True)
+    progress(f"depth {depth} {method}: {r['ms']:.1f} ms (compile {r['compile_s']:.1f} s)")
   return row
 
 
@@ -413,9 +364,12 @@ def format_sweep_table(rows: list[dict]) -> str:
 
 def validate(config) -> None:
   for name in config.models:
-    if name not in config.input_shapes or name not in models.ARCHITECTURES:
+    if name not in config.datasets or name not in models.ARCHITECTURES:
       raise ValueError(f"--config.models: unknown model {name!r}; use some of "
-                       f"{sorted(config.input_shapes)}")
+                       f"{sorted(config.datasets)}")
+    if config.datasets[name] not in data.KNOWN_DATASETS:
+      raise ValueError(f"--config.datasets.{name}={config.datasets[name]!r}: use one of "
+                       f"{list(data.KNOWN_DATASETS)}")
     unknown = set(config.skip[name]) - set(COLUMNS)
     if unknown:
       raise ValueError(f"--config.skip.{name}: unknown columns {sorted(unknown)}; use "
@@ -424,21 +378,37 @@ def validate(config) -> None:
     raise ValueError("--config.steps must be >= 1 and --config.warmup_steps >= 0")
 
 
+def _write(result: dict, path: str) -> None:
+  """Writes the JSON atomically (a run stopped mid-way leaves the rows measured so far)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, path)
+
+
 def run_benchmark(config: ml_collections.ConfigDict) -> dict:
-  """Runs every measurement, prints the tables, writes ``config.output``; returns the JSON."""
+  """Runs every measurement, prints the tables, writes ``config.output``; returns the JSON.
+
+  The JSON is rewritten after every model and every depth, with ``"complete": false``
+  until the last one, so a run stopped by a time limit keeps what it measured.
+  """
   validate(config)
-  _START[0] = time.perf_counter()
+  progress = timing.Progress()
   devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
   result = {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
             "num_devices": len(devices), "jax_version": jax.__version__,
             "steps": config.steps, "warmup_steps": config.warmup_steps,
-            "columns": list(COLUMNS), "models": [], "depth_sweep": []}
+            "columns": list(COLUMNS), "models": [], "depth_sweep": [], "complete": False}
   print(f"backend {result['backend']} ({result['device_kind']}) x {len(devices)}, "
         f"{config.steps} timed steps after {config.warmup_steps} warm-up", flush=True)
   for name in config.models:
-    result["models"].append(benchmark_model(name, config, devices))
-  if config.depth_sweep:
-    result["depth_sweep"] = [sweep_depth(d, config) for d in config.sweep.depths]
+    result["models"].append(benchmark_model(name, config, devices, progress=progress))
+    _write(result, config.output)
+  for depth in config.sweep.depths if config.depth_sweep else ():
+    result["depth_sweep"].append(sweep_depth(depth, config, progress=progress))
+    _write(result, config.output)
+  result["complete"] = True
+  _write(result, config.output)
 
   if result["models"]:
     print("\nmedian ms per jit-compiled step after warm-up (pairwise bounds)\n")
@@ -454,26 +424,14 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict:
           f"conv {sc.width} channels 3x3 on {tuple(sc.input_shape)}, dense "
           f"{sc.num_classes}\n")
     print(format_sweep_table(result["depth_sweep"]))
-  with open(config.output, "w") as f:
-    json.dump(result, f, indent=2)
   print(f"\nwrote {config.output}")
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  try:
-    run_benchmark(_CONFIG.value)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def main(config: ml_collections.ConfigDict) -> None:
+  run_benchmark(config)
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a command, so tests can import this module.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
-                                            lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, config_help="Benchmark config: experiments/configs/benchmark.py[:smoke]; "
+          "override fields with --config.<field>=<value>.")

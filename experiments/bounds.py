@@ -1,39 +1,31 @@
 """Naive vs LipLT pairwise bounds of randomly initialised 4C3F / 6C2F, and bound timing.
 
-``python -m experiments.bounds --config=experiments/configs/bounds.py``
+``python -m experiments.bounds --config=experiments/configs/bounds.py[:smoke]``
 """
 
 import time
 
 import jax
-import numpy as np
-from absl import app
-from ml_collections import config_flags
+import ml_collections
 
-from crmjax import certify, liplt, models, soundness
-
-SHAPES = {"4C3F": ((28, 28, 1), 10), "6C2F": ((32, 32, 3), 10), "8C2F": ((64, 64, 3), 200)}
+from crmjax import certify, liplt, soundness
+from experiments import benchmark, cli, timing
 
 
 def measure(name: str, *, seed: int, num_iters: int, converged_iters: int, repeats: int,
             sound_iters: int = 0):
-  shape, k = SHAPES[name]
-  model = models.get_model(name, input_shape=shape, num_classes=k)
+  model = benchmark.paper_model(name)
   params = model.init(jax.random.key(seed))
   state = liplt.init_state(model.lipnet(params), jax.random.key(seed + 1))
   row = {"model": name}
   for method in liplt.METHODS:
-    fn = jax.jit(lambda p, s, n, m=method: liplt.lipschitz_bound(
-        model.lipnet(p), s, method=m, num_iters=n), static_argnums=2)
-    bound, _ = fn(params, state, converged_iters)
+    def bound_fn(n, m=method):
+      return jax.jit(lambda p, s: liplt.lipschitz_bound(model.lipnet(p), s, method=m,
+                                                        num_iters=n))
+    bound, _ = bound_fn(converged_iters)(params, state)
     row[f"{method}_mean_pairwise"] = certify.mean_pairwise(bound)
-    jax.block_until_ready(fn(params, state, num_iters))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(params, state, num_iters))
-      times.append(time.perf_counter() - t0)
-    row[f"{method}_ms"] = 1e3 * float(np.median(times))
+    row[f"{method}_ms"] = timing.measure(bound_fn(num_iters), (params, state), steps=repeats,
+                                         warmup=1)["ms"]
   if sound_iters:
     t0 = time.perf_counter()
     bound, info = soundness.sound_bound(model.lipnet(params), warm=state,
@@ -44,9 +36,7 @@ def measure(name: str, *, seed: int, num_iters: int, converged_iters: int, repea
   return row
 
 
-def main(argv):
-  del argv
-  c = _CONFIG.value
+def main(c: ml_collections.ConfigDict) -> None:
   print(f"backend: {jax.default_backend()}, {jax.devices()[0].device_kind}; "
         f"{c.num_iters} power iterations per timed call")
   print("| model | naive mean L_ij | LipLT mean L_ij | naive / LipLT | naive ms | LipLT ms |")
@@ -73,6 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a command, so tests can import this module.
-  _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/bounds.py")
-  app.run(main)
+  cli.run(main, config_default="experiments/configs/bounds.py")

@@ -17,13 +17,11 @@ import copy
 import itertools
 import json
 import os
-import sys
 
-from absl import app, flags, logging
 import ml_collections
-from ml_collections import config_flags
 
-from crmjax import certify, checkpoint, reports, train
+from crmjax import certify, reports, train
+from experiments import cli
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -63,24 +61,12 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  try:
-    rows = run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, OSError, checkpoint.CheckpointError,
-          train.TrainingDiverged) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def main(config: ml_collections.ConfigDict, workdir: str) -> None:
+  rows = run(config, workdir)
   print(format_table(rows))
   print(f"bounds: {rows[0]['bound_kind']}" if rows else "")
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a command, so tests can import this module.
-  _WORKDIR = flags.DEFINE_string("workdir", "runs/residual", "Output directory (resumable).")
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                            lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, workdir_default="runs/residual",
+          workdir_help="Output directory (one training run per model and bound; resumable).")

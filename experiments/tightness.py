@@ -18,13 +18,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from absl import app
-from ml_collections import config_flags
 
 from crmjax import layers as L
 from crmjax import liplt, lipsdp, network, refinement
-
+from experiments import cli, timing
 
 
 def mlp_layers(hidden, num_classes) -> tuple:
@@ -71,16 +70,6 @@ def lower_estimate(layers, params, input_dim, *, key, chains=512, rounds=30, ste
   return float(jnp.max(best))
 
 
-def _timed(fn, *args, repeats=1):
-  out = jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return out, float(np.median(times))
-
-
 def measure(hidden, c) -> dict:
   layers, params = build(hidden, input_dim=c.input_dim, num_classes=c.num_classes, seed=c.seed,
                          weight_scale=c.weight_scale, bias_scale=c.bias_scale)
@@ -103,8 +92,9 @@ def measure(hidden, c) -> dict:
       ("liplt_aol", lambda nt, s: refinement.refined_liplt_bound(nt, s, mode="global",
                                                                  num_iters=n)[0]),
       ("naive", lambda nt, s: liplt.naive_bound(nt, s, mode="global", num_iters=n)[0])):
-    val, sec = _timed(jax.jit(fn), net, state, repeats=c.repeats)
-    row[name], row[f"{name}_s"] = float(val), sec
+    fn = jax.jit(fn)
+    row[name] = float(fn(net, state))
+    row[f"{name}_s"] = timing.measure(fn, (net, state), steps=c.repeats, warmup=1)["ms"] / 1e3
   opt = {"mode": "global", "init": c.opt.init, "steps": c.opt.steps,
          "learning_rate": c.opt.learning_rate, "norms": c.opt.norms}
   refinement.optimize_scales(net, **opt)  # compile
@@ -143,9 +133,7 @@ def run(c) -> list[dict]:
   return rows
 
 
-def main(argv):
-  del argv
-  c = _CONFIG.value
+def main(c: ml_collections.ConfigDict) -> None:
   print(f"backend: {jax.default_backend()}; input {c.input_dim}, {c.num_classes} outputs, "
         f"ReLU, weight scale {c.weight_scale}, seed {c.seed}; LipLT / naive: "
         f"{c.converged_iters} power iterations, time per jitted call after compilation; "
@@ -160,6 +148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a command, so tests can import this module.
-  _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tightness.py")
-  app.run(main)
+  cli.run(main, config_default="experiments/configs/tightness.py")

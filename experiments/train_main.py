@@ -1,28 +1,13 @@
 """The shared command-line entry of the training experiments (mnist, cifar10, tiny_imagenet)."""
 
-import sys
+import ml_collections
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from crmjax import checkpoint, train
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; "
-                               "rerunning with the same one resumes.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+from crmjax import train
+from experiments import cli
 
 
-def main(argv, default_workdir: str):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the log
-  try:
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value or default_workdir)
-  except (ValueError, FileNotFoundError, OSError, checkpoint.CheckpointError,
-          train.TrainingDiverged) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def main(config: ml_collections.ConfigDict, workdir: str) -> None:
+  result = train.train_and_evaluate(config, workdir)
   if result.get("stopped"):
     return
   print(f"clean accuracy {result['clean_accuracy']:.2%}, certified accuracy "
@@ -31,6 +16,8 @@ def main(argv, default_workdir: str):
         f"{result['mean_pairwise_lipschitz']:.4g}")
 
 
-def run(default_workdir: str):
-  flags.mark_flags_as_required(["config"])
-  app.run(lambda argv: main(argv, default_workdir))
+def run(default_workdir: str) -> None:
+  """``python -m experiments.<dataset>``: trains and certifies ``--config`` in ``--workdir``."""
+  cli.run(main, workdir_default=default_workdir,
+          workdir_help="Directory for checkpoints, metrics.jsonl and results.json; rerunning "
+                       "with the same one resumes.")

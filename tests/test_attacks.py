@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from crmjax.attacks import (
   PGDResult,
@@ -164,7 +165,10 @@ def test_projection_ball_and_box(loss, schedule):
   chex.assert_shape(res.x_adv, x.shape)
   chex.assert_shape([res.margin, res.success], (x.shape[0],))
   norms = jnp.sqrt(jnp.sum((res.x_adv - x).reshape(x.shape[0], -1) ** 2, axis=-1))
-  assert bool((norms <= eps * (1 + 1e-5)).all()), (norms, eps)
+  # float32 rounding of x + delta (|x| <= 1) moves each coordinate of x_adv - x by up to
+  # 2^-24: an absolute slack of sqrt(d) 2^-24 besides the relative one (eps = 1e-3 needs it).
+  slack = np.sqrt(x[0].size) * 2.0 ** -24
+  assert bool((norms <= eps * (1 + 1e-5) + slack).all()), (norms, eps)
   assert bool(((res.x_adv >= 0.0) & (res.x_adv <= 1.0)).all())
   np.testing.assert_array_equal(res.x_adv[0], x[0])  # eps = 0
   # Reported margin is the margin at x_adv, and success is margin < 0.
@@ -182,6 +186,73 @@ def test_deterministic_given_key():
   r2 = attack(x, y, key=jax.random.key(7), eps=0.8)
   np.testing.assert_array_equal(r1.x_adv, r2.x_adv)
   np.testing.assert_array_equal(r1.margin, r2.margin)
+  # The key matters: with no gradient steps x_adv is the best start, and the random starts
+  # (restarts 1 and 2) of another key are other points.
+  starts = jax.jit(functools.partial(pgd_l2, logits_fn, num_steps=0, num_restarts=3))
+  s1 = starts(x, y, key=jax.random.key(7), eps=0.8)
+  s2 = starts(x, y, key=jax.random.key(8), eps=0.8)
+  np.testing.assert_array_equal(s1.x_adv, starts(x, y, key=jax.random.key(7), eps=0.8).x_adv)
+  assert bool(jnp.any(s1.x_adv != x)), "a random start should beat x for some point"
+  assert bool(jnp.any(s1.x_adv != s2.x_adv)), "another key must give other random starts"
+
+
+def _bowl(c):
+  """Logits ``(c - ||u||^2, 0)`` for label 0: margin ``c - ||u||^2``, zero gradient at 0.
+
+  At ``x = 0`` the attack gradient vanishes, so PGD started at ``x`` never moves (its unit
+  step is 0 / max(0, tiny) = 0); only a random start at radius > sqrt(c) breaks the point.
+  """
+  def logits_fn(u):
+    sq = jnp.sum(jnp.square(u.reshape(u.shape[0], -1)), axis=-1)
+    return jnp.stack([c - sq, jnp.zeros_like(sq)], axis=-1)
+  return logits_fn
+
+
+def test_random_restarts_start_uniformly_in_the_ball():
+  """num_steps=0, 2 restarts: x_adv is the random start of restart 1 (its margin
+  c - ||delta||^2 beats restart 0's c), so its offsets are the start points themselves:
+  inside the ball and uniform in it, i.e. ||delta|| / eps ~ U^(1/d), directions isotropic."""
+  n, d, eps = 4000, 3, 0.7
+  x = jnp.zeros((n, d), jnp.float32)
+  y = jnp.zeros((n,), jnp.int32)
+  res = jax.jit(functools.partial(pgd_l2, _bowl(1.0), num_steps=0, num_restarts=2, **NO_BOX))(
+    x, y, key=jax.random.key(0), eps=eps
+  )
+  delta = np.asarray(res.x_adv, np.float64)
+  r = np.linalg.norm(delta, axis=1)
+  assert r.min() > 0, "every random start must differ from x (restart 1 starts at random)"
+  assert r.max() <= eps * (1 + 1e-6)
+  # Uniform in the d-ball: P(||delta|| <= eps s) = s^d, so (r / eps)^d ~ U(0, 1).
+  ks = stats.kstest((r / eps) ** d, "uniform")
+  assert ks.pvalue > 1e-3, ks
+  # Isotropic: mean unit direction ~ 0 (each coordinate has std 1 / sqrt(d n)).
+  mean_dir = (delta / r[:, None]).mean(0)
+  assert np.all(np.abs(mean_dir) < 5 / np.sqrt(d * n)), mean_dir
+  # Distinct starts per example (not one shared offset).
+  assert len(np.unique(np.round(delta, 6), axis=0)) == n
+
+
+def test_only_random_restarts_escape_a_flat_point():
+  """At a stationary point of the attack loss PGD from x is stuck: the adversarial examples
+  at radius > sqrt(c) are found only from the random starts of restarts >= 1."""
+  n, d, c = 16, 8, 0.25
+  eps = 2 * np.sqrt(c)  # a start breaks the point when its radius > eps / 2: P = 1 - 2^-d
+  x = jnp.zeros((n, d), jnp.float32)
+  y = jnp.zeros((n,), jnp.int32)
+  attack = jax.jit(
+    lambda key, restarts: pgd_l2(_bowl(c), x, y, key=key, eps=eps, num_steps=10,
+                                 num_restarts=restarts, **NO_BOX),
+    static_argnums=1,
+  )
+  stuck = attack(jax.random.key(0), 1)
+  np.testing.assert_array_equal(stuck.x_adv, x)
+  np.testing.assert_allclose(stuck.margin, c)
+  for seed in range(3):
+    res = attack(jax.random.key(seed), 3)
+    assert bool(res.success.all()), (seed, res.margin)
+    # From a random start the ascent runs out to the sphere: margin c - eps^2 = -3c.
+    np.testing.assert_allclose(res.margin, c - eps**2, rtol=1e-4)
+    np.testing.assert_array_equal(res.x_adv, attack(jax.random.key(seed), 3).x_adv)
 
 
 def test_per_example_eps_matches_scalar():

@@ -3,7 +3,8 @@
 import pytest
 
 from crmjax import liplt, models, train
-from experiments.configs import cifar, mnist, residual, tiny_imagenet
+from experiments.configs import (benchmark, bounds, certify, cifar, default, mnist, residual,
+                                 tightness, tiny_imagenet)
 
 
 @pytest.mark.parametrize("module", [mnist, cifar, tiny_imagenet])
@@ -29,3 +30,17 @@ def test_residual_config_trains_valid_configs_of_registered_models(variant):
   assert set(config.train_bounds) <= set(liplt.ALL_METHODS)
   with pytest.raises(ValueError, match="unknown variant"):
     residual.get_config("huge")
+
+
+@pytest.mark.parametrize("module", [benchmark, bounds, certify, residual, tightness])
+def test_every_experiment_config_has_a_smoke_variant_and_refuses_unknown_ones(module):
+  assert module.get_config("smoke") != module.get_config("")
+  with pytest.raises(ValueError, match=r"unknown variant 'huge': use one of \['', 'smoke'\]"):
+    module.get_config("huge")
+
+
+def test_check_variant_returns_known_variants_and_names_them_otherwise():
+  assert default.check_variant("") == "" and default.check_variant("smoke") == "smoke"
+  assert default.check_variant("tiny", ("", "tiny")) == "tiny"
+  with pytest.raises(ValueError, match=r"use one of \['', 'tiny'\]"):
+    default.check_variant("smoke", ("", "tiny"))

@@ -1,23 +1,46 @@
-"""Tests for crmjax.data: loading (TFDS, local files), batching, prefetching."""
+"""Tests for crmjax.data: finding and reading datasets (TFDS, local files); see also
+test_download.py (downloads) and test_input_pipeline.py (batching)."""
 
 import gzip
+import hashlib
+import logging
+import os
 import pickle
-import threading
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from crmjax import data
+from tests import fake_datasets
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Published class counts and first labels of MNIST (LeCun et al.; e.g. the first training
+# digits are the well-known 5 0 4 1 9 2 1 3 1 4).
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+MNIST_FIRST_LABELS = {"train": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4],
+                      "test": [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]}
+# The usual normalisation constants of MNIST's training images (mean 0.1307, std 0.3081).
+MNIST_TRAIN_MEAN_STD = (0.1307, 0.3081)
+# SHA-256 of the decoded arrays (images as (N, 28, 28, 1) uint8 in C order, labels as
+# uint8), pinned from the vendored files, whose labels, counts and statistics match the
+# published values above.
+MNIST_SHA256 = {
+    "train": ("741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+              "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13"),
+    "test": ("6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+             "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5"),
+}
 
 
 @pytest.fixture(autouse=True)
-def _no_env_data_dir(monkeypatch):
+def _isolated_dirs(monkeypatch, tmp_path):
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.delenv(data.DOWNLOAD_URL_ENV, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # An empty download cache.
 
 
 # --------------------------------------------------------------------------
@@ -47,17 +70,48 @@ def test_unknown_name_and_split():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "split, counts",
-    [("train", MNIST_TRAIN_COUNTS), ("test", MNIST_TEST_COUNTS)],
-)
-def test_vendored_mnist(split, counts):
-  images, labels = data.load_split("mnist", split)
+def _check_mnist(split, images, labels):
+  """Asserts the published facts of an MNIST split (and the pinned array checksums)."""
+  counts = MNIST_TRAIN_COUNTS if split == "train" else MNIST_TEST_COUNTS
   n = sum(counts)
   assert images.shape == (n, 28, 28, 1) and images.dtype == np.uint8
   assert labels.shape == (n,) and labels.dtype == np.int32
+  np.testing.assert_array_equal(labels[:10], MNIST_FIRST_LABELS[split],
+                                err_msg="first labels differ from the published ones")
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), counts)
   assert images.max() == 255 and images.min() == 0
+  _check_orientation(images, labels)
+  if split == "train":
+    np.testing.assert_allclose([images.mean() / 255, images.std() / 255],
+                               MNIST_TRAIN_MEAN_STD, atol=1e-4)
+  image_sha = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+  label_sha = hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest()
+  assert (image_sha, label_sha) == MNIST_SHA256[split], "decoded arrays changed"
+
+
+def _check_orientation(images, labels):
+  """The mean "1" is an upright stroke leaning right: catches transposes and flips."""
+  ones = images[labels == 1, :, :, 0].astype(np.float64).mean(axis=0)
+  r = np.arange(28)
+
+  def spread(profile):
+    mean = (profile * r).sum() / profile.sum()
+    return (profile * (r - mean) ** 2).sum() / profile.sum()
+
+  vertical, horizontal = spread(ones.sum(axis=1)), spread(ones.sum(axis=0))
+  assert vertical > 3 * horizontal, f"the mean 1 is not upright ({vertical}, {horizontal})"
+
+  def centre_column(rows):
+    return (rows.sum(axis=0) * r).sum() / rows.sum()
+
+  top, bottom = centre_column(ones[4:10]), centre_column(ones[18:24])
+  assert top > bottom + 2, f"the mean 1 does not lean right ({top}, {bottom})"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_vendored_mnist(split):
+  images, labels = data.load_split("mnist", split)
+  _check_mnist(split, images, labels)
 
 
 def _mnist_file(name):
@@ -69,8 +123,20 @@ def test_mnist_files_directly_in_dir(tmp_path, monkeypatch):
     (tmp_path / name).write_bytes(_mnist_file(name).read_bytes())
   monkeypatch.setattr(data, "_VENDORED_DATA_DIR", tmp_path / "nothing")
   images, labels = data.load_split("mnist", "test", data_dir=tmp_path)
-  assert images.shape == (10000, 28, 28, 1)
-  np.testing.assert_array_equal(np.bincount(labels), MNIST_TEST_COUNTS)
+  _check_mnist("test", images, labels)
+
+
+def test_mnist_idx_files_written_by_hand(tmp_path, monkeypatch):
+  # Values and order of a small, known IDX pair come back exactly (not only shapes).
+  files, arrays = fake_datasets.mnist_files(np.random.default_rng(0))
+  (tmp_path / "mnist").mkdir()
+  for name, payload in files.items():
+    (tmp_path / "mnist" / name).write_bytes(payload)
+  monkeypatch.setattr(data, "_VENDORED_DATA_DIR", tmp_path / "nothing")
+  for split in ("train", "test"):
+    images, labels = data.load_split("mnist", split, data_dir=tmp_path)
+    np.testing.assert_array_equal(images, arrays[split][0])
+    np.testing.assert_array_equal(labels, arrays[split][1])
 
 
 def test_truncated_idx_gzip_raises_clear_error(tmp_path):
@@ -90,7 +156,7 @@ def test_idx_parsing_errors(tmp_path):
   header = bytes([0, 0, 0x08, 2]) + np.array([2, 3], ">u4").tobytes()
 
   path = tmp_path / "ok-idx2-ubyte.gz"
-  path.write_bytes(gzip.compress(header + good.tobytes()))
+  path.write_bytes(fake_datasets.idx_gz(good))
   np.testing.assert_array_equal(data.read_idx(path), good)
 
   short = tmp_path / "short-idx2-ubyte.gz"  # Valid gzip, too few bytes.
@@ -104,35 +170,29 @@ def test_idx_parsing_errors(tmp_path):
     data.read_idx(magic)
 
 
+def test_wrong_shapes_or_labels_are_refused_naming_the_files(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_VENDORED_DATA_DIR", tmp_path / "nothing")
+  rng = np.random.default_rng(0)
+  for name, images, labels, match in [
+      ("shape", rng.integers(0, 256, (4, 32, 32)), np.zeros(4), r"shape.*shape"),
+      ("labels", rng.integers(0, 256, (4, 28, 28)), np.full(4, 12), r"\[0, 10\)"),
+  ]:
+    folder = tmp_path / name / "mnist"
+    folder.mkdir(parents=True)
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(fake_datasets.idx_gz(images))
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(fake_datasets.idx_gz(labels))
+    with pytest.raises(ValueError, match=match) as info:
+      data.load_split("mnist", "test", data_dir=tmp_path / name)
+    assert str(tmp_path / name) in str(info.value)
+
+
 # --------------------------------------------------------------------------
 # CIFAR-10
 # --------------------------------------------------------------------------
 
 
-def _write_cifar(root, rng, per_batch=3):
-  """Writes a tiny cifar-10-batches-py; returns {file: (hwc_images, labels)}."""
-  folder = root / "cifar-10-batches-py"
-  folder.mkdir(parents=True)
-  written = {}
-  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-    hwc = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, per_batch).tolist()
-    # Real format: rows of 3072 = 1024 R, then 1024 G, then 1024 B values.
-    rows = hwc.transpose(0, 3, 1, 2).reshape(per_batch, 3072)
-    batch = {
-        b"batch_label": name.encode(),
-        b"labels": labels,
-        b"data": rows,
-        b"filenames": [b"x.png"] * per_batch,
-    }
-    with open(folder / name, "wb") as f:
-      pickle.dump(batch, f)
-    written[name] = (hwc, np.asarray(labels))
-  return written
-
-
 def test_cifar10_local_files_chw_to_hwc(tmp_path):
-  written = _write_cifar(tmp_path, np.random.default_rng(0))
+  written = fake_datasets.write_cifar(tmp_path, np.random.default_rng(0))
   images, labels = data.load_split("cifar10", "train", data_dir=tmp_path)
   expected = np.concatenate(
       [written[f"data_batch_{i}"][0] for i in range(1, 6)]
@@ -157,8 +217,15 @@ def test_cifar10_local_files_chw_to_hwc(tmp_path):
 
 
 def test_cifar10_from_env_dir(tmp_path, monkeypatch):
-  written = _write_cifar(tmp_path, np.random.default_rng(1), per_batch=2)
+  written = fake_datasets.write_cifar(tmp_path, np.random.default_rng(1), per_batch=2)
   monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+  images, _ = data.load_split("cifar10", "test")
+  np.testing.assert_array_equal(images, written["test_batch"][0])
+
+
+def test_cifar10_from_download_cache(tmp_path):
+  written = fake_datasets.write_cifar(data.cache_dir(), np.random.default_rng(2))
+  assert data.cache_dir() == tmp_path / "cache" / "crmjax"
   images, _ = data.load_split("cifar10", "test")
   np.testing.assert_array_equal(images, written["test_batch"][0])
 
@@ -183,33 +250,53 @@ def test_tfds_data_source_reader_matches_records(tmp_path):
 
 
 # --------------------------------------------------------------------------
+# TFDS: imported only when useful, quiet, optional
+# --------------------------------------------------------------------------
+
+
+def test_tfds_is_not_imported_and_prints_nothing_without_a_prepared_copy(tmp_path):
+  # A fresh process, as a command starts: no ~/tensorflow_datasets, no TFDS import, no
+  # "Variant folder ... has no dataset_info.json" warnings.
+  code = ("import sys; from crmjax import data; x, _ = data.load_split('mnist', 'test');"
+          " print(len(x), 'tensorflow_datasets' in sys.modules)")
+  env = {k: v for k, v in os.environ.items() if k not in ("TFDS_DATA_DIR", data.DATA_DIR_ENV)}
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**env, "HOME": str(tmp_path)})
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["10000", "False"]
+  assert "Variant folder" not in out.stderr and "WARNING" not in out.stderr, out.stderr
+
+
+def test_tfds_probe_of_an_unprepared_folder_is_quiet(tmp_path, caplog):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  del tfds
+  # A version folder without dataset_info.json makes TFDS warn "Variant folder ...".
+  (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
+  with caplog.at_level(logging.INFO):
+    images, _ = data.load_split("mnist", "test", data_dir=tmp_path)  # The vendored copy.
+  assert len(images) == 10000
+  assert not [r for r in caplog.records if "tensorflow_datasets" in r.pathname], [
+      r.getMessage() for r in caplog.records]
+
+
+def test_runs_without_tensorflow_datasets_installed(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import raises ImportError
+  (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)  # Looks prepared: TFDS is tried.
+  (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+  written = fake_datasets.write_cifar(tmp_path, np.random.default_rng(3))
+  images, _ = data.load_split("cifar10", "test", data_dir=tmp_path)
+  np.testing.assert_array_equal(images, written["test_batch"][0])
+  assert not data._tfds_can_prepare("cifar10")
+
+
+# --------------------------------------------------------------------------
 # Tiny-ImageNet
 # --------------------------------------------------------------------------
 
 
 def test_tiny_imagenet_folder(tmp_path):
-  root = tmp_path / "tiny-imagenet-200"
-  wnids = ["n03", "n01", "n02"]  # Class index = position in sorted order.
-  (root / "val" / "images").mkdir(parents=True)
-  (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
-  colors = {"n01": (250, 0, 0), "n02": (0, 250, 0), "n03": (0, 0, 250)}
-  for wnid in wnids:
-    image_dir = root / "train" / wnid / "images"
-    image_dir.mkdir(parents=True)
-    for k in range(2):
-      Image.new("RGB", (64, 64), colors[wnid]).save(
-          image_dir / f"{wnid}_{k}.JPEG", quality=95
-      )
-  val = [("val_0.JPEG", "n02"), ("val_1.JPEG", "n03"), ("val_2.JPEG", "n01")]
-  for fname, wnid in val:
-    # A grayscale image must come back as RGB.
-    Image.new("RGB", (64, 64), colors[wnid]).save(root / "val" / "images" / fname)
-  Image.new("L", (64, 64), 128).save(root / "val" / "images" / "val_3.JPEG")
-  val.append(("val_3.JPEG", "n01"))
-  (root / "val" / "val_annotations.txt").write_text(
-      "".join(f"{f}\t{w}\t0\t0\t63\t63\n" for f, w in val)
-  )
-
+  fake_datasets.write_tiny_imagenet(tmp_path)
+  colors = fake_datasets.TINY_COLORS
   images, labels = data.load_split("tiny_imagenet", "train", data_dir=tmp_path)
   assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
@@ -221,7 +308,7 @@ def test_tiny_imagenet_folder(tmp_path):
   images, labels = data.load_split("tiny_imagenet", "test", data_dir=tmp_path)
   assert images.shape == (4, 64, 64, 3)
   np.testing.assert_array_equal(labels, [1, 2, 0, 0])
-  np.testing.assert_allclose(images[3], 128, atol=2)
+  np.testing.assert_allclose(images[3], 128, atol=2)  # Grayscale comes back as RGB.
 
 
 # --------------------------------------------------------------------------
@@ -230,30 +317,26 @@ def test_tiny_imagenet_folder(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cifar10", "tiny_imagenet", "mnist"])
-def test_missing_data_offline_names_both_fixes(name, tmp_path, monkeypatch):
+def test_missing_data_offline_names_every_fix(name, tmp_path, monkeypatch):
   monkeypatch.setattr(data, "_VENDORED_DATA_DIR", tmp_path / "no-vendored")
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(FileNotFoundError) as info:
     data.load_split(name, "train", data_dir=empty)
   message = str(info.value)
+  assert "Downloading is off" in message and "--config.download=True" in message
+  assert data._DISTRIBUTIONS[name].remotes[0].url in message
   assert "TFDS" in message
   assert "--config.data_dir" in message and "$CRMJAX_DATA_DIR" in message
   if name != "tiny_imagenet":
-    assert "download=True" in message
+    assert "tfds.data_source" in message
   layout = {
       "mnist": "train-images-idx3-ubyte.gz",
       "cifar10": "cifar-10-batches-py/data_batch_1",
       "tiny_imagenet": "tiny-imagenet-200/wnids.txt",
   }[name]
   assert layout in message
-  assert list(empty.iterdir()) == []  # TFDS did not write anything there.
-
-
-def test_download_without_tfds_builder_still_explains(tmp_path):
-  # No TFDS builder for Tiny-ImageNet, so download=True cannot help.
-  with pytest.raises(FileNotFoundError, match="tiny-imagenet-200"):
-    data.load_split("tiny_imagenet", "test", data_dir=tmp_path, download=True)
+  assert list(empty.iterdir()) == []  # Nothing was written there.
 
 
 def test_missing_cifar10_ignores_vendored_mnist(tmp_path):
@@ -262,198 +345,12 @@ def test_missing_cifar10_ignores_vendored_mnist(tmp_path):
     data.load_split("cifar10", "test", data_dir=tmp_path)
 
 
-# --------------------------------------------------------------------------
-# Batching and augmentation
-# --------------------------------------------------------------------------
-
-
-def _toy(n=23, shape=(6, 5, 2)):
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-  # Encode the example index in pixel [0, 0, 0] and the label.
-  images[:, 0, 0, 0] = np.arange(n)
-  labels = np.arange(n, dtype=np.int64) % 7
-  return images, labels
-
-
-def _ids(batches):
-  return [np.round(x[:, 0, 0, 0] * 255).astype(int) for x, _ in batches]
-
-
-def test_steps_per_epoch():
-  assert data.steps_per_epoch(23, 5) == 4
-  assert data.steps_per_epoch(23, 5, drop_remainder=False) == 5
-  assert data.steps_per_epoch(20, 5, False) == 4
-  with pytest.raises(ValueError):
-    data.steps_per_epoch(10, 0)
-
-
-def test_epoch_batches_types_and_determinism():
-  images, labels = _toy()
-  kw = dict(batch_size=5, seed=3, epoch=2)
-  a = list(data.epoch_batches(images, labels, **kw))
-  b = list(data.epoch_batches(images, labels, **kw))
-  assert len(a) == 4
-  for (xa, ya), (xb, yb) in zip(a, b):
-    assert xa.dtype == np.float32 and xa.shape == (5, 6, 5, 2)
-    assert ya.dtype == np.int32 and ya.shape == (5,)
-    np.testing.assert_array_equal(xa, xb)
-    np.testing.assert_array_equal(ya, yb)
-    assert 0.0 <= xa.min() and xa.max() <= 1.0
-  # Values and labels stay paired with their example.
-  for x, y in a:
-    ids = np.round(x[:, 0, 0, 0] * 255).astype(int)
-    np.testing.assert_array_equal(y, labels[ids])
-    np.testing.assert_allclose(x, images[ids] / 255.0, rtol=1e-6)
-
-
-def test_epochs_and_seeds_differ():
-  images, labels = _toy()
-  kw = dict(batch_size=5)
-  e0 = _ids(data.epoch_batches(images, labels, seed=0, epoch=0, **kw))
-  e1 = _ids(data.epoch_batches(images, labels, seed=0, epoch=1, **kw))
-  s1 = _ids(data.epoch_batches(images, labels, seed=1, epoch=0, **kw))
-  assert not np.array_equal(np.concatenate(e0), np.concatenate(e1))
-  assert not np.array_equal(np.concatenate(e0), np.concatenate(s1))
-  # Epoch order only depends on (seed, epoch).
-  expected = np.random.default_rng([0, 1]).permutation(23)[:20]
-  np.testing.assert_array_equal(np.concatenate(e1), expected)
-
-
-def test_start_step_resume_equals_slice():
-  images, labels = _toy()
-  augment = data.Augment(random_crop_padding=2, horizontal_flip=True)
-  kw = dict(batch_size=4, seed=7, epoch=5, augment=augment)
-  full = list(data.epoch_batches(images, labels, **kw))
-  resumed = list(data.epoch_batches(images, labels, start_step=3, **kw))
-  assert len(resumed) == len(full) - 3
-  for (xf, yf), (xr, yr) in zip(full[3:], resumed):
-    np.testing.assert_array_equal(xf, xr)
-    np.testing.assert_array_equal(yf, yr)
-  assert list(data.epoch_batches(images, labels, start_step=5, **kw)) == []
-  with pytest.raises(ValueError):
-    next(data.epoch_batches(images, labels, start_step=6, **kw))
-
-
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_every_example_once_per_epoch(shuffle):
-  images, labels = _toy()
-  batches = list(
-      data.epoch_batches(
-          images, labels, batch_size=5, seed=0, epoch=0, shuffle=shuffle,
-          drop_remainder=False,
-      )
-  )
-  assert [len(y) for _, y in batches] == [5, 5, 5, 5, 3]
-  ids = np.concatenate(_ids(batches))
-  np.testing.assert_array_equal(np.sort(ids), np.arange(23))
-  if not shuffle:
-    np.testing.assert_array_equal(ids, np.arange(23))
-
-
-def test_augment_flip_only():
-  images, labels = _toy(n=40)
-  kw = dict(batch_size=40, seed=0, epoch=0, shuffle=False)
-  (x, _), = data.epoch_batches(
-      images, labels, augment=data.Augment(horizontal_flip=True), **kw
-  )
-  ref = images / np.float32(255)
-  same = np.all(x == ref, axis=(1, 2, 3))
-  flipped = np.all(x == ref[:, :, ::-1], axis=(1, 2, 3))
-  assert np.all(same | flipped)
-  assert same.any() and flipped.any()
-
-
-def test_augment_crop_is_a_shifted_window_and_deterministic():
-  images, labels = _toy(n=16)
-  p = 2
-  augment = data.Augment(random_crop_padding=p, horizontal_flip=True)
-  kw = dict(batch_size=8, seed=1, epoch=3, augment=augment)
-  a = list(data.epoch_batches(images, labels, **kw))
-  b = list(data.epoch_batches(images, labels, **kw))
-  for (xa, _), (xb, _) in zip(a, b):
-    np.testing.assert_array_equal(xa, xb)
-    assert xa.dtype == np.float32 and 0.0 <= xa.min() and xa.max() <= 1.0
-  order = np.random.default_rng([1, 3]).permutation(16)
-  x = np.concatenate([x for x, _ in a])
-  padded = np.pad(images[order], ((0, 0), (p, p), (p, p), (0, 0))) / 255.0
-  h, w = images.shape[1:3]
-  for i in range(len(x)):
-    windows = [
-        win
-        for dy in range(2 * p + 1)
-        for dx in range(2 * p + 1)
-        for win in (padded[i, dy : dy + h, dx : dx + w],
-                    padded[i, dy : dy + h, dx : dx + w][:, ::-1])
-    ]
-    assert any(np.allclose(x[i], win) for win in windows)
-  # Some example was actually shifted (i.e. has a padded zero border).
-  assert not np.allclose(x, images[order] / 255.0)
-  with pytest.raises(ValueError):
-    data.Augment(random_crop_padding=-1)
-
-
-# --------------------------------------------------------------------------
-# Prefetching
-# --------------------------------------------------------------------------
-
-
-def test_prefetch_to_device_same_values():
-  images, labels = _toy()
-  kw = dict(batch_size=4, seed=0, epoch=0)
-  plain = list(data.epoch_batches(images, labels, **kw))
-  fetched = list(
-      data.prefetch_to_device(data.epoch_batches(images, labels, **kw), size=2)
-  )
-  assert len(fetched) == len(plain)
-  for (x, y), (fx, fy) in zip(plain, fetched):
-    assert isinstance(fx, jax.Array) and isinstance(fy, jax.Array)
-    np.testing.assert_array_equal(np.asarray(fx), x)
-    np.testing.assert_array_equal(np.asarray(fy), y)
-
-
-def test_prefetch_to_device_with_sharding():
-  devices = np.array(jax.devices())
-  mesh = jax.sharding.Mesh(devices, ("batch",))
-  sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("batch")
-  )
-  n = len(devices)
-  batches = [(np.full((n, 3), i, np.float32), np.arange(n)) for i in range(3)]
-  out = list(data.prefetch_to_device(iter(batches), sharding=sharding))
-  for (x, y), (fx, fy) in zip(batches, out):
-    assert fx.sharding == sharding
-    np.testing.assert_array_equal(np.asarray(fx), x)
-    np.testing.assert_array_equal(np.asarray(fy), y)
-
-
-def test_prefetch_to_device_reraises_source_exception():
-  def source():
-    yield np.zeros(2)
-    yield np.ones(2)
-    raise RuntimeError("boom in source")
-
-  it = data.prefetch_to_device(source(), size=1)
-  np.testing.assert_array_equal(np.asarray(next(it)), np.zeros(2))
-  np.testing.assert_array_equal(np.asarray(next(it)), np.ones(2))
-  with pytest.raises(RuntimeError, match="boom in source"):
-    next(it)
-
-
-def test_prefetch_to_device_stops_cleanly_on_close():
-  def endless():
-    i = 0
-    while True:
-      yield np.full(2, i)
-      i += 1
-
-  it = data.prefetch_to_device(endless(), size=2)
-  assert int(np.asarray(next(it))[0]) == 0
-  assert int(np.asarray(next(it))[0]) == 1
-  it.close()
-  assert not any(
-      t.name == "prefetch_to_device" and t.is_alive()
-      for t in threading.enumerate()
-  )
-  with pytest.raises(ValueError):
-    next(data.prefetch_to_device(iter([]), size=0))
+def test_published_checksums_are_recorded():
+  # What download=True verifies: every canonical file has a published checksum and size.
+  for name in data.KNOWN_DATASETS:
+    for remote in data._DISTRIBUTIONS[name].remotes:
+      assert remote.sha256 or remote.md5, remote
+      assert remote.size and remote.source and remote.url.endswith("/" + remote.filename)
+  cifar = data._DISTRIBUTIONS["cifar10"].remotes[0]
+  assert cifar.sha256 == "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+  assert cifar.md5 == "c58f30108f718f92721af3b95e74349a"

@@ -1,6 +1,7 @@
 """Faults: SIGKILL and resume, NaN losses, unwritable workdirs, bad input with clear errors."""
 
 import gzip
+import json
 import os
 import random
 import signal
@@ -53,12 +54,27 @@ def test_sigkill_then_rerun_finishes_with_bitwise_the_same_params(tmp_path):
   time.sleep(random.Random(0).uniform(0.0, 1.5))  # a random point after the first save
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  saved = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  metrics = work / "metrics.jsonl"
+  logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
   again = _run(work)
   assert again.returncode == 0, again.stderr[-2000:]
   a, b = _final_state(tmp_path / "ref"), _final_state(work)
   assert int(a.step) == int(b.step) == 16
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+  # The rerun continued from the last checkpoint written before the kill (a rerun that
+  # started over would end with the same params: training is deterministic) ...
+  said = again.stdout + again.stderr  # the message is logged (stderr) or printed
+  assert saved > 0 and f"resumed from step {saved} " in said, \
+      f"the rerun did not restore the step-{saved} checkpoint: {said[-1500:]}"
+  # ... and did not redo steps: its epoch records (8 steps per epoch) start after that step.
+  new = [json.loads(l) for l in metrics.read_text().splitlines()[logged:]]
+  steps = [r["step"] for r in new if "final" not in r]
+  if saved < 16:
+    assert steps and steps[0] > saved and steps == sorted(set(steps)), (saved, steps)
+    assert steps[-1] == 16 and all(s % 8 == 0 for s in steps), steps
+  assert "final" in new[-1]
 
 
 def test_nan_loss_stops_with_step_and_untouched_last_checkpoint(tmp_path, monkeypatch):

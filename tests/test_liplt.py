@@ -104,17 +104,47 @@ def test_liplt_never_above_naive(name, norm):
       assert np.all(np.asarray(a) <= np.asarray(b) * (1 + 1e-4) + 1e-6), (mode, seed)
 
 
-@pytest.mark.parametrize("name", sorted(NETS))
+# Width-1 bottlenecks: every interior operator of eq. 19 is a product of a scalar chain and
+# one row, so the LipLT recursion collapses to the product of the norms and is EXACT: the
+# bound equals the largest gradient norm, reached wherever every activation has slope 1.
+TIGHT_NETS = {
+    "bottleneck_relu": ((5,), (L.Dense(1), L.Act(), L.Dense(K))),
+    "bottleneck2_leaky": ((5,), (L.Dense(1), L.Act("leaky_relu", 0.1), L.Dense(1),
+                                 L.Act("leaky_relu", 0.1), L.Dense(K))),
+}
+
+
+def _tight_params(name):
+  """Params whose all-slopes-1 region is reachable: the scalar layers' weights positive."""
+  shape, layers = TIGHT_NETS[name]
+  p = L.Sequential(layers).init(jax.random.key(5), jnp.zeros((1, *shape)))["params"]
+  if "layer_2" in p and p["layer_2"]["kernel"].shape == (1, 1):
+    p["layer_2"]["kernel"] = jnp.abs(p["layer_2"]["kernel"]) + 0.5
+  return shape, layers, p
+
+
+def _gradient_norms(model, p, xs):
+  """Per input: the Jacobian rows' pairwise differences, rows and the Jacobian (float64)."""
+  jac = jax.vmap(jax.jacrev(lambda x: model.apply({"params": p}, x[None])[0]))(xs)
+  jac = np.asarray(jac, np.float64).reshape(len(xs), K, -1)
+  return jac[:, :, None] - jac[:, None, :], jac
+
+
+@pytest.mark.parametrize("name", sorted(NETS) + sorted(TIGHT_NETS))
 def test_bounds_exceed_gradient_norms(name):
-  """Every bound >= ||c^T J(x)|| at many random inputs (the model with its biases)."""
-  shape, layers, p = _build(name, seed=2)
-  p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(9), a.shape), p)
+  """Every bound >= ||c^T J(x)|| at many random inputs (the model with its biases); the l2
+  bounds equal the float64 eq. 19 reference, and on the bottleneck nets, where LipLT is
+  exact, the largest sampled gradient norm reaches the bound (a bound 1% low fails)."""
+  if name in TIGHT_NETS:
+    shape, layers, p = _tight_params(name)
+  else:
+    shape, layers, p = _build(name, seed=2)
+    p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(9), a.shape), p)
   model = L.Sequential(layers)
   net = network.from_layers(layers, p, shape)
-  xs = jax.random.normal(jax.random.key(4), (256, *shape))
-  jac = jax.vmap(jax.jacrev(lambda x: model.apply({"params": p}, x[None])[0]))(xs)
-  jac = np.asarray(jac, np.float64).reshape(256, K, -1)
-  pair = jac[:, :, None] - jac[:, None, :]
+  blocks, R = ref.blocks_of(layers, jax.tree.map(np.asarray, p), shape)
+  xs = 3.0 * jax.random.normal(jax.random.key(4), (256, *shape))
+  pair, jac = _gradient_norms(model, p, xs)
   for norm, vec in (("l2", lambda a: np.linalg.norm(a, axis=-1)),
                     ("linf", lambda a: np.abs(a).sum(-1))):
     pw, _ = liplt.liplt_bound(net, mode="pairwise", norm=norm, num_iters=ITERS)
@@ -125,11 +155,44 @@ def test_bounds_exceed_gradient_norms(name):
     assert np.all(vec(jac).max(0) <= np.asarray(pc) * tol + 1e-6)
     op = np.linalg.norm(jac, 2, axis=(1, 2)) if norm == "l2" else np.abs(jac).sum(-1).max(-1)
     assert op.max() <= float(gl) * tol
+    if norm == "l2":  # the values themselves: Theorem 3.3 in float64, exact norms
+      for mode, got in (("pairwise", pw), ("per_class", pc), ("global", gl)):
+        want, _ = ref.liplt_reference(blocks, R, mode=mode)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6, err_msg=mode)
+    if name in TIGHT_NETS:  # exact: the sampled maximum attains the bound
+      off = ~np.eye(K, dtype=bool)
+      np.testing.assert_allclose(vec(pair).max(0)[off], np.asarray(pw)[off], rtol=1e-4,
+                                 err_msg=f"{norm} pairwise bound is not the exact constant")
+      np.testing.assert_allclose(vec(jac).max(0), pc, rtol=1e-4)
+      if norm == "linf":
+        np.testing.assert_allclose(op.max(), gl, rtol=1e-4)
     # Relations between the modes.
     pc, pw = np.asarray(pc), np.asarray(pw)
     assert np.all(pw <= pc[:, None] + pc[None, :] + 1e-5)
     if norm == "l2":
       assert np.all(pw <= np.sqrt(2) * float(gl) * tol)
+
+
+def test_as_pairwise_of_per_class_and_global_bounds():
+  """Per-class bounds give ``L_i + L_j`` (triangle inequality), a global one ``sqrt(2) L``
+  in l2 (``||e_i - e_j|| = sqrt(2)``) and ``2 L`` in linf; zero diagonal. Each is a valid
+  pairwise bound: not below the exact pairwise constants of a linear map."""
+  pc = jnp.asarray([1.0, 2.0, 4.0])
+  np.testing.assert_allclose(liplt.as_pairwise(pc, mode="per_class"),
+                             [[0, 3, 5], [3, 0, 6], [5, 6, 0]], rtol=1e-7)
+  np.testing.assert_allclose(liplt.as_pairwise(jnp.float32(2.0), mode="global", num_classes=3),
+                             2.0 * np.sqrt(2) * (1 - np.eye(3)), rtol=1e-6)
+  np.testing.assert_allclose(liplt.as_pairwise(jnp.float32(2.0), mode="global", num_classes=3,
+                                               norm="linf"), 4.0 * (1 - np.eye(3)), rtol=1e-7)
+  pw = jnp.asarray([[0.0, 1.0], [1.0, 0.0]])
+  assert liplt.as_pairwise(pw, mode="pairwise") is pw
+  with pytest.raises(ValueError, match="num_classes"):
+    liplt.as_pairwise(jnp.float32(1.0), mode="global")
+  A = np.random.default_rng(0).normal(size=(K, 6))  # logits = A x: exact constants known
+  exact = np.linalg.norm(A[:, None] - A[None, :], axis=-1)
+  for mode, b in (("per_class", np.linalg.norm(A, axis=1)), ("global", np.linalg.norm(A, 2))):
+    got = np.asarray(liplt.as_pairwise(jnp.asarray(b, jnp.float32), mode=mode, num_classes=K))
+    assert np.all(got >= exact * (1 - 1e-6)), mode
 
 
 @pytest.mark.parametrize("name", ["conv_relu", "residual_conv", "dense4_leaky"])

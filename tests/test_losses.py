@@ -18,21 +18,27 @@ R0 = 0.8  # CRM radius threshold
 EPS = 0.3  # GloRo radius
 
 
-def _lip(rng, k=K):
+def _lip(rng, k=K, *, symmetric=True):
+  """Positive off-diagonal bounds, zero diagonal; ``symmetric=False``: ``L_ij != L_ji``.
+
+  Bounds of the margin ``z_i - z_j`` are symmetric when exact, but a certificate may use
+  any valid upper bounds (per-direction refinements, bounds from other tools), so the
+  losses take a general matrix and must read the row of the label.
+  """
   a = rng.uniform(0.5, 2.0, (k, k))
-  lip = 0.5 * (a + a.T)
+  lip = 0.5 * (a + a.T) if symmetric else a
   np.fill_diagonal(lip, 0.0)
   return lip
 
 
-def _batch(seed=0):
+def _batch(seed=0, *, symmetric=True):
   """Logits, labels and lip with known cases at fixed positions.
 
   Point 0 is misclassified, point 1 is certified far beyond ``R0``, point 2 is correct with
   a tiny radius; the others are random but correctly classified.
   """
   rng = np.random.default_rng(seed)
-  lip = _lip(rng)
+  lip = _lip(rng, symmetric=symmetric)
   labels = rng.integers(0, K, B)
   logits = rng.normal(size=(B, K))
   for b in range(B):  # make every point correctly classified first
@@ -119,13 +125,39 @@ def test_certified_radius_matches_numpy(seed):
 
 
 def test_certified_radius_is_zero_on_ties_and_uses_row_of_label():
-  lip = np.array([[0.0, 1.0, 4.0], [1.0, 0.0, 2.0], [4.0, 2.0, 0.0]])
+  # An asymmetric bound (L_01 = 1 but L_10 = 3, ...): the radius of a point with label y
+  # reads row y, R = min_{i != y} (z_y - z_i) / L_yi. Reading column y instead (lip.T)
+  # gives the values in the comment after "col:".
+  lip = np.array([[0.0, 1.0, 4.0],
+                  [3.0, 0.0, 2.0],
+                  [0.5, 6.0, 0.0]])
   logits = np.array([[1.0, 1.0, 0.0],    # tie with class 1: radius 0
-                     [2.0, 0.0, 0.0],    # min(2 / 1, 2 / 4) = 0.5
-                     [0.0, 3.0, 1.0]])   # label 1: min(3 / 1, 2 / 2) = 1
-  labels = np.array([0, 0, 1])
+                     [2.0, 0.0, 0.0],    # label 0: min(2 / 1, 2 / 4) = 0.5  (col: 2 / 3)
+                     [0.0, 3.0, 1.0],    # label 1: min(3 / 3, 2 / 2) = 1    (col: 2 / 6)
+                     [0.0, 1.0, 4.0]])   # label 2: min(4 / 0.5, 3 / 6) = 0.5 (col: 4 / 4)
+  labels = np.array([0, 0, 1, 2])
+  want = [0.0, 0.5, 1.0, 0.5]
+  np.testing.assert_allclose(radius_np(logits, labels, lip), want, rtol=1e-12)
   got = losses.certified_radius(*_j(logits, labels, lip))
-  np.testing.assert_allclose(got, [0.0, 0.5, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-6,
+                             err_msg="certified_radius must read row y of lip (L_yi)")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_losses_read_row_of_label_of_an_asymmetric_bound(seed):
+  logits, labels, lip = _batch(seed, symmetric=False)
+  assert np.abs(lip - lip.T).max() > 0.1
+  args = _j(logits, labels, lip)
+  np.testing.assert_allclose(losses.certified_radius(*args), radius_np(logits, labels, lip),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(losses.soft_radius(*args, temperature=T),
+                             soft_radius_np(logits, labels, lip, T), rtol=1e-5, atol=1e-5)
+  loss, aux = losses.crm_loss(*args, lam=2.0, temperature=T, r0=R0)
+  want, pen, *_ = crm_np(logits, labels, lip, lam=2.0, t=T, r0=R0)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(aux["penalty"], pen, rtol=1e-5)
+  np.testing.assert_allclose(losses.gloro_loss(*args, eps=EPS)[0],
+                             gloro_np(logits, labels, lip, EPS)[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("seed", [0, 3])
@@ -232,13 +264,25 @@ def test_crm_mask_mean_and_lam_scaling():
 
 
 def test_crm_loss_all_misclassified_has_zero_penalty():
-  logits, labels, lip = _batch(0)
-  wrong = (labels + 1) % K
-  loss, aux = losses.crm_loss(*_j(logits, wrong, lip), lam=1.0, temperature=T, r0=R0)
-  if float(aux["accuracy"]) == 0.0:
-    assert float(aux["penalty"]) == 0.0
+  # No correct point: nothing is penalised and the mean over correct points divides by
+  # max(1, 0) = 1, so the loss is exactly the cross-entropy (0 / 0 would be NaN).
+  logits, _, lip = _batch(0)
+  wrong = (logits.argmax(1) + 1) % K  # never the argmax: every point misclassified
+  assert not np.any(logits.argmax(1) == wrong)
+  args = _j(logits, wrong, lip)
+  for penalty in (losses.exp_penalty, losses.linear_penalty):
+    loss, aux = jax.jit(lambda z, y, l: losses.crm_loss(
+        z, y, l, lam=1.0, temperature=T, r0=R0, penalty=penalty))(*args)
+    assert float(aux["accuracy"]) == 0.0 and float(aux["penalised"]) == 0.0
+    assert np.isfinite(float(loss)) and np.isfinite(float(aux["penalty"])), (loss, aux)
+    assert float(aux["penalty"]) == 0.0, aux["penalty"]
     np.testing.assert_allclose(loss, aux["ce"], rtol=1e-7)
-  assert np.isfinite(float(loss))
+    np.testing.assert_allclose(loss, ce_np(logits, wrong), rtol=1e-6)
+    grads = jax.grad(lambda z, l: losses.crm_loss(
+        z, args[1], l, lam=1.0, temperature=T, r0=R0, penalty=penalty)[0],
+                     argnums=(0, 1))(args[0], args[2])
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    np.testing.assert_array_equal(grads[1], 0.0)  # the bound plays no part
 
 
 def test_crm_loss_custom_penalty():

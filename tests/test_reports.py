@@ -1,4 +1,9 @@
-"""The certification report (crmjax.reports, experiments/certify.py) on a tiny trained run."""
+"""The certification report (crmjax.reports, experiments/certify.py) on a tiny trained run.
+
+The report's sound bounds run with ``exact_max_dim=200``, so that the MLP's interior norms
+(sides 256 and 784) are probabilistic: the Lanczos, power-method and refined certificates
+then differ and each states its failure probability and key.
+"""
 
 import json
 import os
@@ -34,7 +39,12 @@ def results(workdir):
   c.test_subset, c.pgd_subset, c.pgd_batch_size, c.pgd_steps = 64, 64, 32, 5
   c.eps, c.power_iters, c.num_radii = 0.05, 5, 20  # a small eps: some points certify
   c.compare_workdir = workdir  # the run against itself: the same LipLT curve
+  c.exact_max_dim, c.sound_iters, c.key, c.extra_eps = 200, 40, 1234, (0.1,)
+  c.progress = False
   return reports.certify_run(c, workdir)
+
+
+PROB = "upper bound with probability >= 0.999999"
 
 
 def test_results_json(workdir, results):
@@ -43,11 +53,15 @@ def test_results_json(workdir, results):
   assert {"run", "table1", "table2", "figure1", "soundness_check"} <= stored.keys()
   assert {"clean_accuracy", "pgd_accuracy", "certified_accuracy", "eps",
           "bound_kind"} <= stored["table1"].keys()
-  assert {"sound", "estimate", "kinds"} <= stored["table2"].keys()
-  assert stored["table2"]["kinds"]["sound"]["liplt"]["pairwise"] == "guaranteed upper bound"
+  assert {"sound", "estimate", "kinds", "sound_bounds"} <= stored["table2"].keys()
+  assert stored["table2"]["kinds"]["sound"]["liplt"]["pairwise"] == PROB
   assert "not guaranteed" in stored["table2"]["kinds"]["estimate"]
+  for method, info in stored["table2"]["sound_bounds"].items():
+    assert info["key"] == 1234 and info["estimator"] == "lanczos", method
+    assert info["probabilistic_norms"] > 0 and info["failure_probability"] == 1e-6
   check = stored["soundness_check"]
   assert check["points_attacked"] == 64 and check["violations"] == 0
+  assert len(check["certificates_checked"]) == 4  # naive, LipLT, power method, refined
   assert len(stored["figure1"]["eps"]) == 20
   curves = stored["figure1"]["curves"]
   assert list(curves) == ["CRM, naive", "CRM, LipLT", f"CRM ({os.path.basename(workdir)}), LipLT"]
@@ -74,6 +88,47 @@ def test_table1_orderings(results):
   assert 0 <= t["certified_accuracy"] <= t["pgd_accuracy"] <= t["clean_accuracy"] <= 1
   curve = results["figure1"]["curves"]["CRM, LipLT"]
   assert curve[0] <= t["clean_accuracy"]
+
+
+def test_certificates_every_way(results, capsys):
+  """The pairwise LipLT certificate computed four ways, each stating what it is."""
+  c = results["certificates"]
+  assert list(c) == ["estimate", "sound_power", "sound_lanczos", "sound_refined"]
+  assert c["sound_lanczos"]["certified_accuracy"] == results["table1"]["certified_accuracy"]
+  assert (c["sound_refined"]["certified_accuracy"] ==
+          results["table1"]["refined_certified_accuracy"])
+  est = c["estimate"]
+  assert "not guaranteed" in est["kind"] and est["num_iters"] == 5
+  for name in ("sound_power", "sound_lanczos", "sound_refined"):
+    row = c[name]
+    assert row["kind"] == PROB and row["failure_probability"] == 1e-6 and row["key"] == 1234
+    assert row["probabilistic_norms"] == 3 and row["exact_norms"] == 0 and row["seconds"] > 0
+    assert row["mean_pairwise"] >= est["mean_pairwise"] * (1 - REL)  # sound >= estimate
+    assert row["certified_accuracy"] <= est["certified_accuracy"] + 1e-12
+    assert set(row["certified_accuracy_at"]) == {"0.05", "0.1"}
+    assert row["certified_accuracy_at"]["0.05"] == row["certified_accuracy"]
+  assert c["sound_power"]["estimator"] == "power" and c["sound_power"]["num_iters"] == 100
+  assert c["sound_lanczos"]["estimator"] == "lanczos" and c["sound_lanczos"]["num_iters"] == 40
+  assert c["sound_refined"]["rescaling"] == "given"
+  assert c["sound_refined"]["scales"]["chosen"] in c["sound_refined"]["scales"]["candidates"]
+  # Lanczos (40 steps) is tighter than the power method (100 iterations) at equal failure
+  assert c["sound_lanczos"]["mean_pairwise"] < c["sound_power"]["mean_pairwise"]
+  assert c["sound_lanczos"]["max_rel_err"] < c["sound_power"]["max_rel_err"]
+  text = reports.format_certificates(results)
+  for label in reports.CERTIFICATE_LABELS.values():
+    assert label in text
+  assert "key 1234" in text and "at other radii" in text
+
+
+def test_pgd_attack_runs_at_highest_precision(workdir):
+  run = reports.load_run(workdir)
+  attack = reports.pgd_attack(run.model, run.state.params, eps=0.1, num_steps=2,
+                              num_restarts=1)
+  x, y = np.zeros((2, 28, 28, 1), np.float32), np.zeros(2, np.int32)
+  import jax  # pylint: disable=import-outside-toplevel
+  text = attack.lower(x, y, jax.random.key(0)).as_text()
+  dots = [l for l in text.splitlines() if "stablehlo.dot_general" in l]
+  assert dots and all("HIGHEST" in l for l in dots)
 
 
 def test_figure_png(results):

@@ -9,9 +9,15 @@ independently of crmjax's bound code:
 1b. on one-hidden-layer ReLU networks, every bound is >= the exact constant, the max over
     the activation patterns realised in the input space (2-D inputs: all of them, found
     from the vertices of the hyperplane arrangement; 3-D inputs: those hit by sampling);
-2.  a point certified at radius R (pairwise LipLT, l2) keeps its label under l2 PGD
-    (``crmjax.attacks.pgd_l2``, multi-targeted, restarts) at eps = R and under an exhaustive
-    search of the 2-D disc of radius R;
+1c. on networks whose linear part cancels (``z = P (phi(u) + phi(-u))``, leaky slopes
+    ``alpha > 0``: the first term of eq. 19 vanishes and the bound rests on the ``m_j``
+    terms), every sound bound (LipLT, naive, LipLT-AOL, LipLT of a random rescaling; l2 and
+    l_inf; every mode) and the l_inf training bound is >= the float64 lower estimate, and
+    issue 12's 1-D counterexample is certified correctly;
+2.  a point certified at radius R (``soundness.sound_bound``, pairwise LipLT, l2) keeps its
+    label under l2 PGD (``crmjax.attacks.pgd_l2``, multi-targeted, restarts) at eps = R and
+    under an exhaustive search of the 2-D disc of radius R, while the same attack at 2R
+    breaks some certified points (the attack has power);
 3.  radii computed in float32 are not larger than the same radii computed in float64.
 
 The lower estimates use a float64 numpy copy of each network built from explicit matrices
@@ -35,9 +41,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crmjax import attacks
+from crmjax import attacks, certify
 from crmjax import layers as L
-from crmjax import liplt, network
+from crmjax import liplt, network, soundness
 from tests import reference as ref
 
 ITERS = 1000  # power iterations: plenty for these tiny operators
@@ -519,6 +525,124 @@ def test_bounds_above_exact_constant_one_hidden_layer_relu(d, n, seed, scale):
   assert not bad, (d, n, seed, scale, bad)
 
 
+# ------------------------------------------------------------------------ property 1c
+
+
+def cancellation_layers(d, n, m, k, a1, a2):
+  """``x -> z = R [phi(u); phi(-u)] + b``, ``u = M phi(W x + b1) + c`` (leaky slopes a1, a2)."""
+  del d
+  return (L.Dense(n), L.Act("leaky_relu", a1), L.Dense(2 * m), L.Act("leaky_relu", a2),
+          L.Dense(k))
+
+
+def cancellation_params(d, n, m, k, seed, noise):
+  """``W2 = [M, -M]``, ``b2 = [c, -c]`` and ``R = [P; P] + noise``: the linear part of the
+  logits (``Hhat`` products) is ``noise``-small, the logits are ``P (1 - a2) |u| + ...``."""
+  rng = np.random.default_rng(seed)
+  M, c = rng.normal(size=(n, m)) / np.sqrt(n), rng.normal(size=m) * 0.3
+  P = rng.normal(size=(m, k))
+  f32 = lambda a: np.asarray(a, np.float32)
+  return {"layer_0": {"kernel": f32(rng.normal(size=(d, n)) / np.sqrt(d)),
+                      "bias": f32(rng.normal(size=n) * 0.3)},
+          "layer_2": {"kernel": f32(np.concatenate([M, -M], 1)),
+                      "bias": f32(np.concatenate([c, -c]))},
+          "layer_4": {"kernel": f32(np.concatenate([P, P]) + noise * rng.normal(size=(2 * m, k))),
+                      "bias": f32(rng.normal(size=k) * 0.3)}}
+
+
+SOUND_VARIANTS = ("liplt", "naive", "liplt_aol", "scaled")
+
+
+def sound_bounds_all(net, scales):
+  """``{(variant, mode, norm): float64 bound}`` of ``soundness.sound_bounds`` and, for l_inf,
+  ``('training', mode, 'linf')``: ``liplt.liplt_bound`` itself."""
+  out = {}
+  for variant in SOUND_VARIANTS:
+    kw = {"method": "liplt", "scales": scales} if variant == "scaled" else {"method": variant}
+    for norm in liplt.NORMS:
+      bounds, info = soundness.sound_bounds(net, modes=liplt.MODES, norm=norm, **kw)
+      assert info["kind"] == "guaranteed upper bound", info
+      out.update({(variant, mode, norm): b for mode, b in bounds.items()})
+  train = jax.jit(lambda n: [liplt.liplt_bound(n, mode=m, norm="linf")[0] for m in liplt.MODES])
+  for mode, b in zip(liplt.MODES, train(net)):
+    out[("training", mode, "linf")] = np.asarray(b, np.float64)
+  return out
+
+
+def below_bounds(bounds, lower, k):
+  """Violations of ``lower <= bound`` (float64; the sound bounds carry their margin)."""
+  bad = []
+  for (variant, mode, norm), b in bounds.items():
+    low = as_modes(lower[norm], k)[mode]
+    mask = ~np.eye(k, dtype=bool) if mode == "pairwise" else np.ones(np.shape(low), bool)
+    tol = 1e-6 if variant == "training" else 0.0  # the training bound is float32
+    if not np.all((low <= b * (1 + tol))[mask]):
+      bad.append(f"{variant} {mode} {norm}: lower {low[mask]} > bound {np.asarray(b)[mask]}")
+  return bad
+
+
+# Few shapes (each new shape compiles its operators once), any slopes, weights and noise.
+@_settings(8)
+@given(st.integers(1, 2), st.integers(1, 2), st.just(2), st.integers(2, 3),
+       st.floats(0.05, 0.9), st.floats(0.05, 0.9), st.integers(0, 2**31 - 1),
+       st.sampled_from([0.0, 0.1]))
+def test_sound_bounds_where_eq19_needs_the_m_terms(d, n, m, k, a1, a2, seed, noise):
+  layers = cancellation_layers(d, n, m, k, a1, a2)
+  params = cancellation_params(d, n, m, k, seed, noise)
+  net = network.from_layers(layers, params, (d,))
+  rng = np.random.default_rng(seed)
+  scales = [np.exp(rng.normal(size=b.phi_shape)) for b in net.blocks]
+  bounds = sound_bounds_all(net, scales)
+  ops, _ = np_ops(layers, jax.tree.map(np.asarray, params), (d,))
+  x_check = rng.normal(size=(4, d)).astype(np.float32)
+  check_np_model(ops, x_check, np.asarray(L.Sequential(layers).apply({"params": params},
+                                                                     x_check)))
+  lower, _ = ascent_lower_estimate(ops, d, k, rng, starts=4, steps=30)
+  bad = below_bounds(bounds, lower, k)
+  _report("1c_cancellation", networks=1, comparisons=len(bounds), violations=len(bad))
+  assert not bad, (layers, seed, noise, bad)
+
+
+# Issue 12's counterexample: z0 = phi(phi(x)) + phi(-phi(x)) = |phi(x)| / 2, z1 = 0.1, with
+# phi = leaky ReLU of slope 0.5: the pairwise constant is exactly 0.5 (x > 0), all of it
+# from the m_j term of eq. 19 (the Hhat products cancel in R Hhat_1 Hhat_0).
+COUNTER_LAYERS = (L.Dense(1), L.Act("leaky_relu", 0.5), L.Dense(2), L.Act("leaky_relu", 0.5),
+                  L.Dense(2))
+COUNTER_PARAMS = {
+    "layer_0": {"kernel": np.array([[1.0]], np.float32), "bias": np.zeros(1, np.float32)},
+    "layer_2": {"kernel": np.array([[1.0, -1.0]], np.float32), "bias": np.zeros(2, np.float32)},
+    "layer_4": {"kernel": np.array([[1.0, 0.0], [1.0, 0.0]], np.float32),
+                "bias": np.array([0.0, 0.1], np.float32)}}
+
+
+def test_issue_12_linf_counterexample():
+  net = network.from_layers(COUNTER_LAYERS, COUNTER_PARAMS, (1,))
+  f = lambda x: np.asarray(L.Sequential(COUNTER_LAYERS).apply(
+      {"params": COUNTER_PARAMS}, np.asarray(x, np.float32).reshape(-1, 1)))
+  np.testing.assert_allclose(f([1.0, -2.0, 0.2]), [[0.5, 0.1], [0.5, 0.1], [0.1, 0.1]],
+                             atol=1e-7)
+  tight = (1 + 1e-4) ** 3 * (1 + 1e-7)  # the margin of L + 1 = 3 factors
+  for norm in liplt.NORMS:
+    for variant in ("liplt", "liplt_aol", "scaled"):
+      kw = {"scales": [np.float32(2.0), np.float32(0.5)]} if variant == "scaled" else {
+          "method": variant}
+      lip, info = soundness.sound_bound(net, norm=norm, **kw)
+      assert info["kind"] == "guaranteed upper bound"
+      assert lip[0, 1] >= 0.5, (norm, variant, lip[0, 1])  # old Block.abs: 0.25 in l_inf
+      if variant == "liplt":
+        assert lip[0, 1] <= 0.5 * tight, (norm, lip[0, 1])  # and LipLT is exact here
+    naive, _ = soundness.sound_bound(net, method="naive", norm=norm)
+    assert naive[0, 1] >= 0.5
+    train, _ = liplt.liplt_bound(net, norm=norm, num_iters=50)
+    np.testing.assert_allclose(np.asarray(train)[0, 1], 0.5, rtol=1e-6)
+  # The certificate of x = 1 (margin 0.4): radius 0.8 = the true distance to x = 0.2.
+  lip, _ = soundness.sound_bound(net, norm="linf")
+  radius = certify.radii_of(f([1.0]), np.array([0]), lip)[0]
+  assert 0.8 / tight <= radius <= 0.8
+  assert f([0.2 - 1e-3])[0].argmax() == 1 and f([0.1])[0].argmax() == 1  # misclassified
+  assert f([0.2 + 1e-3])[0].argmax() == 0
+
+
 # ------------------------------------------------------------------------- property 2
 
 PGD_STEPS, PGD_RESTARTS = 100, 10
@@ -638,14 +762,23 @@ def _search_fn(layers):
 @given(relu_2d_networks())
 def test_certified_points_survive_pgd_and_exhaustive_2d_search(spec):
   layers, seed, scale = spec
+  certified = broken_2r = 0
   for params, _, rng in _param_draws(layers, (2,), seed, scale, n=2):
-    _check_certified_points(layers, jax.tree.map(np.asarray, params), rng)
+    c, b = _check_certified_points(layers, jax.tree.map(np.asarray, params), rng)
+    certified, broken_2r = certified + c, broken_2r + b
+  # The attack has power: at twice the certified radius it breaks certified points.
+  assert certified < 4 or broken_2r >= 1, (layers, seed, scale, certified, broken_2r)
 
 
 def _check_certified_points(layers, params, rng):
   shape, n_hidden = (2,), (len(layers) - 1) // 2
   x = (rng.normal(size=(N_POINTS, 2)) * 1.5).astype(np.float32)
-  y, radius, z32 = (np.asarray(a) for a in _certify_fn(layers, shape)(params, None, x))
+  # The certificate as crmjax.certify makes it: the sound bound, highest-precision logits.
+  lip, info = soundness.sound_bound(network.from_layers(layers, params, shape), mode="pairwise")
+  assert info["kind"] == "guaranteed upper bound"
+  z32 = np.asarray(certify.certified_apply(L.Sequential(layers))({"params": params}, x))
+  y = z32.argmax(1)
+  radius = certify.radii_of(z32, y, lip)
   assert np.all(radius >= 0)
   cert = radius > 0  # margin > 0 only
   k = layers[-1].features
@@ -660,8 +793,9 @@ def _check_certified_points(layers, params, rng):
   # The attack's iterates stay in the ball (else a success would prove nothing).
   dist = np.linalg.norm(np.asarray(res.x_adv) - x, axis=1)
   assert np.all(dist <= radius * (1 + 1e-5) + 1e-7)
-  # Power check, reported only: the same attack at eps = 2R (not certified).
+  # Power check: the same attack at eps = 2R (not certified) must break some points.
   res2 = pgd(padded, x, y, 2 * radius, jax.random.key(int(rng.integers(1000))))
+  broken_2r = np.asarray(res2.success) & cert
 
   # Exhaustive 2-D search in float64: the circle of radius R (N_ANGLES angles) and
   # N_RADII - 1 concentric circles inside it.
@@ -680,11 +814,12 @@ def _check_certified_points(layers, params, rng):
           search_strict_label_changes=int(np.sum(strict[cert])),
           search_min_margin_fraction=float(np.min(worst[cert] / clean[cert]))
           if cert.any() else None,
-          pgd_success_at_2R=int((np.asarray(res2.success) & cert).sum()),
+          pgd_success_at_2R=int(broken_2r.sum()),
           pgd_min_margin_fraction=float(np.min(np.asarray(res.margin)[cert] / clean[cert]))
           if cert.any() else None)
   assert not pgd_broken.any(), (layers, params, np.flatnonzero(pgd_broken))
   assert not search_broken.any(), (layers, params, np.flatnonzero(search_broken), worst)
+  return int(cert.sum()), int(broken_2r.sum())
 
 
 # ------------------------------------------------------------------------- property 3

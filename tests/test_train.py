@@ -9,9 +9,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from crmjax import checkpoint, train
+from crmjax import checkpoint, losses, train
 from experiments.configs import mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,12 +104,22 @@ def test_a_whole_run_compiles_each_train_step_once(tmp_path, caplog):
   assert len(compiled) == 2, compiled
 
 
-def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path):
+def metric_records(workdir) -> list[dict]:
+  """The per-epoch records of ``metrics.jsonl`` (the final evaluation line left out)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if "final" not in r]
+
+
+def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path, capsys, caplog):
   full = train.train_and_evaluate(_tiny_config(), str(tmp_path / "full"))
   part = str(tmp_path / "part")
   first = train.train_and_evaluate(_tiny_config(stop_after_steps=5), part)
   assert first == {"step": 5, "stopped": True}
-  resumed = train.train_and_evaluate(_tiny_config(), part)
+  capsys.readouterr()
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    resumed = train.train_and_evaluate(_tiny_config(), part)
+  out = capsys.readouterr().out + caplog.text
   assert resumed["step"] == full["step"] == 8
   for key in ("clean_accuracy", "certified_accuracy", "mean_pairwise_lipschitz"):
     assert resumed[key] == full[key], key
@@ -124,8 +135,16 @@ def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path):
   a, b = final_params(str(tmp_path / "full")), final_params(part)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  lines = [json.loads(l) for l in open(os.path.join(part, "metrics.jsonl"))]
-  assert "final" in lines[-1]
+  # Training is deterministic, so a rerun that ignored the checkpoint and started over would
+  # also end with the same params. No step was redone: 4 steps per epoch; the first run
+  # logged epoch 1 (steps 1-4) and the part of epoch 2 up to the stop (step 5); the rerun
+  # only steps 6-8 of epoch 2, after restoring the step-5 checkpoint.
+  steps = [(r["epoch"], r["step"]) for r in metric_records(part)]
+  assert steps == [(1, 4), (2, 5), (2, 8)], f"steps were redone after the resume: {steps}"
+  assert "resumed from step 5 (epoch 1)" in out, "the rerun did not restore the checkpoint"
+  assert [(r["epoch"], r["step"]) for r in metric_records(tmp_path / "full")] == [(1, 4), (2, 8)]
+  with open(os.path.join(part, "metrics.jsonl")) as f:
+    assert "final" in json.loads(f.readlines()[-1])
 
 
 def test_invalid_config_is_refused_with_the_field_and_the_fix(tmp_path):
@@ -217,3 +236,83 @@ def test_crm_step_with_the_aol_rescaled_liplt_bound():
     state, m = step(state, x, y)
     assert all(np.isfinite(float(v)) for v in m.values())
   assert float(m["lip"]) > 0
+
+
+# ------------------------------------------- the penalty reaches the params through the bound
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "per_class", "global"])
+def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
+  """One CRM step with SGD moves the params by -lr * grad of eq. 8 with the bound of the
+  current params inside it, the gradient flowing through the bound too.
+
+  Reference: ``grad = g_logits + g_bound``, where ``g_logits`` differentiates
+  ``crm_loss(logits(p), y, L)`` with ``L`` held fixed and ``g_bound = (dL/dp)^T
+  dloss/dL``, one VJP of the bound. A step with the bound's gradient stopped (the penalty
+  reaching the params through the logits only) is ``g_logits``: far from the step. The
+  bound's share pushes the mean pairwise bound down. Every ``bound_mode`` (per_class and
+  global made pairwise), lambda and r0 in the middle of a ramp (``crm.ramp_epochs``).
+  """
+  config = _tiny_config(bound_mode=mode, power_iters=3)
+  config.crm.warmup_epochs, config.crm.ramp_epochs, config.crm.lam = 0, 1, 5.0
+  config.crm.penalty, config.crm.temperature = "exp", 1.0
+  config.crm.r0 = config.crm.r0_start = 1e3  # every correct point penalised
+  lr, spe, at_step, lam = 0.1, 10, 4, 2.0  # 4 steps into a 10-step ramp: lam = 0.4 * 5
+  model = train.make_model(config)
+  tx = optax.sgd(lr)
+  rep, bat = train.make_mesh(jax.devices()[:1])
+  state = train.create_state(model, tx, 0).replace(step=jnp.asarray(at_step, jnp.int32))
+  state = jax.device_put(state, rep)
+  p0, power = jax.tree.map(np.array, (state.params, state.power))  # the step donates them
+  x, _ = _batch(32, seed=3)
+  y = jnp.argmax(model.apply(p0, x), axis=1)  # every point correct, so penalised
+  step = train.jit_step(train.make_train_step(model, tx, config, regularized=True,
+                                              steps_per_epoch=spe), rep, bat)
+  new, m = step(state, x, y)
+  assert all(np.isfinite(float(v)) for v in m.values()), m
+  assert float(m["penalised"]) == 1.0 and float(m["penalty"]) > 0
+  np.testing.assert_allclose(m["loss"], m["ce"] + lam * m["penalty"], rtol=1e-5)
+  g_step = jax.tree.map(lambda a, b: (a - b) / lr, p0, jax.device_get(new.params))
+
+  @jax.jit
+  def reference(p):
+    lip, vjp = jax.vjp(lambda p: train.pairwise_bound(
+        model, p, power, method=config.bound, mode=mode, num_iters=config.power_iters)[0], p)
+    crm = lambda p, lip: losses.crm_loss(model.apply(p, x), y, lip, lam=lam,
+                                         temperature=config.crm.temperature, r0=config.crm.r0,
+                                         penalty=losses.exp_penalty)[0]
+    g_logits, d_lip = jax.grad(crm, argnums=(0, 1))(p, lip)
+    (g_bound,), (g_mean,) = vjp(d_lip), vjp(jnp.full_like(lip, 1.0 / lip.size))
+    return g_logits, g_bound, g_mean
+
+  flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)]).astype(np.float64)
+  g_logits, g_bound, g_mean = map(flat, reference(p0))
+  g_step = flat(g_step)
+  assert np.linalg.norm(g_bound) > 1e-3 * np.linalg.norm(g_logits)
+  err = np.linalg.norm(g_step - (g_logits + g_bound))
+  assert err < 0.05 * np.linalg.norm(g_bound), (
+      f"the step's gradient is off the CRM gradient by {err:.3g}, while the bound's share "
+      f"is {np.linalg.norm(g_bound):.3g} (is the bound's gradient stopped?)")
+  # The bound's share of the step, -lr g_bound, lowers the mean pairwise bound.
+  assert g_bound @ g_mean > 0
+
+
+def test_lambda_and_r0_ramp_after_the_warmup():
+  """``crm.ramp_epochs``: lam and r0 are 0 / r0_start during the warm-up, then rise linearly
+  over the ramp epochs to lam / r0, then stay (the step's use of them: the test above)."""
+  config = _tiny_config()
+  config.crm.warmup_epochs, config.crm.ramp_epochs = 1, 2
+  config.crm.lam, config.crm.r0_start, config.crm.r0 = 8.0, 0.5, 2.5
+  spe = 10  # steps per epoch: warm-up = steps 0-9, ramp = steps 10-30
+  lam_fn, r0_fn = train.penalty_schedules(config, spe)
+  for s in (0, 5, 9, 10, 15, 20, 25, 30, 31, 100):
+    frac = min(max(s - 10, 0) / 20, 1.0)
+    want_lam = 0.0 if s < 10 else 8.0 * frac
+    want_r0 = 0.5 if s < 10 else 0.5 + 2.0 * frac
+    np.testing.assert_allclose(float(lam_fn(s)), want_lam, rtol=1e-6, atol=1e-7, err_msg=s)
+    np.testing.assert_allclose(float(r0_fn(s)), want_r0, rtol=1e-6, err_msg=s)
+  # Without a ramp: constant lam / r0 from the end of the warm-up.
+  config.crm.ramp_epochs = 0
+  lam_fn, r0_fn = train.penalty_schedules(config, spe)
+  assert [float(lam_fn(s)) for s in (9, 10, 50)] == [0.0, 8.0, 8.0]
+  assert [float(r0_fn(s)) for s in (9, 10, 50)] == [0.5, 2.5, 2.5]

@@ -8,16 +8,14 @@ to 16). Per-model fields are keyed by model name: override them with brackets, e
 
 import ml_collections
 
-from experiments.configs import default
+from experiments.configs import cifar, default, mnist, tiny_imagenet
 
-# name: (input shape, classes, warm-started power iterations per step in the paper)
-MODELS = {
-    "4C3F": ((28, 28, 1), 10, 10),
-    "6C2F": ((32, 32, 3), 10, 5),
-    "8C2F": ((64, 64, 3), 200, 5),
-    "Res4C3F": ((28, 28, 1), 10, 10),
-    "MLP": ((28, 28, 1), 10, 10),
-}
+# name: (dataset, warm-started power iterations per CRM step). The input shape and the
+# number of classes are the dataset's (crmjax.data.dataset_info); the paper's models take
+# their dataset and power iterations from its training config.
+MODELS = {c.model: (c.dataset, c.power_iters)
+          for c in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config())}
+MODELS.update({name: MODELS["4C3F"] for name in ("Res4C3F", "MLP")})  # MNIST-size
 
 
 def _per_model(index: int) -> ml_collections.ConfigDict:
@@ -27,9 +25,8 @@ def _per_model(index: int) -> ml_collections.ConfigDict:
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.models = ("4C3F", "6C2F", "8C2F")
-  c.input_shapes = _per_model(0)
-  c.num_classes = _per_model(1)
-  c.power_iters = _per_model(2)  # the "paper" CRM column; another column uses 1 iteration
+  c.datasets = _per_model(0)  # the input shape and classes of each model's data
+  c.power_iters = _per_model(1)  # the "paper" CRM column; another column uses 1 iteration
   c.batch_size = 512
   c.batch_sizes = ml_collections.ConfigDict({name: 0 for name in MODELS})  # 0 = batch_size
   # columns not measured per model (printed as 'skipped'): any of benchmark.COLUMNS
@@ -57,7 +54,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.sweep.num_classes = 10
   c.sweep.power_iters = 1
 
-  if variant == "smoke":
+  if default.check_variant(variant) == "smoke":
     c.batch_size = 64
     c.batch_sizes["8C2F"] = 16
     # 8C2F's LipLT bound does not depend on the batch and takes seconds per call on a CPU
@@ -67,6 +64,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.steps, c.warmup_steps = 3, 1
     c.depth_sweep = True
     c.sweep.depths = (4, 8, 16)  # 32 adds ~1 min on a CPU
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}: use '' or 'smoke'")
   return c

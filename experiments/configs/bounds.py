@@ -1,17 +1,22 @@
-"""Bounds of randomly initialised paper architectures (naive vs LipLT, pairwise)."""
+"""Bounds of randomly initialised paper architectures (naive vs LipLT, pairwise).
+
+``--config=experiments/configs/bounds.py:smoke`` is a CPU check of seconds (4C3F only).
+"""
 
 import ml_collections
+
+from experiments.configs import default
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.models = ("4C3F", "6C2F")
+  c.models = ("4C3F", "6C2F")  # any of experiments.configs.benchmark.MODELS (input shape)
   c.seed = 0
   c.num_iters = 10  # power iterations of one bound evaluation (the timed call)
   c.converged_iters = 300  # for the averages
   c.repeats = 5
   c.sound_iters = 1000  # 0 = skip the sound bound (crmjax.soundness)
-  if variant == "smoke":
+  if default.check_variant(variant) == "smoke":
     c.models, c.num_iters, c.converged_iters, c.repeats = ("4C3F",), 2, 20, 1
     c.sound_iters = 50
   return c

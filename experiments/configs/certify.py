@@ -7,6 +7,8 @@ choose how much of the test split to use and how hard to attack and bound.
 
 import ml_collections
 
+from experiments.configs import default
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -23,14 +25,24 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.power_iters = 200  # estimate: warm-started power iterations from the checkpoint's state
-  c.sound_power_iters = 0  # sound bound: 0 = the training config's sound_power_iters
+  # Sound bounds (crmjax.soundness): Lanczos steps where an operator is too large to
+  # materialise; 0 = the training config's sound_power_iters.
+  c.sound_iters = 0
+  c.sound_estimator = "lanczos"  # or "power" (the former sound bound)
+  c.failure_prob = 1e-6  # total probability that a probabilistic sound bound fails
+  c.exact_max_dim = 1024  # operators with a side this small get exact norms (float64 Gram)
+  c.key = -1  # seed of the random starts; -1 = fresh OS entropy (recorded in results.json)
+  c.compare_power = True  # also certify with the former power-method sound bound
+  c.power_sound_iters = 1000  # its power iterations (the former default)
+  c.refine = True  # also certify with the optimised Theorem 3.2 rescaling D (refinement)
+  c.refine_steps = 300  # Adam steps of refinement.optimize_scales
+  c.extra_eps = ()  # more radii for certified_accuracy_at, e.g. (0.1412, 0.0706)
+  c.progress = True  # tqdm bars / phase lines on stderr
   c.num_radii = 100  # Figure 1: points of np.linspace(0, radius_max, num_radii)
   c.radius_max = 0.0  # 0 = the largest certified radius of any curve
 
   c.compare_workdir = ""  # a second run whose LipLT curve joins Figure 1 (e.g. CE vs CRM)
-  if variant == "smoke":
+  if default.check_variant(variant) == "smoke":
     c.test_subset, c.pgd_subset, c.pgd_steps, c.pgd_restarts = 256, 256, 10, 1
-    c.power_iters = 20
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}: use '' or 'smoke'")
+    c.power_iters, c.power_sound_iters, c.refine_steps = 20, 100, 20
   return c

@@ -6,13 +6,17 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = "mnist"
-  c.data_dir = ""  # '' = TFDS, then $CRMJAX_DATA_DIR, then the vendored data/ folder
-  c.download = False  # let TFDS download when no prepared or local copy exists
+  c.data_dir = ""  # '' = TFDS, then $CRMJAX_DATA_DIR, the download cache, the vendored data/
+  c.download = True  # no local copy: download it (TFDS, else the checksummed archive); False:
+  # strictly offline (fail with the ways to provide the data)
+  c.download_url = ""  # base URL of a mirror of the archives ('' = $CRMJAX_DOWNLOAD_URL or
+  # the canonical sources)
   c.train_subset = 0  # 0 = the whole split
   c.test_subset = 0
   c.model = "4C3F"
   c.normalize = ()  # ((mean...), (std...)) per channel, a fixed first layer inside the bound
   c.seed = 0
+  c.init = "flax"  # flax (LeCun normal, zero bias) | torch (PyTorch's default, the reference's)
 
   c.loss = "crm"  # crm | ce | gloro
   c.bound = "liplt"  # liplt | naive | liplt_aol (LipLT of the AOL-rescaled network)
@@ -26,21 +30,34 @@ def get_config() -> ml_collections.ConfigDict:
   c.crm.penalty = "exp"  # g of eq. 8: exp (g(r) = exp(-t r) / t) | linear (g(r) = -r)
   c.crm.warmup_epochs = 5  # plain cross-entropy before the penalty switches on
   c.crm.ramp_epochs = 0  # 0 = constant lambda / r0 after the warm-up, else a linear ramp
+  c.crm.normalize = "correct"  # penalty mean over: correct (correctly classified) | batch
 
   c.batch_size = 512
   c.num_epochs = 20
   c.learning_rate = 1e-3
   c.final_learning_rate = 1e-6  # exponential decay to this rate at the end ...
   c.lr_decay_start_epoch = 0  # ... starting at this epoch (0: over the whole run)
-  c.augment = ml_collections.ConfigDict({"crop_padding": 0, "flip": False})
+  c.lr_schedule = "exponential"  # exponential (above) | cosine | one_cycle
+  c.lr_warmup_epochs = 0  # linear warm-up (cosine) / rise (one_cycle) length
+  c.weight_decay = 0.0  # > 0: AdamW
+  c.grad_clip_norm = 0.0  # > 0: clip gradients to this global norm
+  # Host-side training augmentation (crmjax.input_pipeline.Augment): random crop by zero
+  # padding, flip, then a random rotation (degrees) and integer translation (fraction of the
+  # side) whose uncovered pixels take `fill` ([0, 1] pixel units).
+  c.augment = ml_collections.ConfigDict({"crop_padding": 0, "flip": False,
+                                         "rotation_degrees": 0.0, "translation": 0.0,
+                                         "fill": 0.0})
 
   c.eps = 1.58  # certified l2 radius in [0, 1] pixel space (also GloRo's training eps)
   c.eval_batch_size = 1000
   c.eval_power_iters = 200
   c.sound_eval = True  # certify with guaranteed bounds at the end of training
   c.sound_power_iters = 1000
+  c.eval_every_epochs = 1  # test clean / certified (estimate) accuracy into metrics.jsonl
+  c.epoch_eval_subset = 0  # 0 = the whole test split for the per-epoch curves
 
   c.log_every_steps = 20
+  c.tensorboard = True  # TensorBoard event files in the workdir (tensorboardX, no TensorFlow)
   c.checkpoint_every_steps = 200
   c.max_checkpoints = 3
   c.progress_bar = True
@@ -49,14 +66,25 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+def check_variant(variant: str, known: tuple[str, ...] = ("", "smoke")) -> str:
+  """Returns ``variant`` (the text after ``:`` in ``--config=file.py:variant``) if known.
+
+  Raises:
+    ValueError: naming the known variants, for any other.
+  """
+  if variant not in known:
+    raise ValueError(f"unknown variant {variant!r}: use one of {list(known)} "
+                     "(--config=<file>.py:<variant>)")
+  return variant
+
+
 def apply_variant(c: ml_collections.ConfigDict, variant: str, *, train_subset: int,
                   test_subset: int, batch_size: int) -> ml_collections.ConfigDict:
   """The ``smoke`` variant of a dataset config: one tiny epoch, CRM from the start."""
-  if variant == "smoke":
+  if check_variant(variant) == "smoke":
     c.train_subset, c.test_subset, c.batch_size, c.num_epochs = (train_subset, test_subset,
                                                                  batch_size, 1)
     c.crm.warmup_epochs, c.power_iters, c.sound_power_iters = 0, 1, 20
+    c.eval_every_epochs = 0
     c.progress_bar = False
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}: use '' or 'smoke'")
   return c

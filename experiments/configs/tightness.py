@@ -5,6 +5,8 @@
 
 import ml_collections
 
+from experiments.configs import default
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -27,12 +29,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.lower.rounds = 30  # hill-climbing rounds (random steps, keep the larger ||J(x)||)
   c.lower.step = 0.3
   c.output = ""  # a JSON path, or "" for none
-  if variant == "smoke":
+  if default.check_variant(variant) == "smoke":
     c.input_dim, c.num_classes = 8, 4
     c.hidden = ((16,), (16, 16))
     c.converged_iters, c.repeats = 300, 1
     c.lower.chains, c.lower.rounds = 128, 5
     c.opt.steps = 50
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}: use '' or 'smoke'")
   return c

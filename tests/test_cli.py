@@ -1,0 +1,42 @@
+"""The experiments' shared command line (experiments/cli.py): help, errors, exit codes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train import ROOT
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def _run(*args, timeout=120):
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("experiment, default_workdir", [("mnist", "runs/mnist"),
+                                                         ("certify", None)])
+def test_help_lists_the_experiments_own_flags(experiment, default_workdir):
+  out = _run(f"experiments.{experiment}", "--help")
+  # absl lists only the main module's key flags: these are defined in experiments/cli.py
+  assert "--config:" in out.stdout and "--workdir:" in out.stdout, out.stdout + out.stderr
+  if default_workdir:
+    assert f"(default: '{default_workdir}')" in out.stdout
+
+
+def test_a_fixable_error_is_one_line_and_exit_status_2():
+  out = _run("experiments.benchmark", "--config=experiments/configs/benchmark.py",
+             "--config.models=('VGG',)")
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith("error: --config.models: unknown "
+                                                        "model 'VGG'")
+  assert "Traceback" not in out.stderr
+
+
+def test_stray_arguments_and_a_missing_required_flag_are_usage_errors():
+  out = _run("experiments.residual", "--config=experiments/configs/residual.py", "extra")
+  assert out.returncode == 1 and "unexpected arguments: ['extra']" in out.stderr
+  out = _run("experiments.certify", "--config=experiments/configs/certify.py")
+  assert out.returncode == 1 and "--workdir" in out.stderr
