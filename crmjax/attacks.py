@@ -364,8 +364,7 @@ def raise_on_violation(certified: ArrayLike, success: ArrayLike, *, context: str
   idx = np.flatnonzero(np.asarray(certificate_violations(certified, success)))
   if idx.size:
     msg = (
-      f"SOUNDNESS BUG: {idx.size} certified point(s) broken by the attack, "
-      f"indices {idx.tolist()}"
+      f"SOUNDNESS BUG: {idx.size} certified point(s) broken by the attack, indices {idx.tolist()}"
     )
     if context:
       msg += f" ({context})"

@@ -12,7 +12,7 @@ highest precision as well.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ def certified_apply(model: models.Model) -> Callable:
   Every dot and convolution of the compiled program carries ``HIGHEST`` precision (full
   float32 products on every backend), whatever the caller's default.
   """
+
   def apply(params, x):
     with jax.default_matmul_precision("highest"):
       return model.apply(params, x)
@@ -39,8 +40,9 @@ def eps_key(eps: float) -> str:
   return f"{float(eps):.4g}"
 
 
-def batched_logits(model: models.Model, params, images: np.ndarray, *, batch_size: int
-                   ) -> np.ndarray:
+def batched_logits(
+  model: models.Model, params, images: np.ndarray, *, batch_size: int
+) -> np.ndarray:
   """Logits ``(N, K)`` of uint8 (0..255) or float ([0, 1]) images ``(N, H, W, C)``, in batches.
 
   At the highest matmul precision (``certified_apply``): these logits make certificates.
@@ -48,7 +50,7 @@ def batched_logits(model: models.Model, params, images: np.ndarray, *, batch_siz
   apply = certified_apply(model)
   out = []
   for i in range(0, len(images), batch_size):
-    x = images[i:i + batch_size].astype(np.float32)
+    x = images[i : i + batch_size].astype(np.float32)
     if images.dtype == np.uint8:
       x = x / np.float32(255)  # as crmjax.data.epoch_batches
     out.append(np.asarray(apply(params, x)))
@@ -71,17 +73,31 @@ def certified_accuracy(radii: np.ndarray, eps: float | Sequence[float]) -> np.nd
 
 def radii_of(logits: np.ndarray, labels: np.ndarray, lip: np.ndarray) -> np.ndarray:
   """Certified radii ``(N,)`` (eq. 5) from logits, labels and a ``(K, K)`` bound."""
-  return np.asarray(losses.certified_radius(jnp.asarray(logits), jnp.asarray(labels),
-                                            jnp.asarray(lip)))
+  return np.asarray(
+    losses.certified_radius(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(lip))
+  )
 
 
-def evaluate(model: models.Model, params, power: liplt.PowerState, images: np.ndarray,
-             labels: np.ndarray, *, eps: float, extra_eps: Sequence[float] = (),
-             batch_size: int = 1000, num_iters: int = 100, method: str = "liplt",
-             sound: bool = True, sound_iters: int = soundness.NUM_ITERS,
-             estimator: str = "lanczos", key: int | jax.Array | None = None,
-             failure_prob: float = 1e-6, exact_max_dim: int = soundness.EXACT_MAX_DIM,
-             progress: bool = False) -> dict:
+def evaluate(
+  model: models.Model,
+  params,
+  power: liplt.PowerState,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  eps: float,
+  extra_eps: Sequence[float] = (),
+  batch_size: int = 1000,
+  num_iters: int = 100,
+  method: str = "liplt",
+  sound: bool = True,
+  sound_iters: int = soundness.NUM_ITERS,
+  estimator: str = "lanczos",
+  key: int | jax.Array | None = None,
+  failure_prob: float = 1e-6,
+  exact_max_dim: int = soundness.EXACT_MAX_DIM,
+  progress: bool = False,
+) -> dict:
   """Clean accuracy, certified accuracy at ``eps`` (and ``extra_eps``), mean pairwise bound.
 
   Args:
@@ -118,24 +134,40 @@ def evaluate(model: models.Model, params, power: liplt.PowerState, images: np.nd
 
   est, _ = jax.jit(estimate)(net, power)
   est = np.asarray(est)
-  out = {"clean_accuracy": clean, "eps": eps, "method": method,
-         "estimate_mean_pairwise_lipschitz": mean_pairwise(est),
-         "estimate_certified_accuracy": certified_accuracy(radii_of(logits, labels, est), eps)}
+  out = {
+    "clean_accuracy": clean,
+    "eps": eps,
+    "method": method,
+    "estimate_mean_pairwise_lipschitz": mean_pairwise(est),
+    "estimate_certified_accuracy": certified_accuracy(radii_of(logits, labels, est), eps),
+  }
   lip, kind = est, "power-iteration estimate (not guaranteed)"
   if sound:
     t0 = time.perf_counter()
-    lip, info = soundness.sound_bound(net, method=method, mode="pairwise", warm=power,
-                                      num_iters=sound_iters, estimator=estimator, key=key,
-                                      failure_prob=failure_prob, exact_max_dim=exact_max_dim,
-                                      progress=progress)
+    lip, info = soundness.sound_bound(
+      net,
+      method=method,
+      mode="pairwise",
+      warm=power,
+      num_iters=sound_iters,
+      estimator=estimator,
+      key=key,
+      failure_prob=failure_prob,
+      exact_max_dim=exact_max_dim,
+      progress=progress,
+    )
     info["seconds"] = time.perf_counter() - t0
     kind = info["kind"]
     out["bound_details"] = info
   radii = radii_of(logits, labels, np.asarray(lip))
   radii_eps = [eps, *[e for e in extra_eps if eps_key(e) != eps_key(eps)]]
-  out.update({"certified_accuracy": certified_accuracy(radii, eps),
-              "certified_accuracy_at": {eps_key(e): certified_accuracy(radii, e)
-                                        for e in radii_eps},
-              "mean_pairwise_lipschitz": mean_pairwise(lip), "bound_kind": kind,
-              "mean_certified_radius": float(radii.mean()) if radii.size else 0.0})
+  out.update(
+    {
+      "certified_accuracy": certified_accuracy(radii, eps),
+      "certified_accuracy_at": {eps_key(e): certified_accuracy(radii, e) for e in radii_eps},
+      "mean_pairwise_lipschitz": mean_pairwise(lip),
+      "bound_kind": kind,
+      "mean_certified_radius": float(radii.mean()) if radii.size else 0.0,
+    }
+  )
   return out

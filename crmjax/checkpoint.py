@@ -375,9 +375,15 @@ class Checkpointer:
 
   # -- restore -------------------------------------------------------------
 
-  def _corrupt(self, step: int, what: str, cause: BaseException | None = None) -> CorruptCheckpointError:
+  def _corrupt(
+    self, step: int, what: str, cause: BaseException | None = None
+  ) -> CorruptCheckpointError:
     d = self.step_dir(step)
-    detail = f": {type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}" if cause else ""
+    detail = (
+      f": {type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+      if cause
+      else ""
+    )
     return CorruptCheckpointError(
       f"Checkpoint step {step} at {d} is corrupt or incomplete ({what}{detail}). "
       f"Fix: delete the directory {d} (training then resumes from the previous step), "
@@ -386,7 +392,9 @@ class Checkpointer:
       path=d,
     )
 
-  def _mismatch(self, step: int, problem: str, n: int, meta: Mapping[str, Any] | None) -> CheckpointMismatchError:
+  def _mismatch(
+    self, step: int, problem: str, n: int, meta: Mapping[str, Any] | None
+  ) -> CheckpointMismatchError:
     arch = ""
     if meta and "architecture" in meta:
       arch = f" (checkpoint architecture: {meta['architecture']!r})"
@@ -427,7 +435,8 @@ class Checkpointer:
       self._manager.reload()  # written by another process after we opened
     try:
       meta = self._manager.restore(
-        step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+        step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+      )[_META]
     except Exception as e:  # noqa: BLE001 - any read failure means a corrupt step
       raise self._corrupt(step, f"cannot read item {_META!r}", e) from e
     if not isinstance(meta, dict):
@@ -480,8 +489,9 @@ class Checkpointer:
     ckpt_tree = getattr(item_md, "tree", item_md)
     if ckpt_tree is None:
       logger.warning(
-        "Checkpoint step %d in %s has no readable array metadata; "
-        "validating after restore only.", step, self._directory,
+        "Checkpoint step %d in %s has no readable array metadata; validating after restore only.",
+        step,
+        self._directory,
       )
     else:
       mm = _first_mismatch(_leaf_specs(ckpt_tree), target_specs)
@@ -496,8 +506,10 @@ class Checkpointer:
       )[_STATE]
     except Exception as e:  # noqa: BLE001
       msg = str(e)
-      if ckpt_tree is None and isinstance(e, ValueError) and (
-        "mismatch" in msg.lower() or "not compatible" in msg
+      if (
+        ckpt_tree is None
+        and isinstance(e, ValueError)
+        and ("mismatch" in msg.lower() or "not compatible" in msg)
       ):
         raise self._mismatch(step, msg.splitlines()[0][:300], 1, meta) from e
       raise self._corrupt(step, f"cannot read item {_STATE!r}", e) from e

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -60,8 +61,10 @@ _TINY = 1e-12
 def _slopes(act: L.Act) -> tuple[float, float]:
   alpha, beta = act.slope_bounds
   if alpha < 0 or alpha + beta <= 0:
-    raise ValueError("Proposition 3.1 layers need slopes 0 <= alpha <= beta with "
-                     f"alpha + beta > 0, got {(alpha, beta)}")
+    raise ValueError(
+      "Proposition 3.1 layers need slopes 0 <= alpha <= beta with "
+      f"alpha + beta > 0, got {(alpha, beta)}"
+    )
   return alpha, beta
 
 
@@ -72,8 +75,14 @@ def _scale(rho: float, alpha: float, beta: float) -> float:
   return 2.0 * rho / (alpha + beta) ** 2
 
 
-def dense_scaling(kernel: jax.Array, *, rho: float = 1.0, alpha: float = 0.0,
-                  beta: float = 1.0, q: jax.Array | None = None) -> jax.Array:
+def dense_scaling(
+  kernel: jax.Array,
+  *,
+  rho: float = 1.0,
+  alpha: float = 0.0,
+  beta: float = 1.0,
+  q: jax.Array | None = None,
+) -> jax.Array:
   """The diagonal ``T`` of Proposition 3.1 for a dense ``W = kernel^T``.
 
   Args:
@@ -93,8 +102,9 @@ def dense_scaling(kernel: jax.Array, *, rho: float = 1.0, alpha: float = 0.0,
   return _scale(rho, alpha, beta) / jnp.maximum(sums, _TINY)
 
 
-def conv_operator(kernel: jax.Array, in_shape: tuple[int, int, int], *, stride: int = 1,
-                  padding: int | None = None) -> ops.Conv:
+def conv_operator(
+  kernel: jax.Array, in_shape: tuple[int, int, int], *, stride: int = 1, padding: int | None = None
+) -> ops.Conv:
   """The convolution ``W`` (``crmjax.operators.Conv``); ``padding=None``: ``(k - 1) // 2``."""
   k = kernel.shape[0]
   p = (k - 1) // 2 if padding is None else padding
@@ -106,9 +116,17 @@ def transpose(op: ops.Operator) -> ops.Adjoint:
   return ops.Adjoint(op)
 
 
-def conv_scaling(kernel: jax.Array, in_shape: tuple[int, int, int], *, stride: int = 1,
-                 padding: int | None = None, rho: float = 1.0, alpha: float = 0.0,
-                 beta: float = 1.0, q: jax.Array | None = None) -> jax.Array:
+def conv_scaling(
+  kernel: jax.Array,
+  in_shape: tuple[int, int, int],
+  *,
+  stride: int = 1,
+  padding: int | None = None,
+  rho: float = 1.0,
+  alpha: float = 0.0,
+  beta: float = 1.0,
+  q: jax.Array | None = None,
+) -> jax.Array:
   """The diagonal ``T`` of Proposition 3.1 for a convolution ``W``.
 
   Uses ``(|W| |W|^T q)_i / q_i >= sum_j |W W^T|_ij q_j / q_i`` (elementwise
@@ -127,8 +145,11 @@ def conv_scaling(kernel: jax.Array, in_shape: tuple[int, int, int], *, stride: i
   """
   op = conv_operator(kernel, in_shape, stride=stride, padding=padding)
   aop = op.abs()
-  qv = jnp.ones(op.out_shape, kernel.dtype) if q is None else jnp.broadcast_to(
-      q, op.out_shape).astype(kernel.dtype)
+  qv = (
+    jnp.ones(op.out_shape, kernel.dtype)
+    if q is None
+    else jnp.broadcast_to(q, op.out_shape).astype(kernel.dtype)
+  )
   sums = aop(transpose(aop)(qv[None]))[0] / qv
   return _scale(rho, alpha, beta) / jnp.maximum(sums, _TINY)
 
@@ -207,12 +228,21 @@ class ControlledConv(nn.Module):
     alpha, beta = _slopes(self.act)
     in_shape = tuple(x.shape[-3:])
     k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, in_shape[-1], self.features),
-                        jnp.float32).astype(x.dtype)
+    kernel = self.param(
+      "kernel", self.kernel_init, (k, k, in_shape[-1], self.features), jnp.float32
+    ).astype(x.dtype)
     q = _log_q(self, self.rescaling, self.features)
     op = conv_operator(kernel, in_shape, stride=self.stride, padding=self.padding)
-    t = conv_scaling(kernel, in_shape, stride=self.stride, padding=self.padding, rho=self.rho,
-                     alpha=alpha, beta=beta, q=q)
+    t = conv_scaling(
+      kernel,
+      in_shape,
+      stride=self.stride,
+      padding=self.padding,
+      rho=self.rho,
+      alpha=alpha,
+      beta=beta,
+      q=q,
+    )
     v = op(x)
     if self.use_bias:
       v = v + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
@@ -268,12 +298,18 @@ class Controlled:
 
   def module(self, name: str | None = None) -> nn.Module:
     """The Flax layer (``ControlledDense`` or ``ControlledConv``)."""
-    common = dict(rho=self.rho, act=self.act, rescaling=self.rescaling,
-                  use_bias=self.use_bias, name=name)
+    common = dict(
+      rho=self.rho, act=self.act, rescaling=self.rescaling, use_bias=self.use_bias, name=name
+    )
     if self.kind == "dense":
       return ControlledDense(self.features, **common)
-    return ControlledConv(self.features, kernel_size=self.kernel_size, stride=self.stride,
-                          padding=self.padding, **common)
+    return ControlledConv(
+      self.features,
+      kernel_size=self.kernel_size,
+      stride=self.stride,
+      padding=self.padding,
+      **common,
+    )
 
   def apply(self, x, name):
     return self.module(name)(x)
@@ -286,8 +322,9 @@ class Controlled:
       return ops.Dense(params["kernel"])
     if len(in_shape) != 3:
       raise ValueError(f"Controlled('conv') expects an (H, W, C) input, got shape {in_shape}")
-    return conv_operator(params["kernel"], tuple(in_shape), stride=self.stride,
-                         padding=self.padding)
+    return conv_operator(
+      params["kernel"], tuple(in_shape), stride=self.stride, padding=self.padding
+    )
 
   def scaling(self, params, in_shape: tuple[int, ...]) -> jax.Array:
     """``T`` of shape ``W.out_shape``, exactly as the Flax layer computes it."""
@@ -295,11 +332,20 @@ class Controlled:
     q = jnp.exp(params["log_q"]) if self.rescaling == "sll" else None
     if self.kind == "dense":
       return dense_scaling(params["kernel"], rho=self.rho, alpha=alpha, beta=beta, q=q)
-    return conv_scaling(params["kernel"], tuple(in_shape), stride=self.stride,
-                        padding=self.padding, rho=self.rho, alpha=alpha, beta=beta, q=q)
+    return conv_scaling(
+      params["kernel"],
+      tuple(in_shape),
+      stride=self.stride,
+      padding=self.padding,
+      rho=self.rho,
+      alpha=alpha,
+      beta=beta,
+      q=q,
+    )
 
-  def block_operators(self, params, in_shape: tuple[int, ...]
-                      ) -> tuple[ops.Operator, ops.Operator, float]:
+  def block_operators(
+    self, params, in_shape: tuple[int, ...]
+  ) -> tuple[ops.Operator, ops.Operator, float]:
     """``(W, G, sqrt(rho))`` of the block ``x -> sqrt(rho) x + G phi(W x)``.
 
     ``G = Adjoint(W) o Scale(-(alpha + beta) / sqrt(rho) T)``: ``W.out_shape -> in_shape``.

@@ -40,14 +40,14 @@ import tqdm
 from crmjax import download as download_lib
 
 __all__ = [
-    "DATA_DIR_ENV",
-    "DOWNLOAD_URL_ENV",
-    "KNOWN_DATASETS",
-    "DatasetInfo",
-    "cache_dir",
-    "dataset_info",
-    "load_split",
-    "read_idx",
+  "DATA_DIR_ENV",
+  "DOWNLOAD_URL_ENV",
+  "KNOWN_DATASETS",
+  "DatasetInfo",
+  "cache_dir",
+  "dataset_info",
+  "load_split",
+  "read_idx",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,36 +78,34 @@ class DatasetInfo:
 
 
 _INFOS = {
-    "mnist": DatasetInfo(num_classes=10, image_shape=(28, 28, 1)),
-    "cifar10": DatasetInfo(num_classes=10, image_shape=(32, 32, 3)),
-    "tiny_imagenet": DatasetInfo(num_classes=200, image_shape=(64, 64, 3)),
+  "mnist": DatasetInfo(num_classes=10, image_shape=(28, 28, 1)),
+  "cifar10": DatasetInfo(num_classes=10, image_shape=(32, 32, 3)),
+  "tiny_imagenet": DatasetInfo(num_classes=200, image_shape=(64, 64, 3)),
 }
 
 # Expected local layouts, quoted in the "not found" error message.
 _LAYOUTS = {
-    "mnist": (
-        "<dir>/mnist/train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"
-        " t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (the four IDX"
-        " files may also sit directly in <dir>)"
-    ),
-    "cifar10": (
-        "<dir>/cifar-10-batches-py/data_batch_1 ... data_batch_5 and"
-        " test_batch (the python version of CIFAR-10, cifar-10-python.tar.gz,"
-        " extracted)"
-    ),
-    "tiny_imagenet": (
-        "<dir>/tiny-imagenet-200/wnids.txt, train/<wnid>/images/*.JPEG,"
-        " val/images/*.JPEG and val/val_annotations.txt (tiny-imagenet-200.zip"
-        " extracted)"
-    ),
+  "mnist": (
+    "<dir>/mnist/train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"
+    " t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (the four IDX"
+    " files may also sit directly in <dir>)"
+  ),
+  "cifar10": (
+    "<dir>/cifar-10-batches-py/data_batch_1 ... data_batch_5 and"
+    " test_batch (the python version of CIFAR-10, cifar-10-python.tar.gz,"
+    " extracted)"
+  ),
+  "tiny_imagenet": (
+    "<dir>/tiny-imagenet-200/wnids.txt, train/<wnid>/images/*.JPEG,"
+    " val/images/*.JPEG and val/val_annotations.txt (tiny-imagenet-200.zip"
+    " extracted)"
+  ),
 }
 
 
 def _check_name(name: str) -> None:
   if name not in _INFOS:
-    raise ValueError(
-        f"Unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)}"
-    )
+    raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)}")
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -139,8 +137,12 @@ class _Distribution:
 
 def _mnist_remote(filename: str, size: int, sha256: str) -> download_lib.Remote:
   return download_lib.Remote(
-      filename, f"https://storage.googleapis.com/cvdf-datasets/mnist/{filename}", size=size,
-      sha256=sha256, source="TFDS (tensorflow_datasets/url_checksums/mnist.txt)")
+    filename,
+    f"https://storage.googleapis.com/cvdf-datasets/mnist/{filename}",
+    size=size,
+    sha256=sha256,
+    source="TFDS (tensorflow_datasets/url_checksums/mnist.txt)",
+  )
 
 
 # Checksums and sizes as published:
@@ -150,39 +152,64 @@ def _mnist_remote(filename: str, size: int, sha256: str) -> download_lib.Remote:
 # * Tiny-ImageNet: md5 as used by every loader of the cs231n zip (e.g. avalanche's and
 #   the torchvision-style TinyImageNet datasets); no SHA-256 is published.
 _DISTRIBUTIONS: dict[str, _Distribution] = {
-    "mnist": _Distribution(
-        remotes=(
-            _mnist_remote("train-images-idx3-ubyte.gz", 9912422,
-                          "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
-            _mnist_remote("train-labels-idx1-ubyte.gz", 28881,
-                          "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-            _mnist_remote("t10k-images-idx3-ubyte.gz", 1648877,
-                          "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
-            _mnist_remote("t10k-labels-idx1-ubyte.gz", 4542,
-                          "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
-        ),
-        folder="mnist",
-        members=("mnist/train-images-idx3-ubyte.gz", "mnist/train-labels-idx1-ubyte.gz",
-                 "mnist/t10k-images-idx3-ubyte.gz", "mnist/t10k-labels-idx1-ubyte.gz"),
+  "mnist": _Distribution(
+    remotes=(
+      _mnist_remote(
+        "train-images-idx3-ubyte.gz",
+        9912422,
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+      ),
+      _mnist_remote(
+        "train-labels-idx1-ubyte.gz",
+        28881,
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+      ),
+      _mnist_remote(
+        "t10k-images-idx3-ubyte.gz",
+        1648877,
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+      ),
+      _mnist_remote(
+        "t10k-labels-idx1-ubyte.gz",
+        4542,
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+      ),
     ),
-    "cifar10": _Distribution(
-        remotes=(download_lib.Remote(
-            "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-            size=170498071,
-            sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
-            md5="c58f30108f718f92721af3b95e74349a",
-            source="Keras (sha256) and torchvision (md5)"),),
-        folder="",
-        members=("cifar-10-batches-py",),
+    folder="mnist",
+    members=(
+      "mnist/train-images-idx3-ubyte.gz",
+      "mnist/train-labels-idx1-ubyte.gz",
+      "mnist/t10k-images-idx3-ubyte.gz",
+      "mnist/t10k-labels-idx1-ubyte.gz",
     ),
-    "tiny_imagenet": _Distribution(
-        remotes=(download_lib.Remote(
-            "tiny-imagenet-200.zip", "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
-            size=248100043, md5="90528d7ca1a48142e341f4ef8d21d0de",
-            source="the Tiny-ImageNet loaders of avalanche and torchvision-style datasets"),),
-        folder="",
-        members=("tiny-imagenet-200",),
+  ),
+  "cifar10": _Distribution(
+    remotes=(
+      download_lib.Remote(
+        "cifar-10-python.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        size=170498071,
+        sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+        md5="c58f30108f718f92721af3b95e74349a",
+        source="Keras (sha256) and torchvision (md5)",
+      ),
     ),
+    folder="",
+    members=("cifar-10-batches-py",),
+  ),
+  "tiny_imagenet": _Distribution(
+    remotes=(
+      download_lib.Remote(
+        "tiny-imagenet-200.zip",
+        "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+        size=248100043,
+        md5="90528d7ca1a48142e341f4ef8d21d0de",
+        source="the Tiny-ImageNet loaders of avalanche and torchvision-style datasets",
+      ),
+    ),
+    folder="",
+    members=("tiny-imagenet-200",),
+  ),
 }
 
 
@@ -192,13 +219,13 @@ _DISTRIBUTIONS: dict[str, _Distribution] = {
 
 
 def load_split(
-    name: str,
-    split: str,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    download: bool = False,
-    download_url: str | None = None,
-    progress: bool = True,
+  name: str,
+  split: str,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  download: bool = False,
+  download_url: str | None = None,
+  progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Loads a whole split into host memory, downloading it first if asked to.
 
@@ -240,13 +267,13 @@ def load_split(
 
   mirror = download_url or os.environ.get(DOWNLOAD_URL_ENV) or None
   if not download:
-    raise FileNotFoundError(_missing_message(name, split, searched, data_dir, mirror,
-                                             reason=None))
+    raise FileNotFoundError(_missing_message(name, split, searched, data_dir, mirror, reason=None))
   try:
     return _download(name, split, data_dir=data_dir, mirror=mirror, progress=progress)
   except download_lib.DownloadError as e:
-    raise FileNotFoundError(_missing_message(name, split, searched, data_dir, mirror,
-                                             reason=str(e))) from e
+    raise FileNotFoundError(
+      _missing_message(name, split, searched, data_dir, mirror, reason=str(e))
+    ) from e
 
 
 def cache_dir() -> Path:
@@ -282,8 +309,7 @@ def _local_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
   return dirs
 
 
-def _load_local(name: str, split: str, dirs: list[Path]
-                ) -> tuple[np.ndarray, np.ndarray] | None:
+def _load_local(name: str, split: str, dirs: list[Path]) -> tuple[np.ndarray, np.ndarray] | None:
   for root in dirs:
     result = _LOCAL_LOADERS[name](root, split)
     if result is not None:
@@ -292,19 +318,33 @@ def _load_local(name: str, split: str, dirs: list[Path]
   return None
 
 
-def _download(name: str, split: str, *, data_dir: str | os.PathLike[str] | None,
-              mirror: str | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _download(
+  name: str,
+  split: str,
+  *,
+  data_dir: str | os.PathLike[str] | None,
+  mirror: str | None,
+  progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
   """Downloads ``name`` (TFDS if it can prepare it, else the distribution files)."""
   dist = _DISTRIBUTIONS[name]
   if mirror is None and _tfds_can_prepare(name):
     download_lib.probe(dist.remotes[0])  # No network: fail now, not inside TFDS's retries.
-    _say(f"{name}: no local copy; preparing it with TFDS (tfds.data_source(...,"
-         " download=True)); --config.download=False stays offline", progress)
+    _say(
+      f"{name}: no local copy; preparing it with TFDS (tfds.data_source(...,"
+      " download=True)); --config.download=False stays offline",
+      progress,
+    )
     try:
       result = _load_tfds(name, split, data_dir=data_dir, download=True)
     except Exception as e:  # pylint: disable=broad-except
-      log.warning("TFDS could not prepare %s (%s: %s); downloading %s instead", name,
-                  type(e).__name__, str(e)[:300], dist.remotes[0].filename)
+      log.warning(
+        "TFDS could not prepare %s (%s: %s); downloading %s instead",
+        name,
+        type(e).__name__,
+        str(e)[:300],
+        dist.remotes[0].filename,
+      )
       result = None
     if result is not None:
       return result
@@ -313,20 +353,30 @@ def _download(name: str, split: str, *, data_dir: str | os.PathLike[str] | None,
   wanted = [(r, m) for r, m in zip(dist.remotes, dist.members) if not (target / m).exists()]
   if not wanted:  # Everything is there, yet unreadable: never overwrite a user's files.
     raise download_lib.DownloadError(
-        f"{', '.join(str(target / m) for m in dist.members)} exist but do not hold the"
-        f" {split} split of {name} (incomplete?); remove them to download afresh")
+      f"{', '.join(str(target / m) for m in dist.members)} exist but do not hold the"
+      f" {split} split of {name} (incomplete?); remove them to download afresh"
+    )
   remotes = tuple(r for r, _ in wanted)
   total = sum(r.size or 0 for r in remotes)
-  _say(f"{name}: no local copy; downloading"
-       f" {', '.join(download_lib.resolve_url(r, mirror) for r in remotes)}"
-       f" ({total / 2**20:.1f} MiB) into {target}; --config.download=False stays offline",
-       progress)
-  download_lib.install(remotes, target, members=tuple(m for _, m in wanted),
-                       folder=dist.folder, mirror=mirror, progress=progress)
+  _say(
+    f"{name}: no local copy; downloading"
+    f" {', '.join(download_lib.resolve_url(r, mirror) for r in remotes)}"
+    f" ({total / 2**20:.1f} MiB) into {target}; --config.download=False stays offline",
+    progress,
+  )
+  download_lib.install(
+    remotes,
+    target,
+    members=tuple(m for _, m in wanted),
+    folder=dist.folder,
+    mirror=mirror,
+    progress=progress,
+  )
   result = _LOCAL_LOADERS[name](target, split)
   if result is None:
     raise download_lib.DownloadError(
-        f"the downloaded files under {target} do not hold the {split} split of {name}")
+      f"the downloaded files under {target} do not hold the {split} split of {name}"
+    )
   return _validated(name, *result, source=target)
 
 
@@ -338,13 +388,13 @@ def _say(message: str, progress: bool) -> None:
 
 
 def _missing_message(
-    name: str,
-    split: str,
-    searched: list[Path],
-    data_dir: str | os.PathLike[str] | None,
-    mirror: str | None,
-    *,
-    reason: str | None,
+  name: str,
+  split: str,
+  searched: list[Path],
+  data_dir: str | os.PathLike[str] | None,
+  mirror: str | None,
+  *,
+  reason: str | None,
 ) -> str:
   where = ", ".join(str(d) for d in searched) or "(no existing directory)"
   dist = _DISTRIBUTIONS[name]
@@ -354,33 +404,34 @@ def _missing_message(
   else:
     status = f"Downloading it failed: {reason}"
   fixes = [
-      "Run with internet access and --config.download=True (the default of the experiment"
-      f" configs; load_split(..., download=True)): it downloads {urls}, checks the published"
-      f" checksum and unpacks it into {_download_dir(data_dir)} for every later run."
-      f" A mirror with the same file names: --config.download_url=<base URL> or"
-      f" ${DOWNLOAD_URL_ENV}=<base URL>.",
-      "Put the standard distribution files under a directory <dir> and pass it as"
-      f" --config.data_dir or set ${DATA_DIR_ENV}=<dir>. Expected layout: {_LAYOUTS[name]}.",
+    "Run with internet access and --config.download=True (the default of the experiment"
+    f" configs; load_split(..., download=True)): it downloads {urls}, checks the published"
+    f" checksum and unpacks it into {_download_dir(data_dir)} for every later run."
+    f" A mirror with the same file names: --config.download_url=<base URL> or"
+    f" ${DOWNLOAD_URL_ENV}=<base URL>.",
+    "Put the standard distribution files under a directory <dir> and pass it as"
+    f" --config.data_dir or set ${DATA_DIR_ENV}=<dir>. Expected layout: {_LAYOUTS[name]}.",
   ]
   tfds_name = _TFDS_NAMES[name]
   if tfds_name is None:
     fixes.append("(TFDS has no builder for this dataset, so it cannot prepare it.)")
   else:
     fixes.append(
-        "Prepare it with TFDS on a machine with internet:"
-        f" `tfds.data_source({tfds_name!r}, split={_tfds_split(name, split)!r},"
-        " data_dir=..., download=True)`, then pass that TFDS data dir as --config.data_dir"
-        " (or use the default ~/tensorflow_datasets / $TFDS_DATA_DIR).")
+      "Prepare it with TFDS on a machine with internet:"
+      f" `tfds.data_source({tfds_name!r}, split={_tfds_split(name, split)!r},"
+      " data_dir=..., download=True)`, then pass that TFDS data dir as --config.data_dir"
+      " (or use the default ~/tensorflow_datasets / $TFDS_DATA_DIR)."
+    )
   return (
-      f"Dataset {name!r} (split {split!r}) is not available offline:"
-      f" TFDS has no prepared copy (data_dir={data_dir and os.fspath(data_dir)!r}) and no"
-      f" standard files were found in: {where}. {status}\nTo get it, either:\n"
-      + "\n".join(f"  {i}. {fix}" for i, fix in enumerate(fixes, 1))
+    f"Dataset {name!r} (split {split!r}) is not available offline:"
+    f" TFDS has no prepared copy (data_dir={data_dir and os.fspath(data_dir)!r}) and no"
+    f" standard files were found in: {where}. {status}\nTo get it, either:\n"
+    + "\n".join(f"  {i}. {fix}" for i, fix in enumerate(fixes, 1))
   )
 
 
 def _validated(
-    name: str, images: np.ndarray, labels: np.ndarray, *, source: Any = None
+  name: str, images: np.ndarray, labels: np.ndarray, *, source: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
   """Checks dtype, shape and label range against ``dataset_info(name)`` (the one check)."""
   info = _INFOS[name]
@@ -389,17 +440,14 @@ def _validated(
   origin = f" (read from {source}; check the files there or --config.data_dir)" if source else ""
   if images.dtype != np.uint8 or images.shape[1:] != info.image_shape:
     raise ValueError(
-        f"{name}: expected uint8 images of shape (N, *{info.image_shape}),"
-        f" got {images.dtype} {images.shape}{origin}"
+      f"{name}: expected uint8 images of shape (N, *{info.image_shape}),"
+      f" got {images.dtype} {images.shape}{origin}"
     )
   if labels.shape != (images.shape[0],):
-    raise ValueError(
-        f"{name}: {images.shape[0]} images but labels of shape {labels.shape}{origin}"
-    )
+    raise ValueError(f"{name}: {images.shape[0]} images but labels of shape {labels.shape}{origin}")
   if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
     raise ValueError(
-        f"{name}: labels outside [0, {info.num_classes}):"
-        f" [{labels.min()}, {labels.max()}]{origin}"
+      f"{name}: labels outside [0, {info.num_classes}): [{labels.min()}, {labels.max()}]{origin}"
     )
   return images, labels
 
@@ -408,9 +456,9 @@ def _validated(
 
 # TFDS builder names; None means "no TFDS builder", skip TFDS.
 _TFDS_NAMES: dict[str, str | None] = {
-    "mnist": "mnist",
-    "cifar10": "cifar10",
-    "tiny_imagenet": None,
+  "mnist": "mnist",
+  "cifar10": "cifar10",
+  "tiny_imagenet": None,
 }
 _TFDS_CHUNK = 1024
 
@@ -430,25 +478,29 @@ def _tfds_prepared_on_disk(tfds_name: str, data_dir: str | os.PathLike[str] | No
   """Whether some ``<tfds dir>/<name>/[<config>/]<version>/dataset_info.json`` exists."""
   for root in _tfds_data_dirs(data_dir):
     base = root / tfds_name
-    if base.is_dir() and (any(base.glob("*/dataset_info.json"))
-                          or any(base.glob("*/*/dataset_info.json"))):
+    if base.is_dir() and (
+      any(base.glob("*/dataset_info.json")) or any(base.glob("*/*/dataset_info.json"))
+    ):
       return True
   return False
 
 
 def _tfds_can_prepare(name: str) -> bool:
   """TFDS has a builder and TensorFlow (which its preparation needs) is installed."""
-  return (_TFDS_NAMES[name] is not None
-          and importlib.util.find_spec("tensorflow") is not None
-          and importlib.util.find_spec("tensorflow_datasets") is not None)
+  return (
+    _TFDS_NAMES[name] is not None
+    and importlib.util.find_spec("tensorflow") is not None
+    and importlib.util.find_spec("tensorflow_datasets") is not None
+  )
 
 
 class _DropTfdsChatter(logging.Filter):
   """Drops TFDS's INFO / WARNING records (e.g. "Variant folder ... has no dataset_info.json")."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno <= logging.WARNING
-                and "tensorflow_datasets" in (record.pathname or ""))
+    return not (
+      record.levelno <= logging.WARNING and "tensorflow_datasets" in (record.pathname or "")
+    )
 
 
 @contextlib.contextmanager
@@ -463,11 +515,11 @@ def _quiet_tfds():
 
 
 def _load_tfds(
-    name: str,
-    split: str,
-    *,
-    data_dir: str | os.PathLike[str] | None,
-    download: bool,
+  name: str,
+  split: str,
+  *,
+  data_dir: str | os.PathLike[str] | None,
+  download: bool,
 ) -> tuple[np.ndarray, np.ndarray] | None:
   """Reads a split through ``tfds.data_source``; None if unavailable.
 
@@ -478,8 +530,11 @@ def _load_tfds(
   tfds_name = _TFDS_NAMES[name]
   if tfds_name is None:
     return None
-  if (not download and sys.modules.get("tensorflow_datasets") is None
-      and not _tfds_prepared_on_disk(tfds_name, data_dir)):
+  if (
+    not download
+    and sys.modules.get("tensorflow_datasets") is None
+    and not _tfds_prepared_on_disk(tfds_name, data_dir)
+  ):
     return None
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -490,19 +545,19 @@ def _load_tfds(
   # random-access format: unknown builder, empty split list (KeyError),
   # TFRecord-only preparation (NotImplementedError), missing files.
   not_found = (
-      tfds.core.DatasetNotFoundError,
-      KeyError,
-      NotImplementedError,
-      FileNotFoundError,
-      AssertionError,
+    tfds.core.DatasetNotFoundError,
+    KeyError,
+    NotImplementedError,
+    FileNotFoundError,
+    AssertionError,
   )
   try:
     with contextlib.nullcontext() if download else _quiet_tfds():
       source = tfds.data_source(
-          tfds_name,
-          split=_tfds_split(name, split),
-          data_dir=None if data_dir is None else os.fspath(data_dir),
-          download=download,
+        tfds_name,
+        split=_tfds_split(name, split),
+        data_dir=None if data_dir is None else os.fspath(data_dir),
+        download=download,
       )
   except not_found as e:
     if download:
@@ -539,12 +594,12 @@ def _read_data_source(source: Any) -> tuple[np.ndarray, np.ndarray]:
 # --- MNIST (IDX) ------------------------------------------------------------
 
 _IDX_DTYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
+  0x08: np.dtype(np.uint8),
+  0x09: np.dtype(np.int8),
+  0x0B: np.dtype(">i2"),
+  0x0C: np.dtype(">i4"),
+  0x0D: np.dtype(">f4"),
+  0x0E: np.dtype(">f8"),
 }
 
 
@@ -577,8 +632,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
   expected = header + int(np.prod(dims)) * dtype.itemsize
   if len(raw) != expected:
     raise ValueError(
-        f"Corrupt or truncated IDX file {path}: header says dims {dims}"
-        f" ({expected} bytes) but the file has {len(raw)} bytes"
+      f"Corrupt or truncated IDX file {path}: header says dims {dims}"
+      f" ({expected} bytes) but the file has {len(raw)} bytes"
     )
   data = np.frombuffer(raw, dtype, offset=header).reshape(dims)
   return data.astype(dtype.newbyteorder("="), copy=True)
@@ -592,9 +647,7 @@ def _find_idx(root: Path, stem: str) -> Path | None:
   return None
 
 
-def _load_mnist_local(
-    root: Path, split: str
-) -> tuple[np.ndarray, np.ndarray] | None:
+def _load_mnist_local(root: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
   prefix = "train" if split == "train" else "t10k"
   image_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
   label_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
@@ -604,8 +657,8 @@ def _load_mnist_local(
   labels = read_idx(label_path)
   if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
     raise ValueError(
-        f"MNIST files {image_path} / {label_path} have incompatible shapes"
-        f" {images.shape} / {labels.shape}"
+      f"MNIST files {image_path} / {label_path} have incompatible shapes"
+      f" {images.shape} / {labels.shape}"
     )
   return images[..., None].astype(np.uint8), labels
 
@@ -613,15 +666,9 @@ def _load_mnist_local(
 # --- CIFAR-10 (python pickles) ----------------------------------------------
 
 
-def _load_cifar10_local(
-    root: Path, split: str
-) -> tuple[np.ndarray, np.ndarray] | None:
+def _load_cifar10_local(root: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
   folder = root / "cifar-10-batches-py"
-  names = (
-      [f"data_batch_{i}" for i in range(1, 6)]
-      if split == "train"
-      else ["test_batch"]
-  )
+  names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
   paths = [folder / n for n in names]
   if not all(p.is_file() for p in paths):
     return None
@@ -650,9 +697,7 @@ def _get(d: dict[Any, Any], key: str) -> Any:
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
-def _load_tiny_imagenet_local(
-    root: Path, split: str
-) -> tuple[np.ndarray, np.ndarray] | None:
+def _load_tiny_imagenet_local(root: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
   folder = root / "tiny-imagenet-200"
   wnids_file = folder / "wnids.txt"
   if not wnids_file.is_file():
@@ -705,9 +750,7 @@ def _read_rgb64(path: Path) -> np.ndarray:
 
 
 _LOCAL_LOADERS = {
-    "mnist": _load_mnist_local,
-    "cifar10": _load_cifar10_local,
-    "tiny_imagenet": _load_tiny_imagenet_local,
+  "mnist": _load_mnist_local,
+  "cifar10": _load_cifar10_local,
+  "tiny_imagenet": _load_tiny_imagenet_local,
 }
-
-

@@ -82,8 +82,9 @@ def resolve_url(remote: Remote, mirror: str | None) -> str:
   return remote.url
 
 
-def fetch(remote: Remote, dest: str | os.PathLike[str], *, mirror: str | None = None,
-          progress: bool = True) -> Path:
+def fetch(
+  remote: Remote, dest: str | os.PathLike[str], *, mirror: str | None = None, progress: bool = True
+) -> Path:
   """Downloads ``remote`` to the file ``dest`` and verifies its size and checksums.
 
   ``dest`` appears only once complete and verified (written as ``dest + '.part'``, then
@@ -110,16 +111,24 @@ def fetch(remote: Remote, dest: str | os.PathLike[str], *, mirror: str | None = 
     with _open(url) as response, open(part, "wb") as out:
       length = response.headers.get("Content-Length")
       total = int(length) if length and length.isdigit() else remote.size
-      with tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=f"downloading {remote.filename}", disable=not progress,
-                     mininterval=1.0, file=sys.stderr) as bar:
+      with tqdm.tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"downloading {remote.filename}",
+        disable=not progress,
+        mininterval=1.0,
+        file=sys.stderr,
+      ) as bar:
         while True:
           try:
             chunk = response.read(_CHUNK)
           except (OSError, http.client.HTTPException) as e:
             raise DownloadError(
-                f"downloading {url} was interrupted after {received} of {total or '?'}"
-                f" bytes: {_reason(e)}") from e
+              f"downloading {url} was interrupted after {received} of {total or '?'}"
+              f" bytes: {_reason(e)}"
+            ) from e
           if not chunk:
             break
           out.write(chunk)
@@ -129,17 +138,19 @@ def fetch(remote: Remote, dest: str | os.PathLike[str], *, mirror: str | None = 
           bar.update(len(chunk))
       if total is not None and received != total:
         raise DownloadError(
-            f"downloading {url} was interrupted after {received} of {total} bytes"
-            " (the connection closed early)")
+          f"downloading {url} was interrupted after {received} of {total} bytes"
+          " (the connection closed early)"
+        )
     for kind in ("sha256", "md5"):
       expected = getattr(remote, kind)
       got = hashes[kind].hexdigest()
       if expected and got != expected.lower():
         raise DownloadError(
-            f"checksum mismatch for {url}: expected {kind} {expected}, got {got}"
-            f" ({received} bytes); the file was deleted. A proxy or mirror may have served"
-            " something else: retry, or download it by hand and check it"
-            + (f" (checksum published by {remote.source})" if remote.source else ""))
+          f"checksum mismatch for {url}: expected {kind} {expected}, got {got}"
+          f" ({received} bytes); the file was deleted. A proxy or mirror may have served"
+          " something else: retry, or download it by hand and check it"
+          + (f" (checksum published by {remote.source})" if remote.source else "")
+        )
     os.replace(part, dest)
   except BaseException:
     part.unlink(missing_ok=True)
@@ -176,9 +187,15 @@ def _reason(e: BaseException) -> str:
   return f"{type(e).__name__}: {e}"
 
 
-def install(remotes: tuple[Remote, ...], directory: str | os.PathLike[str], *,
-            members: tuple[str, ...], folder: str = "", mirror: str | None = None,
-            progress: bool = True) -> None:
+def install(
+  remotes: tuple[Remote, ...],
+  directory: str | os.PathLike[str],
+  *,
+  members: tuple[str, ...],
+  folder: str = "",
+  mirror: str | None = None,
+  progress: bool = True,
+) -> None:
   """Downloads ``remotes``, extracts archives among them, and moves ``members`` into place.
 
   Everything happens in a private temporary folder inside ``directory``: files are fetched
@@ -206,8 +223,9 @@ def install(remotes: tuple[Remote, ...], directory: str | os.PathLike[str], *,
     missing = [m for m in members if not (tmp / m).exists()]
     if missing:
       raise DownloadError(
-          f"the downloaded files {[r.filename for r in remotes]} do not contain {missing}:"
-          " not the expected distribution layout")
+        f"the downloaded files {[r.filename for r in remotes]} do not contain {missing}:"
+        " not the expected distribution layout"
+      )
     for member in members:
       target = directory / member
       target.parent.mkdir(parents=True, exist_ok=True)
@@ -241,19 +259,31 @@ def _extract(archive: Path, into: Path, *, progress: bool) -> None:
         bad = [n for n in names if not safe(n)]
         if bad:
           raise DownloadError(f"{archive.name}: refusing entries outside the folder: {bad[:3]}")
-        for name in tqdm.tqdm(names, desc=f"extracting {archive.name}", unit=" files",
-                              disable=not progress, mininterval=1.0, file=sys.stderr):
+        for name in tqdm.tqdm(
+          names,
+          desc=f"extracting {archive.name}",
+          unit=" files",
+          disable=not progress,
+          mininterval=1.0,
+          file=sys.stderr,
+        ):
           z.extract(name, into)
     else:
       with tarfile.open(archive) as t:
         members = t.getmembers()
-        bad = [m.name for m in members
-               if not safe(m.name) or not (m.isfile() or m.isdir())]
+        bad = [m.name for m in members if not safe(m.name) or not (m.isfile() or m.isdir())]
         if bad:
           raise DownloadError(
-              f"{archive.name}: refusing links or entries outside the folder: {bad[:3]}")
-        for member in tqdm.tqdm(members, desc=f"extracting {archive.name}", unit=" files",
-                                disable=not progress, mininterval=1.0, file=sys.stderr):
+            f"{archive.name}: refusing links or entries outside the folder: {bad[:3]}"
+          )
+        for member in tqdm.tqdm(
+          members,
+          desc=f"extracting {archive.name}",
+          unit=" files",
+          disable=not progress,
+          mininterval=1.0,
+          file=sys.stderr,
+        ):
           t.extract(member, into, set_attrs=False, **_tar_filter())
   except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
     if isinstance(e, DownloadError):

@@ -49,12 +49,12 @@ from crmjax import layers as L
 from crmjax import models
 
 __all__ = [
-    "conv_kernel",
-    "dense_kernel",
-    "group_parameters",
-    "import_torch_sequential",
-    "infer_layers",
-    "load_state_dict",
+  "conv_kernel",
+  "dense_kernel",
+  "group_parameters",
+  "import_torch_sequential",
+  "infer_layers",
+  "load_state_dict",
 ]
 
 Params = dict[str, dict[str, Any]]
@@ -62,11 +62,12 @@ Groups = list[tuple[str, dict[str, np.ndarray]]]
 
 _LEAVES = ("weight", "bias")
 _TORCH_FIX = (
-    "Either `pip install torch`, or convert the checkpoint to .npz where torch is "
-    "installed (numpy is enough to read that):\n"
-    "  python -c \"import torch, numpy as np; sd = torch.load('model.pth', "
-    "map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
-    "np.savez('model.npz', **{k: v.float().numpy() for k, v in sd.items()})\"")
+  "Either `pip install torch`, or convert the checkpoint to .npz where torch is "
+  "installed (numpy is enough to read that):\n"
+  "  python -c \"import torch, numpy as np; sd = torch.load('model.pth', "
+  "map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+  "np.savez('model.npz', **{k: v.float().numpy() for k, v in sd.items()})\""
+)
 
 
 # --------------------------------------------------------------------------- files
@@ -74,14 +75,15 @@ _TORCH_FIX = (
 
 def _unwrap(obj: Any) -> Mapping[str, Any]:
   """``{'state_dict': {...}}`` (Lightning & co.) -> the inner dict; ``module.`` dropped."""
-  while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"],
-                                                                         Mapping):
+  while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):
-    raise ValueError(f"expected a state dict (a mapping of names to arrays), got "
-                     f"{type(obj).__name__}; save `model.state_dict()`, not the model")
+    raise ValueError(
+      f"expected a state dict (a mapping of names to arrays), got "
+      f"{type(obj).__name__}; save `model.state_dict()`, not the model"
+    )
   if obj and all(k.startswith("module.") for k in obj):  # nn.DataParallel wrapper
-    obj = {k[len("module."):]: v for k, v in obj.items()}
+    obj = {k[len("module.") :]: v for k, v in obj.items()}
   return obj
 
 
@@ -117,17 +119,20 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as f:
       sd = {k: f[k] for k in f.files}
     if len(sd) == 1 and "state_dict" in sd:
-      raise ValueError(f"{path}: holds one array 'state_dict'; save the arrays themselves, "
-                       "np.savez(path, **state_dict)")
+      raise ValueError(
+        f"{path}: holds one array 'state_dict'; save the arrays themselves, "
+        "np.savez(path, **state_dict)"
+      )
     if sd and all(k.startswith("state_dict.") for k in sd):  # a flattened wrapper
-      sd = {k[len("state_dict."):]: v for k, v in sd.items()}
+      sd = {k[len("state_dict.") :]: v for k, v in sd.items()}
     return {k: np.asarray(v) for k, v in _unwrap(sd).items()}
   if ext in (".pth", ".pt"):
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-      raise ImportError(f"reading {path} needs PyTorch, which is not installed. "
-                        + _TORCH_FIX) from e
+      raise ImportError(
+        f"reading {path} needs PyTorch, which is not installed. " + _TORCH_FIX
+      ) from e
     obj = torch.load(path, map_location="cpu", weights_only=True)
     return {k: _to_numpy(v) for k, v in _unwrap(obj).items()}
   raise ValueError(f"{path}: unknown extension {ext!r}; expected .npz, .pth or .pt")
@@ -144,8 +149,7 @@ def _module_group(prefix: str) -> str:
   return re.sub(r"\d+", "#", prefix)
 
 
-def group_parameters(state_dict: Mapping[str, Any],
-                     order: Sequence[str] | None = None) -> Groups:
+def group_parameters(state_dict: Mapping[str, Any], order: Sequence[str] | None = None) -> Groups:
   """Splits a state dict into layers ``[(prefix, {'weight': .., 'bias': ..})]``, in order.
 
   A name ``<prefix>.<leaf>`` (``leaf`` is ``weight`` or ``bias``; a bare ``weight`` has
@@ -172,29 +176,32 @@ def group_parameters(state_dict: Mapping[str, Any],
     prefix, _, leaf = name.rpartition(".")
     if leaf not in _LEAVES:
       raise ValueError(
-          f"state dict entry {name!r}: only '<layer>.weight' and '<layer>.bias' of "
-          "Conv2d / Linear layers can be imported. BatchNorm (running_mean, ...) must be "
-          "folded into the preceding conv/linear layer first; drop buffers the forward "
-          "pass does not use.")
+        f"state dict entry {name!r}: only '<layer>.weight' and '<layer>.bias' of "
+        "Conv2d / Linear layers can be imported. BatchNorm (running_mean, ...) must be "
+        "folded into the preceding conv/linear layer first; drop buffers the forward "
+        "pass does not use."
+      )
     layers.setdefault(prefix, {})[leaf] = np.asarray(_to_numpy(value))
   if order is not None:
     order = list(order)
     unknown = [p for p in order if p not in layers]
     if unknown:
-      raise ValueError(f"order={order}: {unknown} not found in the state dict; its layers "
-                       f"are {list(layers)}")
+      raise ValueError(
+        f"order={order}: {unknown} not found in the state dict; its layers are {list(layers)}"
+      )
     if len(set(order)) != len(order):
       raise ValueError(f"order={order} lists a layer twice")
     extra = [p for p in layers if p not in order]
     if extra:
-      raise ValueError(f"extra arrays in the state dict: layers {extra} are not in "
-                       f"order={order}; add them to order= (or delete them from the dict)")
+      raise ValueError(
+        f"extra arrays in the state dict: layers {extra} are not in "
+        f"order={order}; add them to order= (or delete them from the dict)"
+      )
     return [(p, layers[p]) for p in order]
   groups: dict[str, list[str]] = {}
   for p in layers:
     groups.setdefault(_module_group(p), []).append(p)
-  return [(p, layers[p]) for members in groups.values()
-          for p in sorted(members, key=_natural_key)]
+  return [(p, layers[p]) for members in groups.values() for p in sorted(members, key=_natural_key)]
 
 
 # --------------------------------------------------------------------------- arrays
@@ -205,8 +212,9 @@ def conv_kernel(weight: np.ndarray) -> np.ndarray:
   return np.transpose(np.asarray(weight), (2, 3, 1, 0))
 
 
-def dense_kernel(weight: np.ndarray,
-                 flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
+def dense_kernel(
+  weight: np.ndarray, flattened_from: tuple[int, int, int] | None = None
+) -> np.ndarray:
   """PyTorch linear weight ``(O, I)`` -> Flax kernel ``(I, O)``.
 
   Args:
@@ -236,14 +244,20 @@ def _per_conv(value, n: int, what: str) -> list | None:
     return [int(value)] * n
   value = list(value)
   if len(value) != n:
-    raise ValueError(f"{what} has {len(value)} entries but the state dict has {n} conv "
-                     "layers (give one per conv, or a single int for all)")
+    raise ValueError(
+      f"{what} has {len(value)} entries but the state dict has {n} conv "
+      "layers (give one per conv, or a single int for all)"
+    )
   return [int(v) for v in value]
 
 
-def infer_layers(groups: Groups, input_shape: tuple[int, ...], *,
-                 conv_strides: Sequence[int] | int | None = None,
-                 conv_paddings: Sequence[int] | int | None = None) -> tuple:
+def infer_layers(
+  groups: Groups,
+  input_shape: tuple[int, ...],
+  *,
+  conv_strides: Sequence[int] | int | None = None,
+  conv_paddings: Sequence[int] | int | None = None,
+) -> tuple:
   """Layer specs for ``conv, ReLU, ..., conv, ReLU, flatten, linear, ReLU, ..., linear``.
 
   A 4-D weight is a ``Conv`` (square kernels only), a 2-D one a ``Dense``; ``Act()`` (ReLU)
@@ -258,10 +272,11 @@ def infer_layers(groups: Groups, input_shape: tuple[int, ...], *,
   if n_conv and conv_strides is None and conv_paddings is None:
     convs = [p for (p, _), k in zip(groups, kinds) if k == 4]
     raise ValueError(
-        f"the state dict has {n_conv} conv layer(s) ({convs}) but a state dict does not "
-        "record strides or paddings: pass layers= (crmjax.layers specs of the PyTorch "
-        "model, e.g. (Conv(32, 3, stride=1, padding=1), Act(), ..., Flatten(), Dense(10))), "
-        "or conv_strides=[...] and conv_paddings=[...] (one per conv)")
+      f"the state dict has {n_conv} conv layer(s) ({convs}) but a state dict does not "
+      "record strides or paddings: pass layers= (crmjax.layers specs of the PyTorch "
+      "model, e.g. (Conv(32, 3, stride=1, padding=1), Act(), ..., Flatten(), Dense(10))), "
+      "or conv_strides=[...] and conv_paddings=[...] (one per conv)"
+    )
   strides = _per_conv(conv_strides, n_conv, "conv_strides")
   paddings = _per_conv(conv_paddings, n_conv, "conv_paddings")
   out: list = []
@@ -269,18 +284,24 @@ def infer_layers(groups: Groups, input_shape: tuple[int, ...], *,
   j = 0
   for (prefix, g), kind in zip(groups, kinds):
     if "weight" not in g:
-      raise ValueError(f"layer {prefix!r}: missing array {prefix + '.weight'!r} "
-                       f"(found only {sorted(g)}); fix the state dict or pass order=")
+      raise ValueError(
+        f"layer {prefix!r}: missing array {prefix + '.weight'!r} "
+        f"(found only {sorted(g)}); fix the state dict or pass order="
+      )
     w = g["weight"]
     if out:
       out.append(L.Act())
     if kind == 4:
       if not spatial:
-        raise ValueError(f"layer {prefix!r}: a conv weight {w.shape} after a flatten / on "
-                         "a flat input; pass layers= or order= to describe the model")
+        raise ValueError(
+          f"layer {prefix!r}: a conv weight {w.shape} after a flatten / on "
+          "a flat input; pass layers= or order= to describe the model"
+        )
       if w.shape[2] != w.shape[3]:
-        raise ValueError(f"layer {prefix!r}: non-square conv kernel {w.shape[2:]} is not "
-                         "supported (crmjax.layers.Conv has square kernels)")
+        raise ValueError(
+          f"layer {prefix!r}: non-square conv kernel {w.shape[2:]} is not "
+          "supported (crmjax.layers.Conv has square kernels)"
+        )
       k = int(w.shape[2])
       s = strides[j] if strides is not None else 1
       p = paddings[j] if paddings is not None else k // 2
@@ -292,8 +313,10 @@ def infer_layers(groups: Groups, input_shape: tuple[int, ...], *,
         spatial = False
       out.append(L.Dense(int(w.shape[0]), use_bias="bias" in g))
     else:
-      raise ValueError(f"layer {prefix!r}: weight of shape {w.shape} is neither a Conv2d "
-                       "(O, I, kh, kw) nor a Linear (O, I) weight; only those import")
+      raise ValueError(
+        f"layer {prefix!r}: weight of shape {w.shape} is neither a Conv2d "
+        "(O, I, kh, kw) nor a Linear (O, I) weight; only those import"
+      )
   if not out:
     raise ValueError("the state dict has no '<layer>.weight' arrays")
   return tuple(out)
@@ -320,8 +343,10 @@ def _convert(layers: tuple, groups: Groups, input_shape: tuple[int, ...]) -> Par
       shape = (int(np.prod(shape)),)
       continue
     if not isinstance(layer, (L.Conv, L.Dense)):
-      raise ValueError(f"{where}: only Conv, Dense, Flatten, Normalize and Act layers can be "
-                       "imported from a sequential PyTorch model")
+      raise ValueError(
+        f"{where}: only Conv, Dense, Flatten, Normalize and Act layers can be "
+        "imported from a sequential PyTorch model"
+      )
     if isinstance(layer, L.Conv):
       if len(shape) != 3:
         raise ValueError(f"{where}: a Conv needs an (H, W, C) input, got {shape}")
@@ -331,41 +356,52 @@ def _convert(layers: tuple, groups: Groups, input_shape: tuple[int, ...]) -> Par
       layout = "(O, I, kh, kw)"
       oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
       if oh <= 0 or ow <= 0:
-        raise ValueError(f"{where}: maps the {shape} input to an empty {(oh, ow)} output; "
-                         "check input_shape and the conv strides / paddings")
+        raise ValueError(
+          f"{where}: maps the {shape} input to an empty {(oh, ow)} output; "
+          "check input_shape and the conv strides / paddings"
+        )
       new_shape = (oh, ow, layer.features)
     else:
       if len(shape) != 1:
-        raise ValueError(f"{where}: a Dense needs a flat input, got {shape}: put Flatten() "
-                         "before it in layers=")
+        raise ValueError(
+          f"{where}: a Dense needs a flat input, got {shape}: put Flatten() before it in layers="
+        )
       expected = (layer.features, shape[0])
       layout = "(O, I)"
       new_shape = (layer.features,)
     if not queue:
       raise ValueError(
-          f"{where}: missing array: expects a PyTorch weight of shape {expected} {layout}, "
-          f"but all {len(groups)} weight layers of the state dict are used up "
-          f"(layers= has {n_weight_layers}). Fix: pass the layers= of the model that "
-          "wrote the state dict, or load the complete state dict")
+        f"{where}: missing array: expects a PyTorch weight of shape {expected} {layout}, "
+        f"but all {len(groups)} weight layers of the state dict are used up "
+        f"(layers= has {n_weight_layers}). Fix: pass the layers= of the model that "
+        "wrote the state dict, or load the complete state dict"
+      )
     prefix, g = queue.pop(0)
     wname, bname = f"{prefix}.weight".lstrip("."), f"{prefix}.bias".lstrip(".")
     if "weight" not in g:
-      raise ValueError(f"{where}: missing array {wname!r} (shape {expected} {layout}); the "
-                       f"state dict has only {sorted(prefix + '.' + n for n in g)}. Fix: "
-                       "add it, or pass order= to match layers to names")
+      raise ValueError(
+        f"{where}: missing array {wname!r} (shape {expected} {layout}); the "
+        f"state dict has only {sorted(prefix + '.' + n for n in g)}. Fix: "
+        "add it, or pass order= to match layers to names"
+      )
     weight = g["weight"]
     if tuple(weight.shape) != expected:
       raise ValueError(
-          f"{where}: array {wname!r} has shape {tuple(weight.shape)}, expected {expected} "
-          f"{layout}. Fix: make layers= match the PyTorch model (features, kernel size, "
-          "strides and paddings, which set the flattened size) and input_shape=(H, W, C) "
-          "match its input, or pass order= if the layers are taken in the wrong order")
+        f"{where}: array {wname!r} has shape {tuple(weight.shape)}, expected {expected} "
+        f"{layout}. Fix: make layers= match the PyTorch model (features, kernel size, "
+        "strides and paddings, which set the flattened size) and input_shape=(H, W, C) "
+        "match its input, or pass order= if the layers are taken in the wrong order"
+      )
     if layer.use_bias and "bias" not in g:
-      raise ValueError(f"{where}: missing array {bname!r} (shape {(layer.features,)}). Fix: "
-                       "use_bias=False in layers= if the PyTorch layer has bias=False")
+      raise ValueError(
+        f"{where}: missing array {bname!r} (shape {(layer.features,)}). Fix: "
+        "use_bias=False in layers= if the PyTorch layer has bias=False"
+      )
     if not layer.use_bias and "bias" in g:
-      raise ValueError(f"{where}: extra array {bname!r}: the layer has use_bias=False. Fix: "
-                       "use_bias=True in layers=")
+      raise ValueError(
+        f"{where}: extra array {bname!r}: the layer has use_bias=False. Fix: "
+        "use_bias=True in layers="
+      )
     p_i = {}
     if isinstance(layer, L.Conv):
       p_i["kernel"] = conv_kernel(weight)
@@ -376,28 +412,34 @@ def _convert(layers: tuple, groups: Groups, input_shape: tuple[int, ...]) -> Par
     if layer.use_bias:
       bias = g["bias"]
       if tuple(bias.shape) != (layer.features,):
-        raise ValueError(f"{where}: array {bname!r} has shape {tuple(bias.shape)}, expected "
-                         f"{(layer.features,)}. Fix: make layers= match the PyTorch model")
+        raise ValueError(
+          f"{where}: array {bname!r} has shape {tuple(bias.shape)}, expected "
+          f"{(layer.features,)}. Fix: make layers= match the PyTorch model"
+        )
       p_i["bias"] = bias
     params[f"layer_{i}"] = {k: jnp.asarray(v, jnp.float32) for k, v in p_i.items()}
     shape = new_shape
   if queue:
     extra = [n for pfx, g in queue for n in (f"{pfx}.{leaf}".lstrip(".") for leaf in g)]
     raise ValueError(
-        f"extra arrays: {extra} are left over after the {n_weight_layers} Conv/Dense "
-        "layers of layers=. Fix: add the missing layers to layers=, or delete those "
-        "entries from the state dict")
+      f"extra arrays: {extra} are left over after the {n_weight_layers} Conv/Dense "
+      "layers of layers=. Fix: add the missing layers to layers=, or delete those "
+      "entries from the state dict"
+    )
   return params
 
 
 def import_torch_sequential(
-    state_dict: Mapping[str, Any], *, input_shape: tuple[int, ...],
-    layers: tuple | None = None,
-    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
-    order: Sequence[str] | None = None,
-    conv_strides: Sequence[int] | int | None = None,
-    conv_paddings: Sequence[int] | int | None = None,
-    name: str = "imported") -> tuple[models.Model, Params]:
+  state_dict: Mapping[str, Any],
+  *,
+  input_shape: tuple[int, ...],
+  layers: tuple | None = None,
+  normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+  order: Sequence[str] | None = None,
+  conv_strides: Sequence[int] | int | None = None,
+  conv_paddings: Sequence[int] | int | None = None,
+  name: str = "imported",
+) -> tuple[models.Model, Params]:
   """A crmjax ``Model`` and params computing the logits of a sequential PyTorch network.
 
   The PyTorch model is ``nn.Sequential``-like: ``Conv2d`` / ``Linear`` layers with ReLU
@@ -435,15 +477,20 @@ def import_torch_sequential(
   """
   input_shape = tuple(int(d) for d in input_shape)
   if len(input_shape) not in (1, 3):
-    raise ValueError(f"input_shape must be (H, W, C) (or (D,) for a flat input), got "
-                     f"{input_shape}; a PyTorch (C, H, W) input is (H, W, C) here")
+    raise ValueError(
+      f"input_shape must be (H, W, C) (or (D,) for a flat input), got "
+      f"{input_shape}; a PyTorch (C, H, W) input is (H, W, C) here"
+    )
   groups = group_parameters(state_dict, order)
   if layers is None:
-    layers = infer_layers(groups, input_shape, conv_strides=conv_strides,
-                          conv_paddings=conv_paddings)
+    layers = infer_layers(
+      groups, input_shape, conv_strides=conv_strides, conv_paddings=conv_paddings
+    )
   elif conv_strides is not None or conv_paddings is not None:
-    raise ValueError("conv_strides / conv_paddings are only for layers=None; with layers= "
-                     "put stride and padding into its Conv specs")
+    raise ValueError(
+      "conv_strides / conv_paddings are only for layers=None; with layers= "
+      "put stride and padding into its Conv specs"
+    )
   layers = tuple(layers)
   if normalize is not None:
     mean, std = (tuple(float(v) for v in a) for a in normalize)

@@ -30,11 +30,11 @@ import jax
 import numpy as np
 
 __all__ = [
-    "Augment",
-    "augment_batch",
-    "epoch_batches",
-    "prefetch_to_device",
-    "steps_per_epoch",
+  "Augment",
+  "augment_batch",
+  "epoch_batches",
+  "prefetch_to_device",
+  "steps_per_epoch",
 ]
 
 
@@ -71,17 +71,12 @@ class Augment:
 
   def __post_init__(self):
     if self.random_crop_padding < 0:
-      raise ValueError(
-          f"random_crop_padding must be >= 0, got {self.random_crop_padding}"
-      )
+      raise ValueError(f"random_crop_padding must be >= 0, got {self.random_crop_padding}")
     if not 0 <= self.rotation_degrees <= 180:
-      raise ValueError(
-          f"rotation_degrees must be in [0, 180], got {self.rotation_degrees}"
-      )
+      raise ValueError(f"rotation_degrees must be in [0, 180], got {self.rotation_degrees}")
     if not 0 <= self.translation < 1:
       raise ValueError(
-          f"translation must be in [0, 1) (a fraction of the image size), got"
-          f" {self.translation}"
+        f"translation must be in [0, 1) (a fraction of the image size), got {self.translation}"
       )
     if not 0 <= self.fill <= 1:
       raise ValueError(f"fill must be in [0, 1] (pixel units), got {self.fill}")
@@ -97,9 +92,7 @@ class Augment:
     return bool(self.rotation_degrees or self.translation)
 
 
-def augment_batch(
-    images: np.ndarray, *, augment: Augment, rng: np.random.Generator
-) -> np.ndarray:
+def augment_batch(images: np.ndarray, *, augment: Augment, rng: np.random.Generator) -> np.ndarray:
   """Applies ``augment`` to a batch, independently per example.
 
   All enabled transformations are composed into one source-pixel map per example, then
@@ -155,8 +148,9 @@ def augment_batch(
   return out
 
 
-def _affine_map(b: int, h: int, w: int, *, augment: Augment, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _affine_map(
+  b: int, h: int, w: int, *, augment: Augment, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source pixels of a random rotation about the centre, then an integer translation.
 
   A positive angle turns the picture counter-clockwise as displayed (rows downwards), a
@@ -182,9 +176,7 @@ def _affine_map(b: int, h: int, w: int, *, augment: Augment, rng: np.random.Gene
   return np.clip(src_y, 0, h - 1), np.clip(src_x, 0, w - 1), outside
 
 
-def steps_per_epoch(
-    num_examples: int, batch_size: int, drop_remainder: bool = True
-) -> int:
+def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = True) -> int:
   """Number of batches :func:`epoch_batches` yields per epoch."""
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -198,16 +190,16 @@ _AUGMENT_STREAM = 0xA06
 
 
 def epoch_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    start_step: int = 0,
-    shuffle: bool = True,
-    drop_remainder: bool = True,
-    augment: Augment | None = None,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  batch_size: int,
+  seed: int,
+  epoch: int,
+  start_step: int = 0,
+  shuffle: bool = True,
+  drop_remainder: bool = True,
+  augment: Augment | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields the batches of one epoch.
 
@@ -268,10 +260,10 @@ class _Raised:
 
 
 def prefetch_to_device(
-    iterator: Iterable[Any],
-    *,
-    size: int = 2,
-    sharding: jax.sharding.Sharding | None = None,
+  iterator: Iterable[Any],
+  *,
+  size: int = 2,
+  sharding: jax.sharding.Sharding | None = None,
 ) -> Iterator[Any]:
   """Moves batches to device in a background thread, ``size`` ahead.
 
@@ -313,8 +305,7 @@ def prefetch_to_device(
       return
     put(_End())
 
-  thread = threading.Thread(target=produce, name="prefetch_to_device",
-                            daemon=True)
+  thread = threading.Thread(target=produce, name="prefetch_to_device", daemon=True)
   thread.start()
   try:
     while True:

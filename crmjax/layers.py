@@ -9,7 +9,7 @@ the loop-transformed form of paper eq. 17, so no model needs hand-written bound 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -33,8 +33,14 @@ class Conv:
 
   def apply(self, x, name):
     p = self.padding
-    return nn.Conv(self.features, (self.kernel_size,) * 2, strides=(self.stride,) * 2,
-                   padding=((p, p), (p, p)), use_bias=self.use_bias, name=name)(x)
+    return nn.Conv(
+      self.features,
+      (self.kernel_size,) * 2,
+      strides=(self.stride,) * 2,
+      padding=((p, p), (p, p)),
+      use_bias=self.use_bias,
+      name=name,
+    )(x)
 
   def operator(self, params, in_shape: Shape) -> ops.Operator:
     if len(in_shape) != 3:
@@ -95,11 +101,11 @@ def _leaky(slope):
 
 
 _ACTIVATIONS: dict[str, tuple[Callable | None, tuple[float, float] | None]] = {
-    "relu": (jax.nn.relu, (0.0, 1.0)),
-    "tanh": (jnp.tanh, (0.0, 1.0)),
-    "sigmoid": (jax.nn.sigmoid, (0.0, 0.25)),
-    "leaky_relu": (None, None),  # slopes from negative_slope
-    "custom": (None, None),  # fn and slopes given by the user
+  "relu": (jax.nn.relu, (0.0, 1.0)),
+  "tanh": (jnp.tanh, (0.0, 1.0)),
+  "sigmoid": (jax.nn.sigmoid, (0.0, 0.25)),
+  "leaky_relu": (None, None),  # slopes from negative_slope
+  "custom": (None, None),  # fn and slopes given by the user
 }
 
 
@@ -159,8 +165,10 @@ class Residual:
   def __post_init__(self):
     acts = [l for l in self.layers if isinstance(l, Act)]
     if len(acts) != 1:
-      raise ValueError("Residual(layers) needs exactly one Act among its layers "
-                       f"(the H x + G phi(W x) form of eq. 17); got {len(acts)}")
+      raise ValueError(
+        "Residual(layers) needs exactly one Act among its layers "
+        f"(the H x + G phi(W x) form of eq. 17); got {len(acts)}"
+      )
 
   def apply(self, x, name):
     return x + Sequential(tuple(self.layers), name=name)(x)

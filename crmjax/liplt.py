@@ -43,7 +43,8 @@ Every function here is pure (params and state in, values out) and works under ``
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -110,9 +111,12 @@ def init_state(net: LipNet, key: jax.Array) -> PowerState:
   keys = iter(jax.random.split(key, L + 3 * L))
   liplt = tuple(_random_rows(next(keys), (L - t, *shapes[t])) for t in range(L))
   naive = tuple(
-      tuple(_random_rows(next(keys), (1, *op.in_shape)) if _needs_iteration(op) else None
-            for op in (b.W, b.G, b.H))
-      for b in net.blocks)
+    tuple(
+      _random_rows(next(keys), (1, *op.in_shape)) if _needs_iteration(op) else None
+      for op in (b.W, b.G, b.H)
+    )
+    for b in net.blocks
+  )
   return PowerState(liplt=liplt, naive=naive)
 
 
@@ -199,8 +203,9 @@ def _table_matrix(outs: Sequence[jax.Array], reduce: Callable) -> jax.Array:
   return jnp.stack(rows)
 
 
-def interior_table(net: LipNet, state: PowerState | None = None, *, norm: Norm = "l2",
-                   num_iters: int = 1) -> tuple[jax.Array, PowerState | None]:
+def interior_table(
+  net: LipNet, state: PowerState | None = None, *, norm: Norm = "l2", num_iters: int = 1
+) -> tuple[jax.Array, PowerState | None]:
   """The table ``B[e, t] = ||W_e Hhat_{e-1} .. Hhat_t G_{t-1}||`` of eq. 19.
 
   Args:
@@ -236,8 +241,9 @@ def interior_bounds(table: jax.Array, radii: jax.Array) -> jax.Array:
   """
   L = table.shape[0]
   inner = jnp.tril(jnp.pad(table[:, 1:], ((0, 0), (0, 1))), k=-1) * radii[None, :]
-  return jax.scipy.linalg.solve_triangular(jnp.eye(L) - inner, table[:, 0], lower=True,
-                                           unit_diagonal=True)
+  return jax.scipy.linalg.solve_triangular(
+    jnp.eye(L) - inner, table[:, 0], lower=True, unit_diagonal=True
+  )
 
 
 # ------------------------------------------------------------------- exact class rows
@@ -252,6 +258,7 @@ def class_rows(net: LipNet) -> list[jax.Array]:
   Returns:
     A list over starts ``t = 0..L`` of arrays ``(K, n_t)``.
   """
+
   def linear_part(x0, vs):
     x = x0
     for b, v in zip(net.blocks, vs):
@@ -310,9 +317,14 @@ def _radii(net: LipNet) -> jax.Array:
   return jnp.asarray([b.radius for b in net.blocks], jnp.float32)
 
 
-def liplt_bound(net: LipNet, state: PowerState | None = None, *, mode: Mode = "pairwise",
-                norm: Norm = "l2", num_iters: int = 1
-                ) -> tuple[jax.Array, PowerState | None]:
+def liplt_bound(
+  net: LipNet,
+  state: PowerState | None = None,
+  *,
+  mode: Mode = "pairwise",
+  norm: Norm = "l2",
+  num_iters: int = 1,
+) -> tuple[jax.Array, PowerState | None]:
   """The LipLT bound (paper Theorem 3.3, eq. 19) of the network's logits.
 
   Args:
@@ -339,8 +351,9 @@ def liplt_bound(net: LipNet, state: PowerState | None = None, *, mode: Mode = "p
   return readout_bound(net, m, mode=mode, norm=norm), state
 
 
-def readout_bound(net: LipNet, m: jax.Array, *, mode: Mode = "pairwise",
-                  norm: Norm = "l2") -> jax.Array:
+def readout_bound(
+  net: LipNet, m: jax.Array, *, mode: Mode = "pairwise", norm: Norm = "l2"
+) -> jax.Array:
   """The last step of eq. 19: ``||c^T R Hhat..Hhat_0|| + sum_j r_j ||c^T R Hhat..G_j|| m_j``.
 
   Args:
@@ -356,22 +369,31 @@ def readout_bound(net: LipNet, m: jax.Array, *, mode: Mode = "pairwise",
   return jnp.tensordot(weights, norms, axes=1)
 
 
-def layer_norms(net: LipNet, state: PowerState | None = None, *, norm: Norm = "l2",
-                num_iters: int = 1) -> tuple[jax.Array, PowerState | None]:
+def layer_norms(
+  net: LipNet, state: PowerState | None = None, *, norm: Norm = "l2", num_iters: int = 1
+) -> tuple[jax.Array, PowerState | None]:
   """Per-block norms ``(L, 3)``: ``||W_k||``, ``||G_k||`` (1 if absent), ``||H_k||`` (0 if absent)."""
   if norm == "l2" and state is None:
     state = init_state(net, jax.random.key(0))
   ops_ = [(b.W, b.G, b.H) for b in net.blocks]
   if norm == "linf":
-    vals = [[jnp.float32(1.0 if j == 1 else 0.0) if op is None else
-             jnp.max(op.abs()(jnp.ones(op.in_shape))) for j, op in enumerate(t)]
-            for t in ops_]
+    vals = [
+      [
+        jnp.float32(1.0 if j == 1 else 0.0)
+        if op is None
+        else jnp.max(op.abs()(jnp.ones(op.in_shape)))
+        for j, op in enumerate(t)
+      ]
+      for t in ops_
+    ]
     return _stack2(vals, len(ops_)), state
-  flat = [(i, j, op) for i, t in enumerate(ops_) for j, op in enumerate(t)
-          if _needs_iteration(op)]
+  flat = [(i, j, op) for i, t in enumerate(ops_) for j, op in enumerate(t) if _needs_iteration(op)]
   frozen = jax.lax.stop_gradient([op for _, _, op in flat])
-  us = power_iterate(lambda u: tuple(op(v) for op, v in zip(frozen, u)),
-                     tuple(state.naive[i][j] for i, j, _ in flat), num_iters)
+  us = power_iterate(
+    lambda u: tuple(op(v) for op, v in zip(frozen, u)),
+    tuple(state.naive[i][j] for i, j, _ in flat),
+    num_iters,
+  )
   found = {(i, j): _row_norms(op(u))[0] for (i, j, op), u in zip(flat, us)}
   new = [list(t) for t in state.naive]
   for (i, j, _), u in zip(flat, us):
@@ -384,8 +406,10 @@ def layer_norms(net: LipNet, state: PowerState | None = None, *, norm: Norm = "l
       return jnp.max(jnp.abs(op.scale))
     return jnp.float32(1.0)  # isometry
 
-  vals = [[found[(i, j)] if (i, j) in found else exact(op, j) for j, op in enumerate(t)]
-          for i, t in enumerate(ops_)]
+  vals = [
+    [found[(i, j)] if (i, j) in found else exact(op, j) for j, op in enumerate(t)]
+    for i, t in enumerate(ops_)
+  ]
   return _stack2(vals, len(ops_)), state.replace(naive=tuple(tuple(t) for t in new))
 
 
@@ -395,9 +419,14 @@ def _stack2(vals, n):
   return jnp.stack([jnp.stack([jnp.asarray(v, jnp.float32) for v in row]) for row in vals])
 
 
-def naive_bound(net: LipNet, state: PowerState | None = None, *, mode: Mode = "pairwise",
-                norm: Norm = "l2", num_iters: int = 1
-                ) -> tuple[jax.Array, PowerState | None]:
+def naive_bound(
+  net: LipNet,
+  state: PowerState | None = None,
+  *,
+  mode: Mode = "pairwise",
+  norm: Norm = "l2",
+  num_iters: int = 1,
+) -> tuple[jax.Array, PowerState | None]:
   """The naive bound: ``||c^T R|| * prod_k (||H_k|| + s_k ||G_k|| ||W_k||)``.
 
   ``s_k = max(|alpha_k|, |beta_k|)``. For a feed-forward network (H = 0, G = I) this is the
@@ -413,9 +442,14 @@ def naive_bound(net: LipNet, state: PowerState | None = None, *, mode: Mode = "p
   return row_norms(rows, mode=mode, norm=norm) * factor, state
 
 
-def liplt_aol_bound(net: LipNet, state: PowerState | None = None, *,
-                    mode: Mode = "pairwise", norm: Norm = "l2", num_iters: int = 1
-                    ) -> tuple[jax.Array, PowerState | None]:
+def liplt_aol_bound(
+  net: LipNet,
+  state: PowerState | None = None,
+  *,
+  mode: Mode = "pairwise",
+  norm: Norm = "l2",
+  num_iters: int = 1,
+) -> tuple[jax.Array, PowerState | None]:
   """``liplt_bound`` of ``rescaling.rescale(net, rescaling.aol_scales(net))``.
 
   A valid bound of ``net`` (Theorem 3.3 holds for every positive diagonal rescaling of the
@@ -428,17 +462,24 @@ def liplt_aol_bound(net: LipNet, state: PowerState | None = None, *,
   return liplt_bound(scaled, state, mode=mode, norm=norm, num_iters=num_iters)
 
 
-def lipschitz_bound(net: LipNet, state: PowerState | None = None, *, method: Method = "liplt",
-                    mode: Mode = "pairwise", norm: Norm = "l2", num_iters: int = 1
-                    ) -> tuple[jax.Array, PowerState | None]:
+def lipschitz_bound(
+  net: LipNet,
+  state: PowerState | None = None,
+  *,
+  method: Method = "liplt",
+  mode: Mode = "pairwise",
+  norm: Norm = "l2",
+  num_iters: int = 1,
+) -> tuple[jax.Array, PowerState | None]:
   """``liplt_bound``, ``naive_bound`` or ``liplt_aol_bound`` by name (``method``)."""
   _check(method, mode, norm)
   fn = {"liplt": liplt_bound, "naive": naive_bound, "liplt_aol": liplt_aol_bound}[method]
   return fn(net, state, mode=mode, norm=norm, num_iters=num_iters)
 
 
-def as_pairwise(bound: jax.Array, *, mode: Mode, num_classes: int | None = None,
-                norm: Norm = "l2") -> jax.Array:
+def as_pairwise(
+  bound: jax.Array, *, mode: Mode, num_classes: int | None = None, norm: Norm = "l2"
+) -> jax.Array:
   """A ``(K, K)`` pairwise matrix (zero diagonal) from a bound of any mode.
 
   ``per_class``: ``L_ij = L_i + L_j`` (triangle inequality). ``global`` (needs

@@ -27,7 +27,8 @@ eigenvalue accuracy whatever the solver's tolerance.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,13 +63,18 @@ def weights_of(layers: Sequence[Any], params: Any) -> tuple[list[np.ndarray], tu
   return weights, (slopes.pop() if slopes else (0.0, 1.0))
 
 
-def lmi_matrix(weights: Sequence[np.ndarray], rho: float, t: np.ndarray, *,
-               alpha: float = 0.0, beta: float = 1.0) -> np.ndarray:
+def lmi_matrix(
+  weights: Sequence[np.ndarray], rho: float, t: np.ndarray, *, alpha: float = 0.0, beta: float = 1.0
+) -> np.ndarray:
   """The LipSDP-Neuron matrix ``M(rho, t)`` (``(n_0 + N)`` square; ``M <= 0`` certifies)."""
   A, B, E = _structure(weights)
   T = np.diag(np.asarray(t, np.float64))
-  M = (A.T @ (-2 * alpha * beta * T) @ A + (alpha + beta) * (A.T @ T @ B + B.T @ T @ A)
-       - 2 * B.T @ T @ B + E)
+  M = (
+    A.T @ (-2 * alpha * beta * T) @ A
+    + (alpha + beta) * (A.T @ T @ B + B.T @ T @ A)
+    - 2 * B.T @ T @ B
+    + E
+  )
   n0 = weights[0].shape[1]
   M[:n0, :n0] -= rho * np.eye(n0)
   return 0.5 * (M + M.T)
@@ -84,18 +90,24 @@ def _structure(weights):
   A = np.zeros((N, D))
   row, col = 0, 0
   for w in weights[:-1]:
-    A[row:row + w.shape[0], col:col + w.shape[1]] = w
+    A[row : row + w.shape[0], col : col + w.shape[1]] = w
     row, col = row + w.shape[0], col + w.shape[1]
   B = np.concatenate([np.zeros((N, n0)), np.eye(N)], axis=1)
   E = np.zeros((D, D))
   last = hidden[-1]
-  E[D - last:, D - last:] = weights[-1].T @ weights[-1]
+  E[D - last :, D - last :] = weights[-1].T @ weights[-1]
   return A, B, E
 
 
-def lipsdp_neuron(weights: Sequence[np.ndarray], *, alpha: float = 0.0, beta: float = 1.0,
-                  solver: str | None = None, verbose: bool = False,
-                  **solver_kwargs) -> dict[str, Any]:
+def lipsdp_neuron(
+  weights: Sequence[np.ndarray],
+  *,
+  alpha: float = 0.0,
+  beta: float = 1.0,
+  solver: str | None = None,
+  verbose: bool = False,
+  **solver_kwargs,
+) -> dict[str, Any]:
   """Solves LipSDP-Neuron: ``min rho`` s.t. the LMI (module docstring), ``t >= 0``.
 
   Args:
@@ -112,8 +124,9 @@ def lipsdp_neuron(weights: Sequence[np.ndarray], *, alpha: float = 0.0, beta: fl
   import cvxpy as cp  # optional dependency (the ``dev`` extra)
 
   if len(weights) < 2:
-    raise ValueError("LipSDP needs at least one hidden layer (a linear map's constant is "
-                     "its spectral norm)")
+    raise ValueError(
+      "LipSDP needs at least one hidden layer (a linear map's constant is its spectral norm)"
+    )
   if solver is None:
     solver = cp.SCS
     solver_kwargs = {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 200_000, **solver_kwargs}
@@ -124,8 +137,12 @@ def lipsdp_neuron(weights: Sequence[np.ndarray], *, alpha: float = 0.0, beta: fl
   t = cp.Variable(N, nonneg=True)
   rho = cp.Variable()
   T = cp.diag(t)
-  M = (-2 * alpha * beta) * (A.T @ T @ A) + (alpha + beta) * (A.T @ T @ B + B.T @ T @ A) \
-      - 2 * (B.T @ T @ B) + E
+  M = (
+    (-2 * alpha * beta) * (A.T @ T @ A)
+    + (alpha + beta) * (A.T @ T @ B + B.T @ T @ A)
+    - 2 * (B.T @ T @ B)
+    + E
+  )
   Ex = np.zeros((D, D))
   Ex[:n0, :n0] = np.eye(n0)
   M = M - rho * Ex
@@ -137,13 +154,26 @@ def lipsdp_neuron(weights: Sequence[np.ndarray], *, alpha: float = 0.0, beta: fl
   tv = np.maximum(np.asarray(t.value, np.float64), 0.0)
   rv = certified_rho(weights, tv, alpha=alpha, beta=beta)
   resid = float(np.linalg.eigvalsh(lmi_matrix(weights, rv, tv, alpha=alpha, beta=beta))[-1])
-  return {"bound": float(np.sqrt(max(rv, 0.0))), "rho": rv, "solver_rho": float(rho.value),
-          "t": tv, "status": prob.status, "solver": str(solver), "seconds": seconds,
-          "lmi_max_eig": resid}
+  return {
+    "bound": float(np.sqrt(max(rv, 0.0))),
+    "rho": rv,
+    "solver_rho": float(rho.value),
+    "t": tv,
+    "status": prob.status,
+    "solver": str(solver),
+    "seconds": seconds,
+    "lmi_max_eig": resid,
+  }
 
 
-def certified_rho(weights: Sequence[np.ndarray], t: np.ndarray, *, alpha: float = 0.0,
-                  beta: float = 1.0, margin: float = 1e-9) -> float:
+def certified_rho(
+  weights: Sequence[np.ndarray],
+  t: np.ndarray,
+  *,
+  alpha: float = 0.0,
+  beta: float = 1.0,
+  margin: float = 1e-9,
+) -> float:
   """The smallest ``rho`` with ``M(rho, t) <= 0`` for fixed multipliers ``t`` (float64).
 
   ``inf`` when ``C_zz = M(0, t)[n_0:, n_0:]`` is not negative definite (then no ``rho``

@@ -7,7 +7,7 @@ pairwise Lipschitz matrix ``lip`` ``(K, K)`` (``L_ij`` bounds the margin ``z_i -
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,9 @@ def certified_radius(logits: jax.Array, labels: jax.Array, lip: jax.Array) -> ja
   return jnp.maximum(jnp.min(_pair_ratios(logits, labels, lip), axis=1), 0.0)
 
 
-def soft_radius(logits: jax.Array, labels: jax.Array, lip: jax.Array, *,
-                temperature: float) -> jax.Array:
+def soft_radius(
+  logits: jax.Array, labels: jax.Array, lip: jax.Array, *, temperature: float
+) -> jax.Array:
   """The soft radius of paper eq. 6: ``-(1/t) log sum_{i != y} exp(-t (z_y - z_i) / L_yi)``.
 
   A smooth lower bound of ``min_i (z_y - z_i) / L_yi`` (it tends to it as ``t -> inf``).
@@ -80,10 +81,17 @@ PENALTIES: dict[str, Callable[..., jax.Array]] = {"exp": exp_penalty, "linear": 
 PENALTY_NORMALIZATIONS = ("correct", "batch")
 
 
-def crm_loss(logits: jax.Array, labels: jax.Array, lip: jax.Array, *, lam: float | jax.Array,
-             temperature: float, r0: float | jax.Array,
-             penalty: Callable[..., jax.Array] | None = None, normalize: str = "correct"
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def crm_loss(
+  logits: jax.Array,
+  labels: jax.Array,
+  lip: jax.Array,
+  *,
+  lam: float | jax.Array,
+  temperature: float,
+  r0: float | jax.Array,
+  penalty: Callable[..., jax.Array] | None = None,
+  normalize: str = "correct",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The CRM objective (paper eq. 8): cross-entropy plus a certified-radius penalty.
 
   ``loss = CE + lam * sum_b mask_b g(R_soft_b) / max(1, sum_b correct_b)``, where
@@ -113,17 +121,22 @@ def crm_loss(logits: jax.Array, labels: jax.Array, lip: jax.Array, *, lam: float
   correct = jnp.argmax(logits, axis=1) == labels
   radius = certified_radius(logits, labels, lip)
   mask = correct & (radius < r0)
-  g = penalty(soft_radius(logits, labels, lip, temperature=temperature),
-              temperature=temperature)
+  g = penalty(soft_radius(logits, labels, lip, temperature=temperature), temperature=temperature)
   count = jnp.maximum(jnp.sum(correct), 1) if normalize == "correct" else labels.shape[0]
   reg = jnp.sum(jnp.where(mask, g, 0.0)) / count
-  aux = {"ce": ce, "penalty": reg, "accuracy": jnp.mean(correct), "radius": jnp.mean(radius),
-         "penalised": jnp.mean(mask)}
+  aux = {
+    "ce": ce,
+    "penalty": reg,
+    "accuracy": jnp.mean(correct),
+    "radius": jnp.mean(radius),
+    "penalised": jnp.mean(mask),
+  }
   return ce + lam * reg, aux
 
 
-def gloro_loss(logits: jax.Array, labels: jax.Array, lip: jax.Array, *, eps: float
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def gloro_loss(
+  logits: jax.Array, labels: jax.Array, lip: jax.Array, *, eps: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GloRo (Leino et al., 2021) with pairwise bounds: cross-entropy over ``K + 1`` logits.
 
   The extra "bottom" logit is ``max_{i != y} (z_i + eps L_yi)``: it wins exactly when the
@@ -137,7 +150,10 @@ def gloro_loss(logits: jax.Array, labels: jax.Array, lip: jax.Array, *, eps: flo
   bottom = jnp.max(jnp.where(is_y, -jnp.inf, logits + eps * lip[labels]), axis=1)
   loss = cross_entropy(jnp.concatenate([logits, bottom[:, None]], axis=1), labels)
   radius = certified_radius(logits, labels, lip)
-  aux = {"ce": cross_entropy(logits, labels),
-         "accuracy": jnp.mean(jnp.argmax(logits, axis=1) == labels),
-         "radius": jnp.mean(radius), "vra": jnp.mean(radius > eps)}
+  aux = {
+    "ce": cross_entropy(logits, labels),
+    "accuracy": jnp.mean(jnp.argmax(logits, axis=1) == labels),
+    "radius": jnp.mean(radius),
+    "vra": jnp.mean(radius > eps),
+  }
   return loss, aux

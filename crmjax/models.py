@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,34 +24,88 @@ def _c(features, k, s, p):
 
 def four_c_three_f(num_classes: int = 10) -> tuple:
   """4C3F (MNIST): 4 convolutions, then dense 512, 512, K."""
-  return (_c(32, 3, 1, 1), L.Act(), _c(32, 4, 2, 1), L.Act(), _c(64, 3, 1, 1), L.Act(),
-          _c(64, 4, 2, 1), L.Act(), L.Flatten(), L.Dense(512), L.Act(), L.Dense(512),
-          L.Act(), L.Dense(num_classes))
+  return (
+    _c(32, 3, 1, 1),
+    L.Act(),
+    _c(32, 4, 2, 1),
+    L.Act(),
+    _c(64, 3, 1, 1),
+    L.Act(),
+    _c(64, 4, 2, 1),
+    L.Act(),
+    L.Flatten(),
+    L.Dense(512),
+    L.Act(),
+    L.Dense(512),
+    L.Act(),
+    L.Dense(num_classes),
+  )
 
 
 def six_c_two_f(num_classes: int = 10) -> tuple:
   """6C2F (CIFAR-10): 6 convolutions, then dense 512, K."""
-  return (_c(32, 3, 1, 1), L.Act(), _c(32, 4, 2, 1), L.Act(), _c(64, 3, 1, 1), L.Act(),
-          _c(64, 4, 2, 1), L.Act(), _c(64, 3, 1, 1), L.Act(), _c(64, 4, 2, 1), L.Act(),
-          L.Flatten(), L.Dense(512), L.Act(), L.Dense(num_classes))
+  return (
+    _c(32, 3, 1, 1),
+    L.Act(),
+    _c(32, 4, 2, 1),
+    L.Act(),
+    _c(64, 3, 1, 1),
+    L.Act(),
+    _c(64, 4, 2, 1),
+    L.Act(),
+    _c(64, 3, 1, 1),
+    L.Act(),
+    _c(64, 4, 2, 1),
+    L.Act(),
+    L.Flatten(),
+    L.Dense(512),
+    L.Act(),
+    L.Dense(num_classes),
+  )
 
 
 def eight_c_two_f(num_classes: int = 200) -> tuple:
   """8C2F (Tiny-ImageNet, 64x64x3): 8 convolutions, then dense 256 (from 6x6x256), K."""
-  return (_c(64, 3, 1, 1), L.Act(), _c(64, 3, 1, 1), L.Act(), _c(64, 4, 2, 0), L.Act(),
-          _c(128, 3, 1, 1), L.Act(), _c(128, 3, 1, 1), L.Act(), _c(128, 4, 2, 0), L.Act(),
-          _c(256, 3, 1, 1), L.Act(), _c(256, 4, 2, 0), L.Act(), L.Flatten(), L.Dense(256),
-          L.Act(), L.Dense(num_classes))
+  return (
+    _c(64, 3, 1, 1),
+    L.Act(),
+    _c(64, 3, 1, 1),
+    L.Act(),
+    _c(64, 4, 2, 0),
+    L.Act(),
+    _c(128, 3, 1, 1),
+    L.Act(),
+    _c(128, 3, 1, 1),
+    L.Act(),
+    _c(128, 4, 2, 0),
+    L.Act(),
+    _c(256, 3, 1, 1),
+    L.Act(),
+    _c(256, 4, 2, 0),
+    L.Act(),
+    L.Flatten(),
+    L.Dense(256),
+    L.Act(),
+    L.Dense(num_classes),
+  )
 
 
 def res_4c3f(num_classes: int = 10) -> tuple:
   """A small residual variant of 4C3F: two ``x + conv(relu(conv x))`` blocks (H = I)."""
-  return (_c(32, 3, 1, 1), L.Act(),
-          L.Residual((_c(32, 3, 1, 1), L.Act(), _c(32, 3, 1, 1))),
-          _c(64, 4, 2, 1), L.Act(),
-          L.Residual((_c(64, 3, 1, 1), L.Act(), _c(64, 3, 1, 1))),
-          _c(64, 4, 2, 1), L.Act(), L.Flatten(), L.Dense(512), L.Act(),
-          L.Dense(num_classes))
+  return (
+    _c(32, 3, 1, 1),
+    L.Act(),
+    L.Residual((_c(32, 3, 1, 1), L.Act(), _c(32, 3, 1, 1))),
+    _c(64, 4, 2, 1),
+    L.Act(),
+    L.Residual((_c(64, 3, 1, 1), L.Act(), _c(64, 3, 1, 1))),
+    _c(64, 4, 2, 1),
+    L.Act(),
+    L.Flatten(),
+    L.Dense(512),
+    L.Act(),
+    L.Dense(num_classes),
+  )
 
 
 def mlp(num_classes: int = 10, hidden: tuple[int, ...] = (256, 256)) -> tuple:
@@ -66,8 +120,9 @@ def res_mlp(num_classes: int = 10, width: int = 64, blocks: int = 2) -> tuple:
   return (L.Flatten(), L.Dense(width), L.Act()) + (res,) * blocks + (L.Dense(num_classes),)
 
 
-def ctrl_conv(num_classes: int = 10, width: int = 16, depth: int = 2, dense: int = 128,
-              rescaling: str = "aol") -> tuple:
+def ctrl_conv(
+  num_classes: int = 10, width: int = 16, depth: int = 2, dense: int = 128, rescaling: str = "aol"
+) -> tuple:
   """CtrlConv (MNIST-size): Proposition 3.1 layers (``crmjax.controlled``) in a LipNet.
 
   A lifting conv (``width`` channels) + ReLU, ``depth`` controlled 3x3 convs (``rho = 1``:
@@ -78,19 +133,30 @@ def ctrl_conv(num_classes: int = 10, width: int = 16, depth: int = 2, dense: int
   """
   conv = C.Controlled("conv", width, rescaling=rescaling)
   fc = C.Controlled("dense", dense, rescaling=rescaling)
-  return ((_c(width, 3, 1, 1), L.Act()) + (conv,) * depth +
-          (_c(2 * width, 4, 2, 1), L.Act(), L.Flatten(), L.Dense(dense), L.Act(), fc, fc,
-           L.Dense(num_classes)))
+  return (
+    (_c(width, 3, 1, 1), L.Act())
+    + (conv,) * depth
+    + (
+      _c(2 * width, 4, 2, 1),
+      L.Act(),
+      L.Flatten(),
+      L.Dense(dense),
+      L.Act(),
+      fc,
+      fc,
+      L.Dense(num_classes),
+    )
+  )
 
 
 ARCHITECTURES: dict[str, Callable[..., tuple]] = {
-    "4C3F": four_c_three_f,
-    "6C2F": six_c_two_f,
-    "8C2F": eight_c_two_f,
-    "Res4C3F": res_4c3f,
-    "MLP": mlp,
-    "ResMLP": res_mlp,
-    "CtrlConv": ctrl_conv,
+  "4C3F": four_c_three_f,
+  "6C2F": six_c_two_f,
+  "8C2F": eight_c_two_f,
+  "Res4C3F": res_4c3f,
+  "MLP": mlp,
+  "ResMLP": res_mlp,
+  "CtrlConv": ctrl_conv,
 }
 
 
@@ -115,6 +181,7 @@ def torch_default_init(params, key: jax.Array):
   Returns:
     The same tree with new kernels and biases; other leaves are kept.
   """
+
   def redraw(tree, key):
     if not isinstance(tree, dict):
       return tree
@@ -174,9 +241,14 @@ class Model:
     return network.from_layers(self.layers, params, self.input_shape)
 
 
-def get_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
-              normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-              **kwargs) -> Model:
+def get_model(
+  name: str,
+  *,
+  input_shape: tuple[int, ...],
+  num_classes: int,
+  normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+  **kwargs,
+) -> Model:
   """A registered architecture by name.
 
   Args:
@@ -191,8 +263,10 @@ def get_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
       ``ctrl_conv``).
   """
   if name not in ARCHITECTURES:
-    raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)} "
-                     "(or register yours in crmjax.models.ARCHITECTURES)")
+    raise ValueError(
+      f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)} "
+      "(or register yours in crmjax.models.ARCHITECTURES)"
+    )
   layers = ARCHITECTURES[name](num_classes=num_classes, **kwargs)
   if normalize is not None:
     layers = (L.Normalize(tuple(normalize[0]), tuple(normalize[1])),) + layers

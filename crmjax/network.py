@@ -15,7 +15,8 @@ into its ``W`` and ``H``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,15 +62,20 @@ class Block:
     y = self.center * self.g(wx)
     return y if self.H is None else y + self.H(x)
 
-  def abs(self) -> "Block":
+  def abs(self) -> Block:
     """Elementwise-absolute operators, for l_inf upper bounds (|Hhat| <= |H| + |c||G||W|).
 
     The result has centre ``|c|`` (so its ``hhat`` applies ``|H| + |c| |G| |W|``) and the
     same radius ``r``: ``alpha' = |c| - r``, ``beta' = |c| + r``.
     """
     c, r = abs(self.center), self.radius
-    return Block(self.W.abs(), None if self.G is None else self.G.abs(),
-                 None if self.H is None else self.H.abs(), alpha=c - r, beta=c + r)
+    return Block(
+      self.W.abs(),
+      None if self.G is None else self.G.abs(),
+      None if self.H is None else self.H.abs(),
+      alpha=c - r,
+      beta=c + r,
+    )
 
 
 @struct.dataclass
@@ -100,7 +106,7 @@ class LipNet:
       x = b.g(phi) if b.H is None else b.H(x) + b.g(phi)
     return self.readout(x)
 
-  def abs(self) -> "LipNet":
+  def abs(self) -> LipNet:
     return LipNet(tuple(b.abs() for b in self.blocks), self.readout.abs())
 
 
@@ -144,7 +150,7 @@ def from_layers(layers: Sequence[Any], params: Any, input_shape: Shape) -> LipNe
         op, s = linear(l, _layer_params(p, j), s)
         pre.append(op)
       post, t = [], s
-      for j, l in enumerate(layer.layers[k + 1:], start=k + 1):
+      for j, l in enumerate(layer.layers[k + 1 :], start=k + 1):
         if not isinstance(l, L.LINEAR):
           raise ValueError(f"Residual layer {i}: only linear layers may follow its Act")
         op, t = linear(l, _layer_params(p, j), t)
@@ -153,8 +159,9 @@ def from_layers(layers: Sequence[Any], params: Any, input_shape: Shape) -> LipNe
         raise ValueError(f"Residual layer {i} maps {x_shape} to {t}: shapes must match")
       a, b = layer.layers[k].slope_bounds
       H = ops.chain(pending, shape) if pending else ops.Identity(tuple(shape))
-      blocks.append(Block(ops.chain(pending + pre, shape), G=ops.chain(post, s), H=H,
-                          alpha=a, beta=b))
+      blocks.append(
+        Block(ops.chain(pending + pre, shape), G=ops.chain(post, s), H=H, alpha=a, beta=b)
+      )
       pending, shape = [], tuple(x_shape)
     elif isinstance(layer, C.Controlled):
       # Proposition 3.1: y -> sqrt(rho) y + G phi(W y) on y = P x (P: the pending linear
@@ -162,8 +169,11 @@ def from_layers(layers: Sequence[Any], params: Any, input_shape: Shape) -> LipNe
       W, G, s = layer.block_operators(p, shape)
       scale = [] if s == 1.0 else [ops.Scale(jnp.asarray(s), tuple(shape))]
       a, b = layer.slope_bounds
-      blocks.append(Block(ops.chain(pending + [W], shape), G=G,
-                          H=ops.chain(pending + scale, shape), alpha=a, beta=b))
+      blocks.append(
+        Block(
+          ops.chain(pending + [W], shape), G=G, H=ops.chain(pending + scale, shape), alpha=a, beta=b
+        )
+      )
       pending = []
     else:
       raise ValueError(f"layer {i}: unknown layer spec {layer!r}")

@@ -51,7 +51,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -69,15 +70,16 @@ Shape = tuple[int, ...]
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 _SUPPORTED = (
-    "Supported: nnx.Sequential (nested), nnx.Conv (2-D, zero padding, no dilation or "
-    "feature groups), nnx.Linear (on a flat input), crmjax.nnx_bridge.Residual(*fns), "
-    "crmjax.nnx_bridge.Flatten() (or lambda x: x.reshape(x.shape[0], -1)), and the "
-    "activations nnx.relu, nnx.leaky_relu (functools.partial(nnx.leaky_relu, "
-    "negative_slope=s)), nnx.tanh, nnx.sigmoid, nnx.relu6, nnx.hard_tanh, nnx.softplus. "
-    "Wrap any other slope-restricted activation as crmjax.nnx_bridge.Activation(fn, "
-    "slopes=(alpha, beta)) with alpha <= fn' <= beta; fold BatchNorm into the preceding "
-    "layer and remove Dropout before converting, or describe the network with "
-    "crmjax.layers specs.")
+  "Supported: nnx.Sequential (nested), nnx.Conv (2-D, zero padding, no dilation or "
+  "feature groups), nnx.Linear (on a flat input), crmjax.nnx_bridge.Residual(*fns), "
+  "crmjax.nnx_bridge.Flatten() (or lambda x: x.reshape(x.shape[0], -1)), and the "
+  "activations nnx.relu, nnx.leaky_relu (functools.partial(nnx.leaky_relu, "
+  "negative_slope=s)), nnx.tanh, nnx.sigmoid, nnx.relu6, nnx.hard_tanh, nnx.softplus. "
+  "Wrap any other slope-restricted activation as crmjax.nnx_bridge.Activation(fn, "
+  "slopes=(alpha, beta)) with alpha <= fn' <= beta; fold BatchNorm into the preceding "
+  "layer and remove Dropout before converting, or describe the network with "
+  "crmjax.layers specs."
+)
 
 
 # --------------------------------------------------------------------------- NNX-side parts
@@ -98,8 +100,9 @@ class Activation:
   def __post_init__(self):
     slopes = tuple(float(s) for s in self.slopes)
     if len(slopes) != 2 or not slopes[0] <= slopes[1]:
-      raise ValueError(f"Activation slopes must be (alpha, beta) with alpha <= beta, got "
-                       f"{self.slopes!r}")
+      raise ValueError(
+        f"Activation slopes must be (alpha, beta) with alpha <= beta, got {self.slopes!r}"
+      )
     object.__setattr__(self, "slopes", slopes)  # hashable: NNX keeps it as static data
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,8 +151,14 @@ class GeneralConv(L.Conv):
   use_bias: bool = True
 
   def apply(self, x, name):
-    return nn.Conv(self.features, self.kernel_size, strides=self.stride,
-                   padding=self.padding, use_bias=self.use_bias, name=name)(x)
+    return nn.Conv(
+      self.features,
+      self.kernel_size,
+      strides=self.stride,
+      padding=self.padding,
+      use_bias=self.use_bias,
+      name=name,
+    )(x)
 
   def operator(self, params, in_shape: Shape) -> ops.Operator:
     if len(in_shape) != 3:
@@ -157,8 +166,9 @@ class GeneralConv(L.Conv):
     return ops.Conv(params["kernel"], tuple(in_shape), self.stride, self.padding)
 
 
-def _conv_spec(features: int, kernel_size: tuple[int, int], strides: tuple[int, int],
-               pads: Pads, use_bias: bool) -> L.Conv:
+def _conv_spec(
+  features: int, kernel_size: tuple[int, int], strides: tuple[int, int], pads: Pads, use_bias: bool
+) -> L.Conv:
   """``L.Conv`` where it can express the layer (square, symmetric), else ``GeneralConv``."""
   (pt, pb), (pl, pr) = pads
   if kernel_size[0] == kernel_size[1] and strides[0] == strides[1] and pt == pb == pl == pr:
@@ -169,13 +179,13 @@ def _conv_spec(features: int, kernel_size: tuple[int, int], strides: tuple[int, 
 # --------------------------------------------------------------------------- activations
 
 _FIXED_ACTIVATIONS: tuple[tuple[Callable, L.Act], ...] = (
-    (jax.nn.relu, L.Act("relu")),
-    (jnp.tanh, L.Act("tanh")),
-    (jax.nn.sigmoid, L.Act("sigmoid")),
-    (jax.nn.leaky_relu, L.Act("leaky_relu", negative_slope=0.01)),  # its default slope
-    (jax.nn.relu6, L.Act("custom", fn=jax.nn.relu6, slopes=(0.0, 1.0))),
-    (jax.nn.hard_tanh, L.Act("custom", fn=jax.nn.hard_tanh, slopes=(0.0, 1.0))),
-    (jax.nn.softplus, L.Act("custom", fn=jax.nn.softplus, slopes=(0.0, 1.0))),
+  (jax.nn.relu, L.Act("relu")),
+  (jnp.tanh, L.Act("tanh")),
+  (jax.nn.sigmoid, L.Act("sigmoid")),
+  (jax.nn.leaky_relu, L.Act("leaky_relu", negative_slope=0.01)),  # its default slope
+  (jax.nn.relu6, L.Act("custom", fn=jax.nn.relu6, slopes=(0.0, 1.0))),
+  (jax.nn.hard_tanh, L.Act("custom", fn=jax.nn.hard_tanh, slopes=(0.0, 1.0))),
+  (jax.nn.softplus, L.Act("custom", fn=jax.nn.softplus, slopes=(0.0, 1.0))),
 )
 
 
@@ -185,8 +195,9 @@ def _activation(fn: Any) -> L.Act | None:
     return L.Act("custom", fn=fn.fn, slopes=fn.slopes)
   if isinstance(fn, functools.partial) and fn.func is jax.nn.leaky_relu:
     if fn.args or set(fn.keywords) - {"negative_slope"}:
-      raise ValueError(f"{fn!r}: give the slope by keyword, functools.partial("
-                       "nnx.leaky_relu, negative_slope=s)")
+      raise ValueError(
+        f"{fn!r}: give the slope by keyword, functools.partial(nnx.leaky_relu, negative_slope=s)"
+      )
     return L.Act("leaky_relu", negative_slope=float(fn.keywords.get("negative_slope", 0.01)))
   for known, spec in _FIXED_ACTIVATIONS:
     if fn is known:
@@ -223,9 +234,11 @@ def _conv_pads(padding, in_hw, kernel_size, strides, where: str) -> Pads:
   """``nnx.Conv``'s padding as explicit ``((top, bottom), (left, right))`` zeros."""
   if isinstance(padding, str):
     if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
-      raise ValueError(f"{where}: padding={padding!r} is not zero padding; only 'SAME', "
-                       "'VALID' and explicit ints / pairs convert (the bound's Conv "
-                       "operator pads with zeros)")
+      raise ValueError(
+        f"{where}: padding={padding!r} is not zero padding; only 'SAME', "
+        "'VALID' and explicit ints / pairs convert (the bound's Conv "
+        "operator pads with zeros)"
+      )
     pads = jax.lax.padtype_to_pads(in_hw, kernel_size, strides, padding)
   elif isinstance(padding, (int, np.integer)):
     pads = [(int(padding),) * 2] * 2
@@ -242,23 +255,35 @@ def _conv_pads(padding, in_hw, kernel_size, strides, where: str) -> Pads:
 
 def _convert_conv(conv: nnx.Conv, shape: Shape, where: str):
   if len(conv.kernel_size) != 2:
-    hint = (f" (kernel_size={conv.kernel_size[0]} is 1-D in NNX: write "
-            f"{(conv.kernel_size[0],) * 2})" if len(conv.kernel_size) == 1 else "")
-    raise ValueError(f"{where}: a {len(conv.kernel_size)}-D nnx.Conv; only 2-D "
-                     f"convolutions (kernel_size=(kh, kw), NHWC input) convert{hint}")
+    hint = (
+      f" (kernel_size={conv.kernel_size[0]} is 1-D in NNX: write {(conv.kernel_size[0],) * 2})"
+      if len(conv.kernel_size) == 1
+      else ""
+    )
+    raise ValueError(
+      f"{where}: a {len(conv.kernel_size)}-D nnx.Conv; only 2-D "
+      f"convolutions (kernel_size=(kh, kw), NHWC input) convert{hint}"
+    )
   if len(shape) != 3:
-    raise ValueError(f"{where}: nnx.Conv needs an (H, W, C) input, got shape {shape} "
-                     "(input_shape excludes the batch axis, e.g. (28, 28, 1))")
+    raise ValueError(
+      f"{where}: nnx.Conv needs an (H, W, C) input, got shape {shape} "
+      "(input_shape excludes the batch axis, e.g. (28, 28, 1))"
+    )
   if shape[-1] != conv.in_features:
-    raise ValueError(f"{where}: nnx.Conv has in_features={conv.in_features} but its input "
-                     f"has shape {shape}; check input_shape and the preceding layers")
+    raise ValueError(
+      f"{where}: nnx.Conv has in_features={conv.in_features} but its input "
+      f"has shape {shape}; check input_shape and the preceding layers"
+    )
   if conv.feature_group_count != 1:
-    raise ValueError(f"{where}: feature_group_count={conv.feature_group_count} (grouped / "
-                     "depthwise convolution) is not supported. " + _SUPPORTED)
+    raise ValueError(
+      f"{where}: feature_group_count={conv.feature_group_count} (grouped / "
+      "depthwise convolution) is not supported. " + _SUPPORTED
+    )
   for what in ("kernel_dilation", "input_dilation"):
     if _pair(getattr(conv, what), what, where) != (1, 1):
-      raise ValueError(f"{where}: {what}={getattr(conv, what)} is not supported (dilation "
-                       "1 only). " + _SUPPORTED)
+      raise ValueError(
+        f"{where}: {what}={getattr(conv, what)} is not supported (dilation 1 only). " + _SUPPORTED
+      )
   kernel_size = _pair(conv.kernel_size, "kernel_size", where)
   strides = _pair(conv.strides, "strides", where)
   pads = _conv_pads(conv.padding, shape[:2], kernel_size, strides, where)
@@ -271,19 +296,25 @@ def _convert_conv(conv: nnx.Conv, shape: Shape, where: str):
     params["bias"] = conv.bias[...]
   out = spec.operator(params, shape).out_shape
   if min(out) <= 0:
-    raise ValueError(f"{where}: maps the {shape} input to an empty {out} output; check "
-                     "input_shape, strides and padding")
+    raise ValueError(
+      f"{where}: maps the {shape} input to an empty {out} output; check "
+      "input_shape, strides and padding"
+    )
   return spec, params, tuple(out)
 
 
 def _convert_linear(lin: nnx.Linear, shape: Shape, where: str):
   if len(shape) != 1:
-    raise ValueError(f"{where}: nnx.Linear applied to a {shape} map; the converter needs a "
-                     "flat input: put crmjax.nnx_bridge.Flatten() (or lambda x: "
-                     "x.reshape(x.shape[0], -1)) before it, or use a 1x1 nnx.Conv")
+    raise ValueError(
+      f"{where}: nnx.Linear applied to a {shape} map; the converter needs a "
+      "flat input: put crmjax.nnx_bridge.Flatten() (or lambda x: "
+      "x.reshape(x.shape[0], -1)) before it, or use a 1x1 nnx.Conv"
+    )
   if shape[0] != lin.in_features:
-    raise ValueError(f"{where}: nnx.Linear has in_features={lin.in_features} but its input "
-                     f"has {shape[0]} features; check input_shape and the preceding layers")
+    raise ValueError(
+      f"{where}: nnx.Linear has in_features={lin.in_features} but its input "
+      f"has {shape[0]} features; check input_shape and the preceding layers"
+    )
   params = {"kernel": lin.kernel[...]}
   if lin.use_bias:
     params["bias"] = lin.bias[...]
@@ -303,23 +334,29 @@ def _convert_residual(block: Residual, shape: Shape, where: str):
   specs, params, s = [], {}, shape
   for path, f in _flat_children(block.branch, f"{where}.branch"):
     if _is(f, Residual):
-      raise ValueError(f"{path}: a Residual inside a residual branch is not of the form x + "
-                       "G phi(W x) (eq. 17); put the blocks one after the other")
+      raise ValueError(
+        f"{path}: a Residual inside a residual branch is not of the form x + "
+        "G phi(W x) (eq. 17); put the blocks one after the other"
+      )
     spec, p, s = _convert_one(f, s, path)
     if p:
       params[f"layer_{len(specs)}"] = p
     specs.append(spec)
   acts = [i for i, sp in enumerate(specs) if isinstance(sp, L.Act)]
   if len(acts) != 1:
-    raise ValueError(f"{where}: a Residual branch needs exactly one activation between its "
-                     f"linear layers (x + G phi(W x), paper eq. 17); it has {len(acts)}. Split "
-                     "a longer branch into several Residual blocks")
+    raise ValueError(
+      f"{where}: a Residual branch needs exactly one activation between its "
+      f"linear layers (x + G phi(W x), paper eq. 17); it has {len(acts)}. Split "
+      "a longer branch into several Residual blocks"
+    )
   if any(isinstance(sp, L.Flatten) for sp in specs):
-    raise ValueError(f"{where}: a Residual branch cannot flatten (its output must have the "
-                     "input's shape)")
+    raise ValueError(
+      f"{where}: a Residual branch cannot flatten (its output must have the input's shape)"
+    )
   if tuple(s) != tuple(shape):
-    raise ValueError(f"{where}: the Residual branch maps {shape} to {s}; x + branch(x) "
-                     "needs equal shapes")
+    raise ValueError(
+      f"{where}: the Residual branch maps {shape} to {s}; x + branch(x) needs equal shapes"
+    )
   return L.Residual(tuple(specs)), params, tuple(shape)
 
 
@@ -340,17 +377,21 @@ def _convert_one(f: Any, shape: Shape, where: str):
   if isinstance(f, Flatten):
     return L.Flatten(), {}, (math.prod(shape),)
   if isinstance(f, nnx.Module):
-    raise ValueError(f"{where}: {type(f).__name__} is not supported (its __call__ cannot be "
-                     "read; a trainable-slope nnx.PReLU has no fixed slope bounds: use "
-                     "functools.partial(nnx.leaky_relu, negative_slope=s)). " + _SUPPORTED)
+    raise ValueError(
+      f"{where}: {type(f).__name__} is not supported (its __call__ cannot be "
+      "read; a trainable-slope nnx.PReLU has no fixed slope bounds: use "
+      "functools.partial(nnx.leaky_relu, negative_slope=s)). " + _SUPPORTED
+    )
   spec = _activation(f)
   if spec is not None:
     return spec, {}, tuple(shape)
   if callable(f) and _is_flatten(f, shape):
     return L.Flatten(), {}, (math.prod(shape),)
   name = getattr(f, "__name__", None) or type(f).__name__
-  raise ValueError(f"{where}: unknown function {name!r}: neither a known activation (slope "
-                   "bounds unknown) nor a flatten. " + _SUPPORTED)
+  raise ValueError(
+    f"{where}: unknown function {name!r}: neither a known activation (slope "
+    "bounds unknown) nor a flatten. " + _SUPPORTED
+  )
 
 
 def to_layers(model: nnx.Sequential, input_shape: Shape) -> tuple[tuple, dict[str, Any]]:
@@ -374,14 +415,13 @@ def to_layers(model: nnx.Sequential, input_shape: Shape) -> tuple[tuple, dict[st
   """
   if not _is(model, nnx.Sequential):
     raise ValueError(
-        f"to_layers needs an nnx.Sequential, got {type(model).__name__}: a custom module's "
-        "__call__ cannot be read. Express the network as nnx.Sequential(...) (a custom "
-        "module can hold one as an attribute and call it; convert that attribute). "
-        + _SUPPORTED)
+      f"to_layers needs an nnx.Sequential, got {type(model).__name__}: a custom module's "
+      "__call__ cannot be read. Express the network as nnx.Sequential(...) (a custom "
+      "module can hold one as an attribute and call it; convert that attribute). " + _SUPPORTED
+    )
   shape = tuple(int(d) for d in input_shape)
   if len(shape) not in (1, 3):
-    raise ValueError(f"input_shape must be (H, W, C) or (D,) without the batch axis, got "
-                     f"{shape}")
+    raise ValueError(f"input_shape must be (H, W, C) or (D,) without the batch axis, got {shape}")
   specs, params = [], {}
   for path, f in _flat_children(model, "model"):
     spec, p, shape = _convert_one(f, shape, path)
@@ -389,8 +429,10 @@ def to_layers(model: nnx.Sequential, input_shape: Shape) -> tuple[tuple, dict[st
       params[f"layer_{len(specs)}"] = p
     specs.append(spec)
   if not specs or not isinstance(specs[-1], L.Dense):
-    raise ValueError("the model must end with the nnx.Linear layer giving the logits "
-                     f"(got {type(specs[-1]).__name__ if specs else 'no layers'})")
+    raise ValueError(
+      "the model must end with the nnx.Linear layer giving the logits "
+      f"(got {type(specs[-1]).__name__ if specs else 'no layers'})"
+    )
   return tuple(specs), params
 
 

@@ -13,7 +13,8 @@ constant, so only the linear part is represented.
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ class Operator(Protocol):
 
   def __call__(self, x: jax.Array) -> jax.Array: ...
 
-  def abs(self) -> "Operator":
+  def abs(self) -> Operator:
     """The operator whose matrix is the elementwise absolute value of this one's."""
     ...
 
@@ -41,10 +42,10 @@ class Operator(Protocol):
 def _batched(fn, x: jax.Array, in_shape: Shape, out_ndim: int) -> jax.Array:
   """Applies ``fn`` (one leading batch axis) to ``x`` of shape ``(*batch, *in_shape)``."""
   batch = x.shape[: x.ndim - len(in_shape)]
-  if tuple(x.shape[len(batch):]) != tuple(in_shape):
+  if tuple(x.shape[len(batch) :]) != tuple(in_shape):
     raise ValueError(f"operator expects trailing shape {in_shape}, got {x.shape}")
   y = fn(x.reshape((-1, *in_shape)))
-  return y.reshape((*batch, *y.shape[y.ndim - out_ndim:]))
+  return y.reshape((*batch, *y.shape[y.ndim - out_ndim :]))
 
 
 @struct.dataclass
@@ -80,20 +81,24 @@ class Conv:
   in_shape: Shape = struct.field(pytree_node=False)
   strides: tuple[int, int] = struct.field(pytree_node=False, default=(1, 1))
   padding: tuple[tuple[int, int], tuple[int, int]] = struct.field(
-      pytree_node=False, default=((0, 0), (0, 0)))
+    pytree_node=False, default=((0, 0), (0, 0))
+  )
 
   @property
   def out_shape(self) -> Shape:
     h, w, _ = self.in_shape
     kh, kw, _, o = self.kernel.shape
     (pt, pb), (pl, pr) = self.padding
-    return ((h + pt + pb - kh) // self.strides[0] + 1,
-            (w + pl + pr - kw) // self.strides[1] + 1, o)
+    return ((h + pt + pb - kh) // self.strides[0] + 1, (w + pl + pr - kw) // self.strides[1] + 1, o)
 
   def __call__(self, x):
     conv = lambda z: jax.lax.conv_general_dilated(
-        z, self.kernel, window_strides=self.strides, padding=self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      z,
+      self.kernel,
+      window_strides=self.strides,
+      padding=self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     return _batched(conv, x, self.in_shape, 3)
 
   def abs(self):
@@ -185,6 +190,7 @@ class Adjoint:
       out = jax.eval_shape(self.op, primal)
       (x,) = jax.linear_transpose(self.op, primal)(z.astype(out.dtype))
       return x
+
     return _batched(transpose, y, self.in_shape, len(self.out_shape))
 
   def abs(self):

@@ -42,10 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crmjax import liplt
+from crmjax import liplt, rescaling, soundness
 from crmjax import operators as ops
-from crmjax import rescaling
-from crmjax import soundness
 from crmjax.network import LipNet
 
 TChoice = Literal["spectral", "aol", "sll", "sdp"]
@@ -105,6 +103,7 @@ def t_sdp(W, G, *, solver: str | None = None) -> np.ndarray:
 
 def _default_solver():
   import cvxpy as cp
+
   return cp.CLARABEL if cp.CLARABEL in cp.installed_solvers() else cp.SCS
 
 
@@ -130,8 +129,17 @@ def hhat(W, G=None, H=None, alpha: float = 0.0, beta: float = 1.0) -> jax.Array:
   return y if H is None else y + jnp.asarray(H)
 
 
-def layer_bound(W, G=None, H=None, alpha: float = 0.0, beta: float = 1.0, *,
-                t_choice: TChoice = "aol", q=None, t=None) -> jax.Array:
+def layer_bound(
+  W,
+  G=None,
+  H=None,
+  alpha: float = 0.0,
+  beta: float = 1.0,
+  *,
+  t_choice: TChoice = "aol",
+  q=None,
+  t=None,
+) -> jax.Array:
   """Theorem 3.2: ``||H + c G W|| + r ||W^T T W||^{1/2}`` for one layer.
 
   Args:
@@ -155,8 +163,9 @@ def plain_layer_bound(W, G=None, H=None, alpha: float = 0.0, beta: float = 1.0) 
   """Plain LipLT for one layer: ``||H + c G W|| + r ||G|| ||W||`` (eq. 19, ``L = 1``)."""
   W = jnp.asarray(W)
   nG = 1.0 if G is None else jnp.linalg.norm(jnp.asarray(G), 2)
-  return (jnp.linalg.norm(hhat(W, G, H, alpha, beta), 2)
-          + 0.5 * (beta - alpha) * nG * jnp.linalg.norm(W, 2))
+  return jnp.linalg.norm(hhat(W, G, H, alpha, beta), 2) + 0.5 * (
+    beta - alpha
+  ) * nG * jnp.linalg.norm(W, 2)
 
 
 # ------------------------------------------------------------- multi-layer (LipNet)
@@ -177,15 +186,25 @@ def refined_scales(net: LipNet, *, t_choice: TChoice = "aol") -> list[jax.Array 
   return rescaling.aol_scales(net)
 
 
-def refined_liplt_bound(net: LipNet, state: liplt.PowerState | None = None, *,
-                        t_choice: TChoice = "aol", mode: liplt.Mode = "pairwise",
-                        num_iters: int = 1) -> tuple[jax.Array, liplt.PowerState | None]:
+def refined_liplt_bound(
+  net: LipNet,
+  state: liplt.PowerState | None = None,
+  *,
+  t_choice: TChoice = "aol",
+  mode: liplt.Mode = "pairwise",
+  num_iters: int = 1,
+) -> tuple[jax.Array, liplt.PowerState | None]:
   """LipLT (eq. 19, l2) of ``rescale(net, refined_scales(net))``: a valid bound of ``net``.
 
   Same state / shapes as ``liplt.liplt_bound`` (the rescaled net has the same shapes).
   """
-  return liplt.liplt_bound(rescaling.rescale(net, refined_scales(net, t_choice=t_choice)), state,
-                           mode=mode, norm="l2", num_iters=num_iters)
+  return liplt.liplt_bound(
+    rescaling.rescale(net, refined_scales(net, t_choice=t_choice)),
+    state,
+    mode=mode,
+    norm="l2",
+    num_iters=num_iters,
+  )
 
 
 # ------------------------------------------------------------- optimised scales
@@ -246,15 +265,23 @@ def _resolve_norms(net: LipNet, norms: Norms) -> str:
     raise ValueError(f"norms must be one of {NORM_CHOICES}, got {norms!r}")
   if norms != "auto":
     return norms
-  sizes = [ops.size(soundness.interior_operator(net, t, e)[1]) * ops.size(b.phi_shape)
-           for e, b in enumerate(net.blocks) for t in range(e + 1)]
+  sizes = [
+    ops.size(soundness.interior_operator(net, t, e)[1]) * ops.size(b.phi_shape)
+    for e, b in enumerate(net.blocks)
+    for t in range(e + 1)
+  ]
   return "exact" if max(sizes, default=0) <= EXACT_MAX_SIZE else "power"
 
 
-def log_scales_bound(net: LipNet, log_d: list[jax.Array],
-                     state: liplt.PowerState | None = None, *, mode: liplt.Mode = "pairwise",
-                     norms: Literal["exact", "power"] = "power", num_iters: int = 1
-                     ) -> tuple[jax.Array, liplt.PowerState | None]:
+def log_scales_bound(
+  net: LipNet,
+  log_d: list[jax.Array],
+  state: liplt.PowerState | None = None,
+  *,
+  mode: liplt.Mode = "pairwise",
+  norms: Literal["exact", "power"] = "power",
+  num_iters: int = 1,
+) -> tuple[jax.Array, liplt.PowerState | None]:
   """``reduce_bound`` of the l2 LipLT bound (eq. 19) of ``rescale(net, exp(log_d))``.
 
   Args:
@@ -278,10 +305,17 @@ def log_scales_bound(net: LipNet, log_d: list[jax.Array],
   return reduce_bound(bound, mode=mode), state
 
 
-def scales_step(net: LipNet, log_d: list[jax.Array], opt_state: optax.OptState,
-                state: liplt.PowerState | None, *, tx: optax.GradientTransformation,
-                mode: liplt.Mode = "pairwise", norms: Literal["exact", "power"] = "power",
-                num_iters: int = 1) -> tuple:
+def scales_step(
+  net: LipNet,
+  log_d: list[jax.Array],
+  opt_state: optax.OptState,
+  state: liplt.PowerState | None,
+  *,
+  tx: optax.GradientTransformation,
+  mode: liplt.Mode = "pairwise",
+  norms: Literal["exact", "power"] = "power",
+  num_iters: int = 1,
+) -> tuple:
   """One optimiser step on ``log D`` (pure, jit-able).
 
   Returns:
@@ -289,15 +323,14 @@ def scales_step(net: LipNet, log_d: list[jax.Array], opt_state: optax.OptState,
     the INPUT ``log_d``.
   """
   (value, state), grads = jax.value_and_grad(log_scales_bound, argnums=1, has_aux=True)(
-      net, log_d, state, mode=mode, norms=norms, num_iters=num_iters)
+    net, log_d, state, mode=mode, norms=norms, num_iters=num_iters
+  )
   updates, opt_state = tx.update(grads, opt_state, log_d)
   return optax.apply_updates(log_d, updates), opt_state, state, value
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("steps", "mode", "norms", "num_iters", "warmup_iters"))
-def _descend(net, log_d, state, learning_rate, *, steps, mode, norms, num_iters,
-             warmup_iters):
+@functools.partial(jax.jit, static_argnames=("steps", "mode", "norms", "num_iters", "warmup_iters"))
+def _descend(net, log_d, state, learning_rate, *, steps, mode, norms, num_iters, warmup_iters):
   """``steps`` Adam steps (``lax.scan``); the best iterate by the per-step objective."""
   tx = optax.adam(learning_rate)
   if norms == "power":  # converge at the start point, so that early estimates are not low
@@ -305,8 +338,9 @@ def _descend(net, log_d, state, learning_rate, *, steps, mode, norms, num_iters,
 
   def body(carry, _):
     log_d, opt_state, state, best_value, best = carry
-    new, opt_state, state, value = scales_step(net, log_d, opt_state, state, tx=tx, mode=mode,
-                                               norms=norms, num_iters=num_iters)
+    new, opt_state, state, value = scales_step(
+      net, log_d, opt_state, state, tx=tx, mode=mode, norms=norms, num_iters=num_iters
+    )
     better = value < best_value  # False for NaN: a diverged iterate is never kept
     best = jax.tree.map(lambda a, b: jnp.where(better, a, b), log_d, best)
     return (new, opt_state, state, jnp.where(better, value, best_value), best), value
@@ -320,23 +354,34 @@ def _descend(net, log_d, state, learning_rate, *, steps, mode, norms, num_iters,
 def _objectives(net, log_ds, state, *, mode, norms, num_iters):
   """``log_scales_bound`` of several candidates (stacked on a leading axis), each from the
   same (warm) ``state``."""
-  return jax.vmap(lambda l: log_scales_bound(net, l, state, mode=mode, norms=norms,
-                                             num_iters=num_iters)[0])(log_ds)
+  return jax.vmap(
+    lambda l: log_scales_bound(net, l, state, mode=mode, norms=norms, num_iters=num_iters)[0]
+  )(log_ds)
 
 
 def _sound_objective(net, log_d, mode, sound_kwargs):
-  bound, _ = soundness.sound_bound(net, scales=[jnp.exp(l) for l in log_d], mode=mode,
-                                   **(sound_kwargs or {}))
+  bound, _ = soundness.sound_bound(
+    net, scales=[jnp.exp(l) for l in log_d], mode=mode, **(sound_kwargs or {})
+  )
   b = np.asarray(bound, np.float64)
   return b.sum() / (b.shape[0] * (b.shape[0] - 1)) if mode == "pairwise" else b.mean()
 
 
-def optimize_scales(net: LipNet, *, init: Init = "aol", steps: int = 300,
-                    learning_rate: float = 0.005, mode: liplt.Mode = "pairwise",
-                    norms: Norms = "auto", num_iters: int = 20, warmup_iters: int = 200,
-                    final_iters: int = 2000, evaluate: Evaluate = "objective",
-                    key: jax.Array | None = None, sound_kwargs: dict | None = None
-                    ) -> tuple[list[jax.Array], dict]:
+def optimize_scales(
+  net: LipNet,
+  *,
+  init: Init = "aol",
+  steps: int = 300,
+  learning_rate: float = 0.005,
+  mode: liplt.Mode = "pairwise",
+  norms: Norms = "auto",
+  num_iters: int = 20,
+  warmup_iters: int = 200,
+  final_iters: int = 2000,
+  evaluate: Evaluate = "objective",
+  key: jax.Array | None = None,
+  sound_kwargs: dict | None = None,
+) -> tuple[list[jax.Array], dict]:
   """Positive diagonal scales ``D_k`` minimising the LipLT bound of ``rescale(net, D)``.
 
   Minimises ``reduce_bound`` (mean pairwise ``L_ij``, mean ``L_i`` or the global ``L``, by
@@ -387,23 +432,39 @@ def optimize_scales(net: LipNet, *, init: Init = "aol", steps: int = 300,
   if norms == "power":
     state = liplt.init_state(net, jax.random.key(0) if key is None else key)
   ones = [jnp.zeros(b.phi_shape, jnp.float32) for b in net.blocks]
-  aol = [jnp.zeros(b.phi_shape, jnp.float32) if d is None else jnp.log(d)
-         for b, d in zip(net.blocks, jax.jit(rescaling.aol_scales)(net))]
+  aol = [
+    jnp.zeros(b.phi_shape, jnp.float32) if d is None else jnp.log(d)
+    for b, d in zip(net.blocks, jax.jit(rescaling.aol_scales)(net))
+  ]
   names, cands = ("ones", "aol", "optimized"), [ones, aol]
   with jax.default_matmul_precision("highest"):
-    best, state, history = _descend(net, aol if init == "aol" else ones, state,
-                                    jnp.float32(learning_rate), steps=steps, mode=mode,
-                                    norms=norms, num_iters=num_iters, warmup_iters=warmup_iters)
+    best, state, history = _descend(
+      net,
+      aol if init == "aol" else ones,
+      state,
+      jnp.float32(learning_rate),
+      steps=steps,
+      mode=mode,
+      norms=norms,
+      num_iters=num_iters,
+      warmup_iters=warmup_iters,
+    )
     cands.append(best)
     if evaluate == "sound":
       vals = np.asarray([_sound_objective(net, c, mode, sound_kwargs) for c in cands])
     else:
       stacked = jax.tree.map(lambda *a: jnp.stack(a), *cands)
-      vals = np.asarray(_objectives(net, stacked, state, mode=mode, norms=norms,
-                                    num_iters=final_iters), np.float64)
+      vals = np.asarray(
+        _objectives(net, stacked, state, mode=mode, norms=norms, num_iters=final_iters), np.float64
+      )
   # Ties go to the simpler candidate (ones, then AOL); NaN is never chosen.
   i = int(np.argmin(np.where(np.isfinite(vals), vals, np.inf)))
-  info = {"bound": float(vals[i]), "chosen": names[i], "norms": norms, "evaluate": evaluate,
-          "candidates": dict(zip(names, map(float, vals))),
-          "history": np.asarray(history, np.float64)}
+  info = {
+    "bound": float(vals[i]),
+    "chosen": names[i],
+    "norms": norms,
+    "evaluate": evaluate,
+    "candidates": dict(zip(names, map(float, vals))),
+    "history": np.asarray(history, np.float64),
+  }
   return [jnp.exp(l) for l in cands[i]], info

@@ -37,14 +37,15 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from crmjax import (attacks, certify, checkpoint, data, liplt, models, refinement, soundness,
-                    train)
+from crmjax import attacks, certify, checkpoint, data, liplt, models, refinement, soundness, train
 
 LOSS_LABELS = {"crm": "CRM", "ce": "standard CE", "gloro": "GloRo"}
 ESTIMATE_KIND = "power-iteration estimate (lower estimate, not guaranteed)"
-TRAIN_COMMAND = ("python -m experiments.mnist --config=experiments/configs/mnist.py "
-                 "--workdir={workdir}  (or experiments.cifar10 / experiments.tiny_imagenet "
-                 "with experiments/configs/cifar.py / tiny_imagenet.py)")
+TRAIN_COMMAND = (
+  "python -m experiments.mnist --config=experiments/configs/mnist.py "
+  "--workdir={workdir}  (or experiments.cifar10 / experiments.tiny_imagenet "
+  "with experiments/configs/cifar.py / tiny_imagenet.py)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +84,9 @@ def load_run(workdir: str) -> Run:
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   missing = FileNotFoundError(
-      f"no checkpoint in {directory}: train the run first, e.g. "
-      f"{TRAIN_COMMAND.format(workdir=workdir)}")
+    f"no checkpoint in {directory}: train the run first, e.g. "
+    f"{TRAIN_COMMAND.format(workdir=workdir)}"
+  )
   if not os.path.isdir(directory):  # checked first: Checkpointer would create it
     raise missing
   with checkpoint.Checkpointer(directory) as ckpt:
@@ -94,25 +96,30 @@ def load_run(workdir: str) -> Run:
     stored = ckpt.read_meta(step)
     if "config" not in stored:
       raise checkpoint.CorruptCheckpointError(
-          f"checkpoint step {step} in {directory} has no meta['config'] (not written by "
-          "crmjax.train)", step=step, path=ckpt.step_dir(step))
+        f"checkpoint step {step} in {directory} has no meta['config'] (not written by "
+        "crmjax.train)",
+        step=step,
+        path=ckpt.step_dir(step),
+      )
     config = ml_collections.ConfigDict(stored["config"])
     model = train.make_model(config)
     # The optimizer's state structure does not depend on the schedule length.
     tx = train.make_optimizer(config, total_steps=1)
     replicated, _ = train.make_mesh()
     target = jax.device_put(train.create_state(model, tx, config.seed), replicated)
-    state, meta = ckpt.restore(target, step=step, expected_meta={
-        "architecture": model.name, "dataset": config.dataset})
+    state, meta = ckpt.restore(
+      target, step=step, expected_meta={"architecture": model.name, "dataset": config.dataset}
+    )
   return Run(workdir=workdir, config=config, model=model, state=state, meta=meta)
 
 
-def load_test(run: Run, *, data_dir: str = "", subset: int = 0, download: bool = False
-              ) -> tuple[np.ndarray, np.ndarray]:
+def load_test(
+  run: Run, *, data_dir: str = "", subset: int = 0, download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
   """The run's test split: uint8 images ``(N, H, W, C)`` and int32 labels ``(N,)``."""
-  images, labels = data.load_split(run.config.dataset, "test",
-                                   data_dir=data_dir or run.config.data_dir or None,
-                                   download=download)
+  images, labels = data.load_split(
+    run.config.dataset, "test", data_dir=data_dir or run.config.data_dir or None, download=download
+  )
   if subset:
     images, labels = images[:subset], labels[:subset]
   return images, np.asarray(labels, np.int32)
@@ -141,11 +148,20 @@ def certified_curve(radii: np.ndarray, eps: np.ndarray) -> np.ndarray:
   return np.atleast_1d(certify.certified_accuracy(radii, np.atleast_1d(eps)))
 
 
-def lipschitz_table(net, power: liplt.PowerState, *, num_classes: int, power_iters: int,
-                    sound_iters: int, estimator: str = "lanczos",
-                    key: int | jax.Array | None = None, failure_prob: float = 1e-6,
-                    exact_max_dim: int = soundness.EXACT_MAX_DIM, progress: bool = False
-                    ) -> dict:
+def lipschitz_table(
+  net,
+  power: liplt.PowerState,
+  *,
+  num_classes: int,
+  power_iters: int,
+  sound_iters: int,
+  estimator: str = "lanczos",
+  key: int | jax.Array | None = None,
+  failure_prob: float = 1e-6,
+  exact_max_dim: int = soundness.EXACT_MAX_DIM,
+  progress: bool = False,
+  exact_cache: dict | None = None,
+) -> dict:
   """Table 2: mean pairwise Lipschitz bounds of every method and mode, sound and estimated.
 
   Each mode is turned into a ``(K, K)`` pairwise matrix (``liplt.as_pairwise``:
@@ -157,7 +173,8 @@ def lipschitz_table(net, power: liplt.PowerState, *, num_classes: int, power_ite
     num_classes: K.
     power_iters: power iterations of the estimate, from ``power``.
     sound_iters: Lanczos steps (or power iterations) of the sound bound's probabilistic norms.
-    estimator, key, failure_prob, exact_max_dim, progress: of ``soundness.sound_bounds``.
+    estimator, key, failure_prob, exact_max_dim, progress, exact_cache: of
+      ``soundness.sound_bounds``.
 
   Returns:
     ``{'sound': {method: {mode: mean}}, 'estimate': {...}, 'kinds': {'sound': {method:
@@ -165,17 +182,31 @@ def lipschitz_table(net, power: liplt.PowerState, *, num_classes: int, power_ite
     'pairwise_estimate': {method: (K, K) ndarray}, 'info': {method: sound bound info, with
     'seconds'}}``.
   """
-  out = {"sound": {}, "estimate": {}, "kinds": {"sound": {}, "estimate": ESTIMATE_KIND},
-         "pairwise_sound": {}, "pairwise_estimate": {}, "info": {}}
+  out = {
+    "sound": {},
+    "estimate": {},
+    "kinds": {"sound": {}, "estimate": ESTIMATE_KIND},
+    "pairwise_sound": {},
+    "pairwise_estimate": {},
+    "info": {},
+  }
   for method in liplt.METHODS:
     out["sound"][method], out["estimate"][method], out["kinds"]["sound"][method] = {}, {}, {}
-    _phase(f"sound {method} bound ({estimator}, {sound_iters} steps where not exact)",
-           progress)
+    _phase(f"sound {method} bound ({estimator}, {sound_iters} steps where not exact)", progress)
     t0 = time.perf_counter()
-    bounds, info = soundness.sound_bounds(net, method=method, modes=liplt.MODES, warm=power,
-                                          num_iters=sound_iters, estimator=estimator, key=key,
-                                          failure_prob=failure_prob,
-                                          exact_max_dim=exact_max_dim, progress=progress)
+    bounds, info = soundness.sound_bounds(
+      net,
+      method=method,
+      modes=liplt.MODES,
+      warm=power,
+      num_iters=sound_iters,
+      estimator=estimator,
+      key=key,
+      failure_prob=failure_prob,
+      exact_max_dim=exact_max_dim,
+      progress=progress,
+      exact_cache=exact_cache,
+    )
     info["seconds"] = time.perf_counter() - t0
     out["info"][method] = info
     for mode in liplt.MODES:
@@ -190,9 +221,11 @@ def lipschitz_table(net, power: liplt.PowerState, *, num_classes: int, power_ite
         with jax.default_matmul_precision("highest"):
           return liplt.lipschitz_bound(n, s, method=method, mode=mode, num_iters=power_iters)
 
+      t0 = time.perf_counter()
       est, _ = jax.jit(estimate)(net, power)
       if mode == "pairwise":
         out["pairwise_estimate"][method] = np.asarray(est)
+        out["info"][method]["estimate_seconds"] = time.perf_counter() - t0
       pair = liplt.as_pairwise(est, mode=mode, num_classes=num_classes)
       out["estimate"][method][mode] = certify.mean_pairwise(np.asarray(pair))
   return out
@@ -204,9 +237,16 @@ def _phase(message: str, progress: bool) -> None:
     tqdm.tqdm.write(f"[certify] {message} ...", file=sys.stderr)
 
 
-def certificate_row(bound: np.ndarray, info: dict | None, logits: np.ndarray,
-                    labels: np.ndarray, *, eps: float, extra_eps=(), seconds: float = 0.0
-                    ) -> tuple[dict, np.ndarray]:
+def certificate_row(
+  bound: np.ndarray,
+  info: dict | None,
+  logits: np.ndarray,
+  labels: np.ndarray,
+  *,
+  eps: float,
+  extra_eps=(),
+  seconds: float = 0.0,
+) -> tuple[dict, np.ndarray]:
   """Certified accuracy of one pairwise bound, with what the bound is (JSON-ready).
 
   Args:
@@ -220,16 +260,34 @@ def certificate_row(bound: np.ndarray, info: dict | None, logits: np.ndarray,
     ``(row, radii)``.
   """
   radii = certify.radii_of(logits, labels, bound)
-  row = {"certified_accuracy": certify.certified_accuracy(radii, eps),
-         "certified_accuracy_at": {certify.eps_key(e): certify.certified_accuracy(radii, e)
-                                   for e in (eps, *extra_eps)},
-         "mean_pairwise": certify.mean_pairwise(bound), "seconds": seconds}
+  row = {
+    "certified_accuracy": certify.certified_accuracy(radii, eps),
+    "certified_accuracy_at": {
+      certify.eps_key(e): certify.certified_accuracy(radii, e) for e in (eps, *extra_eps)
+    },
+    "mean_pairwise": certify.mean_pairwise(bound),
+    "seconds": seconds,
+  }
   if info is None:
     row["kind"] = ESTIMATE_KIND
     return row, radii
-  row.update({k: info[k] for k in ("kind", "method", "estimator", "failure_probability", "key",
-                                    "exact_norms", "probabilistic_norms", "max_rel_err",
-                                    "rescaling") if k in info})
+  row.update(
+    {
+      k: info[k]
+      for k in (
+        "kind",
+        "method",
+        "estimator",
+        "failure_probability",
+        "key",
+        "exact_norms",
+        "probabilistic_norms",
+        "max_rel_err",
+        "rescaling",
+      )
+      if k in info
+    }
+  )
   row["num_iters"] = info.get("num_iters", 0)
   return row, radii
 
@@ -241,15 +299,33 @@ def pgd_attack(model: models.Model, params, *, eps: float, num_steps: int, num_r
 
   def attack_fn(x, y, k):
     with jax.default_matmul_precision("highest"):
-      return attacks.pgd_l2(logits_fn, x, y, key=k, eps=eps, num_steps=num_steps,
-                            num_restarts=num_restarts, loss="margin").success
+      return attacks.pgd_l2(
+        logits_fn,
+        x,
+        y,
+        key=k,
+        eps=eps,
+        num_steps=num_steps,
+        num_restarts=num_restarts,
+        loss="margin",
+      ).success
 
   return jax.jit(attack_fn)
 
 
-def pgd_success(model: models.Model, params, images: np.ndarray, labels: np.ndarray, *,
-                eps: float, num_steps: int, num_restarts: int, batch_size: int, seed: int,
-                progress: bool = False) -> np.ndarray:
+def pgd_success(
+  model: models.Model,
+  params,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  eps: float,
+  num_steps: int,
+  num_restarts: int,
+  batch_size: int,
+  seed: int,
+  progress: bool = False,
+) -> np.ndarray:
   """Whether l2 PGD (margin loss) breaks each point at ``eps``.
 
   The logits of the attack are computed at the highest matmul precision (as the logits of
@@ -265,10 +341,18 @@ def pgd_success(model: models.Model, params, images: np.ndarray, labels: np.ndar
   """
   attack = pgd_attack(model, params, eps=eps, num_steps=num_steps, num_restarts=num_restarts)
   key, out = jax.random.key(seed), []
-  for i in tqdm.trange(0, len(images), batch_size, desc="PGD", unit=" batches",
-                       disable=not progress, file=sys.stderr, leave=False):
-    x = images[i:i + batch_size].astype(np.float32) / np.float32(255)
-    y, n = labels[i:i + batch_size], len(labels[i:i + batch_size])
+  for i in tqdm.trange(
+    0,
+    len(images),
+    batch_size,
+    desc="PGD",
+    unit=" batches",
+    disable=not progress,
+    file=sys.stderr,
+    leave=False,
+  ):
+    x = images[i : i + batch_size].astype(np.float32) / np.float32(255)
+    y, n = labels[i : i + batch_size], len(labels[i : i + batch_size])
     pad = batch_size - n if len(images) > batch_size else 0  # one compiled shape
     x, y = np.pad(x, [(0, pad)] + [(0, 0)] * 3), np.pad(y, (0, pad))
     out.append(np.asarray(attack(x, y, jax.random.fold_in(key, i)))[:n])
@@ -284,25 +368,41 @@ def _key(config) -> int:
   return soundness.seed_of(None if config.key < 0 else config.key)
 
 
-def _sound_radii(run: Run, logits, labels, sound_iters, *, key, config
-                 ) -> tuple[np.ndarray, dict]:
-  bound, info = soundness.sound_bound(run.model.lipnet(run.state.params), method="liplt",
-                                      mode="pairwise", warm=run.state.power,
-                                      num_iters=sound_iters, estimator=config.sound_estimator,
-                                      key=key, failure_prob=config.failure_prob,
-                                      exact_max_dim=config.exact_max_dim,
-                                      progress=config.progress)
+def _sound_radii(run: Run, logits, labels, sound_iters, *, key, config) -> tuple[np.ndarray, dict]:
+  bound, info = soundness.sound_bound(
+    run.model.lipnet(run.state.params),
+    method="liplt",
+    mode="pairwise",
+    warm=run.state.power,
+    num_iters=sound_iters,
+    estimator=config.sound_estimator,
+    key=key,
+    failure_prob=config.failure_prob,
+    exact_max_dim=config.exact_max_dim,
+    progress=config.progress,
+  )
   return certify.radii_of(logits, labels, bound), info
 
 
-def refined_bound(net, power: liplt.PowerState, *, steps: int, sound_iters: int,
-                  estimator: str = "lanczos", key: int | jax.Array | None = None,
-                  failure_prob: float = 1e-6, exact_max_dim: int = soundness.EXACT_MAX_DIM,
-                  progress: bool = False) -> tuple[np.ndarray, dict]:
+def refined_bound(
+  net,
+  power: liplt.PowerState,
+  *,
+  steps: int,
+  sound_iters: int,
+  norms: str = "auto",
+  estimator: str = "lanczos",
+  key: int | jax.Array | None = None,
+  failure_prob: float = 1e-6,
+  exact_max_dim: int = soundness.EXACT_MAX_DIM,
+  progress: bool = False,
+  exact_cache: dict | None = None,
+) -> tuple[np.ndarray, dict]:
   """The sound pairwise LipLT bound of the rescaling D optimised for it (Theorem 3.2).
 
   ``refinement.optimize_scales`` chooses ``D`` (the best of ``D = I``, AOL and ``steps`` Adam
-  steps on the mean pairwise bound, judged by its own objective); the sound bound of
+  steps on the mean pairwise bound, judged by its own objective with ``norms``: exact or
+  warm-started power iteration); the sound bound of
   ``rescale(net, D)`` (valid for every ``D > 0``) is then computed from its own random
   start, independent of how ``D`` was chosen.
 
@@ -312,14 +412,27 @@ def refined_bound(net, power: liplt.PowerState, *, steps: int, sound_iters: int,
   """
   t0 = time.perf_counter()
   _phase(f"optimising the rescaling D ({steps} Adam steps)", progress)
-  scales, opt = refinement.optimize_scales(net, mode="pairwise", steps=steps)
+  scales, opt = refinement.optimize_scales(net, mode="pairwise", steps=steps, norms=norms)
   _phase(f"sound bound of the rescaled network ({estimator})", progress)
-  bound, info = soundness.sound_bound(net, scales=scales, mode="pairwise", warm=power,
-                                      num_iters=sound_iters, estimator=estimator, key=key,
-                                      failure_prob=failure_prob, exact_max_dim=exact_max_dim,
-                                      progress=progress)
-  info["scales"] = {"chosen": opt["chosen"], "candidates": opt["candidates"],
-                    "norms": opt["norms"], "steps": steps}
+  bound, info = soundness.sound_bound(
+    net,
+    scales=scales,
+    mode="pairwise",
+    warm=power,
+    num_iters=sound_iters,
+    estimator=estimator,
+    key=key,
+    failure_prob=failure_prob,
+    exact_max_dim=exact_max_dim,
+    progress=progress,
+    exact_cache=exact_cache,
+  )
+  info["scales"] = {
+    "chosen": opt["chosen"],
+    "candidates": opt["candidates"],
+    "norms": opt["norms"],
+    "steps": steps,
+  }
   info["seconds"] = time.perf_counter() - t0
   return bound, info
 
@@ -342,8 +455,9 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     RuntimeError: a certified point was broken by PGD (a soundness bug).
   """
   run = load_run(workdir)
-  images, labels = load_test(run, data_dir=config.data_dir, subset=config.test_subset,
-                             download=config.download)
+  images, labels = load_test(
+    run, data_dir=config.data_dir, subset=config.test_subset, download=config.download
+  )
   eps = float(config.eps or run.config.eps)
   extra_eps = tuple(float(e) for e in config.extra_eps)
   params, power, K = run.state.params, run.state.power, run.model.num_classes
@@ -353,88 +467,139 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logits = certify.batched_logits(run.model, params, images, batch_size=config.eval_batch_size)
   clean = logits.argmax(1) == labels
 
-  sound_kw = dict(key=key, failure_prob=config.failure_prob,
-                  exact_max_dim=config.exact_max_dim, progress=progress)
-  lip = lipschitz_table(net, power, num_classes=K, power_iters=config.power_iters,
-                        sound_iters=sound_iters, estimator=config.sound_estimator, **sound_kw)
-  radii = {m: certify.radii_of(logits, labels, lip["pairwise_sound"][m])
-           for m in liplt.METHODS}
+  # exact norms are shared by the bounds of the same network (Lanczos and power method)
+  sound_kw = dict(
+    key=key,
+    failure_prob=config.failure_prob,
+    exact_max_dim=config.exact_max_dim,
+    progress=progress,
+    exact_cache={},
+  )
+  lip = lipschitz_table(
+    net,
+    power,
+    num_classes=K,
+    power_iters=config.power_iters,
+    sound_iters=sound_iters,
+    estimator=config.sound_estimator,
+    **sound_kw,
+  )
+  radii = {m: certify.radii_of(logits, labels, lip["pairwise_sound"][m]) for m in liplt.METHODS}
 
   # The pairwise LipLT certificate computed every way (table "certificates").
-  row = functools.partial(certificate_row, logits=logits, labels=labels, eps=eps,
-                          extra_eps=extra_eps)
+  row = functools.partial(
+    certificate_row, logits=logits, labels=labels, eps=eps, extra_eps=extra_eps
+  )
   certs, cert_radii = {}, {}
-  certs["estimate"], _ = row(lip["pairwise_estimate"]["liplt"], None)
+  certs["estimate"], _ = row(
+    lip["pairwise_estimate"]["liplt"], None, seconds=lip["info"]["liplt"]["estimate_seconds"]
+  )
   certs["estimate"]["num_iters"] = config.power_iters
   if config.compare_power and config.sound_estimator != "power":
-    _phase(f"sound liplt bound, power method ({config.power_sound_iters} iterations)",
-           progress)
+    _phase(f"sound liplt bound, power method ({config.power_sound_iters} iterations)", progress)
     t0 = time.perf_counter()
-    bound, info = soundness.sound_bound(net, method="liplt", mode="pairwise", warm=power,
-                                        estimator="power", num_iters=config.power_sound_iters,
-                                        **sound_kw)
+    bound, info = soundness.sound_bound(
+      net,
+      method="liplt",
+      mode="pairwise",
+      warm=power,
+      estimator="power",
+      num_iters=config.power_sound_iters,
+      **sound_kw,
+    )
     certs["sound_power"], cert_radii["sound_power"] = row(
-        bound, info, seconds=time.perf_counter() - t0)
+      bound, info, seconds=time.perf_counter() - t0
+    )
   info = lip["info"]["liplt"]
-  certs[f"sound_{config.sound_estimator}"], _ = row(lip["pairwise_sound"]["liplt"], info,
-                                                    seconds=info["seconds"])
+  certs[f"sound_{config.sound_estimator}"], _ = row(
+    lip["pairwise_sound"]["liplt"], info, seconds=info["seconds"]
+  )
   if config.refine:
-    bound, info = refined_bound(net, power, steps=config.refine_steps, sound_iters=sound_iters,
-                                estimator=config.sound_estimator, **sound_kw)
-    certs["sound_refined"], cert_radii["sound_refined"] = row(bound, info,
-                                                              seconds=info["seconds"])
+    bound, info = refined_bound(
+      net,
+      power,
+      steps=config.refine_steps,
+      sound_iters=sound_iters,
+      norms=config.refine_norms,
+      estimator=config.sound_estimator,
+      **sound_kw,
+    )
+    certs["sound_refined"], cert_radii["sound_refined"] = row(bound, info, seconds=info["seconds"])
     certs["sound_refined"]["scales"] = info["scales"]
 
   n = min(config.pgd_subset, len(labels)) if config.pgd_subset else len(labels)
-  _phase(f"PGD on {n} points ({config.pgd_steps} steps x {config.pgd_restarts} restarts)",
-         progress)
-  broken = pgd_success(run.model, params, images[:n], labels[:n], eps=eps,
-                       num_steps=config.pgd_steps, num_restarts=config.pgd_restarts,
-                       batch_size=config.pgd_batch_size, seed=config.seed, progress=progress)
+  _phase(f"PGD on {n} points ({config.pgd_steps} steps x {config.pgd_restarts} restarts)", progress)
+  broken = pgd_success(
+    run.model,
+    params,
+    images[:n],
+    labels[:n],
+    eps=eps,
+    num_steps=config.pgd_steps,
+    num_restarts=config.pgd_restarts,
+    batch_size=config.pgd_batch_size,
+    seed=config.seed,
+    progress=progress,
+  )
   where = f"eps={eps:.6g}, {run.model.name}, {workdir}"
   checked = {f"sound pairwise {m} bound": radii[m] for m in liplt.METHODS}
   checked |= {f"{name} pairwise liplt bound": r for name, r in cert_radii.items()}
   for what, r in checked.items():
     attacks.raise_on_violation(r[:n] > eps, broken, context=f"{what}, {where}")
   table1 = {
-      "eps": eps, "num_test": int(len(labels)), "num_pgd": int(n),
-      "clean_accuracy": float(clean.mean()),
-      "pgd_accuracy": float((clean[:n] & ~broken).mean()) if n else float("nan"),
-      "certified_accuracy": certify.certified_accuracy(radii["liplt"], eps),
-      "naive_certified_accuracy": certify.certified_accuracy(radii["naive"], eps),
-      "pgd_subset": {"clean_accuracy": float(clean[:n].mean()) if n else float("nan"),
-                     "certified_accuracy": certify.certified_accuracy(radii["liplt"][:n], eps)},
-      "bound_kind": lip["kinds"]["sound"]["liplt"]["pairwise"],
-      "pgd": {"loss": "margin", "steps": config.pgd_steps, "restarts": config.pgd_restarts},
+    "eps": eps,
+    "num_test": int(len(labels)),
+    "num_pgd": int(n),
+    "clean_accuracy": float(clean.mean()),
+    "pgd_accuracy": float((clean[:n] & ~broken).mean()) if n else float("nan"),
+    "certified_accuracy": certify.certified_accuracy(radii["liplt"], eps),
+    "naive_certified_accuracy": certify.certified_accuracy(radii["naive"], eps),
+    "pgd_subset": {
+      "clean_accuracy": float(clean[:n].mean()) if n else float("nan"),
+      "certified_accuracy": certify.certified_accuracy(radii["liplt"][:n], eps),
+    },
+    "bound_kind": lip["kinds"]["sound"]["liplt"]["pairwise"],
+    "pgd": {"loss": "margin", "steps": config.pgd_steps, "restarts": config.pgd_restarts},
   }
   if "sound_refined" in certs:
     table1["refined_certified_accuracy"] = certs["sound_refined"]["certified_accuracy"]
-  check = {"points_attacked": int(n), "pgd_broken": int(broken.sum()),
-           "certified_liplt": int((radii["liplt"][:n] > eps).sum()),
-           "certified_naive": int((radii["naive"][:n] > eps).sum()),
-           "certificates_checked": sorted(checked),
-           "violations": sum(attacks.check_certificates(r[:n] > eps, broken)
-                             for r in checked.values())}
+  check = {
+    "points_attacked": int(n),
+    "pgd_broken": int(broken.sum()),
+    "certified_liplt": int((radii["liplt"][:n] > eps).sum()),
+    "certified_naive": int((radii["naive"][:n] > eps).sum()),
+    "certificates_checked": sorted(checked),
+    "violations": sum(attacks.check_certificates(r[:n] > eps, broken) for r in checked.values()),
+  }
 
   curves = {f"{run.label}, naive": radii["naive"], f"{run.label}, LipLT": radii["liplt"]}
   compare = None
   if config.compare_workdir:
     other = load_run(config.compare_workdir)
     if other.config.dataset != run.config.dataset:
-      raise ValueError(f"--config.compare_workdir={config.compare_workdir!r} is a "
-                       f"{other.config.dataset} run, {workdir} is {run.config.dataset}")
-    o_logits = certify.batched_logits(other.model, other.state.params, images,
-                                      batch_size=config.eval_batch_size)
-    o_radii, info = _sound_radii(other, o_logits, labels, _sound_iters(config, other),
-                                 key=key, config=config)
+      raise ValueError(
+        f"--config.compare_workdir={config.compare_workdir!r} is a "
+        f"{other.config.dataset} run, {workdir} is {run.config.dataset}"
+      )
+    o_logits = certify.batched_logits(
+      other.model, other.state.params, images, batch_size=config.eval_batch_size
+    )
+    o_radii, info = _sound_radii(
+      other, o_logits, labels, _sound_iters(config, other), key=key, config=config
+    )
     label = f"{other.label}, LipLT"
     if label in curves:
       label = f"{other.label} ({os.path.basename(os.path.normpath(other.workdir))}), LipLT"
     curves[label] = o_radii
-    compare = {"workdir": other.workdir, "label": label, "loss": other.config.loss,
-               "step": int(other.state.step), "bound_kind": info["kind"],
-               "clean_accuracy": float((o_logits.argmax(1) == labels).mean()),
-               "certified_accuracy": certify.certified_accuracy(o_radii, eps)}
+    compare = {
+      "workdir": other.workdir,
+      "label": label,
+      "loss": other.config.loss,
+      "step": int(other.state.step),
+      "bound_kind": info["kind"],
+      "clean_accuracy": float((o_logits.argmax(1) == labels).mean()),
+      "certified_accuracy": certify.certified_accuracy(o_radii, eps),
+    }
   top = config.radius_max or max(float(r.max(initial=0.0)) for r in curves.values()) or 2 * eps
   grid = eps_grid(top, num=config.num_radii)
 
@@ -442,23 +607,39 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(outdir, exist_ok=True)
   png = os.path.join(outdir, "figure1.png")
   curve_vals = {k: certified_curve(r, grid) for k, r in curves.items()}
-  plot_curves(grid, curve_vals, png, eps_mark=eps,
-              title=f"{run.config.dataset} {run.model.name}: sound pairwise bounds")
+  plot_curves(
+    grid,
+    curve_vals,
+    png,
+    eps_mark=eps,
+    title=f"{run.config.dataset} {run.model.name}: sound pairwise bounds",
+  )
   results = {
-      "run": {"workdir": workdir, "step": int(run.state.step), "model": run.model.name,
-              "dataset": run.config.dataset, "loss": run.config.loss},
-      "table1": table1,
-      "certificates": certs,
-      "table2": {k: lip[k] for k in ("sound", "estimate", "kinds")} | {
-          "columns": {"pairwise": "mean L_ij", "per_class": "mean (L_i + L_j)",
-                      "global": "sqrt(2) L"},
-          "power_iters": config.power_iters, "sound_iters": sound_iters,
-          "sound_estimator": config.sound_estimator,
-          "sound_bounds": {m: _compact(lip["info"][m]) for m in liplt.METHODS}},
-      "figure1": {"eps": grid.tolist(), "curves": {k: v.tolist() for k, v in curve_vals.items()},
-                  "criterion": "radius > eps", "png": png},
-      "soundness_check": check,
-      "compare": compare,
+    "run": {
+      "workdir": workdir,
+      "step": int(run.state.step),
+      "model": run.model.name,
+      "dataset": run.config.dataset,
+      "loss": run.config.loss,
+    },
+    "table1": table1,
+    "certificates": certs,
+    "table2": {k: lip[k] for k in ("sound", "estimate", "kinds")}
+    | {
+      "columns": {"pairwise": "mean L_ij", "per_class": "mean (L_i + L_j)", "global": "sqrt(2) L"},
+      "power_iters": config.power_iters,
+      "sound_iters": sound_iters,
+      "sound_estimator": config.sound_estimator,
+      "sound_bounds": {m: _compact(lip["info"][m]) for m in liplt.METHODS},
+    },
+    "figure1": {
+      "eps": grid.tolist(),
+      "curves": {k: v.tolist() for k, v in curve_vals.items()},
+      "criterion": "radius > eps",
+      "png": png,
+    },
+    "soundness_check": check,
+    "compare": compare,
   }
   with open(os.path.join(outdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
@@ -474,8 +655,14 @@ def _compact(info: dict) -> dict:
 # ---------------------------------------------------------------------- output
 
 
-def plot_curves(eps: np.ndarray, curves: dict[str, np.ndarray], path: str, *,
-                eps_mark: float | None = None, title: str = "") -> None:
+def plot_curves(
+  eps: np.ndarray,
+  curves: dict[str, np.ndarray],
+  path: str,
+  *,
+  eps_mark: float | None = None,
+  title: str = "",
+) -> None:
   """Figure 1 as a PNG: one line per curve ``(E,)`` over the radii ``eps`` ``(E,)``."""
   # The object-oriented API draws without pyplot: no global backend switch (Jupyter keeps
   # its inline backend).
@@ -484,12 +671,16 @@ def plot_curves(eps: np.ndarray, curves: dict[str, np.ndarray], path: str, *,
   fig = Figure(figsize=(5, 3.5), dpi=150)
   ax = fig.subplots()
   for label, vals in curves.items():
-    ax.plot(eps, 100 * np.asarray(vals), label=label, lw=1.5,
-            ls="--" if "naive" in label else "-")
+    ax.plot(eps, 100 * np.asarray(vals), label=label, lw=1.5, ls="--" if "naive" in label else "-")
   if eps_mark and len(eps) and eps_mark <= eps[-1]:
     ax.axvline(eps_mark, color="gray", lw=0.8, ls=":", label=f"eps = {eps_mark:.3g}")
-  ax.set(xlabel="l2 radius eps", ylabel="certified at eps (% of test points)", ylim=(0, 100),
-         xlim=(0, float(eps[-1]) if len(eps) and eps[-1] > 0 else 1.0), title=title)
+  ax.set(
+    xlabel="l2 radius eps",
+    ylabel="certified at eps (% of test points)",
+    ylim=(0, 100),
+    xlim=(0, float(eps[-1]) if len(eps) and eps[-1] > 0 else 1.0),
+    title=title,
+  )
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -500,63 +691,79 @@ def format_table1(results: dict) -> str:
   """The Table 1 row as plain text."""
   t, r = results["table1"], results["run"]
   head = f"{'model':<10}{'loss':<8}{'eps':>8}{'clean %':>10}{'PGD %':>10}{'cert. %':>10}"
-  row = (f"{r['model']:<10}{r['loss']:<8}{t['eps']:>8.4g}{100 * t['clean_accuracy']:>10.2f}"
-         f"{100 * t['pgd_accuracy']:>10.2f}{100 * t['certified_accuracy']:>10.2f}")
-  note = (f"PGD: l2, margin loss, {t['pgd']['steps']} steps x {t['pgd']['restarts']} restarts "
-          f"on {t['num_pgd']} of {t['num_test']} points; certified: sound pairwise LipLT "
-          f"({t['bound_kind']})")
+  row = (
+    f"{r['model']:<10}{r['loss']:<8}{t['eps']:>8.4g}{100 * t['clean_accuracy']:>10.2f}"
+    f"{100 * t['pgd_accuracy']:>10.2f}{100 * t['certified_accuracy']:>10.2f}"
+  )
+  note = (
+    f"PGD: l2, margin loss, {t['pgd']['steps']} steps x {t['pgd']['restarts']} restarts "
+    f"on {t['num_pgd']} of {t['num_test']} points; certified: sound pairwise LipLT "
+    f"({t['bound_kind']})"
+  )
   return "\n".join(["Table 1", head, row, note])
 
 
 def format_table2(results: dict) -> str:
   """Table 2 (mean pairwise Lipschitz) as plain text: sound bound and estimate."""
   t = results["table2"]
-  lines = ["Table 2: average pairwise Lipschitz over all unique pairs",
-           f"{'':<22}{'L_ij':>12}{'L_i + L_j':>12}{'sqrt(2) L':>12}"]
+  lines = [
+    "Table 2: average pairwise Lipschitz over all unique pairs",
+    f"{'':<22}{'L_ij':>12}{'L_i + L_j':>12}{'sqrt(2) L':>12}",
+  ]
   for kind in ("sound", "estimate"):
     for method in liplt.METHODS:
       vals = "".join(f"{t[kind][method][m]:>12.4g}" for m in liplt.MODES)
       lines.append(f"{method + ' (' + kind + ')':<22}{vals}")
-  lines.append(f"sound: {t['kinds']['sound']['liplt']['pairwise']} "
-               f"({t['sound_iters']} {t['sound_estimator']} steps where not exact)")
-  lines.append(f"estimate: {t['kinds']['estimate']}, {t['power_iters']} warm-started "
-               "power iterations from the checkpoint")
+  lines.append(
+    f"sound: {t['kinds']['sound']['liplt']['pairwise']} "
+    f"({t['sound_iters']} {t['sound_estimator']} steps where not exact)"
+  )
+  lines.append(
+    f"estimate: {t['kinds']['estimate']}, {t['power_iters']} warm-started "
+    "power iterations from the checkpoint"
+  )
   return "\n".join(lines)
 
 
 CERTIFICATE_LABELS = {
-    "estimate": "estimate (power iteration, not guaranteed)",
-    "sound_power": "sound, power method (former)",
-    "sound_lanczos": "sound, Lanczos",
-    "sound_refined": "sound, refined D (Thm 3.2 rescaling)",
+  "estimate": "estimate (power iteration, not guaranteed)",
+  "sound_power": "sound, power method (former)",
+  "sound_lanczos": "sound, Lanczos",
+  "sound_refined": "sound, refined D (Thm 3.2 rescaling)",
 }
 
 
 def format_certificates(results: dict) -> str:
   """The pairwise LipLT certificate computed every way, as plain text (``certificates``)."""
   t, certs = results["table1"], results["certificates"]
-  head = (f"{'pairwise LipLT bound':<40}{'cert. %':>9}{'mean L_ij':>11}{'seconds':>9}  "
-          "kind")
+  head = f"{'pairwise LipLT bound':<40}{'cert. %':>9}{'mean L_ij':>11}{'seconds':>9}  kind"
   lines = [f"Certified accuracy at eps = {t['eps']:.4g}", head]
   for name, c in certs.items():
     label = CERTIFICATE_LABELS.get(name, name)
     kind = c["kind"]
     if c.get("probabilistic_norms"):
-      kind += (f"; {c['exact_norms']} exact + {c['probabilistic_norms']} {c['estimator']} "
-               f"norms, {c['num_iters']} steps, key {c['key']}")
+      kind += (
+        f"; {c['exact_norms']} exact + {c['probabilistic_norms']} {c['estimator']} "
+        f"norms, {c['num_iters']} steps, key {c['key']}"
+      )
     elif "exact_norms" in c:
       kind += f"; {c['exact_norms']} exact norms"
-    lines.append(f"{label:<40}{100 * c['certified_accuracy']:>9.2f}{c['mean_pairwise']:>11.5g}"
-                 f"{c['seconds']:>9.1f}  {kind}")
+    lines.append(
+      f"{label:<40}{100 * c['certified_accuracy']:>9.2f}{c['mean_pairwise']:>11.5g}"
+      f"{c['seconds']:>9.1f}  {kind}"
+    )
   if "sound_refined" in certs:
     sc = certs["sound_refined"]["scales"]
-    lines.append(f"refined D: {sc['chosen']} of " +
-                 ", ".join(f"{k} {v:.5g}" for k, v in sc["candidates"].items()) +
-                 f" (mean L_ij by the optimiser's {sc['norms']} objective)")
+    lines.append(
+      f"refined D: {sc['chosen']} of "
+      + ", ".join(f"{k} {v:.5g}" for k, v in sc["candidates"].items())
+      + f" (mean L_ij by the optimiser's {sc['norms']} objective)"
+    )
   first = next(iter(certs.values()))["certified_accuracy_at"]
   if any(k != certify.eps_key(t["eps"]) for k in first):
     for name, c in certs.items():
-      lines.append(f"{CERTIFICATE_LABELS.get(name, name)} at other radii: " + ", ".join(
-          f"{k}: {100 * v:.2f}%" for k, v in c["certified_accuracy_at"].items()))
+      lines.append(
+        f"{CERTIFICATE_LABELS.get(name, name)} at other radii: "
+        + ", ".join(f"{k}: {100 * v:.2f}%" for k, v in c["certified_accuracy_at"].items())
+      )
   return "\n".join(lines)
-

@@ -21,7 +21,7 @@ over ``D``. This module depends only on ``network`` and ``operators``, so that b
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

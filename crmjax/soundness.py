@@ -82,16 +82,16 @@ import hashlib
 import math
 import secrets
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg  # a dependency of jax
 import tqdm
 
-from crmjax import liplt
+from crmjax import liplt, rescaling
 from crmjax import operators as ops
-from crmjax import rescaling
 from crmjax.network import LipNet
 
 LANCZOS_CONSTANT = 1.648  # Kuczynski & Wozniakowski 1992, the Lanczos failure bound
@@ -107,6 +107,7 @@ _BREAKDOWN = 1e-12  # relative size of a Lanczos residual treated as an invarian
 # Computations on fewer numbers run eagerly: compiling them would cost more than it saves
 # (tests build many tiny networks; every new one would compile a new program).
 _EAGER_MAX = 1 << 16
+LANCZOS_MEMORY = 1 << 30  # bytes of float64 Krylov bases held at once (operators are grouped)
 
 Spec = tuple[Callable, tuple, tuple]  # (fn, in_shape, out_shape) of a linear operator
 
@@ -206,13 +207,16 @@ def exact_norm(fn, in_shape, out_shape, *, chunk: int = 1024) -> float:
   n_in, n_out = ops.size(in_shape), ops.size(out_shape)
   if n_in <= n_out:
     f = _jit(lambda b: fn(b).reshape(b.shape[0], -1), n_in * n_out)
-    cols = [np.asarray(f(jnp.eye(n_in, dtype=jnp.float32)[i:i + chunk].reshape(-1, *in_shape)))
-            for i in range(0, n_in, chunk)]
+    cols = [
+      np.asarray(f(jnp.eye(n_in, dtype=jnp.float32)[i : i + chunk].reshape(-1, *in_shape)))
+      for i in range(0, n_in, chunk)
+    ]
     return math.sqrt(max(_gram_top_eigenvalue(np.concatenate(cols)), 0.0))
   _, vjp = jax.vjp(fn, jnp.zeros((1, *in_shape)))
   f = _jit(jax.vmap(lambda c: vjp(c.reshape(1, *out_shape))[0].reshape(-1)), n_in * n_out)
-  rows = [np.asarray(f(jnp.eye(n_out, dtype=jnp.float32)[i:i + chunk]))
-          for i in range(0, n_out, chunk)]
+  rows = [
+    np.asarray(f(jnp.eye(n_out, dtype=jnp.float32)[i : i + chunk])) for i in range(0, n_out, chunk)
+  ]
   return math.sqrt(max(_gram_top_eigenvalue(np.concatenate(rows)), 0.0))
 
 
@@ -242,6 +246,15 @@ def _side(s_in, s_out) -> str:
   return "in" if ops.size(s_in) <= ops.size(s_out) else "out"
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+  # einsum, not BLAS: OpenBLAS threads busy-wait on a loaded machine (10x slower there)
+  return float(np.einsum("i,i->", a, b))
+
+
+def _norm(v: np.ndarray) -> float:
+  return math.sqrt(_dot(v, v))
+
+
 class _Lanczos:
   """Host-side Lanczos with full reorthogonalisation (float64) for one symmetric PSD ``A``."""
 
@@ -249,36 +262,36 @@ class _Lanczos:
     self.n, self.k, self.rng = n, min(num_iters, n), rng
     self.q = np.empty((self.k, n), np.float64)
     self.q[0] = self._unit(rng.standard_normal(n))
-    self.alpha, self.beta = [], []
+    self.alpha, self.beta, self.scale = [], [], 0.0
 
   @staticmethod
   def _unit(v):
-    return v / np.linalg.norm(v)
+    return v / _norm(v)
 
   def _orthogonalise(self, w, j):
     """Full reorthogonalisation against ``q_0..q_j``: classical Gram-Schmidt, repeated once
     when the norm drops below ``1/sqrt(2)`` of its value (Daniel-Gragg-Kaufman-Stewart;
     "twice is enough")."""
-    basis = self.q[:j + 1]
+    basis = self.q[: j + 1]
     for _ in range(2):
-      before = np.linalg.norm(w)
-      w = w - basis.T @ (basis @ w)
-      if np.linalg.norm(w) > 0.7071 * before:
+      before = _norm(w)
+      w = w - np.einsum("ij,i->j", basis, np.einsum("ij,j->i", basis, w))
+      if _norm(w) > 0.7071 * before:
         break
     return w
 
   def step(self, j: int, w: np.ndarray) -> None:
     """Takes ``w = A q_j`` and appends ``alpha_j`` (and ``beta_j``, ``q_{j+1}``)."""
     q = self.q[j]
-    a = float(q @ w)
+    a = _dot(q, w)
     self.alpha.append(a)
     if j + 1 == self.k:
       return
     w = w - a * q - (self.beta[-1] * self.q[j - 1] if j else 0.0)
     w = self._orthogonalise(w, j)
-    b = float(np.linalg.norm(w))
-    scale = max(max(abs(x) for x in self.alpha), max(self.beta, default=0.0))
-    if not b > _BREAKDOWN * scale:
+    b = _norm(w)
+    self.scale = max(self.scale, abs(a), b)  # a lower estimate of ||A||
+    if not b > _BREAKDOWN * self.scale:
       # An invariant subspace: continue in a fresh direction (the space only grows, so the
       # largest Ritz value can only rise; T_k gets a zero coupling).
       w, b = self._orthogonalise(self.rng.standard_normal(self.n), j), 0.0
@@ -287,28 +300,42 @@ class _Lanczos:
 
   def ritz(self) -> tuple[float, np.ndarray]:
     """The largest eigenvalue of ``T_k`` and its Ritz vector (unit, float64)."""
-    t = np.diag(np.asarray(self.alpha))
-    if self.k > 1:
-      off = np.asarray(self.beta[:self.k - 1])
-      t += np.diag(off, 1) + np.diag(off, -1)
-    vals, vecs = np.linalg.eigh(t)
-    return float(vals[-1]), self._unit(self.q[:self.k].T @ vecs[:, -1])
+    if self.k == 1:
+      vals, vecs = np.array([self.alpha[0]]), np.ones((1, 1))
+    else:  # LAPACK bisection + inverse iteration on the tridiagonal matrix (no dense eigh)
+      vals, vecs = scipy.linalg.eigh_tridiagonal(
+        np.asarray(self.alpha),
+        np.asarray(self.beta[: self.k - 1]),
+        select="i",
+        select_range=(self.k - 1, self.k - 1),
+      )
+    return float(vals[-1]), self._unit(np.einsum("ij,i->j", self.q[: self.k], vecs[:, -1]))
 
 
-def lanczos_norms(specs: Sequence[Spec], *, key: int | jax.Array | None = None,
-                  num_iters: int = NUM_ITERS, progress: bool = False) -> list[dict]:
-  """Lanczos estimates (lower estimates) of the l2 norms of several linear operators at once.
+def lanczos_norms(
+  specs: Sequence[Spec],
+  *,
+  key: int | jax.Array | None = None,
+  num_iters: int = NUM_ITERS,
+  progress: bool = False,
+  memory: int = LANCZOS_MEMORY,
+) -> list[dict]:
+  """Lanczos estimates (lower estimates) of the l2 norms of several linear operators.
 
   Each ``A_i`` (``M_i^T M_i`` or ``M_i M_i^T``, the smaller side) gets ``min(num_iters, n_i)``
   Lanczos steps with full reorthogonalisation from its own start, uniform on the unit
-  sphere (module docstring); the products with all ``A_i`` are one jitted call per step.
+  sphere (module docstring). Operators run together in groups whose float64 Krylov bases
+  (``8 k n_i`` bytes each) fit in ``memory`` bytes; within a group the products with all
+  ``A_i`` are one jitted call per step.
 
   Args:
     specs: ``(fn, in_shape, out_shape)`` per operator (``fn`` maps ``(1, *in_shape)`` to
       ``(1, *out_shape)``, linearly).
-    key: seed of the random starts (``seed_of``).
+    key: seed of the random starts (``seed_of``); operator ``i`` draws from
+      ``np.random.default_rng([seed, i])``.
     num_iters: Lanczos steps ``k``.
     progress: show a tqdm bar over the steps (stderr).
+    memory: bytes of Krylov bases held at once (an operator larger than that runs alone).
 
   Returns:
     Per operator ``{'sigma': sqrt(estimate), 'ritz': largest Ritz value, 'rayleigh':
@@ -319,28 +346,47 @@ def lanczos_norms(specs: Sequence[Spec], *, key: int | jax.Array | None = None,
   specs = list(specs)
   if num_iters < 1:
     raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-  if not specs:
-    return []
-  dims = [ops.size(s_in) if _side(s_in, s_out) == "in" else ops.size(s_out)
-          for _, s_in, s_out in specs]
-  rngs = [np.random.default_rng([seed, i]) for i in range(len(specs))]
-  runs = [_Lanczos(n, num_iters, rng) for n, rng in zip(dims, rngs)]
-  with jax.default_matmul_precision("highest"):
-    apply = _gram_apply(specs)
-    steps = max(r.k for r in runs)
-    for j in tqdm.trange(steps, desc="Lanczos", unit=" steps", disable=not progress,
-                         file=sys.stderr, leave=False):
-      outs = apply(tuple(jnp.asarray(r.q[min(j, r.k - 1)], jnp.float32) for r in runs))
-      for r, o in zip(runs, outs):
-        if j < r.k:
-          r.step(j, np.asarray(o, np.float64))
-    ritz = [r.ritz() for r in runs]
-    outs = apply(tuple(jnp.asarray(y, jnp.float32) for _, y in ritz))
-  res = []
-  for (theta, y), o, r in zip(ritz, outs, runs):
-    rayleigh = float(y @ np.asarray(o, np.float64))
-    res.append({"sigma": math.sqrt(max(theta, rayleigh, 0.0)), "ritz": theta,
-                "rayleigh": rayleigh, "n": r.n, "steps": r.k})
+  dims = [
+    ops.size(s_in) if _side(s_in, s_out) == "in" else ops.size(s_out) for _, s_in, s_out in specs
+  ]
+  groups, used = [], memory + 1
+  for i, n in enumerate(dims):
+    size = 8 * min(num_iters, n) * n
+    if used + size > memory:
+      groups.append([])
+      used = 0
+    groups[-1].append(i)
+    used += size
+  res = [None] * len(specs)
+  bar = tqdm.tqdm(
+    total=sum(max(min(num_iters, dims[i]) for i in g) for g in groups),
+    desc="Lanczos",
+    unit=" steps",
+    disable=not progress,
+    file=sys.stderr,
+    leave=False,
+  )
+  with jax.default_matmul_precision("highest"), bar:
+    for group in groups:
+      runs = [_Lanczos(dims[i], num_iters, np.random.default_rng([seed, i])) for i in group]
+      apply = _gram_apply([specs[i] for i in group])
+      for j in range(max(r.k for r in runs)):
+        outs = apply(tuple(jnp.asarray(r.q[min(j, r.k - 1)], jnp.float32) for r in runs))
+        for r, o in zip(runs, outs):
+          if j < r.k:
+            r.step(j, np.asarray(o, np.float64))
+        bar.update()
+      ritz = [r.ritz() for r in runs]
+      outs = apply(tuple(jnp.asarray(y, jnp.float32) for _, y in ritz))
+      for i, (theta, y), o, r in zip(group, ritz, outs, runs):
+        rayleigh = _dot(y, np.asarray(o, np.float64))
+        res[i] = {
+          "sigma": math.sqrt(max(theta, rayleigh, 0.0)),
+          "ritz": theta,
+          "rayleigh": rayleigh,
+          "n": r.n,
+          "steps": r.k,
+        }
   return res
 
 
@@ -360,16 +406,21 @@ def _warm_norms(specs: Sequence[Spec], warm: Sequence[jax.Array]) -> list[float]
   """``||M u|| / ||u||`` for given vectors ``u`` (lower estimates of ``||M||``)."""
   fn = lambda us: tuple(f(u) for (f, _, _), u in zip(specs, us))
   ys = jax.jit(fn)(tuple(warm))
-  return [float(np.linalg.norm(np.asarray(y, np.float64)) /
-                max(np.linalg.norm(np.asarray(u, np.float64)), 1e-300))
-          for y, u in zip(ys, warm)]
+  return [
+    float(
+      np.linalg.norm(np.asarray(y, np.float64))
+      / max(np.linalg.norm(np.asarray(u, np.float64)), 1e-300)
+    )
+    for y, u in zip(ys, warm)
+  ]
 
 
 class _Norms:
   """Collects upper bounds of operator norms: exact when small, else probabilistic."""
 
-  def __init__(self, *, exact_max_dim, estimator, num_iters, seed, progress, cache=None,
-               fingerprint=""):
+  def __init__(
+    self, *, exact_max_dim, estimator, num_iters, seed, progress, cache=None, fingerprint=""
+  ):
     self.exact_max_dim, self.estimator, self.num_iters = exact_max_dim, estimator, num_iters
     self.seed, self.progress, self.cache, self.fingerprint = seed, progress, cache, fingerprint
     self.exact, self.pending, self.values, self.details = [], [], {}, []
@@ -393,27 +444,49 @@ class _Norms:
     errs = [rel(n=n, num_iters=k, delta=delta) for n, k in zip(dims, steps)]
     for n, k, err in zip(dims, steps, errs):
       if err >= 1.0:
-        raise ValueError(f"{k} {self.estimator} iterations cannot reach failure probability "
-                         f"{failure_prob} for an operator of order {n}: raise num_iters")
-    for name, spec in tqdm.tqdm(self.exact, desc="exact norms", disable=not self.progress,
-                                file=sys.stderr, leave=False):
+        raise ValueError(
+          f"{k} {self.estimator} iterations cannot reach failure probability "
+          f"{failure_prob} for an operator of order {n}: raise num_iters"
+        )
+    for name, spec in tqdm.tqdm(
+      self.exact, desc="exact norms", disable=not self.progress, file=sys.stderr, leave=False
+    ):
       key = (self.fingerprint, name)
       if self.cache is None or key not in self.cache:
         value = exact_norm(*spec)
         if self.cache is not None:
           self.cache[key] = value
       self.values[name] = value if self.cache is None else self.cache[key]
-      self.details.append({"operator": name, "how": "exact", "value": self.values[name],
-                           "n": min(ops.size(spec[1]), ops.size(spec[2])), "rel_err": 0.0})
-    info = {"estimator": self.estimator, "num_iters": self.num_iters, "key": self.seed,
-            "exact_max_dim": self.exact_max_dim, "exact_norms": len(self.exact),
-            "probabilistic_norms": len(self.pending), "failure_probability": 0.0,
-            "max_rel_err": 0.0, "max_relative_inflation": 0.0, "norms": self.details}
+      self.details.append(
+        {
+          "operator": name,
+          "how": "exact",
+          "value": self.values[name],
+          "n": min(ops.size(spec[1]), ops.size(spec[2])),
+          "rel_err": 0.0,
+        }
+      )
+    info = {
+      "estimator": self.estimator,
+      "num_iters": self.num_iters,
+      "key": self.seed,
+      "exact_max_dim": self.exact_max_dim,
+      "exact_norms": len(self.exact),
+      "probabilistic_norms": len(self.pending),
+      "failure_probability": 0.0,
+      "max_rel_err": 0.0,
+      "max_relative_inflation": 0.0,
+      "norms": self.details,
+    }
     if not self.pending:
       return info
     if self.estimator == "lanczos":
-      est = [r["sigma"] for r in lanczos_norms(specs, key=self.seed, num_iters=self.num_iters,
-                                               progress=self.progress)]
+      est = [
+        r["sigma"]
+        for r in lanczos_norms(
+          specs, key=self.seed, num_iters=self.num_iters, progress=self.progress
+        )
+      ]
     else:
       est = _power_norms(specs, seed=self.seed, num_iters=self.num_iters)
     if all(w is not None for *_, w in self.pending):
@@ -421,11 +494,22 @@ class _Norms:
       est = [max(a, b) for a, b in zip(est, warm)]
     for (name, _, _), sigma, n, err in zip(self.pending, est, dims, errs):
       self.values[name] = sigma / math.sqrt(1.0 - err)
-      self.details.append({"operator": name, "how": self.estimator, "value": self.values[name],
-                           "n": n, "rel_err": err, "estimate": sigma})
+      self.details.append(
+        {
+          "operator": name,
+          "how": self.estimator,
+          "value": self.values[name],
+          "n": n,
+          "rel_err": err,
+          "estimate": sigma,
+        }
+      )
     worst = max(errs)
-    info.update(failure_probability=failure_prob, max_rel_err=worst,
-                max_relative_inflation=1.0 / math.sqrt(1.0 - worst) - 1.0)
+    info.update(
+      failure_probability=failure_prob,
+      max_rel_err=worst,
+      max_relative_inflation=1.0 / math.sqrt(1.0 - worst) - 1.0,
+    )
     return info
 
 
@@ -434,8 +518,7 @@ class _Norms:
 
 def _row_norms64(rows: np.ndarray, mode: str, norm: str):
   rows = np.asarray(rows, np.float64)
-  vec = (lambda a: np.linalg.norm(a, axis=-1)) if norm == "l2" else \
-      (lambda a: np.abs(a).sum(-1))
+  vec = (lambda a: np.linalg.norm(a, axis=-1)) if norm == "l2" else (lambda a: np.abs(a).sum(-1))
   if mode == "per_class":
     return vec(rows)
   if mode == "global":
@@ -445,8 +528,9 @@ def _row_norms64(rows: np.ndarray, mode: str, norm: str):
   return np.stack([vec(rows[i][None] - rows) for i in range(rows.shape[0])])
 
 
-def sound_bound(net: LipNet, *, method: str = "liplt", mode: str = "pairwise",
-                norm: str = "l2", **kwargs) -> tuple[np.ndarray, dict]:
+def sound_bound(
+  net: LipNet, *, method: str = "liplt", mode: str = "pairwise", norm: str = "l2", **kwargs
+) -> tuple[np.ndarray, dict]:
   """A guaranteed upper bound (float64) for certificates; see the module docstring.
 
   Args:
@@ -467,14 +551,23 @@ def sound_bound(net: LipNet, *, method: str = "liplt", mode: str = "pairwise",
   return bounds[mode], info
 
 
-def sound_bounds(net: LipNet, *, method: str = "liplt", modes=liplt.MODES, norm: str = "l2",
-                 scales: rescaling.Scales | None = None,
-                 warm: liplt.PowerState | None = None,
-                 key: int | jax.Array | None = None, estimator: str = "lanczos",
-                 num_iters: int = NUM_ITERS, failure_prob: float = 1e-6,
-                 exact_max_dim: int = EXACT_MAX_DIM, margin: float = 1e-4,
-                 progress: bool = False, exact_cache: dict | None = None
-                 ) -> tuple[dict[str, np.ndarray], dict]:
+def sound_bounds(
+  net: LipNet,
+  *,
+  method: str = "liplt",
+  modes=liplt.MODES,
+  norm: str = "l2",
+  scales: rescaling.Scales | None = None,
+  warm: liplt.PowerState | None = None,
+  key: int | jax.Array | None = None,
+  estimator: str = "lanczos",
+  num_iters: int = NUM_ITERS,
+  failure_prob: float = 1e-6,
+  exact_max_dim: int = EXACT_MAX_DIM,
+  margin: float = 1e-4,
+  progress: bool = False,
+  exact_cache: dict | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
   """``sound_bound`` for several modes at once (the operator norms are computed once).
 
   Args:
@@ -517,22 +610,38 @@ def sound_bounds(net: LipNet, *, method: str = "liplt", modes=liplt.MODES, norm:
   with jax.default_matmul_precision("highest"):
     if norm == "linf":
       bounds = _linf(net, base, modes)
-      info = {"estimator": "none (l_inf: |A_n|..|A_1| 1)", "key": seed, "exact_norms": 0,
-              "probabilistic_norms": 0, "failure_probability": 0.0, "max_rel_err": 0.0}
+      info = {
+        "estimator": "none (l_inf: |A_n|..|A_1| 1)",
+        "key": seed,
+        "exact_norms": 0,
+        "probabilistic_norms": 0,
+        "failure_probability": 0.0,
+        "max_rel_err": 0.0,
+      }
     else:
-      norms = _Norms(exact_max_dim=exact_max_dim, estimator=estimator, num_iters=num_iters,
-                     seed=seed, progress=progress, cache=exact_cache,
-                     fingerprint="" if exact_cache is None else fingerprint(net) + base)
+      norms = _Norms(
+        exact_max_dim=exact_max_dim,
+        estimator=estimator,
+        num_iters=num_iters,
+        seed=seed,
+        progress=progress,
+        cache=exact_cache,
+        fingerprint="" if exact_cache is None else fingerprint(net) + base,
+      )
       fn = _liplt_l2 if base == "liplt" else _naive_l2
       readout, info = fn(net, warm, norms, failure_prob)
       bounds = {mode: readout(mode) for mode in modes}
   factors = num_factors(len(net.blocks), method=base)
   inflate = (1.0 + margin) ** factors
   bounds = {m: np.asarray(b, np.float64) * inflate for m, b in bounds.items()}
-  info["kind"] = ("guaranteed upper bound" if info["failure_probability"] == 0 else
-                  f"upper bound with probability >= {1 - info['failure_probability']:.10g}")
-  info.update(norm=norm, method=method, relative_margin=margin, margin_factors=factors,
-              rescaling=rescaled)
+  info["kind"] = (
+    "guaranteed upper bound"
+    if info["failure_probability"] == 0
+    else f"upper bound with probability >= {1 - info['failure_probability']:.10g}"
+  )
+  info.update(
+    norm=norm, method=method, relative_margin=margin, margin_factors=factors, rescaling=rescaled
+  )
   return bounds, info
 
 
@@ -578,8 +687,9 @@ def _linf(net: LipNet, method: str, modes) -> dict[str, np.ndarray]:
   size = _net_size(net)
   if method == "liplt":
     L = len(net.blocks)
-    table = np.asarray(_jit(lambda n: liplt.interior_table(n, norm="linf")[0], size)(net),
-                       np.float64)
+    table = np.asarray(
+      _jit(lambda n: liplt.interior_table(n, norm="linf")[0], size)(net), np.float64
+    )
     radii = np.array([b.radius for b in net.blocks], np.float64)
     m = np.zeros(L)
     for e in range(L):
@@ -592,8 +702,7 @@ def _linf(net: LipNet, method: str, modes) -> dict[str, np.ndarray]:
         out = out + radii[j] * _row_norms64(rows[j + 1], mode, "linf") * m[j]
       return out
   else:
-    norms = np.asarray(_jit(lambda n: liplt.layer_norms(n, norm="linf")[0], size)(net),
-                       np.float64)
+    norms = np.asarray(_jit(lambda n: liplt.layer_norms(n, norm="linf")[0], size)(net), np.float64)
     factor = 1.0
     for (w, g, h), b in zip(norms, net.blocks):
       factor *= h + max(abs(b.alpha), abs(b.beta)) * g * w
@@ -650,7 +759,6 @@ def _naive_l2(net, warm, norms: _Norms, failure_prob):
   factor = 1.0
   for (w, g, h), b in zip(table, net.blocks):
     factor *= h + max(abs(b.alpha), abs(b.beta)) * g * w
-  rows = np.asarray(_jit(liplt.class_rows, _net_size(net))(LipNet((), net.readout))[0],
-                    np.float64)
+  rows = np.asarray(_jit(liplt.class_rows, _net_size(net))(LipNet((), net.readout))[0], np.float64)
   info["layer_norms"] = table
   return lambda mode: _row_norms64(rows, mode, "l2") * factor, info

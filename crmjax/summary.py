@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -31,6 +32,7 @@ class MetricWriter:
     self._tb = None
     if tensorboard and self._lead:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:

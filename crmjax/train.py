@@ -13,7 +13,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,8 @@ import numpy as np
 import optax
 import tqdm
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from crmjax import certify, checkpoint, data, input_pipeline, liplt, losses, models, summary
 
@@ -40,12 +42,15 @@ class TrainState:
     params: the model's params.
     opt_state: the optax state (it carries the learning-rate schedule count).
     power: ``crmjax.liplt.PowerState``, the warm-started power-iteration vectors.
+    key: raw ``uint32`` PRNG key data. No step reads it today; it stays so that every
+      checkpoint written so far keeps restoring (a changed state tree would not).
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   power: liplt.PowerState
+  key: jax.Array
 
 
 class TrainingDiverged(FloatingPointError):
@@ -57,6 +62,7 @@ class TrainingDiverged(FloatingPointError):
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   """Raises ``ValueError`` naming the field and the fix for any invalid setting."""
+
   def bad(field, value, fix):
     raise ValueError(f"--config.{field}={value!r} is invalid: {fix}")
 
@@ -73,8 +79,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
     bad("batch_size", config.batch_size, "use a positive integer")
   if config.batch_size % num_devices:
-    bad("batch_size", config.batch_size,
-        f"it must be divisible by the {num_devices} devices; use a multiple of {num_devices}")
+    bad(
+      "batch_size",
+      config.batch_size,
+      f"it must be divisible by the {num_devices} devices; use a multiple of {num_devices}",
+    )
   if not (isinstance(config.power_iters, int) and config.power_iters >= 1):
     bad("power_iters", config.power_iters, "use an integer >= 1")
   if not (isinstance(config.eval_power_iters, int) and config.eval_power_iters >= 1):
@@ -91,10 +100,15 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     bad("num_epochs", config.num_epochs, "use an integer >= 1")
   if config.crm.get("penalty", "exp") not in losses.PENALTIES:
     bad("crm.penalty", config.crm.penalty, f"use one of {list(losses.PENALTIES)}")
-  if not (isinstance(config.get("lr_decay_start_epoch", 0), int)
-          and config.get("lr_decay_start_epoch", 0) >= 0):
-    bad("lr_decay_start_epoch", config.lr_decay_start_epoch,
-        "use an integer epoch >= 0 (past num_epochs: a constant rate)")
+  if not (
+    isinstance(config.get("lr_decay_start_epoch", 0), int)
+    and config.get("lr_decay_start_epoch", 0) >= 0
+  ):
+    bad(
+      "lr_decay_start_epoch",
+      config.lr_decay_start_epoch,
+      "use an integer epoch >= 0 (past num_epochs: a constant rate)",
+    )
   if config.crm.warmup_epochs < 0:
     bad("crm.warmup_epochs", config.crm.warmup_epochs, "use an integer >= 0")
   if config.get("init", "flax") not in models.INIT_SCHEMES:
@@ -108,25 +122,27 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   if not config.get("grad_clip_norm", 0.0) >= 0:
     bad("grad_clip_norm", config.grad_clip_norm, "use a norm >= 0 (0: no clipping)")
   if config.crm.get("normalize", "correct") not in losses.PENALTY_NORMALIZATIONS:
-    bad("crm.normalize", config.crm.normalize,
-        f"use one of {list(losses.PENALTY_NORMALIZATIONS)}")
-  if not (isinstance(config.get("eval_every_epochs", 0), int)
-          and config.get("eval_every_epochs", 0) >= 0):
+    bad("crm.normalize", config.crm.normalize, f"use one of {list(losses.PENALTY_NORMALIZATIONS)}")
+  if not (
+    isinstance(config.get("eval_every_epochs", 0), int) and config.get("eval_every_epochs", 0) >= 0
+  ):
     bad("eval_every_epochs", config.eval_every_epochs, "use an integer >= 0 (0: never)")
 
 
 def make_model(config: ml_collections.ConfigDict) -> models.Model:
   info = data.dataset_info(config.dataset)
   normalize = tuple(map(tuple, config.normalize)) if config.get("normalize") else None
-  return models.get_model(config.model, input_shape=info.image_shape,
-                          num_classes=info.num_classes, normalize=normalize)
+  return models.get_model(
+    config.model, input_shape=info.image_shape, num_classes=info.num_classes, normalize=normalize
+  )
 
 
 LR_SCHEDULES = ("exponential", "cosine", "one_cycle")
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, *,
-                           steps_per_epoch: int = 1) -> optax.Schedule:
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, total_steps: int, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
   """The learning rate per step, by ``config.lr_schedule``.
 
   * ``'exponential'`` (default): ``learning_rate`` until ``lr_decay_start_epoch``, then an
@@ -141,22 +157,27 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
   lr, final = config.learning_rate, config.final_learning_rate
   warmup = min(int(config.get("lr_warmup_epochs", 0)) * steps_per_epoch, total_steps)
   if kind == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup,
-                                              decay_steps=max(total_steps, warmup + 1),
-                                              end_value=final)
+    return optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=final
+    )
   if kind == "one_cycle":
-    return optax.cosine_onecycle_schedule(max(total_steps, 2), lr,
-                                          pct_start=max(warmup, 1) / max(total_steps, 2),
-                                          div_factor=25.0,
-                                          final_div_factor=lr / 25.0 / final)
+    return optax.cosine_onecycle_schedule(
+      max(total_steps, 2),
+      lr,
+      pct_start=max(warmup, 1) / max(total_steps, 2),
+      div_factor=25.0,
+      final_div_factor=lr / 25.0 / final,
+    )
   start = min(int(config.get("lr_decay_start_epoch", 0)) * steps_per_epoch, total_steps)
-  decay = optax.exponential_decay(lr, transition_steps=max(total_steps - start, 1),
-                                  decay_rate=final / lr)
+  decay = optax.exponential_decay(
+    lr, transition_steps=max(total_steps - start, 1), decay_rate=final / lr
+  )
   return optax.join_schedules([optax.constant_schedule(lr), decay], [start])
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
-                   steps_per_epoch: int = 1) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, total_steps: int, *, steps_per_epoch: int = 1
+) -> optax.GradientTransformation:
   """Adam (AdamW when ``weight_decay > 0``) with ``learning_rate_schedule``, after an
   optional global-norm gradient clip (``grad_clip_norm > 0``).
 
@@ -169,8 +190,9 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
 
 
-def penalty_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int
-                      ) -> tuple[optax.Schedule, optax.Schedule]:
+def penalty_schedules(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> tuple[optax.Schedule, optax.Schedule]:
   """``lambda(step)`` (0 before the warm-up ends, then constant or a linear ramp) and ``r0(step)``."""
   start = config.crm.warmup_epochs * steps_per_epoch
   ramp = max(config.crm.ramp_epochs * steps_per_epoch, 1)
@@ -184,29 +206,42 @@ def penalty_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int
   return lam, r0
 
 
-def create_state(model: models.Model, tx: optax.GradientTransformation, seed: int, *,
-                 init: str = "flax") -> TrainState:
+def create_state(
+  model: models.Model, tx: optax.GradientTransformation, seed: int, *, init: str = "flax"
+) -> TrainState:
   """A fresh train state; ``init`` is ``models.INIT_SCHEMES`` (``'flax'`` or ``'torch'``)."""
-  k_params, k_power = jax.random.split(jax.random.key(seed))
+  k_params, k_power, k_state = jax.random.split(jax.random.key(seed), 3)
   params = model.init(k_params, scheme=init)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    power=liplt.init_state(model.lipnet(params), k_power))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    power=liplt.init_state(model.lipnet(params), k_power),
+    key=jax.random.key_data(k_state),
+  )
 
 
-def pairwise_bound(model: models.Model, params, power: liplt.PowerState, *, method: str,
-                   mode: str, num_iters: int) -> tuple[jax.Array, liplt.PowerState]:
+def pairwise_bound(
+  model: models.Model, params, power: liplt.PowerState, *, method: str, mode: str, num_iters: int
+) -> tuple[jax.Array, liplt.PowerState]:
   """The ``(K, K)`` pairwise Lipschitz matrix of the model's logits (any bound mode)."""
-  bound, power = liplt.lipschitz_bound(model.lipnet(params), power, method=method, mode=mode,
-                                       num_iters=num_iters)
+  bound, power = liplt.lipschitz_bound(
+    model.lipnet(params), power, method=method, mode=mode, num_iters=num_iters
+  )
   return liplt.as_pairwise(bound, mode=mode, num_classes=model.num_classes), power
 
 
 # ------------------------------------------------------------------------ the step
 
 
-def make_train_step(model: models.Model, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, *, regularized: bool,
-                    steps_per_epoch: int) -> Callable:
+def make_train_step(
+  model: models.Model,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  *,
+  regularized: bool,
+  steps_per_epoch: int,
+) -> Callable:
   """The pure train step ``(state, images, labels) -> (state, metrics)``.
 
   ``regularized=False`` is plain cross-entropy (the CRM warm-up, and the ``ce`` loss);
@@ -221,23 +256,34 @@ def make_train_step(model: models.Model, tx: optax.GradientTransformation,
       correct = jnp.mean(jnp.argmax(logits, axis=1) == labels)
       ce = losses.cross_entropy(logits, labels)
       return ce, ({"ce": ce, "accuracy": correct}, power)
-    lip, power = pairwise_bound(model, params, power, method=config.bound,
-                                mode=config.bound_mode, num_iters=config.power_iters)
+    lip, power = pairwise_bound(
+      model,
+      params,
+      power,
+      method=config.bound,
+      mode=config.bound_mode,
+      num_iters=config.power_iters,
+    )
     if config.loss == "gloro":
       loss, aux = losses.gloro_loss(logits, labels, lip, eps=config.eps)
     else:
-      loss, aux = losses.crm_loss(logits, labels, lip, lam=lam_fn(step),
-                                  temperature=config.crm.temperature, r0=r0_fn(step),
-                                  penalty=losses.PENALTIES[config.crm.get("penalty", "exp")],
-                                  normalize=config.crm.get("normalize", "correct"))
+      loss, aux = losses.crm_loss(
+        logits,
+        labels,
+        lip,
+        lam=lam_fn(step),
+        temperature=config.crm.temperature,
+        r0=r0_fn(step),
+        penalty=losses.PENALTIES[config.crm.get("penalty", "exp")],
+        normalize=config.crm.get("normalize", "correct"),
+      )
     K = lip.shape[0]
     aux["lip"] = jnp.sum(lip) / (K * (K - 1))
     return loss, (aux, power)
 
   def train_step(state: TrainState, images, labels):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (aux, power)), grads = grad_fn(state.params, state.power, images, labels,
-                                          state.step)
+    (loss, (aux, power)), grads = grad_fn(state.params, state.power, images, labels, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, power=power)
@@ -249,14 +295,19 @@ def make_train_step(model: models.Model, tx: optax.GradientTransformation,
 def make_mesh(devices=None) -> tuple[NamedSharding, NamedSharding]:
   """(replicated, batch-sharded) shardings over ``devices`` (default: all; data parallel)."""
   devices = jax.devices() if devices is None else list(devices)
-  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  mesh = jax.make_mesh(
+    (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
   return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
 def jit_step(step_fn: Callable, replicated: NamedSharding, batch: NamedSharding) -> Callable:
-  return jax.jit(step_fn, in_shardings=(replicated, batch, batch),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return jax.jit(
+    step_fn,
+    in_shardings=(replicated, batch, batch),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
 
 
 # ------------------------------------------------------------------------ the loop
@@ -271,16 +322,22 @@ def _global_batches(it, sharding):
   def assemble():
     for x, y in it:
       b = len(x) // n
-      yield tuple(jax.make_array_from_process_local_data(sharding, a[i * b:(i + 1) * b])
-                  for a in (x, y))
+      yield tuple(
+        jax.make_array_from_process_local_data(sharding, a[i * b : (i + 1) * b]) for a in (x, y)
+      )
+
   return assemble()
 
 
 def _load(config, split):
   """A split (validated by ``data.load_split``: dtype, shape, label range), cut to the subset."""
-  images, labels = data.load_split(config.dataset, split, data_dir=config.data_dir or None,
-                                   download=config.download,
-                                   download_url=config.get("download_url") or None)
+  images, labels = data.load_split(
+    config.dataset,
+    split,
+    data_dir=config.data_dir or None,
+    download=config.download,
+    download_url=config.get("download_url") or None,
+  )
   limit = config.train_subset if split == "train" else config.test_subset
   if limit:
     images, labels = images[:limit], labels[:limit]
@@ -288,13 +345,19 @@ def _load(config, split):
 
 
 def _meta(config, model, step, spe):
-  return {"architecture": model.name, "dataset": config.dataset, "step": int(step),
-          "epoch": int(step) // spe, "step_in_epoch": int(step) % spe,
-          "config": json.loads(config.to_json_best_effort())}
+  return {
+    "architecture": model.name,
+    "dataset": config.dataset,
+    "step": int(step),
+    "epoch": int(step) // spe,
+    "step_in_epoch": int(step) % spe,
+    "config": json.loads(config.to_json_best_effort()),
+  }
 
 
-def make_epoch_eval(model: models.Model, config: ml_collections.ConfigDict, test_x, test_y
-                    ) -> Callable[[TrainState], dict]:
+def make_epoch_eval(
+  model: models.Model, config: ml_collections.ConfigDict, test_x, test_y
+) -> Callable[[TrainState], dict]:
   """A cheap test evaluation for the per-epoch curves (``eval_every_epochs``).
 
   Clean accuracy and the certified accuracy at ``eps`` with the power-iteration ESTIMATE of
@@ -302,11 +365,13 @@ def make_epoch_eval(model: models.Model, config: ml_collections.ConfigDict, test
   final evaluation certifies with the sound bound). Compiled once.
   """
   if config.get("epoch_eval_subset", 0):
-    test_x, test_y = test_x[:config.epoch_eval_subset], test_y[:config.epoch_eval_subset]
+    test_x, test_y = test_x[: config.epoch_eval_subset], test_y[: config.epoch_eval_subset]
+
   @jax.jit
   def epoch_bound(params, power):
-    return pairwise_bound(model, params, power, method=config.bound, mode="pairwise",
-                          num_iters=config.eval_power_iters)[0]
+    return pairwise_bound(
+      model, params, power, method=config.bound, mode="pairwise", num_iters=config.eval_power_iters
+    )[0]
 
   @jax.jit
   def epoch_logits(params, images):
@@ -316,13 +381,19 @@ def make_epoch_eval(model: models.Model, config: ml_collections.ConfigDict, test
 
   def evaluate(state: TrainState) -> dict:
     size = config.eval_batch_size
-    logits = np.concatenate([np.asarray(epoch_logits(state.params, test_x[i:i + size]))
-                             for i in range(0, len(test_x), size)])
+    logits = np.concatenate(
+      [
+        np.asarray(epoch_logits(state.params, test_x[i : i + size]))
+        for i in range(0, len(test_x), size)
+      ]
+    )
     lip = np.asarray(epoch_bound(state.params, state.power))
     radii = certify.radii_of(logits, test_y, lip)
-    return {"test/clean_accuracy": float((logits.argmax(1) == test_y).mean()),
-            "test/certified_accuracy_estimate": certify.certified_accuracy(radii, config.eps),
-            "test/mean_pairwise_lipschitz_estimate": certify.mean_pairwise(lip)}
+    return {
+      "test/clean_accuracy": float((logits.argmax(1) == test_y).mean()),
+      "test/certified_accuracy_estimate": certify.certified_accuracy(radii, config.eps),
+      "test/mean_pairwise_lipschitz_estimate": certify.mean_pairwise(lip),
+    }
 
   return evaluate
 
@@ -331,11 +402,15 @@ def _finite_or_raise(metrics: dict, step: int, ckpt: checkpoint.Checkpointer):
   bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
   if bad:
     last = ckpt.latest_step()
-    where = (f"the last good checkpoint is step {last} in {ckpt.directory} (left untouched)"
-             if last is not None else "no checkpoint was written yet")
+    where = (
+      f"the last good checkpoint is step {last} in {ckpt.directory} (left untouched)"
+      if last is not None
+      else "no checkpoint was written yet"
+    )
     raise TrainingDiverged(
-        f"training diverged by step {step}: {bad}; {where}. Lower --config.learning_rate or "
-        "--config.crm.lam, then rerun the same command to resume from that checkpoint.")
+      f"training diverged by step {step}: {bad}; {where}. Lower --config.learning_rate or "
+      "--config.crm.lam, then rerun the same command to resume from that checkpoint."
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -356,23 +431,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_x, test_y = _load(config, "test")
   spe = input_pipeline.steps_per_epoch(len(train_x), config.batch_size, True)
   if spe == 0:
-    raise ValueError(f"--config.batch_size={config.batch_size} exceeds the {len(train_x)} "
-                     "training examples: lower it")
+    raise ValueError(
+      f"--config.batch_size={config.batch_size} exceeds the {len(train_x)} "
+      "training examples: lower it"
+    )
   total = spe * config.num_epochs
   warm_epochs = config.crm.warmup_epochs if config.loss == "crm" else 0
   tx = make_optimizer(config, total, steps_per_epoch=spe)
   replicated, batch_sharding = make_mesh()
-  state = jax.device_put(create_state(model, tx, config.seed, init=config.get("init", "flax")),
-                         replicated)
+  state = jax.device_put(
+    create_state(model, tx, config.seed, init=config.get("init", "flax")), replicated
+  )
 
   regular = config.loss != "ce"
-  steps = {reg: jit_step(make_train_step(model, tx, config, regularized=reg,
-                                         steps_per_epoch=spe), replicated, batch_sharding)
-           for reg in {False, regular}}
+  steps = {
+    reg: jit_step(
+      make_train_step(model, tx, config, regularized=reg, steps_per_epoch=spe),
+      replicated,
+      batch_sharding,
+    )
+    for reg in {False, regular}
+  }
   augment = input_pipeline.Augment(
-      random_crop_padding=config.augment.crop_padding, horizontal_flip=config.augment.flip,
-      rotation_degrees=config.augment.get("rotation_degrees", 0.0),
-      translation=config.augment.get("translation", 0.0), fill=config.augment.get("fill", 0.0))
+    random_crop_padding=config.augment.crop_padding,
+    horizontal_flip=config.augment.flip,
+    rotation_degrees=config.augment.get("rotation_degrees", 0.0),
+    translation=config.augment.get("translation", 0.0),
+    fill=config.augment.get("fill", 0.0),
+  )
   lr_fn = learning_rate_schedule(config, total, steps_per_epoch=spe)
   lam_fn = penalty_schedules(config, spe)[0] if config.loss == "crm" else None
 
@@ -382,14 +468,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       values["lambda"] = float(lam_fn(step)) if step // spe >= warm_epochs else 0.0
     return values
 
-  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=config.max_checkpoints) as ckpt, \
-      summary.MetricWriter(workdir, tensorboard=config.get("tensorboard", True)) as writer:
+  with (
+    checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints
+    ) as ckpt,
+    summary.MetricWriter(workdir, tensorboard=config.get("tensorboard", True)) as writer,
+  ):
     if ckpt.latest_step() is not None:
-      state, meta = ckpt.restore(state, expected_meta={"architecture": model.name,
-                                                       "dataset": config.dataset})
-      log.info("resumed from step %d (epoch %d) in %s", int(state.step), meta["epoch"],
-               ckpt.directory)
+      state, meta = ckpt.restore(
+        state, expected_meta={"architecture": model.name, "dataset": config.dataset}
+      )
+      log.info(
+        "resumed from step %d (epoch %d) in %s", int(state.step), meta["epoch"], ckpt.directory
+      )
 
     epoch_eval = None
     step = int(state.step)
@@ -398,13 +489,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       while step < min(total, stop_at):
         epoch, start = divmod(step, spe)
         step_fn = steps[regular and epoch >= warm_epochs]
-        batches = input_pipeline.epoch_batches(train_x, train_y, batch_size=config.batch_size,
-                                               seed=config.seed, epoch=epoch, start_step=start,
-                                               augment=augment)
+        batches = input_pipeline.epoch_batches(
+          train_x,
+          train_y,
+          batch_size=config.batch_size,
+          seed=config.seed,
+          epoch=epoch,
+          start_step=start,
+          augment=augment,
+        )
         t0, sums, count, window, wcount = time.time(), None, 0, None, 0
-        bar = tqdm.tqdm(total=spe, initial=start,
-                        desc=f"epoch {epoch + 1}/{config.num_epochs}", file=sys.stdout,
-                        dynamic_ncols=True, mininterval=1.0, disable=not config.progress_bar)
+        bar = tqdm.tqdm(
+          total=spe,
+          initial=start,
+          desc=f"epoch {epoch + 1}/{config.num_epochs}",
+          file=sys.stdout,
+          dynamic_ncols=True,
+          mininterval=1.0,
+          disable=not config.progress_bar,
+        )
         for x, y in _global_batches(batches, batch_sharding):
           state, m = step_fn(state, x, y)
           sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
@@ -412,50 +515,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           count, wcount, step = count + 1, wcount + 1, step + 1
           bar.update(1)
           last_of_epoch = step % spe == 0
-          if count % config.log_every_steps == 0 or last_of_epoch or \
-              step % config.checkpoint_every_steps == 0:
+          if (
+            count % config.log_every_steps == 0
+            or last_of_epoch
+            or step % config.checkpoint_every_steps == 0
+          ):
             avg = {k: float(v) / wcount for k, v in jax.device_get(window).items()}
             _finite_or_raise(avg, step, ckpt)
-            writer.scalars(step, {**{f"train/{k}": v for k, v in avg.items()},
-                                  **{f"train/{k}": v for k, v in schedules(step - 1).items()}})
+            writer.scalars(
+              step,
+              {
+                **{f"train/{k}": v for k, v in avg.items()},
+                **{f"train/{k}": v for k, v in schedules(step - 1).items()},
+              },
+            )
             window, wcount = None, 0
-            bar.set_postfix({k: f"{avg[k]:.4g}" for k in ("loss", "accuracy", "radius")
-                             if k in avg})
+            bar.set_postfix(
+              {k: f"{avg[k]:.4g}" for k in ("loss", "accuracy", "radius") if k in avg}
+            )
           if step % config.checkpoint_every_steps == 0 or last_of_epoch or step == stop_at:
             ckpt.save(step, state, _meta(config, model, step, spe))
           if step == stop_at:
             break
         bar.close()
-        record = {"epoch": epoch + 1, "step": step, "epoch_time_s": time.time() - t0,
-                  **{f"train/{k}": float(v) / max(count, 1)
-                     for k, v in jax.device_get(sums or {}).items()}}
+        record = {
+          "epoch": epoch + 1,
+          "step": step,
+          "epoch_time_s": time.time() - t0,
+          **{f"train/{k}": float(v) / max(count, 1) for k, v in jax.device_get(sums or {}).items()},
+        }
         every = config.get("eval_every_epochs", 0)
         if every and step % spe == 0 and (epoch + 1) % every == 0:
           if epoch_eval is None:
             epoch_eval = make_epoch_eval(model, config, test_x, test_y)
           record.update(epoch_eval(state))
         writer.record(record)
-        writer.scalars(step, {f"epoch/{k.split('/', 1)[-1]}" if k.startswith("train/") else k: v
-                              for k, v in record.items() if k not in ("epoch", "step")})
+        writer.scalars(
+          step,
+          {
+            f"epoch/{k.split('/', 1)[-1]}" if k.startswith("train/") else k: v
+            for k, v in record.items()
+            if k not in ("epoch", "step")
+          },
+        )
         writer.flush()
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in record.items()))
+        log.info(
+          " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+          )
+        )
     finally:
       ckpt.wait()
     if step < total:
-      log.info("stopped at step %d of %d (--config.stop_after_steps); rerun the same command "
-               "to continue", step, total)
+      log.info(
+        "stopped at step %d of %d (--config.stop_after_steps); rerun the same command to continue",
+        step,
+        total,
+      )
       return {"step": step, "stopped": True}
 
-    result = certify.evaluate(model, state.params, state.power, test_x, test_y, eps=config.eps,
-                              batch_size=config.eval_batch_size,
-                              num_iters=config.eval_power_iters, method=config.bound,
-                              sound=config.sound_eval, sound_iters=config.sound_power_iters)
+    result = certify.evaluate(
+      model,
+      state.params,
+      state.power,
+      test_x,
+      test_y,
+      eps=config.eps,
+      batch_size=config.eval_batch_size,
+      num_iters=config.eval_power_iters,
+      method=config.bound,
+      sound=config.sound_eval,
+      sound_iters=config.sound_power_iters,
+      extra_eps=tuple(config.get("report_eps", ())),
+    )
     result.update({"step": step, "model": model.name, "dataset": config.dataset})
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(result, f, indent=2)
     writer.record({"final": result})
-    writer.scalars(step, {f"final/{k}": v for k, v in result.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool)
-                          and k != "step"})
+    writer.scalars(
+      step,
+      {
+        f"final/{k}": v
+        for k, v in result.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+      },
+    )
   return result

@@ -27,7 +27,8 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +45,14 @@ from experiments.configs import default
 COLUMNS = ("ce", "crm_liplt", "crm_liplt_1it", "crm_naive", "liplt_bound")
 BREAKDOWN = ("ce_forward", "liplt_bound_grad", "liplt_bound_grad_0it")
 HEADERS = {
-    "ce": "cross-entropy step",
-    "crm_liplt": "CRM step, LipLT",
-    "crm_liplt_1it": "CRM step, LipLT 1 it",
-    "crm_naive": "CRM step, naive",
-    "liplt_bound": "LipLT bound alone",
-    "ce_forward": "model forward",
-    "liplt_bound_grad": "LipLT bound fwd+bwd",
-    "liplt_bound_grad_0it": "LipLT bound fwd+bwd, 0 it",
+  "ce": "cross-entropy step",
+  "crm_liplt": "CRM step, LipLT",
+  "crm_liplt_1it": "CRM step, LipLT 1 it",
+  "crm_naive": "CRM step, naive",
+  "liplt_bound": "LipLT bound alone",
+  "ce_forward": "model forward",
+  "liplt_bound_grad": "LipLT bound fwd+bwd",
+  "liplt_bound_grad_0it": "LipLT bound fwd+bwd, 0 it",
 }
 
 
@@ -63,8 +64,9 @@ def measure(fn: Callable, args: tuple, advance: Callable, config) -> dict:
 # ------------------------------------------------------------------- the model table
 
 
-def train_config(config: ml_collections.ConfigDict, *, bound: str, power_iters: int,
-                 batch_size: int) -> ml_collections.ConfigDict:
+def train_config(
+  config: ml_collections.ConfigDict, *, bound: str, power_iters: int, batch_size: int
+) -> ml_collections.ConfigDict:
   """The training config of one CRM column (the paper's CRM settings, no warm-up)."""
   c = default.get_config()
   c.loss, c.bound, c.bound_mode = "crm", bound, "pairwise"
@@ -85,8 +87,9 @@ def paper_model(name: str, dataset: str | None = None) -> models.Model:
   return models.get_model(name, input_shape=info.image_shape, num_classes=info.num_classes)
 
 
-def random_batch(model: models.Model, batch_size: int, seed: int, sharding
-                 ) -> tuple[jax.Array, jax.Array]:
+def random_batch(
+  model: models.Model, batch_size: int, seed: int, sharding
+) -> tuple[jax.Array, jax.Array]:
   rng = np.random.default_rng(seed)
   x = rng.random((batch_size, *model.input_shape), dtype=np.float32)
   y = rng.integers(0, model.num_classes, batch_size).astype(np.int32)
@@ -113,25 +116,31 @@ def random_params(shapes, rng: np.random.Generator):
   spend seconds compiling on a CPU (a jitted ``train.create_state`` of 4C3F: 37 s on the
   loaded 2-core CPU, this: under 1 s).
   """
+
   def leaf(s):
     if len(s.shape) < 2:
       return np.zeros(s.shape, s.dtype)
     fan_in = int(np.prod(s.shape[:-1]))
     return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(s.dtype)
+
   return jax.tree.map(leaf, shapes)
 
 
 def random_power(shapes, rng: np.random.Generator) -> liplt.PowerState:
   """Random unit rows shaped like ``liplt.init_state`` (numpy)."""
+
   def leaf(s):
     v = rng.standard_normal(s.shape)
-    return (v / np.linalg.norm(v.reshape(len(v), -1), axis=1).reshape(
-        (-1,) + (1,) * (v.ndim - 1))).astype(s.dtype)
+    return (
+      v / np.linalg.norm(v.reshape(len(v), -1), axis=1).reshape((-1,) + (1,) * (v.ndim - 1))
+    ).astype(s.dtype)
+
   return jax.tree.map(leaf, shapes)
 
 
-def random_state(model: models.Model, tx: optax.GradientTransformation, seed: int
-                 ) -> train.TrainState:
+def random_state(
+  model: models.Model, tx: optax.GradientTransformation, seed: int
+) -> train.TrainState:
   """A state shaped like ``train.create_state``'s, made in numpy (nothing is compiled).
 
   The structure is ``jax.eval_shape`` of ``train.create_state``; params and power vectors
@@ -141,14 +150,16 @@ def random_state(model: models.Model, tx: optax.GradientTransformation, seed: in
   shapes = jax.eval_shape(functools.partial(train.create_state, model, tx, seed))
   rng = np.random.default_rng(seed)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  return zeros.replace(params=random_params(shapes.params, rng),
-                       power=random_power(shapes.power, rng))
+  return zeros.replace(
+    params=random_params(shapes.params, rng), power=random_power(shapes.power, rng)
+  )
 
 
 def make_setup(model: models.Model, config, devices, *, batch_size: int) -> Setup:
   """A replicated ``random_state`` and a sharded random batch."""
-  tx = train.make_optimizer(train_config(config, bound="liplt", power_iters=1,
-                                         batch_size=batch_size), 1000)
+  tx = train.make_optimizer(
+    train_config(config, bound="liplt", power_iters=1, batch_size=batch_size), 1000
+  )
   replicated, batch_sharding = train.make_mesh(devices)
   state = jax.device_put(random_state(model, tx, config.seed), replicated)
   x, y = random_batch(model, batch_size, config.seed, batch_sharding)
@@ -167,16 +178,15 @@ def _advance_power(args, out):
   return (args[0], out[1])
 
 
-def step_column(setup: Setup, config, *, regularized: bool, bound: str, power_iters: int
-                ) -> dict:
+def step_column(setup: Setup, config, *, regularized: bool, bound: str, power_iters: int) -> dict:
   """Times ``jit_step(make_train_step(...))`` from the initial state on the fixed batch."""
-  tc = train_config(config, bound=bound, power_iters=power_iters,
-                    batch_size=setup.images.shape[0])
-  step = train.jit_step(train.make_train_step(setup.model, setup.tx, tc,
-                                              regularized=regularized, steps_per_epoch=1000),
-                        setup.replicated, setup.batch_sharding)
-  return measure(step, (_copy(setup.state), setup.images, setup.labels), _advance_state,
-                 config)
+  tc = train_config(config, bound=bound, power_iters=power_iters, batch_size=setup.images.shape[0])
+  step = train.jit_step(
+    train.make_train_step(setup.model, setup.tx, tc, regularized=regularized, steps_per_epoch=1000),
+    setup.replicated,
+    setup.batch_sharding,
+  )
+  return measure(step, (_copy(setup.state), setup.images, setup.labels), _advance_state, config)
 
 
 def bound_column(setup: Setup, config, *, power_iters: int) -> dict:
@@ -185,8 +195,7 @@ def bound_column(setup: Setup, config, *, power_iters: int) -> dict:
 
   @jax.jit
   def fn(params, power):
-    return liplt.liplt_bound(model.lipnet(params), power, mode="pairwise",
-                             num_iters=power_iters)
+    return liplt.liplt_bound(model.lipnet(params), power, mode="pairwise", num_iters=power_iters)
 
   return measure(fn, (setup.state.params, _copy(setup.state.power)), _advance_power, config)
 
@@ -211,56 +220,61 @@ def forward_column(setup: Setup, config) -> dict:
   return measure(fn, (setup.state.params, setup.images), timing.same_args, config)
 
 
-def benchmark_model(name: str, config, devices, *,
-                    progress: Callable[[str], None] = print) -> dict:
+def benchmark_model(name: str, config, devices, *, progress: Callable[[str], None] = print) -> dict:
   """Every column of one model's row (``None`` where skipped)."""
   model = paper_model(name, config.datasets[name])
   batch = config.batch_sizes[name] or config.batch_size
   iters = config.power_iters[name]
   if batch % len(devices):
-    raise ValueError(f"--config.batch_size={batch} ({name}) must be divisible by the "
-                     f"{len(devices)} devices")
+    raise ValueError(
+      f"--config.batch_size={batch} ({name}) must be divisible by the {len(devices)} devices"
+    )
   skip = set(config.skip[name])
   setup = make_setup(model, config, devices, batch_size=batch)
   runs = {
-      "ce": lambda: step_column(setup, config, regularized=False, bound="liplt",
-                                power_iters=iters),
-      "crm_liplt": lambda: step_column(setup, config, regularized=True, bound="liplt",
-                                       power_iters=iters),
-      "crm_liplt_1it": lambda: step_column(setup, config, regularized=True, bound="liplt",
-                                           power_iters=1),
-      "crm_naive": lambda: step_column(setup, config, regularized=True, bound="naive",
-                                       power_iters=iters),
-      "liplt_bound": lambda: bound_column(setup, config, power_iters=iters),
+    "ce": lambda: step_column(setup, config, regularized=False, bound="liplt", power_iters=iters),
+    "crm_liplt": lambda: step_column(
+      setup, config, regularized=True, bound="liplt", power_iters=iters
+    ),
+    "crm_liplt_1it": lambda: step_column(
+      setup, config, regularized=True, bound="liplt", power_iters=1
+    ),
+    "crm_naive": lambda: step_column(
+      setup, config, regularized=True, bound="naive", power_iters=iters
+    ),
+    "liplt_bound": lambda: bound_column(setup, config, power_iters=iters),
   }
   if config.breakdown:
-    runs.update({
+    runs.update(
+      {
         "ce_forward": lambda: forward_column(setup, config),
         "liplt_bound_grad": lambda: bound_grad_column(setup, config, power_iters=iters),
         "liplt_bound_grad_0it": lambda: bound_grad_column(setup, config, power_iters=0),
-    })
+      }
+    )
   results = {}
   for column, run in runs.items():
     results[column] = None if column in skip else run()
     if results[column] is not None:
-      progress(f"{name} {column}: {results[column]['ms']:.1f} ms "
-               f"(compile {results[column]['compile_s']:.1f} s)")
+      progress(
+        f"{name} {column}: {results[column]['ms']:.1f} ms "
+        f"(compile {results[column]['compile_s']:.1f} s)"
+      )
   ms = {k: (v["ms"] if v else None) for k, v in results.items()}
   ratio = ms["crm_liplt"] / ms["ce"] if ms["crm_liplt"] and ms["ce"] else None
   return {
-      "model": name,
-      "input_shape": list(model.input_shape),
-      "num_classes": model.num_classes,
-      "batch_size": batch,
-      "power_iters": iters,
-      "ms": ms,
-      "compile_s": {k: (v["compile_s"] if v else None) for k, v in results.items()},
-      "steps_ms": {k: (v["steps_ms"] if v else None) for k, v in results.items()},
-      "xla_memory_bytes": {k: (v["xla_memory_bytes"] if v else None)
-                           for k, v in results.items()},
-      "crm_ce_ratio": ratio,
-      "samples_per_s_crm": batch / (ms["crm_liplt"] / 1e3) if ms["crm_liplt"] else None,
-      "peak_memory_bytes": timing.peak_memory_bytes(devices),
+    "model": name,
+    "input_shape": list(model.input_shape),
+    "num_classes": model.num_classes,
+    "batch_size": batch,
+    "power_iters": iters,
+    "ms": ms,
+    "compile_s": {k: (v["compile_s"] if v else None) for k, v in results.items()},
+    "steps_ms": {k: (v["steps_ms"] if v else None) for k, v in results.items()},
+    "xla_memory_bytes": {k: (v["xla_memory_bytes"] if v else None) for k, v in results.items()},
+    "crm_ce_ratio": ratio,
+    "samples_per_s_crm": batch / (ms["crm_liplt"] / 1e3) if ms["crm_liplt"] else None,
+    "peak_memory_bytes": timing.peak_memory_bytes(devices),
   }
 
 
@@ -281,19 +295,27 @@ def table_products(depth: int) -> int:
 def sweep_depth(depth: int, config, *, progress: Callable[[str], None] = print) -> dict:
   """The pairwise LipLT and naive bounds alone (forward) of one depth."""
   sc = config.sweep
-  model = models.Model(f"conv{depth}", sweep_layers(depth, sc.width, sc.num_classes),
-                       tuple(sc.input_shape))
+  model = models.Model(
+    f"conv{depth}", sweep_layers(depth, sc.width, sc.num_classes), tuple(sc.input_shape)
+  )
   state = random_state(model, optax.identity(), config.seed)
   params, power = state.params, state.power
   row = {"depth": depth, "table_products": table_products(depth)}
   for method, bound_fn in (("liplt", liplt.liplt_bound), ("naive", liplt.naive_bound)):
-    fn = jax.jit(lambda p, s, bound_fn=bound_fn: bound_fn(
-        model.lipnet(p), s, mode="pairwise", num_iters=sc.power_iters))
+    fn = jax.jit(
+      lambda p, s, bound_fn=bound_fn: bound_fn(
+        model.lipnet(p), s, mode="pairwise", num_iters=sc.power_iters
+      )
+    )
     convs = fn.lower(params, power).as_text().count("stablehlo.convolution")
     r = measure(fn, (params, power), _advance_power, config)
-    row[method] = {"ms": r["ms"], "ms_per_layer": r["ms"] / depth,
-                   "compile_s": r["compile_s"], "steps_ms": r["steps_ms"],
-                   "hlo_convolutions": convs}
+    row[method] = {
+      "ms": r["ms"],
+      "ms_per_layer": r["ms"] / depth,
+      "compile_s": r["compile_s"],
+      "steps_ms": r["steps_ms"],
+      "hlo_convolutions": convs,
+    }
     progress(f"depth {depth} {method}: {r['ms']:.1f} ms (compile {r['compile_s']:.1f} s)")
   return row
 
@@ -310,8 +332,11 @@ def _bytes(v: int | None) -> str:
 
 
 def format_model_table(rows: list[dict]) -> str:
-  head = (["model, power iterations"] + [HEADERS[c] for c in COLUMNS]
-          + ["CRM/CE", "samples/s (CRM)", "peak mem"])
+  head = (
+    ["model, power iterations"]
+    + [HEADERS[c] for c in COLUMNS]
+    + ["CRM/CE", "samples/s (CRM)", "peak mem"]
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     cells = [f"{r['model']} (batch {r['batch_size']}), {r['power_iters']} it"]
@@ -324,12 +349,12 @@ def format_model_table(rows: list[dict]) -> str:
 
 
 def format_compile_table(rows: list[dict]) -> str:
-  head = (["model"] + [f"compile s: {HEADERS[c]}" for c in COLUMNS]
-          + ["XLA mem estimate, CRM step"])
+  head = ["model"] + [f"compile s: {HEADERS[c]}" for c in COLUMNS] + ["XLA mem estimate, CRM step"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["model"]] + ["skipped" if r["compile_s"][c] is None else
-                            f"{r['compile_s'][c]:.1f}" for c in COLUMNS]
+    cells = [r["model"]] + [
+      "skipped" if r["compile_s"][c] is None else f"{r['compile_s'][c]:.1f}" for c in COLUMNS
+    ]
     cells.append(_bytes(r["xla_memory_bytes"]["crm_liplt"]))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -346,16 +371,35 @@ def format_breakdown_table(rows: list[dict]) -> str:
 
 
 def format_sweep_table(rows: list[dict]) -> str:
-  head = ["layers L", "LipLT bound", "LipLT ms/L", "naive bound", "naive ms/L",
-          "LipLT HLO convolutions", "naive HLO convolutions",
-          "LipLT table vector-layer products"]
+  head = [
+    "layers L",
+    "LipLT bound",
+    "LipLT ms/L",
+    "naive bound",
+    "naive ms/L",
+    "LipLT HLO convolutions",
+    "naive HLO convolutions",
+    "LipLT table vector-layer products",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     a, n = r["liplt"], r["naive"]
-    lines.append("| " + " | ".join([
-        str(r["depth"]), _ms(a["ms"]), f"{a['ms_per_layer']:.2f}", _ms(n["ms"]),
-        f"{n['ms_per_layer']:.2f}", str(a["hlo_convolutions"]), str(n["hlo_convolutions"]),
-        str(r["table_products"])]) + " |")
+    lines.append(
+      "| "
+      + " | ".join(
+        [
+          str(r["depth"]),
+          _ms(a["ms"]),
+          f"{a['ms_per_layer']:.2f}",
+          _ms(n["ms"]),
+          f"{n['ms_per_layer']:.2f}",
+          str(a["hlo_convolutions"]),
+          str(n["hlo_convolutions"]),
+          str(r["table_products"]),
+        ]
+      )
+      + " |"
+    )
   return "\n".join(lines)
 
 
@@ -365,15 +409,19 @@ def format_sweep_table(rows: list[dict]) -> str:
 def validate(config) -> None:
   for name in config.models:
     if name not in config.datasets or name not in models.ARCHITECTURES:
-      raise ValueError(f"--config.models: unknown model {name!r}; use some of "
-                       f"{sorted(config.datasets)}")
+      raise ValueError(
+        f"--config.models: unknown model {name!r}; use some of {sorted(config.datasets)}"
+      )
     if config.datasets[name] not in data.KNOWN_DATASETS:
-      raise ValueError(f"--config.datasets.{name}={config.datasets[name]!r}: use one of "
-                       f"{list(data.KNOWN_DATASETS)}")
+      raise ValueError(
+        f"--config.datasets.{name}={config.datasets[name]!r}: use one of "
+        f"{list(data.KNOWN_DATASETS)}"
+      )
     unknown = set(config.skip[name]) - set(COLUMNS)
     if unknown:
-      raise ValueError(f"--config.skip.{name}: unknown columns {sorted(unknown)}; use "
-                       f"some of {list(COLUMNS)}")
+      raise ValueError(
+        f"--config.skip.{name}: unknown columns {sorted(unknown)}; use some of {list(COLUMNS)}"
+      )
   if config.steps < 1 or config.warmup_steps < 0:
     raise ValueError("--config.steps must be >= 1 and --config.warmup_steps >= 0")
 
@@ -394,13 +442,24 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict:
   """
   validate(config)
   progress = timing.Progress()
-  devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
-  result = {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
-            "num_devices": len(devices), "jax_version": jax.__version__,
-            "steps": config.steps, "warmup_steps": config.warmup_steps,
-            "columns": list(COLUMNS), "models": [], "depth_sweep": [], "complete": False}
-  print(f"backend {result['backend']} ({result['device_kind']}) x {len(devices)}, "
-        f"{config.steps} timed steps after {config.warmup_steps} warm-up", flush=True)
+  devices = jax.devices()[: config.num_devices] if config.num_devices else jax.devices()
+  result = {
+    "backend": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "num_devices": len(devices),
+    "jax_version": jax.__version__,
+    "steps": config.steps,
+    "warmup_steps": config.warmup_steps,
+    "columns": list(COLUMNS),
+    "models": [],
+    "depth_sweep": [],
+    "complete": False,
+  }
+  print(
+    f"backend {result['backend']} ({result['device_kind']}) x {len(devices)}, "
+    f"{config.steps} timed steps after {config.warmup_steps} warm-up",
+    flush=True,
+  )
   for name in config.models:
     result["models"].append(benchmark_model(name, config, devices, progress=progress))
     _write(result, config.output)
@@ -420,9 +479,11 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict:
       print(format_breakdown_table(result["models"]))
   if result["depth_sweep"]:
     sc = config.sweep
-    print(f"\nbounds alone (pairwise, {sc.power_iters} power iteration, forward): "
-          f"conv {sc.width} channels 3x3 on {tuple(sc.input_shape)}, dense "
-          f"{sc.num_classes}\n")
+    print(
+      f"\nbounds alone (pairwise, {sc.power_iters} power iteration, forward): "
+      f"conv {sc.width} channels 3x3 on {tuple(sc.input_shape)}, dense "
+      f"{sc.num_classes}\n"
+    )
     print(format_sweep_table(result["depth_sweep"]))
   print(f"\nwrote {config.output}")
   return result
@@ -433,5 +494,8 @@ def main(config: ml_collections.ConfigDict) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, config_help="Benchmark config: experiments/configs/benchmark.py[:smoke]; "
-          "override fields with --config.<field>=<value>.")
+  cli.run(
+    main,
+    config_help="Benchmark config: experiments/configs/benchmark.py[:smoke]; "
+    "override fields with --config.<field>=<value>.",
+  )

@@ -12,54 +12,76 @@ from crmjax import certify, liplt, soundness
 from experiments import benchmark, cli, timing
 
 
-def measure(name: str, *, seed: int, num_iters: int, converged_iters: int, repeats: int,
-            sound_iters: int = 0):
+def measure(
+  name: str, *, seed: int, num_iters: int, converged_iters: int, repeats: int, sound_iters: int = 0
+):
   model = benchmark.paper_model(name)
   params = model.init(jax.random.key(seed))
   state = liplt.init_state(model.lipnet(params), jax.random.key(seed + 1))
   row = {"model": name}
   for method in liplt.METHODS:
+
     def bound_fn(n, m=method):
-      return jax.jit(lambda p, s: liplt.lipschitz_bound(model.lipnet(p), s, method=m,
-                                                        num_iters=n))
+      return jax.jit(lambda p, s: liplt.lipschitz_bound(model.lipnet(p), s, method=m, num_iters=n))
+
     bound, _ = bound_fn(converged_iters)(params, state)
     row[f"{method}_mean_pairwise"] = certify.mean_pairwise(bound)
-    row[f"{method}_ms"] = timing.measure(bound_fn(num_iters), (params, state), steps=repeats,
-                                         warmup=1)["ms"]
+    row[f"{method}_ms"] = timing.measure(
+      bound_fn(num_iters), (params, state), steps=repeats, warmup=1
+    )["ms"]
   if sound_iters:
     t0 = time.perf_counter()
-    bound, info = soundness.sound_bound(model.lipnet(params), warm=state,
-                                        num_iters=sound_iters)
-    row.update(sound_mean_pairwise=certify.mean_pairwise(bound), sound_kind=info["kind"],
-               sound_s=time.perf_counter() - t0, sound_exact=info["exact_norms"],
-               sound_probabilistic=info["probabilistic_norms"])
+    bound, info = soundness.sound_bound(model.lipnet(params), warm=state, num_iters=sound_iters)
+    row.update(
+      sound_mean_pairwise=certify.mean_pairwise(bound),
+      sound_kind=info["kind"],
+      sound_s=time.perf_counter() - t0,
+      sound_exact=info["exact_norms"],
+      sound_probabilistic=info["probabilistic_norms"],
+    )
   return row
 
 
 def main(c: ml_collections.ConfigDict) -> None:
-  print(f"backend: {jax.default_backend()}, {jax.devices()[0].device_kind}; "
-        f"{c.num_iters} power iterations per timed call")
+  print(
+    f"backend: {jax.default_backend()}, {jax.devices()[0].device_kind}; "
+    f"{c.num_iters} power iterations per timed call"
+  )
   print("| model | naive mean L_ij | LipLT mean L_ij | naive / LipLT | naive ms | LipLT ms |")
   print("| --- | --- | --- | --- | --- | --- |")
   rows = []
   for name in c.models:
-    r = measure(name, seed=c.seed, num_iters=c.num_iters, converged_iters=c.converged_iters,
-                repeats=c.repeats, sound_iters=c.sound_iters)
+    r = measure(
+      name,
+      seed=c.seed,
+      num_iters=c.num_iters,
+      converged_iters=c.converged_iters,
+      repeats=c.repeats,
+      sound_iters=c.sound_iters,
+    )
     rows.append(r)
-    print(f"| {name} | {r['naive_mean_pairwise']:.2f} | {r['liplt_mean_pairwise']:.2f} | "
-          f"{r['naive_mean_pairwise'] / r['liplt_mean_pairwise']:.2f} | {r['naive_ms']:.1f} | "
-          f"{r['liplt_ms']:.1f} |")
+    print(
+      f"| {name} | {r['naive_mean_pairwise']:.2f} | {r['liplt_mean_pairwise']:.2f} | "
+      f"{r['naive_mean_pairwise'] / r['liplt_mean_pairwise']:.2f} | {r['naive_ms']:.1f} | "
+      f"{r['liplt_ms']:.1f} |"
+    )
   if c.sound_iters:
-    print(f"\nSound LipLT bound (crmjax.soundness, {c.sound_iters} fresh power iterations "
-          "where not exact) vs the converged power-iteration estimate:")
-    print("| model | estimate mean L_ij | sound mean L_ij | sound / estimate | exact norms | "
-          "probabilistic norms | kind | seconds |")
+    print(
+      f"\nSound LipLT bound (crmjax.soundness, {c.sound_iters} fresh power iterations "
+      "where not exact) vs the converged power-iteration estimate:"
+    )
+    print(
+      "| model | estimate mean L_ij | sound mean L_ij | sound / estimate | exact norms | "
+      "probabilistic norms | kind | seconds |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-      print(f"| {r['model']} | {r['liplt_mean_pairwise']:.3f} | {r['sound_mean_pairwise']:.3f}"
-            f" | {r['sound_mean_pairwise'] / r['liplt_mean_pairwise']:.4f} | "
-            f"{r['sound_exact']} | {r['sound_probabilistic']} | {r['sound_kind']} | "
-            f"{r['sound_s']:.0f} |")
+      print(
+        f"| {r['model']} | {r['liplt_mean_pairwise']:.3f} | {r['sound_mean_pairwise']:.3f}"
+        f" | {r['sound_mean_pairwise'] / r['liplt_mean_pairwise']:.4f} | "
+        f"{r['sound_exact']} | {r['sound_probabilistic']} | {r['sound_kind']} | "
+        f"{r['sound_s']:.0f} |"
+      )
 
 
 if __name__ == "__main__":

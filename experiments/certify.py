@@ -20,7 +20,6 @@ from ml_collections import config_flags
 from crmjax import checkpoint, reports
 
 
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -36,21 +35,27 @@ def main(argv):
   print()
   print(reports.format_table2(results))
   check = results["soundness_check"]
-  print(f"\nsoundness check: {check['points_attacked']} points attacked, "
-        f"{check['certified_liplt']} certified (LipLT), {check['pgd_broken']} broken by PGD, "
-        f"{check['violations']} violations")
+  print(
+    f"\nsoundness check: {check['points_attacked']} points attacked, "
+    f"{check['certified_liplt']} certified (LipLT), {check['pgd_broken']} broken by PGD, "
+    f"{check['violations']} violations"
+  )
   if results["compare"]:
     c = results["compare"]
-    print(f"compare: {c['label']}: clean {c['clean_accuracy']:.2%}, certified "
-          f"{c['certified_accuracy']:.2%}")
+    print(
+      f"compare: {c['label']}: clean {c['clean_accuracy']:.2%}, certified "
+      f"{c['certified_accuracy']:.2%}"
+    )
   print(f"wrote {results['figure1']['png']} and results.json next to it")
 
 
 if __name__ == "__main__":
   # Flags are defined only when run as a command, so tests can import this module.
-  _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (with "
-                                 "checkpoints/).")
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Certification config file.",
-                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string(
+    "workdir", None, "The training run's directory (with checkpoints/)."
+  )
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Certification config file.", lock_config=True
+  )
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

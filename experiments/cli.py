@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging as std_logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,10 +27,17 @@ from ml_collections import config_flags
 from crmjax import checkpoint, train
 
 # What a user can fix from the message alone (the messages name the fix).
-ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError,
-                                           checkpoint.CheckpointError, train.TrainingDiverged)
-CONFIG_HELP = ("Experiment config: a .py file with get_config(variant); '<file>.py:smoke' is "
-               "its short CPU variant. Override fields with --config.<field>=<value>.")
+ERRORS: tuple[type[BaseException], ...] = (
+  ValueError,
+  FileNotFoundError,
+  OSError,
+  checkpoint.CheckpointError,
+  train.TrainingDiverged,
+)
+CONFIG_HELP = (
+  "Experiment config: a .py file with get_config(variant); '<file>.py:smoke' is "
+  "its short CPU variant. Override fields with --config.<field>=<value>."
+)
 
 
 def _define(name: str, definer: Callable[..., Any], *args, **kwargs):
@@ -43,10 +51,15 @@ def _define(name: str, definer: Callable[..., Any], *args, **kwargs):
   return holder
 
 
-def run(main: Callable[..., Any], *, config_help: str = CONFIG_HELP,
-        config_default: str | None = None, workdir_help: str | None = None,
-        workdir_default: str | None = None,
-        errors: tuple[type[BaseException], ...] = ERRORS) -> None:
+def run(
+  main: Callable[..., Any],
+  *,
+  config_help: str = CONFIG_HELP,
+  config_default: str | None = None,
+  workdir_help: str | None = None,
+  workdir_default: str | None = None,
+  errors: tuple[type[BaseException], ...] = ERRORS,
+) -> None:
   """Parses the command line and calls ``main(config)`` or ``main(config, workdir)``.
 
   Args:
@@ -59,8 +72,9 @@ def run(main: Callable[..., Any], *, config_help: str = CONFIG_HELP,
     workdir_default: used when ``--workdir`` is absent; None makes the flag required.
     errors: exception types reported as ``error: <message>`` with exit status 2.
   """
-  config = _define("config", config_flags.DEFINE_config_file, config_default, config_help,
-                   lock_config=True)
+  config = _define(
+    "config", config_flags.DEFINE_config_file, config_default, config_help, lock_config=True
+  )
   required = [] if config_default else ["config"]
   workdir = None
   if workdir_help is not None:

@@ -48,8 +48,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("install", "env", "bench", "depth", "train", "certify")
@@ -57,9 +58,22 @@ STEPS = ("install", "env", "bench", "depth", "train", "certify")
 # wheels, pinned to the versions the CPU suite runs with.
 WHEELS = ("ml-collections==1.1.0", "tensorboardX==2.6.5")
 PIP_DOWNLOAD = [
-    "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-    "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-    "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
+  "-m",
+  "pip",
+  "download",
+  "--no-deps",
+  "--only-binary=:all:",
+  "--python-version",
+  "3.12",
+  "--implementation",
+  "cp",
+  "--platform",
+  "manylinux_2_28_x86_64",
+  "--platform",
+  "manylinux_2_17_x86_64",
+  "--platform",
+  "manylinux2014_x86_64",
+]
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
 # The reference implementation's PyTorch figures on an H100 (issue 5), batch 512, ms per step.
@@ -111,8 +125,15 @@ class Tee:
       self.log.flush()
 
 
-def run_command(argv: list[str], *, timeout: float, env: dict, out: Callable[[str], None],
-                cwd: Path = ROOT, grace_s: float = 10.0) -> tuple[int | None, float]:
+def run_command(
+  argv: list[str],
+  *,
+  timeout: float,
+  env: dict,
+  out: Callable[[str], None],
+  cwd: Path = ROOT,
+  grace_s: float = 10.0,
+) -> tuple[int | None, float]:
   """Runs ``argv`` in its own process group, streaming its output to ``out``.
 
   Returns:
@@ -120,9 +141,16 @@ def run_command(argv: list[str], *, timeout: float, env: dict, out: Callable[[st
     (SIGTERM to its group, SIGKILL ``grace_s`` later).
   """
   t0 = time.monotonic()
-  proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace",
-                          start_new_session=True)
+  proc = subprocess.Popen(
+    argv,
+    cwd=cwd,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    errors="replace",
+    start_new_session=True,
+  )
 
   def pump():
     for line in proc.stdout:
@@ -151,22 +179,52 @@ def run_command(argv: list[str], *, timeout: float, env: dict, out: Callable[[st
 def plan(args, work: Path, out_dir: Path) -> list[Step]:
   """The steps' command lines (full size, or tiny with ``--smoke``) and time limits."""
   py = sys.executable
-  bench = [py, "-m", "experiments.benchmark", "--config=experiments/configs/benchmark.py"
-           + (":smoke" if args.smoke else "")]
+  bench = [
+    py,
+    "-m",
+    "experiments.benchmark",
+    "--config=experiments/configs/benchmark.py" + (":smoke" if args.smoke else ""),
+  ]
   run_dir = work / "mnist"
-  train = [py, "-m", "experiments.mnist", "--config=experiments/configs/mnist.py"
-           + (":smoke" if args.smoke else ""), f"--workdir={run_dir}",
-           "--config.progress_bar=False", "--config.download=False"]
-  certify = [py, "-m", "experiments.certify", "--config=experiments/configs/certify.py"
-             + (":smoke" if args.smoke else ""), f"--workdir={run_dir}"]
+  train = [
+    py,
+    "-m",
+    "experiments.mnist",
+    "--config=experiments/configs/mnist.py" + (":smoke" if args.smoke else ""),
+    f"--workdir={run_dir}",
+    "--config.progress_bar=False",
+    "--config.download=False",
+  ]
+  certify = [
+    py,
+    "-m",
+    "experiments.certify",
+    "--config=experiments/configs/certify.py" + (":smoke" if args.smoke else ""),
+    f"--workdir={run_dir}",
+  ]
   if args.smoke:  # seconds each on a CPU: the MLP, a few images, a few steps
     tiny = ["--config.batch_size=8", "--config.steps=2", "--config.warmup_steps=1"]
-    models = bench + ["--config.models=('MLP',)", "--config.power_iters.MLP=1",
-                      "--config.skip.MLP=('crm_liplt_1it', 'crm_naive')",
-                      "--config.depth_sweep=False"] + tiny
-    depth = bench + ["--config.models=()", "--config.depth_sweep=True",
-                     "--config.sweep.depths=(2,)", "--config.sweep.width=4",
-                     "--config.sweep.input_shape=(8, 8, 1)"] + tiny
+    models = (
+      bench
+      + [
+        "--config.models=('MLP',)",
+        "--config.power_iters.MLP=1",
+        "--config.skip.MLP=('crm_liplt_1it', 'crm_naive')",
+        "--config.depth_sweep=False",
+      ]
+      + tiny
+    )
+    depth = (
+      bench
+      + [
+        "--config.models=()",
+        "--config.depth_sweep=True",
+        "--config.sweep.depths=(2,)",
+        "--config.sweep.width=4",
+        "--config.sweep.input_shape=(8, 8, 1)",
+      ]
+      + tiny
+    )
     # the :smoke variants, with as few overrides as possible (field names change)
     train += ["--config.model=MLP", "--config.train_subset=256"]
     certify += ["--config.pgd_subset=16", "--config.pgd_steps=2"]
@@ -176,20 +234,38 @@ def plan(args, work: Path, out_dir: Path) -> list[Step]:
   models.append(f"--config.output={out_dir / 'benchmark.json'}")
   depth.append(f"--config.output={out_dir / 'depth.json'}")
   wheels = sorted(str(p) for p in Path(args.wheels).glob("*.whl"))
-  install = [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-             "--no-cache-dir", "--upgrade", "--target", str(work / "site"), *wheels]
+  install = [
+    py,
+    "-m",
+    "pip",
+    "install",
+    "-q",
+    "--no-index",
+    "--no-deps",
+    "--no-compile",
+    "--no-cache-dir",
+    "--upgrade",
+    "--target",
+    str(work / "site"),
+    *wheels,
+  ]
   return [
-      Step("install", install if wheels else [], cap_s=60, min_s=5),
-      Step("env", [py, "-c", ENV_CODE], cap_s=90, min_s=10),
-      Step("bench", models, cap_s=180, min_s=30),
-      Step("depth", depth, cap_s=60, min_s=15),
-      Step("train", train, cap_s=1e9, min_s=150),
-      Step("certify", certify, cap_s=1e9, min_s=90),
+    Step("install", install if wheels else [], cap_s=60, min_s=5),
+    Step("env", [py, "-c", ENV_CODE], cap_s=90, min_s=10),
+    Step("bench", models, cap_s=180, min_s=30),
+    Step("depth", depth, cap_s=60, min_s=15),
+    Step("train", train, cap_s=1e9, min_s=150),
+    Step("certify", certify, cap_s=1e9, min_s=90),
   ]
 
 
-def copy_outputs(files: dict[str, Path], out_dir: Path, *, max_bytes: int = MAX_FILE_BYTES,
-                 log: Callable[[str], None] = print) -> list[Path]:
+def copy_outputs(
+  files: dict[str, Path],
+  out_dir: Path,
+  *,
+  max_bytes: int = MAX_FILE_BYTES,
+  log: Callable[[str], None] = print,
+) -> list[Path]:
   """Copies ``{name: source}`` into ``out_dir`` (missing sources are skipped).
 
   A file over ``max_bytes`` is written gzipped as ``name.gz``; one still over it is left out.
@@ -229,8 +305,14 @@ def _ratio(a, b) -> str:
 
 def summarize(steps: list[Step], out_dir: Path, work: Path, wall_s: float) -> str:
   """Markdown: each step's status, then the figures the issue asks for (what exists)."""
-  lines = ["## gpu_check summary", "", f"total {wall_s:.0f} s", "",
-           "| step | status | seconds |", "| --- | --- | --- |"]
+  lines = [
+    "## gpu_check summary",
+    "",
+    f"total {wall_s:.0f} s",
+    "",
+    "| step | status | seconds |",
+    "| --- | --- | --- |",
+  ]
   lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} |" for s in steps]
 
   def section(title: str, fn: Callable[[], list[str]]) -> None:
@@ -244,60 +326,79 @@ def summarize(steps: list[Step], out_dir: Path, work: Path, wall_s: float) -> st
 
   def bench() -> list[str]:
     b = _load_json(out_dir / "benchmark.json")
-    rows = [f"{b['device_kind']} x {b['num_devices']}, jax {b['jax_version']}, median of "
-            f"{b['steps']} steps after {b['warmup_steps']} warm-up"
-            + ("" if b.get("complete") else " (INCOMPLETE: stopped by its time limit)"), "",
-            "| model | batch | it | CE ms | CRM ms | CRM/CE (target <= 2) | CRM 1 it ms | "
-            "1 it / CE (target <= 1.3) | naive ms | bound ms | peak MiB | CRM compile s | "
-            "reference H100 CE / CRM ms |", "|" + " --- |" * 13]
+    rows = [
+      f"{b['device_kind']} x {b['num_devices']}, jax {b['jax_version']}, median of "
+      f"{b['steps']} steps after {b['warmup_steps']} warm-up"
+      + ("" if b.get("complete") else " (INCOMPLETE: stopped by its time limit)"),
+      "",
+      "| model | batch | it | CE ms | CRM ms | CRM/CE (target <= 2) | CRM 1 it ms | "
+      "1 it / CE (target <= 1.3) | naive ms | bound ms | peak MiB | CRM compile s | "
+      "reference H100 CE / CRM ms |",
+      "|" + " --- |" * 13,
+    ]
     for r in b["models"]:
       ms, ref = r["ms"], REFERENCE_H100_MS.get(r["model"])
       peak = r.get("peak_memory_bytes")
       ref = f"{ref['ce']} / {ref['crm']}" if ref else "-"
       rows.append(
-          f"| {r['model']} | {r['batch_size']} | {r['power_iters']} | {_ms(ms['ce'])} | "
-          f"{_ms(ms['crm_liplt'])} | {_ratio(ms['crm_liplt'], ms['ce'])} | "
-          f"{_ms(ms['crm_liplt_1it'])} | {_ratio(ms['crm_liplt_1it'], ms['ce'])} | "
-          f"{_ms(ms['crm_naive'])} | {_ms(ms['liplt_bound'])} | "
-          f"{'-' if peak is None else f'{peak / 2**20:.0f}'} | "
-          f"{_ms(r['compile_s']['crm_liplt'])} | {ref} |")
+        f"| {r['model']} | {r['batch_size']} | {r['power_iters']} | {_ms(ms['ce'])} | "
+        f"{_ms(ms['crm_liplt'])} | {_ratio(ms['crm_liplt'], ms['ce'])} | "
+        f"{_ms(ms['crm_liplt_1it'])} | {_ratio(ms['crm_liplt_1it'], ms['ce'])} | "
+        f"{_ms(ms['crm_naive'])} | {_ms(ms['liplt_bound'])} | "
+        f"{'-' if peak is None else f'{peak / 2**20:.0f}'} | "
+        f"{_ms(r['compile_s']['crm_liplt'])} | {ref} |"
+      )
     return rows
 
   def depth() -> list[str]:
     b = _load_json(out_dir / "depth.json")
-    rows = ["bounds alone (pairwise, forward)" + ("" if b.get("complete") else
-                                                  " (INCOMPLETE)"), "",
-            "| L | LipLT ms | LipLT ms / L | naive ms | naive ms / L | compile s LipLT |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+      "bounds alone (pairwise, forward)" + ("" if b.get("complete") else " (INCOMPLETE)"),
+      "",
+      "| L | LipLT ms | LipLT ms / L | naive ms | naive ms / L | compile s LipLT |",
+      "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in b["depth_sweep"]:
       a, n = r["liplt"], r["naive"]
-      rows.append(f"| {r['depth']} | {_ms(a['ms'])} | {_ms(a['ms_per_layer'])} | "
-                  f"{_ms(n['ms'])} | {_ms(n['ms_per_layer'])} | {_ms(a['compile_s'])} |")
+      rows.append(
+        f"| {r['depth']} | {_ms(a['ms'])} | {_ms(a['ms_per_layer'])} | "
+        f"{_ms(n['ms'])} | {_ms(n['ms_per_layer'])} | {_ms(a['compile_s'])} |"
+      )
     return rows
 
   def train() -> list[str]:
-    records = [json.loads(x) for x in (work / "mnist" / "metrics.jsonl").read_text().split("\n")
-               if x.strip()]
+    records = [
+      json.loads(x) for x in (work / "mnist" / "metrics.jsonl").read_text().split("\n") if x.strip()
+    ]
     epochs = [r for r in records if "epoch_time_s" in r]
     times = [r["epoch_time_s"] for r in epochs]
-    rows = [f"{len(epochs)} epochs logged; epoch 1 (with compilation) {times[0]:.1f} s"
-            if times else "no epoch finished"]
+    rows = [
+      f"{len(epochs)} epochs logged; epoch 1 (with compilation) {times[0]:.1f} s"
+      if times
+      else "no epoch finished"
+    ]
     if len(times) > 1:
-      rows.append(f"epochs 2-{len(times)}: median {statistics.median(times[1:]):.2f} s, "
-                  f"min {min(times[1:]):.2f} s (target <= 2 s; reference ~25 s on an H100)")
+      rows.append(
+        f"epochs 2-{len(times)}: median {statistics.median(times[1:]):.2f} s, "
+        f"min {min(times[1:]):.2f} s (target <= 2 s; reference ~25 s on an H100)"
+      )
     final = [r["final"] for r in records if "final" in r]
     if final:
       f = final[-1]
-      rows.append(f"final: clean {f['clean_accuracy']:.2%}, certified "
-                  f"{f['certified_accuracy']:.2%} at eps {f['eps']:.4g} ({f['bound_kind']}), "
-                  f"mean pairwise L {f['mean_pairwise_lipschitz']:.4g}")
+      rows.append(
+        f"final: clean {f['clean_accuracy']:.2%}, certified "
+        f"{f['certified_accuracy']:.2%} at eps {f['eps']:.4g} ({f['bound_kind']}), "
+        f"mean pairwise L {f['mean_pairwise_lipschitz']:.4g}"
+      )
     return rows
 
   def certify() -> list[str]:
     t = _load_json(out_dir / "certify.json")["table1"]
-    return [f"clean {t['clean_accuracy']:.2%}, PGD {t['pgd_accuracy']:.2%}, certified "
-            f"{t['certified_accuracy']:.2%} at eps {t['eps']:.4g} ({t['bound_kind']}); "
-            "reference: 90.83% clean, 41.85% certified"]
+    return [
+      f"clean {t['clean_accuracy']:.2%}, PGD {t['pgd_accuracy']:.2%}, certified "
+      f"{t['certified_accuracy']:.2%} at eps {t['eps']:.4g} ({t['bound_kind']}); "
+      "reference: 90.83% clean, 41.85% certified"
+    ]
 
   section("benchmark (experiments.benchmark, batch 512 on the GPU)", bench)
   section("depth sweep", depth)
@@ -315,18 +416,26 @@ def prepare(wheels: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", default=os.environ.get("OUT"),
-                 help="output folder (default: $OUT)")
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT)")
   p.add_argument("--smoke", action="store_true", help="the same steps, tiny, on a CPU")
-  p.add_argument("--budget", type=float, default=540.0,
-                 help="seconds for all steps together (default 540: a 600 s call)")
-  p.add_argument("--steps", default=",".join(STEPS),
-                 help=f"comma-separated subset of {','.join(STEPS)}")
+  p.add_argument(
+    "--budget",
+    type=float,
+    default=540.0,
+    help="seconds for all steps together (default 540: a 600 s call)",
+  )
+  p.add_argument(
+    "--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}"
+  )
   p.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of carried wheels")
-  p.add_argument("--prepare", action="store_true",
-                 help=f"download {', '.join(WHEELS)} into --wheels (needs internet)")
+  p.add_argument(
+    "--prepare",
+    action="store_true",
+    help=f"download {', '.join(WHEELS)} into --wheels (needs internet)",
+  )
   p.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
   args = p.parse_args(argv)
   if args.prepare:
@@ -343,21 +452,35 @@ def main(argv: list[str] | None = None) -> int:
   out_dir = Path(args.out).resolve()
   out_dir.mkdir(parents=True, exist_ok=True)
   work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-  env = {**os.environ, "PYTHONUNBUFFERED": "1",
-         "PYTHONPATH": os.pathsep.join([str(work / "site"), str(ROOT)]
-                                       + ([os.environ["PYTHONPATH"]]
-                                          if os.environ.get("PYTHONPATH") else []))}
+  env = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join(
+      [str(work / "site"), str(ROOT)]
+      + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    ),
+  }
   if args.smoke:
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
   steps = plan(args, work, out_dir)
   with open(out_dir / "gpu_check.log", "w") as log:
     tee = Tee(log)
-    tee(f"gpu_check {'--smoke ' if args.smoke else ''}in {ROOT}, scratch {work}, output "
-        f"{out_dir}, budget {args.budget:.0f} s\n")
+    tee(
+      f"gpu_check {'--smoke ' if args.smoke else ''}in {ROOT}, scratch {work}, output "
+      f"{out_dir}, budget {args.budget:.0f} s\n"
+    )
     if shutil.which("nvidia-smi"):
-      run_command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,"
-                   "clocks.max.sm,temperature.gpu,power.draw", "--format=csv"],
-                  timeout=30, env=env, out=tee)
+      run_command(
+        [
+          "nvidia-smi",
+          "--query-gpu=name,driver_version,memory.total,clocks.sm,"
+          "clocks.max.sm,temperature.gpu,power.draw",
+          "--format=csv",
+        ],
+        timeout=30,
+        env=env,
+        out=tee,
+      )
     for i, step in enumerate(steps):
       if step.name not in selected:
         step.status = "skipped (--steps)"
@@ -365,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
       if not step.argv:  # the install step without wheels
         step.status = f"skipped (no wheels in {args.wheels})"
         continue
-      later = sum(s.min_s for s in steps[i + 1:] if s.name in selected)
+      later = sum(s.min_s for s in steps[i + 1 :] if s.name in selected)
       limit = min(step.cap_s, deadline - time.monotonic() - later)
       if limit < min(step.min_s, 10):
         step.status = f"skipped (budget: {limit:.0f} s left for it)"
@@ -374,15 +497,22 @@ def main(argv: list[str] | None = None) -> int:
       shown = " ".join("<probe>" if "\n" in a else a for a in step.argv)
       tee(f"\n=== {step.name} (limit {limit:.0f} s): {shown}\n")
       rc, step.seconds = run_command(step.argv, timeout=limit, env=env, out=tee)
-      step.status = ("ok" if rc == 0 else f"timeout after {limit:.0f} s" if rc is None
-                     else f"failed (rc {rc})")
+      step.status = (
+        "ok" if rc == 0 else f"timeout after {limit:.0f} s" if rc is None else f"failed (rc {rc})"
+      )
       tee(f"=== {step.name}: {step.status} in {step.seconds:.0f} s\n")
 
     run_dir = work / "mnist"
-    copy_outputs({"metrics.jsonl": run_dir / "metrics.jsonl",
-                  "results.json": run_dir / "results.json",
-                  "certify.json": run_dir / "certify" / "results.json",
-                  "figure1.png": run_dir / "certify" / "figure1.png"}, out_dir, log=tee)
+    copy_outputs(
+      {
+        "metrics.jsonl": run_dir / "metrics.jsonl",
+        "results.json": run_dir / "results.json",
+        "certify.json": run_dir / "certify" / "results.json",
+        "figure1.png": run_dir / "certify" / "figure1.png",
+      },
+      out_dir,
+      log=tee,
+    )
     summary = summarize(steps, out_dir, work, time.monotonic() - t_start)
     (out_dir / "summary.md").write_text(summary)
     tee("\n" + summary)

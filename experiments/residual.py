@@ -35,29 +35,50 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     r = reports.load_run(sub)
     images, labels = reports.load_test(r, subset=tc.test_subset)
     for method in config.certify_bounds:
-      res = certify.evaluate(r.model, r.state.params, r.state.power, images, labels,
-                             eps=tc.eps, batch_size=tc.eval_batch_size,
-                             num_iters=tc.eval_power_iters, method=method, sound=True,
-                             sound_iters=tc.sound_power_iters)
-      rows.append({"model": r.model.name, "trained_with": trained_with,
-                   "certified_with": method, "clean_accuracy": res["clean_accuracy"],
-                   "eps": tc.eps, "certified_accuracy": res["certified_accuracy"],
-                   "mean_pairwise_lipschitz": res["mean_pairwise_lipschitz"],
-                   "mean_certified_radius": res["mean_certified_radius"],
-                   "bound_kind": res["bound_kind"]})
+      res = certify.evaluate(
+        r.model,
+        r.state.params,
+        r.state.power,
+        images,
+        labels,
+        eps=tc.eps,
+        batch_size=tc.eval_batch_size,
+        num_iters=tc.eval_power_iters,
+        method=method,
+        sound=True,
+        sound_iters=tc.sound_power_iters,
+      )
+      rows.append(
+        {
+          "model": r.model.name,
+          "trained_with": trained_with,
+          "certified_with": method,
+          "clean_accuracy": res["clean_accuracy"],
+          "eps": tc.eps,
+          "certified_accuracy": res["certified_accuracy"],
+          "mean_pairwise_lipschitz": res["mean_pairwise_lipschitz"],
+          "mean_certified_radius": res["mean_certified_radius"],
+          "bound_kind": res["bound_kind"],
+        }
+      )
   with open(os.path.join(workdir, "residual.json"), "w") as f:
     json.dump(rows, f, indent=2)
   return rows
 
 
 def format_table(rows: list[dict]) -> str:
-  lines = ["| model | CRM trained with | certified with | clean % | certified % at eps | "
-           "mean pairwise L | mean radius |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines = [
+    "| model | CRM trained with | certified with | clean % | certified % at eps | "
+    "mean pairwise L | mean radius |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+  ]
   for r in rows:
-    lines.append(f"| {r['model']} | {r['trained_with']} | {r['certified_with']} | "
-                 f"{100 * r['clean_accuracy']:.2f} | {100 * r['certified_accuracy']:.2f} "
-                 f"(eps {r['eps']:g}) | {r['mean_pairwise_lipschitz']:.4g} | "
-                 f"{r['mean_certified_radius']:.3f} |")
+    lines.append(
+      f"| {r['model']} | {r['trained_with']} | {r['certified_with']} | "
+      f"{100 * r['clean_accuracy']:.2f} | {100 * r['certified_accuracy']:.2f} "
+      f"(eps {r['eps']:g}) | {r['mean_pairwise_lipschitz']:.4g} | "
+      f"{r['mean_certified_radius']:.3f} |"
+    )
   return "\n".join(lines)
 
 
@@ -68,5 +89,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, workdir_default="runs/residual",
-          workdir_help="Output directory (one training run per model and bound; resumable).")
+  cli.run(
+    main,
+    workdir_default="runs/residual",
+    workdir_help="Output directory (one training run per model and bound; resumable).",
+  )

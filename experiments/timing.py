@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -30,8 +31,9 @@ def xla_memory_bytes(compiled) -> int | None:
     return None
   if m is None:
     return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+  return int(
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
 
 
 def same_args(args: tuple, out: Any) -> tuple:
@@ -40,8 +42,14 @@ def same_args(args: tuple, out: Any) -> tuple:
   return args
 
 
-def time_steps(compiled: Callable, args: tuple, advance: Callable[[tuple, Any], tuple] = same_args,
-               *, steps: int, warmup: int) -> list[float]:
+def time_steps(
+  compiled: Callable,
+  args: tuple,
+  advance: Callable[[tuple, Any], tuple] = same_args,
+  *,
+  steps: int,
+  warmup: int,
+) -> list[float]:
   """Milliseconds of each of ``steps`` calls after ``warmup`` untimed ones.
 
   ``advance(args, outputs)`` gives the next call's arguments (the train state or the power
@@ -59,8 +67,14 @@ def time_steps(compiled: Callable, args: tuple, advance: Callable[[tuple, Any], 
   return times
 
 
-def measure(fn: Callable, args: tuple, advance: Callable[[tuple, Any], tuple] = same_args, *,
-            steps: int, warmup: int) -> dict:
+def measure(
+  fn: Callable,
+  args: tuple,
+  advance: Callable[[tuple, Any], tuple] = same_args,
+  *,
+  steps: int,
+  warmup: int,
+) -> dict:
   """Compiles ``fn`` (jitted) for ``args`` and times it.
 
   Returns:
@@ -69,8 +83,12 @@ def measure(fn: Callable, args: tuple, advance: Callable[[tuple, Any], tuple] = 
   """
   compiled, compile_s = compile_fn(fn, args)
   times = time_steps(compiled, args, advance, steps=steps, warmup=warmup)
-  return {"ms": statistics.median(times), "compile_s": compile_s, "steps_ms": times,
-          "xla_memory_bytes": xla_memory_bytes(compiled)}
+  return {
+    "ms": statistics.median(times),
+    "compile_s": compile_s,
+    "steps_ms": times,
+    "xla_memory_bytes": xla_memory_bytes(compiled),
+  }
 
 
 def peak_memory_bytes(devices) -> int | None:

@@ -17,7 +17,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------- shared cells
 
-INSTALL = '''\
+INSTALL = """\
 # Colab / fresh machine: install crmjax (with the CUDA build of JAX) if it is not importable.
 # Locally (crmjax installed, e.g. `pip install -e .`) this cell does nothing.
 import importlib, importlib.util, os, subprocess, sys
@@ -32,25 +32,27 @@ if importlib.util.find_spec("crmjax") is None:
     os.environ.setdefault("CRMJAX_DATA_DIR", os.path.join(src, "data"))  # vendored MNIST
     importlib.invalidate_caches()
     # If pip replaced an already imported JAX, restart the runtime and run the notebook again.
-'''
+"""
 
-SMALL_SWITCH = '''\
+SMALL_SWITCH = """\
 SMALL = os.environ.get("CRMJAX_NOTEBOOK_SMALL", "0") == "1" or jax.default_backend() == "cpu"
 print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), SMALL = {SMALL}")
-'''
+"""
 
-QUICK_SWITCH = '''\
+QUICK_SWITCH = """\
 TINY = os.environ.get("CRMJAX_NOTEBOOK_SMALL", "0") == "1"  # CI: every cell runs in seconds
 CPU = jax.default_backend() == "cpu"
 SMALL = TINY or CPU
 print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), "
       f"setting: {'tiny (CI)' if TINY else 'CPU' if CPU else 'GPU'}")
-'''
+"""
 
 # ----------------------------------------------------------------------------- quickstart
 
 QUICKSTART = [
-    ("md", '''\
+  (
+    "md",
+    """\
 # crmjax quickstart: train 4C3F on MNIST with CRM, then certify it
 
 This notebook trains the paper's 4C3F network on MNIST with the CRM objective (cross-entropy
@@ -66,9 +68,12 @@ Lipschitz bound with `crmjax.soundness.sound_bound`, and plots the certified-rad
 
 Training writes TensorBoard event files next to `metrics.jsonl`; the `%tensorboard` cell below
 shows the curves (loss, accuracy, mean radius, mean pairwise bound, learning rate, lambda).
-'''),
-    ("code", INSTALL),
-    ("code", '''\
+""",
+  ),
+  ("code", INSTALL),
+  (
+    "code",
+    """\
 import os, shutil, tempfile, time
 
 import jax
@@ -78,15 +83,22 @@ import numpy as np
 from crmjax import certify, checkpoint, data, soundness, train
 from experiments.configs import mnist as mnist_config
 
-''' + QUICK_SWITCH),
-    ("md", '''\
+"""
+    + QUICK_SWITCH,
+  ),
+  (
+    "md",
+    """\
 ## The configuration
 
 `experiments/configs/mnist.py` holds the paper's settings (t = 5, r0 = 2.2, lambda = 30,
 eps = 1.58, 10 warm-started power iterations per step) with the reference implementation's
 penalty g(r) = -r and learning-rate schedule. Any field can be changed here.
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 if TINY:  # seconds on a CPU (CI)
     config = mnist_config.get_config("smoke")
     config.train_subset, config.test_subset = 256, 128
@@ -114,22 +126,31 @@ WORKDIR = tempfile.mkdtemp(prefix="crmjax_quickstart_")  # a fixed path resumes 
 print(f"model {config.model}, loss {config.loss}, bound {config.bound} ({config.bound_mode}), "
       f"{config.num_epochs} epoch(s), batch {config.batch_size}, eps {config.eps}")
 print("workdir:", WORKDIR)
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ## Train
 
 `train_and_evaluate` runs the jit-compiled, data-parallel train step, writes
 `checkpoints/`, `metrics.jsonl` and `results.json` to the workdir, and ends with a test
 evaluation that certifies with the sound bound.
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 t0 = time.time()
 result = train.train_and_evaluate(config, WORKDIR)
 print(f"\\ntrained and evaluated in {time.time() - t0:.0f} s")
 for k in ("clean_accuracy", "certified_accuracy", "mean_pairwise_lipschitz", "bound_kind"):
     print(f"  {k}: {result[k]}")  # with sound_eval=False: the power-iteration estimate
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ## The curves in TensorBoard
 
 Training wrote TensorBoard event files into the workdir (with `tensorboardX`, no TensorFlow
@@ -138,22 +159,31 @@ needed): per log step `train/loss`, `train/accuracy`, `train/radius` (mean certi
 under `epoch/` plus the test curves `test/clean_accuracy` and
 `test/certified_accuracy_estimate`; at the end `final/certified_accuracy`. In Colab or Jupyter
 the next cell opens TensorBoard inline (from a shell: `tensorboard --logdir <workdir>`).
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 if not TINY:  # needs the tensorboard package (pip install tensorboard); CI skips it
     %load_ext tensorboard
     %tensorboard --logdir $WORKDIR
 print(sorted(f for f in os.listdir(WORKDIR) if f.startswith("events.out.tfevents")))
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ## Reload the final parameters from the checkpoint
 
 The checkpoint holds the whole `TrainState` (params, optimizer state, power-iteration state,
-step). A freshly created state is the restore target: it fixes the tree structure,
+step, PRNG key). A freshly created state is the restore target: it fixes the tree structure,
 shapes, dtypes and shardings. (`crmjax.reports.load_run(WORKDIR)` does the same from the
 config stored in the checkpoint.)
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 model = train.make_model(config)
 tx = train.make_optimizer(config, total_steps=1)  # the state's structure does not depend on the schedule
 replicated, _ = train.make_mesh()
@@ -161,16 +191,22 @@ target = jax.device_put(train.create_state(model, tx, config.seed), replicated)
 with checkpoint.Checkpointer(os.path.join(WORKDIR, "checkpoints")) as ckpt:
     state, meta = ckpt.restore(target)  # the latest step
 print(f"restored step {int(state.step)} (epoch {meta['epoch']}) of {meta['architecture']} on {meta['dataset']}")
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ## Certify
 
 Training uses warm-started power iteration, which may underestimate an operator norm.
 `sound_bound` replaces every norm of the LipLT recursion by a guaranteed upper bound (exact
 float64 norms for small operators, a fresh power iteration with a stated failure probability for
 large ones). The certified radius of a point is `min_{i != y} (z_y - z_i) / L_yi` (paper eq. 5).
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 test_x, test_y = data.load_split("mnist", "test")  # vendored copy, no internet needed
 if config.test_subset:
     test_x, test_y = test_x[:config.test_subset], test_y[:config.test_subset]
@@ -186,8 +222,11 @@ print(f"mean pairwise Lipschitz bound: {certify.mean_pairwise(lip):.3f}")
 print(f"clean accuracy:               {(logits.argmax(1) == test_y).mean():.4f}")
 print(f"certified accuracy at {config.eps}: {certify.certified_accuracy(radii, config.eps):.4f}"
       f"  (train_and_evaluate: {result['certified_accuracy']:.4f}, {result['bound_kind']})")
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 eps_grid = np.linspace(0.0, max(float(radii.max()), config.eps) * 1.1, 200)
 curve = certify.certified_accuracy(radii, eps_grid)  # share of points with radius > eps
 
@@ -199,8 +238,11 @@ ax.set_ylabel("share of test points certified")
 ax.set_ylim(0, 1.02)
 ax.legend()
 plt.show()
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 preds = logits.argmax(1)
 fig, axes = plt.subplots(1, 8, figsize=(13, 2.2))
 for ax, i in zip(axes, range(8)):
@@ -208,25 +250,34 @@ for ax, i in zip(axes, range(8)):
     ax.set_title(f"label {test_y[i]}, pred {preds[i]}\\nradius {radii[i]:.3f}", fontsize=8)
     ax.axis("off")
 plt.show()
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ## Next
 
 * `python -m experiments.certify --config=experiments/configs/certify.py --workdir=<workdir>`
   reproduces Table 1 (clean / PGD / certified), Table 2 (naive vs LipLT bounds) and Figure 1 from
   a checkpoint, and attacks every certified point with l2 PGD.
 * The full paper run: `python -m experiments.mnist --config=experiments/configs/mnist.py`.
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 if TINY:  # the CI run is throwaway; keep the others' workdirs (TensorBoard reads them)
     shutil.rmtree(WORKDIR, ignore_errors=True)
-'''),
+""",
+  ),
 ]
 
 # ----------------------------------------------------------------------------- bounds
 
 BOUNDS = [
-    ("md", '''\
+  (
+    "md",
+    """\
 # Lipschitz bounds with `crmjax.liplt`
 
 `crmjax.liplt` computes upper bounds on the Lipschitz constant of a network's logits, as
@@ -240,9 +291,12 @@ own loss. This notebook compares
 in the three modes (pairwise `L_ij` for the margin `z_i - z_j`, per class, global), shows how
 the gap grows with depth, trains a small network with the bound inside an optax loss, and does the
 same for a Flax NNX model (`crmjax.nnx_bridge`).
-'''),
-    ("code", INSTALL),
-    ("code", '''\
+""",
+  ),
+  ("code", INSTALL),
+  (
+    "code",
+    """\
 import os
 
 import jax
@@ -254,14 +308,21 @@ import optax
 from crmjax import certify, liplt, losses, network, soundness
 from crmjax import layers as L
 
-''' + SMALL_SWITCH),
-    ("md", '''\
+"""
+    + SMALL_SWITCH,
+  ),
+  (
+    "md",
+    """\
 ## Small random networks
 
 A network is a tuple of layer specs; `L.Sequential(layers)` is the Flax module and
 `network.from_layers(layers, params, input_shape)` the eq. 17 form the bounds read.
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    '''\
 K = 10
 
 def mlp(depth, width=32):
@@ -291,8 +352,11 @@ def jacobians(module, params, input_shape, n, seed=1):
     f = lambda x: module.apply({"params": params}, x[None])[0]
     xs = jax.random.normal(jax.random.key(seed), (n, *input_shape))
     return jax.jit(jax.vmap(jax.jacrev(f)))(xs).reshape(n, K, -1)
-'''),
-    ("code", '''\
+''',
+  ),
+  (
+    "code",
+    '''\
 N_SAMPLES = 256 if SMALL else 4096
 ITERS = 100  # power iterations (from a fixed random start) for the interior norms
 
@@ -317,15 +381,21 @@ for name, (layers, shape) in NETS.items():
     for mode in liplt.MODES:
         print(f"  {mode:10s} {summary(low[mode]):10.3f} {summary(bounds['liplt', mode]):9.3f} "
               f"{summary(bounds['naive', mode]):9.3f}")
-'''),
-    ("md", '''\
+''',
+  ),
+  (
+    "md",
+    """\
 ## Pairwise vs per-class vs global
 
 A certificate needs a pairwise matrix. `liplt.as_pairwise` turns any mode into one
 (`L_ij = L_i + L_j` for per-class bounds, `sqrt(2) L` for a global l2 bound). The direct
 pairwise bound is the smallest, so it certifies the largest radii.
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 layers, shape = NETS["conv 8x8x1"]
 module, params, net = build(layers, shape)
 bounds = all_bounds(net)  # compiled already (same shapes as above)
@@ -344,15 +414,21 @@ for ax, (mode, p) in zip(axes, pairwise.items()):
     ax.set_xlabel("class j"); ax.set_ylabel("class i")
 fig.colorbar(im, ax=axes, shrink=0.8, label="L_ij")
 plt.show()
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ## The gap grows with depth
 
 Dense ReLU networks of width 32 and depth 2 to 8 (every other depth in the small setting) at their random initialisation: the naive
 bound multiplies the layer norms, LipLT accounts for the activations' slope range layer by
 layer. (Global mode; the lower estimate is the largest sampled Jacobian norm.)
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 depths = [2, 4, 6, 8] if SMALL else list(range(2, 9))  # one compilation per depth
 both = jax.jit(lambda n: (liplt.liplt_bound(n, mode="global", num_iters=ITERS)[0],
                           liplt.naive_bound(n, mode="global", num_iters=ITERS)[0]))
@@ -374,8 +450,11 @@ a2.plot(depths, nv / lt, "o-")
 a2.set_xlabel("depth (dense layers)"); a2.set_ylabel("naive / LipLT")
 plt.tight_layout()
 plt.show()
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ## The bound inside your own loss
 
 Everything is a pure function of the params, so `jax.grad` flows through the bound. The
@@ -383,8 +462,11 @@ power-iteration vectors (`liplt.PowerState`) are state: thread them through the 
 start) and 1 to 10 iterations per step suffice. Here: cross-entropy plus `lam` times the mean
 pairwise bound, on a synthetic 10-class problem. (`losses.crm_loss(logits, labels, lip, ...)`
 is the paper's CRM objective with the same `lip`.)
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 kc, ky, kn = jax.random.split(jax.random.key(0), 3)
 centers = 2.0 * jax.random.normal(kc, (K, 16))
 y_train = jax.random.randint(ky, (512,), 0, K)
@@ -406,8 +488,11 @@ def train_step(params, opt_state, power, x, y, lam):
     (loss, (power, mean_lip)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, power, x, y, lam)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, power, loss, mean_lip
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 STEPS = 100 if SMALL else 500
 history = {}
 for lam in (0.0, 0.1):
@@ -431,8 +516,11 @@ for lam, trace in history.items():
     ax.plot(trace, label=f"lam = {lam}")
 ax.set_xlabel("step"); ax.set_ylabel("mean pairwise L_ij (training estimate)"); ax.legend()
 plt.show()
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ## Flax NNX models
 
 `crmjax.nnx_bridge` reads an [NNX](https://flax.readthedocs.io/en/latest/nnx_basics.html)
@@ -444,8 +532,11 @@ flatten (`nnx_bridge.Flatten()` or `lambda x: x.reshape(x.shape[0], -1)`), the a
 function), and residual blocks `nnx_bridge.Residual(*fns)`, `x + fns(x)` with one activation
 inside. Anything else (BatchNorm, Dropout, a custom module's `__call__`) raises an error that says
 what to do.
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 import functools
 
 from flax import nnx
@@ -483,16 +574,22 @@ for mode in liplt.MODES:
     print(f"{mode:10s} {summary(low[mode]):10.3f} {summary(bounds['liplt', mode]):9.3f} "
           f"{summary(bounds['naive', mode]):9.3f}")
 print(f"sound pairwise ({info['kind']}): mean {certify.mean_pairwise(sound):.3f}")
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ### The bound inside an NNX train step
 
 `to_lipnet` reads the NNX variables' values, so under `nnx.value_and_grad` the bound is
 differentiable in the model's `nnx.Param`s, and `nnx.jit` compiles the whole step. The
 power-iteration state is an ordinary pytree passed in and out. The synthetic problem and loss are
 the ones above; the model is a residual NNX MLP.
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 def make_nnx_mlp(seed):
     r = nnx.Rngs(seed)
     return nnx.Sequential(
@@ -533,13 +630,16 @@ for lam, trace in nnx_history.items():
     ax.plot(trace, label=f"lam = {lam}")
 ax.set_xlabel("step"); ax.set_ylabel("mean pairwise L_ij (NNX model, training estimate)"); ax.legend()
 plt.show()
-'''),
+""",
+  ),
 ]
 
 # ----------------------------------------------------------------------------- importers
 
 BYOM = [
-    ("md", '''\
+  (
+    "md",
+    """\
 # Bring your own model: import PyTorch weights, check them, certify them
 
 `crmjax.importers.import_torch_sequential` turns the `state_dict` of a sequential PyTorch
@@ -548,9 +648,12 @@ names to arrays, so this notebook builds one in numpy (no torch needed) in PyTor
 conv weights `(O, I, kh, kw)`, linear weights `(O, I)`, and a flatten in `(C, H, W)` order.
 With torch installed, `crmjax.importers.load_state_dict("model.pth")` reads a saved
 `model.state_dict()` (and `.npz` files without torch).
-'''),
-    ("code", INSTALL),
-    ("code", '''\
+""",
+  ),
+  ("code", INSTALL),
+  (
+    "code",
+    """\
 import os, tempfile
 
 import jax
@@ -560,8 +663,12 @@ import numpy as np
 from crmjax import certify, data, importers, soundness
 from crmjax import layers as L
 
-''' + SMALL_SWITCH),
-    ("md", '''\
+"""
+    + SMALL_SWITCH,
+  ),
+  (
+    "md",
+    """\
 ## A "PyTorch" model in numpy
 
 The network is
@@ -576,8 +683,11 @@ so its state dict has keys `0.*`, `2.*`, `5.*`, `7.*`. To get a model worth cert
 any training loop, the first three layers are random and the last one is fitted by ridge
 regression on MNIST (a random-features classifier), with a plain numpy forward pass that
 follows PyTorch's conventions (NCHW, `(C, H, W)` flatten).
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    '''\
 rng = np.random.default_rng(0)
 
 def he(shape, fan_in):
@@ -620,16 +730,22 @@ targets = np.eye(10, dtype=np.float32)[train_y[:n_fit]]
 w = np.linalg.solve(h.T @ h + 1.0 * np.eye(h.shape[1]), h.T @ targets)  # ridge regression
 sd["7.weight"], sd["7.bias"] = w[:-1].T.astype(np.float32), w[-1].astype(np.float32)
 print({k: v.shape for k, v in sd.items()})
-'''),
-    ("md", '''\
+''',
+  ),
+  (
+    "md",
+    """\
 ## Import it
 
 Strides and paddings are not stored in a state dict, so the architecture is given as crmjax
 layer specs. The importer checks every array's shape against them, transposes conv kernels to
 HWIO and linear weights to `(I, O)`, and permutes the rows of the first linear layer after
 the flatten from PyTorch's `(C, H, W)` order to crmjax's `(H, W, C)` order.
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "model.npz")
     np.savez(path, **sd)                      # what you would do once where torch is installed
@@ -641,24 +757,33 @@ layers = (L.Conv(8, 3, stride=1, padding=1), L.Act(),
 model, params = importers.import_torch_sequential(loaded, input_shape=(28, 28, 1), layers=layers)
 print(model.name, model.input_shape, model.num_classes)
 print(jax.tree.map(lambda a: a.shape, params))
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 x = test_x[:16]
 ours = np.asarray(model.apply(params, x.astype(np.float32) / 255.0))   # NHWC
 ref = torch_forward(sd, to_nchw(x))                                    # NCHW, PyTorch conventions
 err = np.abs(ours - ref).max() / np.abs(ref).max()
 print(f"max relative logit difference: {err:.2e}")
 assert err < 1e-4
-'''),
-    ("md", '''\
+""",
+  ),
+  (
+    "md",
+    """\
 ## Certify it
 
 The imported model is an ordinary crmjax model: `model.lipnet(params)` is its eq. 17 form,
 `sound_bound` gives guaranteed pairwise bounds, `certify.radii_of` the certified radii. A
 random-features network was not trained for robustness, so its radii are small; fine-tune it
 with the CRM loss (`crmjax.train.make_train_step` accepts any `Model`) to grow them.
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 n_test = 200 if SMALL else 2000
 images, labels = test_x[:n_test], test_y[:n_test]
 logits = certify.batched_logits(model, params, images, batch_size=500)
@@ -673,8 +798,11 @@ print(f"median certified radius (LipLT): {np.median(radii['liplt']):.4f}")
 for eps in (0.005, 0.01, 0.02):
     print(f"certified accuracy at eps = {eps}: naive {certify.certified_accuracy(radii['naive'], eps):.3f}, "
           f"LipLT {certify.certified_accuracy(radii['liplt'], eps):.3f}")
-'''),
-    ("code", '''\
+""",
+  ),
+  (
+    "code",
+    """\
 preds = logits.argmax(1)
 fig, axes = plt.subplots(1, 8, figsize=(13, 2.2))
 for ax, i in zip(axes, range(8)):
@@ -682,25 +810,27 @@ for ax, i in zip(axes, range(8)):
     ax.set_title(f"label {labels[i]}, pred {preds[i]}\\nradius {radii['liplt'][i]:.3f}", fontsize=8)
     ax.axis("off")
 plt.show()
-'''),
+""",
+  ),
 ]
 
 NOTEBOOKS = {
-    "quickstart.ipynb": QUICKSTART,
-    "lipschitz_bounds.ipynb": BOUNDS,
-    "bring_your_own_model.ipynb": BYOM,
+  "quickstart.ipynb": QUICKSTART,
+  "lipschitz_bounds.ipynb": BOUNDS,
+  "bring_your_own_model.ipynb": BYOM,
 }
 
 
 def make(cells) -> nbformat.NotebookNode:
   nb = v4.new_notebook()
   nb.metadata = {
-      "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-      "language_info": {"name": "python"},
-      "accelerator": "GPU",  # Colab: ask for a GPU runtime
+    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+    "language_info": {"name": "python"},
+    "accelerator": "GPU",  # Colab: ask for a GPU runtime
   }
-  nb.cells = [v4.new_markdown_cell(src) if kind == "md" else v4.new_code_cell(src)
-              for kind, src in cells]
+  nb.cells = [
+    v4.new_markdown_cell(src) if kind == "md" else v4.new_code_cell(src) for kind, src in cells
+  ]
   for i, cell in enumerate(nb.cells):
     cell.id = f"cell-{i}"  # stable ids: rebuilding gives the same files
   nbformat.validate(nb)

@@ -5,6 +5,7 @@ a closed loopback port (fails at once with the usual message) unless a test serv
 archives, and the download cache is a fresh temporary folder (a developer's real cache is
 never read or written).
 """
+
 import os
 import tempfile
 

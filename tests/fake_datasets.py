@@ -21,23 +21,35 @@ from PIL import Image
 CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
-def cifar_batches(rng: np.random.Generator, per_batch: int = 3
-                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def cifar_batches(
+  rng: np.random.Generator, per_batch: int = 3
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{batch file name: (HWC uint8 images, labels)} for the six CIFAR-10 batch files."""
-  return {name: (rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8),
-                 rng.integers(0, 10, per_batch))
-          for name in CIFAR_BATCHES}
+  return {
+    name: (
+      rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8),
+      rng.integers(0, 10, per_batch),
+    )
+    for name in CIFAR_BATCHES
+  }
 
 
 def _cifar_pickle(name: str, hwc: np.ndarray, labels: np.ndarray) -> bytes:
   # Real format: rows of 3072 = 1024 R, then 1024 G, then 1024 B values.
   rows = hwc.transpose(0, 3, 1, 2).reshape(len(hwc), 3072)
-  return pickle.dumps({b"batch_label": name.encode(), b"labels": labels.tolist(),
-                       b"data": rows, b"filenames": [b"x.png"] * len(hwc)})
+  return pickle.dumps(
+    {
+      b"batch_label": name.encode(),
+      b"labels": labels.tolist(),
+      b"data": rows,
+      b"filenames": [b"x.png"] * len(hwc),
+    }
+  )
 
 
-def write_cifar(root: Path, rng: np.random.Generator, per_batch: int = 3
-                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def write_cifar(
+  root: Path, rng: np.random.Generator, per_batch: int = 3
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Writes ``root/cifar-10-batches-py``; returns what ``cifar_batches`` drew."""
   batches = cifar_batches(rng, per_batch)
   folder = Path(root) / "cifar-10-batches-py"
@@ -80,8 +92,12 @@ def tarball(entries: dict[str, bytes]) -> bytes:
 TINY_WNIDS = ["n03", "n01", "n02"]  # Class index = position in sorted order.
 TINY_COLORS = {"n01": (250, 0, 0), "n02": (0, 250, 0), "n03": (0, 0, 250)}
 # (file, wnid) of the validation images; the last one is grayscale (must come back as RGB).
-TINY_VAL = [("val_0.JPEG", "n02"), ("val_1.JPEG", "n03"), ("val_2.JPEG", "n01"),
-            ("val_3.JPEG", "n01")]
+TINY_VAL = [
+  ("val_0.JPEG", "n02"),
+  ("val_1.JPEG", "n03"),
+  ("val_2.JPEG", "n01"),
+  ("val_3.JPEG", "n01"),
+]
 
 
 def _jpeg(color, mode: str = "RGB") -> bytes:
@@ -97,8 +113,10 @@ def tiny_imagenet_files(per_class: int = 2) -> dict[str, bytes]:
   ``TINY_VAL`` images (the last one a gray 128 image); labels in sorted-wnid order.
   """
   root = "tiny-imagenet-200"
-  files = {f"{root}/wnids.txt": ("\n".join(TINY_WNIDS) + "\n").encode(),
-           f"{root}/words.txt": b"".join(f"{w}\tthing {w}\n".encode() for w in TINY_WNIDS)}
+  files = {
+    f"{root}/wnids.txt": ("\n".join(TINY_WNIDS) + "\n").encode(),
+    f"{root}/words.txt": b"".join(f"{w}\tthing {w}\n".encode() for w in TINY_WNIDS),
+  }
   for wnid in TINY_WNIDS:
     for k in range(per_class):
       files[f"{root}/train/{wnid}/images/{wnid}_{k}.JPEG"] = _jpeg(TINY_COLORS[wnid])
@@ -107,7 +125,8 @@ def tiny_imagenet_files(per_class: int = 2) -> dict[str, bytes]:
     files[f"{root}/val/images/{fname}"] = _jpeg(TINY_COLORS[wnid])
   files[f"{root}/val/images/{TINY_VAL[-1][0]}"] = _jpeg(128, mode="L")
   files[f"{root}/val/val_annotations.txt"] = "".join(
-      f"{f}\t{w}\t0\t0\t63\t63\n" for f, w in TINY_VAL).encode()
+    f"{f}\t{w}\t0\t0\t63\t63\n" for f, w in TINY_VAL
+  ).encode()
   files[f"{root}/test/images/test_0.JPEG"] = _jpeg((7, 7, 7))
   return files
 
@@ -124,8 +143,9 @@ def tiny_imagenet_zip(per_class: int = 2) -> bytes:
   buf = io.BytesIO()
   with zipfile.ZipFile(buf, "w") as z:
     files = tiny_imagenet_files(per_class)
-    dirs = sorted({str(Path(n).parent) + "/" for n in files}
-                  | {p + "/" for n in files for p in _parents(n)})
+    dirs = sorted(
+      {str(Path(n).parent) + "/" for n in files} | {p + "/" for n in files for p in _parents(n)}
+    )
     for d in dirs:
       z.writestr(d, b"")
     for name, payload in files.items():
@@ -141,12 +161,14 @@ def _parents(name: str) -> list[str]:
 def idx_gz(array: np.ndarray) -> bytes:
   """A gzipped uint8 IDX file of ``array``."""
   header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
-      f">{array.ndim}I", *array.shape)
+    f">{array.ndim}I", *array.shape
+  )
   return gzip.compress(header + np.asarray(array, np.uint8).tobytes())
 
 
-def mnist_files(rng: np.random.Generator, n_train: int = 12, n_test: int = 6
-                ) -> tuple[dict[str, bytes], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def mnist_files(
+  rng: np.random.Generator, n_train: int = 12, n_test: int = 6
+) -> tuple[dict[str, bytes], dict[str, tuple[np.ndarray, np.ndarray]]]:
   """({IDX file name: gz bytes}, {split: (images (N, 28, 28, 1), labels)})."""
   files, arrays = {}, {}
   for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):

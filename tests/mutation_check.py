@@ -66,132 +66,226 @@ class Mutation:
     return list(zip(olds, news))
 
 
-SOUND_PROB = ("tests/test_certify.py", "tests/test_soundness.py", "tests/test_lanczos.py", "-k",
-              "probabilistic or kw or rel_err or power or lanczos")
+SOUND_PROB = (
+  "tests/test_certify.py",
+  "tests/test_soundness.py",
+  "tests/test_lanczos.py",
+  "-k",
+  "probabilistic or kw or rel_err or power or lanczos",
+)
 TRAIN_BOUND = "mode=config.bound_mode, num_iters=config.power_iters)\n"
 
 MUTATIONS = [
-    # ------------------------------------------------------- issue 16's audit table
-    Mutation("losses-count-zero", "crmjax/losses.py",
-             "jnp.maximum(jnp.sum(correct), 1)", "jnp.sum(correct)",
-             ("tests/test_losses.py::test_crm_loss_all_misclassified_has_zero_penalty",),
-             "issue 16: max(1, #correct) -> #correct (0 / 0 = NaN on an all-wrong batch)"),
-    # soundness.py is being reworked (power method -> Lanczos, eps -> rel_err): both
-    # spellings are listed; the tests are selected by keyword in both test files.
-    Mutation("soundness-no-kw-inflation", "crmjax/soundness.py",
-             ("sigma / math.sqrt(1.0 - err)", "sigma / math.sqrt(1.0 - eps)"),
-             ("sigma", "sigma"), SOUND_PROB,
-             "issue 16: the probabilistic norm not inflated by 1 / sqrt(1 - eps)"),
-    Mutation("soundness-kw-constant", "crmjax/soundness.py",
-             ("POWER_CONSTANT = 0.824", "KW_CONSTANT = 0.824"),
-             ("POWER_CONSTANT = 0.00824", "KW_CONSTANT = 0.00824"), SOUND_PROB,
-             "issue 16: the Kuczynski-Wozniakowski (power method) constant 100x too small"),
-    Mutation("train-restore-skipped", "crmjax/train.py",
-             "if ckpt.latest_step() is not None:",
-             "if ckpt.latest_step() is not None and print('WARNING: checkpoint ignored'):",
-             ("tests/test_train.py::test_resume_after_stop_gives_bitwise_the_same_params",
-              "tests/test_faults.py::"
-              "test_sigkill_then_rerun_finishes_with_bitwise_the_same_params"),
-             "issue 16: the restore branch disabled (only a warning shows)"),
-    Mutation("data-mnist-labels-rolled", "crmjax/data.py",
-             "return images[..., None].astype(np.uint8), labels",
-             "return images[..., None].astype(np.uint8), np.roll(labels, 1)",
-             ("tests/test_data.py", "-k", "vendored_mnist or mnist_files_directly"),
-             "issue 16: MNIST labels off by one position"),
-    Mutation("data-mnist-images-transposed", "crmjax/data.py",
-             "return images[..., None].astype(np.uint8), labels",
-             "return images.transpose(0, 2, 1)[..., None].astype(np.uint8), labels",
-             ("tests/test_data.py", "-k", "vendored_mnist or mnist_files_directly"),
-             "issue 16: MNIST images transposed"),
-    Mutation("attacks-restart-at-x", "crmjax/attacks.py",
-             "delta0 = jnp.where(restart_idx == 0, jnp.zeros_like(x), "
-             "_uniform_in_ball(k, x, eps))",
-             "delta0 = jnp.zeros_like(x)",
-             ("tests/test_attacks.py", "-k", "deterministic or restart"),
-             "issue 16: every random restart starts at x"),
-    Mutation("train-stop-gradient-bound", "crmjax/train.py", TRAIN_BOUND,
-             TRAIN_BOUND + "    lip = jax.lax.stop_gradient(lip)\n",
-             ("tests/test_train.py::test_crm_step_gradient_reaches_the_params_through_the_bound",),
-             "issue 16: stop_gradient on the Lipschitz bound inside the CRM loss"),
-    Mutation("liplt-bound-x0.9", "crmjax/liplt.py",
-             "return readout_bound(net, m, mode=mode, norm=norm), state",
-             "return 0.9 * readout_bound(net, m, mode=mode, norm=norm), state",
-             ("tests/test_liplt.py::test_bounds_exceed_gradient_norms",),
-             "issue 16: the LipLT bound scaled by 0.9"),
-    Mutation("soundness-bound-x0.9", "crmjax/soundness.py",
-             "np.asarray(b, np.float64) * inflate", "np.asarray(b, np.float64) * inflate * 0.9",
-             ("tests/test_certify.py", "-k", "brute_force or sampled_gradient"),
-             "issue 16: the sound bound scaled by 0.9"),
-    Mutation("losses-lip-transposed", "crmjax/losses.py",
-             "lip_y = lip[labels]", "lip_y = lip.T[labels]",
-             ("tests/test_losses.py::test_certified_radius_is_zero_on_ties_and_uses_row_of_label",),
-             "issue 16: the radius reads column y of the bound (L_iy) instead of row y"),
-    # --------------------------------------------- further plausible bugs, core modules
-    Mutation("liplt-readout-drops-radii", "crmjax/liplt.py",
-             "weights = jnp.concatenate([jnp.ones((1,)), _radii(net) * m])",
-             "weights = jnp.concatenate([jnp.ones((1,)), m])",
-             ("tests/test_liplt.py", "-k", "match_float64_reference or exceed"),
-             "eq. 19 readout without the r_j factors"),
-    Mutation("liplt-interior-drops-radii", "crmjax/liplt.py",
-             "jnp.tril(jnp.pad(table[:, 1:], ((0, 0), (0, 1))), k=-1) * radii[None, :]",
-             "jnp.tril(jnp.pad(table[:, 1:], ((0, 0), (0, 1))), k=-1)",
-             ("tests/test_liplt.py", "-k", "match_float64_reference or exceed"),
-             "eq. 19 recursion for m without the r_j factors"),
-    Mutation("network-hhat-center", "crmjax/network.py",
-             "return 0.5 * (self.alpha + self.beta)", "return 1.0 * (self.alpha + self.beta)",
-             ("tests/test_liplt.py", "-k", "match_float64_reference or exceed"),
-             "loop transformation with c = alpha + beta instead of (alpha + beta) / 2"),
-    Mutation("liplt-pairwise-gram", "crmjax/liplt.py",
-             "sq = d[:, None] + d[None, :] - 2.0 * gram",
-             "sq = d[:, None] + d[None, :] - 1.0 * gram",
-             ("tests/test_liplt.py", "-k", "match_float64_reference or exceed"),
-             "pair norms from the Gram matrix with a wrong cross term"),
-    Mutation("liplt-as-pairwise-max", "crmjax/liplt.py",
-             "return jnp.where(eye, 0.0, bound[:, None] + bound[None, :])",
-             "return jnp.where(eye, 0.0, jnp.maximum(bound[:, None], bound[None, :]))",
-             ("tests/test_liplt.py", "-k", "as_pairwise"),
-             "per-class bounds made pairwise by max(L_i, L_j) (unsound) instead of L_i + L_j"),
-    Mutation("liplt-no-gradient-into-table", "crmjax/liplt.py",
-             "outs = table_sweep(net, us)", "outs = table_sweep(frozen, us)",
-             ("tests/test_liplt.py", "-k", "grad"),
-             "the interior norms computed on the stop-gradient network (no training signal)"),
-    Mutation("losses-mask-ignores-correct", "crmjax/losses.py",
-             "mask = correct & (radius < r0)", "mask = radius < r0",
-             ("tests/test_losses.py",),
-             "CRM penalises misclassified points too"),
-    Mutation("losses-gloro-half-eps", "crmjax/losses.py",
-             "logits + eps * lip[labels]", "logits + 0.5 * eps * lip[labels]",
-             ("tests/test_losses.py",),
-             "GloRo's bottom logit at half the radius"),
-    Mutation("certify-estimate-certifies", "crmjax/certify.py",
-             "radii = radii_of(logits, labels, np.asarray(lip))",
-             "radii = radii_of(logits, labels, np.asarray(est))",
-             ("tests/test_certify.py", "-k", "evaluate"),
-             "certificates from the power-iteration estimate instead of the sound bound"),
-    Mutation("certify-accuracy-counts-ties", "crmjax/certify.py",
-             "(radii[None, :] > eps_arr[:, None])", "(radii[None, :] >= eps_arr[:, None])",
-             ("tests/test_certify.py", "-k", "certified_accuracy"),
-             "a radius equal to eps (or 0 at eps = 0) counted as certified"),
-    Mutation("train-ramp-ignored", "crmjax/train.py",
-             "lam = optax.linear_schedule(0.0, config.crm.lam, ramp)",
-             "lam = optax.constant_schedule(config.crm.lam)",
-             ("tests/test_train.py", "-k", "ramp or reaches"),
-             "crm.ramp_epochs has no effect on lambda"),
-    Mutation("train-warmup-ignored", "crmjax/train.py",
-             "step_fn = steps[regular and epoch >= warm_epochs]", "step_fn = steps[regular]",
-             ("tests/test_train.py", "-k", "compiles_each"),
-             "the CE warm-up epochs run the CRM step"),
-    Mutation("soundness-no-float32-margin", "crmjax/soundness.py",
-             "margin: float = 1e-4", "margin: float = 0.0",
-             ("tests/test_certify.py", "-k", "linf_sound_bound or margin"),
-             "no inflation for float32 rounding (generic: the margin's default)"),
+  # ------------------------------------------------------- issue 16's audit table
+  Mutation(
+    "losses-count-zero",
+    "crmjax/losses.py",
+    "jnp.maximum(jnp.sum(correct), 1)",
+    "jnp.sum(correct)",
+    ("tests/test_losses.py::test_crm_loss_all_misclassified_has_zero_penalty",),
+    "issue 16: max(1, #correct) -> #correct (0 / 0 = NaN on an all-wrong batch)",
+  ),
+  # soundness.py is being reworked (power method -> Lanczos, eps -> rel_err): both
+  # spellings are listed; the tests are selected by keyword in both test files.
+  Mutation(
+    "soundness-no-kw-inflation",
+    "crmjax/soundness.py",
+    ("sigma / math.sqrt(1.0 - err)", "sigma / math.sqrt(1.0 - eps)"),
+    ("sigma", "sigma"),
+    SOUND_PROB,
+    "issue 16: the probabilistic norm not inflated by 1 / sqrt(1 - eps)",
+  ),
+  Mutation(
+    "soundness-kw-constant",
+    "crmjax/soundness.py",
+    ("POWER_CONSTANT = 0.824", "KW_CONSTANT = 0.824"),
+    ("POWER_CONSTANT = 0.00824", "KW_CONSTANT = 0.00824"),
+    SOUND_PROB,
+    "issue 16: the Kuczynski-Wozniakowski (power method) constant 100x too small",
+  ),
+  Mutation(
+    "train-restore-skipped",
+    "crmjax/train.py",
+    "if ckpt.latest_step() is not None:",
+    "if ckpt.latest_step() is not None and print('WARNING: checkpoint ignored'):",
+    (
+      "tests/test_train.py::test_resume_after_stop_gives_bitwise_the_same_params",
+      "tests/test_faults.py::test_sigkill_then_rerun_finishes_with_bitwise_the_same_params",
+    ),
+    "issue 16: the restore branch disabled (only a warning shows)",
+  ),
+  Mutation(
+    "data-mnist-labels-rolled",
+    "crmjax/data.py",
+    "return images[..., None].astype(np.uint8), labels",
+    "return images[..., None].astype(np.uint8), np.roll(labels, 1)",
+    ("tests/test_data.py", "-k", "vendored_mnist or mnist_files_directly"),
+    "issue 16: MNIST labels off by one position",
+  ),
+  Mutation(
+    "data-mnist-images-transposed",
+    "crmjax/data.py",
+    "return images[..., None].astype(np.uint8), labels",
+    "return images.transpose(0, 2, 1)[..., None].astype(np.uint8), labels",
+    ("tests/test_data.py", "-k", "vendored_mnist or mnist_files_directly"),
+    "issue 16: MNIST images transposed",
+  ),
+  Mutation(
+    "attacks-restart-at-x",
+    "crmjax/attacks.py",
+    "delta0 = jnp.where(restart_idx == 0, jnp.zeros_like(x), _uniform_in_ball(k, x, eps))",
+    "delta0 = jnp.zeros_like(x)",
+    ("tests/test_attacks.py", "-k", "deterministic or restart"),
+    "issue 16: every random restart starts at x",
+  ),
+  Mutation(
+    "train-stop-gradient-bound",
+    "crmjax/train.py",
+    TRAIN_BOUND,
+    TRAIN_BOUND + "    lip = jax.lax.stop_gradient(lip)\n",
+    ("tests/test_train.py::test_crm_step_gradient_reaches_the_params_through_the_bound",),
+    "issue 16: stop_gradient on the Lipschitz bound inside the CRM loss",
+  ),
+  Mutation(
+    "liplt-bound-x0.9",
+    "crmjax/liplt.py",
+    "return readout_bound(net, m, mode=mode, norm=norm), state",
+    "return 0.9 * readout_bound(net, m, mode=mode, norm=norm), state",
+    ("tests/test_liplt.py::test_bounds_exceed_gradient_norms",),
+    "issue 16: the LipLT bound scaled by 0.9",
+  ),
+  Mutation(
+    "soundness-bound-x0.9",
+    "crmjax/soundness.py",
+    "np.asarray(b, np.float64) * inflate",
+    "np.asarray(b, np.float64) * inflate * 0.9",
+    ("tests/test_certify.py", "-k", "brute_force or sampled_gradient"),
+    "issue 16: the sound bound scaled by 0.9",
+  ),
+  Mutation(
+    "losses-lip-transposed",
+    "crmjax/losses.py",
+    "lip_y = lip[labels]",
+    "lip_y = lip.T[labels]",
+    ("tests/test_losses.py::test_certified_radius_is_zero_on_ties_and_uses_row_of_label",),
+    "issue 16: the radius reads column y of the bound (L_iy) instead of row y",
+  ),
+  # --------------------------------------------- further plausible bugs, core modules
+  Mutation(
+    "liplt-readout-drops-radii",
+    "crmjax/liplt.py",
+    "weights = jnp.concatenate([jnp.ones((1,)), _radii(net) * m])",
+    "weights = jnp.concatenate([jnp.ones((1,)), m])",
+    ("tests/test_liplt.py", "-k", "match_float64_reference"),
+    "eq. 19 readout without the r_j factors",
+  ),
+  Mutation(
+    "liplt-interior-drops-radii",
+    "crmjax/liplt.py",
+    "jnp.tril(jnp.pad(table[:, 1:], ((0, 0), (0, 1))), k=-1) * radii[None, :]",
+    "jnp.tril(jnp.pad(table[:, 1:], ((0, 0), (0, 1))), k=-1)",
+    ("tests/test_liplt.py", "-k", "match_float64_reference"),
+    "eq. 19 recursion for m without the r_j factors",
+  ),
+  Mutation(
+    "network-hhat-center",
+    "crmjax/network.py",
+    "return 0.5 * (self.alpha + self.beta)",
+    "return 1.0 * (self.alpha + self.beta)",
+    ("tests/test_liplt.py", "-k", "match_float64_reference"),
+    "loop transformation with c = alpha + beta instead of (alpha + beta) / 2",
+  ),
+  Mutation(
+    "liplt-pairwise-gram",
+    "crmjax/liplt.py",
+    "sq = d[:, None] + d[None, :] - 2.0 * gram",
+    "sq = d[:, None] + d[None, :] - 1.0 * gram",
+    ("tests/test_liplt.py", "-k", "match_float64_reference"),
+    "pair norms from the Gram matrix with a wrong cross term",
+  ),
+  Mutation(
+    "liplt-as-pairwise-max",
+    "crmjax/liplt.py",
+    "return jnp.where(eye, 0.0, bound[:, None] + bound[None, :])",
+    "return jnp.where(eye, 0.0, jnp.maximum(bound[:, None], bound[None, :]))",
+    ("tests/test_liplt.py", "-k", "as_pairwise"),
+    "per-class bounds made pairwise by max(L_i, L_j) (unsound) instead of L_i + L_j",
+  ),
+  Mutation(
+    "liplt-no-gradient-into-table",
+    "crmjax/liplt.py",
+    "outs = table_sweep(net, us)",
+    "outs = table_sweep(frozen, us)",
+    ("tests/test_liplt.py", "-k", "grad"),
+    "the interior norms computed on the stop-gradient network (no training signal)",
+  ),
+  Mutation(
+    "losses-mask-ignores-correct",
+    "crmjax/losses.py",
+    "mask = correct & (radius < r0)",
+    "mask = radius < r0",
+    ("tests/test_losses.py",),
+    "CRM penalises misclassified points too",
+  ),
+  Mutation(
+    "losses-gloro-half-eps",
+    "crmjax/losses.py",
+    "logits + eps * lip[labels]",
+    "logits + 0.5 * eps * lip[labels]",
+    ("tests/test_losses.py",),
+    "GloRo's bottom logit at half the radius",
+  ),
+  Mutation(
+    "certify-estimate-certifies",
+    "crmjax/certify.py",
+    "radii = radii_of(logits, labels, np.asarray(lip))",
+    "radii = radii_of(logits, labels, np.asarray(est))",
+    ("tests/test_certify.py", "-k", "evaluate"),
+    "certificates from the power-iteration estimate instead of the sound bound",
+  ),
+  Mutation(
+    "certify-accuracy-counts-ties",
+    "crmjax/certify.py",
+    "(radii[None, :] > eps_arr[:, None])",
+    "(radii[None, :] >= eps_arr[:, None])",
+    ("tests/test_certify.py", "-k", "certified_accuracy"),
+    "a radius equal to eps (or 0 at eps = 0) counted as certified",
+  ),
+  Mutation(
+    "train-ramp-ignored",
+    "crmjax/train.py",
+    "lam = optax.linear_schedule(0.0, config.crm.lam, ramp)",
+    "lam = optax.constant_schedule(config.crm.lam)",
+    ("tests/test_train.py", "-k", "ramp or reaches"),
+    "crm.ramp_epochs has no effect on lambda",
+  ),
+  Mutation(
+    "train-warmup-ignored",
+    "crmjax/train.py",
+    "step_fn = steps[regular and epoch >= warm_epochs]",
+    "step_fn = steps[regular]",
+    ("tests/test_train.py", "-k", "compiles_each"),
+    "the CE warm-up epochs run the CRM step",
+  ),
+  Mutation(
+    "soundness-no-float32-margin",
+    "crmjax/soundness.py",
+    "margin: float = 1e-4",
+    "margin: float = 0.0",
+    ("tests/test_certify.py", "-k", "linf_sound_bound or margin"),
+    "no inflation for float32 rounding (generic: the margin's default)",
+  ),
 ]
 
 
 def _copy_repo(dest: str) -> None:
   """Tracked and untracked-but-not-ignored files of the working tree, as they are now."""
-  out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                       capture_output=True, check=True).stdout.decode()
+  out = subprocess.run(
+    ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+    cwd=ROOT,
+    capture_output=True,
+    check=True,
+  ).stdout.decode()
   for rel in filter(None, out.split("\0")):
     src = os.path.join(ROOT, rel)
     if os.path.isfile(src):
@@ -205,26 +299,43 @@ def _env(copy: str) -> dict:
   return env
 
 
-def _pytest(copy: str, args: tuple[str, ...], timeout: float, log: str, *,
-            keep_going: bool = False) -> tuple[str, str]:
+def _pytest(
+  copy: str, args: tuple[str, ...], timeout: float, log: str, *, keep_going: bool = False
+) -> tuple[str, str]:
   """Runs pytest in the copy; returns (outcome, first failure message).
 
   Test files of ``args`` that the copy lacks are left out (files come and go).
   """
-  args = tuple(a for a in args if not a.startswith("tests/") or
-               os.path.isfile(os.path.join(copy, a.split("::")[0])))
+  args = tuple(
+    a
+    for a in args
+    if not a.startswith("tests/") or os.path.isfile(os.path.join(copy, a.split("::")[0]))
+  )
   if not any(a.startswith("tests/") for a in args):
     return "not run", "none of the test files exists"
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short",
-         *([] if keep_going else ["-x"]), *args]
+  cmd = [
+    sys.executable,
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "--tb=short",
+    *([] if keep_going else ["-x"]),
+    *args,
+  ]
   t0 = time.time()
   try:
-    proc = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+      cmd, cwd=copy, env=_env(copy), capture_output=True, text=True, timeout=timeout
+    )
     text, rc = proc.stdout + proc.stderr, proc.returncode
   except subprocess.TimeoutExpired as e:
-    text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else \
-        (e.stdout or "")
+    text = (
+      (e.stdout or b"").decode(errors="replace")
+      if isinstance(e.stdout, bytes)
+      else (e.stdout or "")
+    )
     text, rc = text + f"\n[timeout after {timeout:.0f} s]", None
   with open(log, "w") as f:
     f.write(" ".join(cmd) + f"\n[{time.time() - t0:.0f} s]\n" + text)
@@ -236,11 +347,11 @@ def _pytest(copy: str, args: tuple[str, ...], timeout: float, log: str, *,
     failed = [l for l in text.splitlines() if l.startswith("FAILED ")]
     errors = [l.strip() for l in text.splitlines() if l.startswith("E ")][:3]
     more = f" (+{len(failed) - 1} more failed)" if len(failed) > 1 else ""
-    return "failed", (failed[0] if failed else "") + more + (" | " if errors else "") + \
-        " / ".join(errors)
+    return "failed", (failed[0] if failed else "") + more + (" | " if errors else "") + " / ".join(
+      errors
+    )
   # 3: internal error, 4: usage (a test id that does not exist), 5: nothing collected
-  return "not run", f"pytest rc={rc}: " + (text.strip().splitlines()[-1] if text.strip()
-                                          else "")
+  return "not run", f"pytest rc={rc}: " + (text.strip().splitlines()[-1] if text.strip() else "")
 
 
 def _apply(copy: str, m: Mutation) -> str | None:
@@ -265,8 +376,11 @@ def main(argv=None) -> int:
   parser.add_argument("--no-baseline", action="store_true")
   parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per pytest run")
   parser.add_argument("--out", default="", help="folder for logs and the report")
-  parser.add_argument("--keep-going", action="store_true",
-                      help="run every selected test (no -x): which tests see each bug")
+  parser.add_argument(
+    "--keep-going",
+    action="store_true",
+    help="run every selected test (no -x): which tests see each bug",
+  )
   args = parser.parse_args(argv)
 
   chosen = MUTATIONS
@@ -291,11 +405,18 @@ def main(argv=None) -> int:
   work = tempfile.mkdtemp(prefix="crmjax_mutant_repo_")
   try:
     _copy_repo(work)
-    where = subprocess.run([sys.executable, "-c", "import crmjax; print(crmjax.__file__)"],
-                           cwd=work, env=_env(work), capture_output=True, text=True).stdout
+    where = subprocess.run(
+      [sys.executable, "-c", "import crmjax; print(crmjax.__file__)"],
+      cwd=work,
+      env=_env(work),
+      capture_output=True,
+      text=True,
+    ).stdout
     if not where.startswith(work):
-      print(f"the copy's tests would import crmjax from {where.strip()!r}, not the copy",
-            file=sys.stderr)
+      print(
+        f"the copy's tests would import crmjax from {where.strip()!r}, not the copy",
+        file=sys.stderr,
+      )
       return 2
     print(f"copy: {work}\nlogs: {out}", flush=True)
     if not args.no_baseline:
@@ -303,43 +424,74 @@ def main(argv=None) -> int:
         outcome, msg = _pytest(work, sel, args.timeout, os.path.join(out, f"baseline{i}.log"))
         print(f"baseline {' '.join(sel)}: {outcome} {msg}", flush=True)
         if outcome != "passed":
-          print("a baseline selection does not pass on the unmutated code: fix it first",
-                file=sys.stderr)
+          print(
+            "a baseline selection does not pass on the unmutated code: fix it first",
+            file=sys.stderr,
+          )
           return 2
     rows = []
     for m in chosen:
       t0 = time.time()
       original = _apply(work, m)
       if original is None:
-        rows.append({"name": m.name, "result": "n/a", "why": m.why, "message": "old text not "
-                     f"found exactly once in {m.path}: update the mutation", "seconds": 0})
+        rows.append(
+          {
+            "name": m.name,
+            "result": "n/a",
+            "why": m.why,
+            "message": f"old text not found exactly once in {m.path}: update the mutation",
+            "seconds": 0,
+          }
+        )
       else:
         try:
-          outcome, msg = _pytest(work, m.tests, args.timeout, os.path.join(out, f"{m.name}.log"),
-                                 keep_going=args.keep_going)
+          outcome, msg = _pytest(
+            work,
+            m.tests,
+            args.timeout,
+            os.path.join(out, f"{m.name}.log"),
+            keep_going=args.keep_going,
+          )
         finally:
           with open(os.path.join(work, m.path), "w") as f:
             f.write(original)
-        result = {"passed": "survived", "failed": "killed", "timeout": "killed (timeout)",
-                  "not run": "not run"}[outcome]
-        rows.append({"name": m.name, "result": result, "why": m.why, "message": msg[:400],
-                     "tests": " ".join(m.tests), "seconds": round(time.time() - t0)})
+        result = {
+          "passed": "survived",
+          "failed": "killed",
+          "timeout": "killed (timeout)",
+          "not run": "not run",
+        }[outcome]
+        rows.append(
+          {
+            "name": m.name,
+            "result": result,
+            "why": m.why,
+            "message": msg[:400],
+            "tests": " ".join(m.tests),
+            "seconds": round(time.time() - t0),
+          }
+        )
       r = rows[-1]
-      print(f"{r['name']:32s} {r['result']:18s} {r['seconds']:5d} s  {r['message'][:160]}",
-            flush=True)
+      print(
+        f"{r['name']:32s} {r['result']:18s} {r['seconds']:5d} s  {r['message'][:160]}", flush=True
+      )
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
   applied = [r for r in rows if r["result"] not in ("n/a", "not run")]
   killed = [r for r in applied if r["result"].startswith("killed")]
-  summary = (f"killed {len(killed)} of {len(applied)} applicable mutations"
-             f" ({100.0 * len(killed) / max(len(applied), 1):.0f}%);"
-             f" {len(rows) - len(applied)} n/a or not run")
+  summary = (
+    f"killed {len(killed)} of {len(applied)} applicable mutations"
+    f" ({100.0 * len(killed) / max(len(applied), 1):.0f}%);"
+    f" {len(rows) - len(applied)} n/a or not run"
+  )
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump({"summary": summary, "rows": rows}, f, indent=1)
   with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(f"{summary}\n\n| mutation | result | s | bug | failing assertion |\n"
-            "| --- | --- | --- | --- | --- |\n")
+    f.write(
+      f"{summary}\n\n| mutation | result | s | bug | failing assertion |\n"
+      "| --- | --- | --- | --- | --- |\n"
+    )
     for r in rows:
       msg = re.sub(r"\s+", " ", r["message"]).replace("|", "\\|")[:200]
       f.write(f"| {r['name']} | {r['result']} | {r['seconds']} | {r['why']} | {msg} |\n")

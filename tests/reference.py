@@ -65,8 +65,10 @@ def controlled_matrices(layer, params, shape):
     gram = Wa @ Wa.T
   q = np.ones(W.shape[0])
   if layer.rescaling == "sll":
-    q = np.broadcast_to(np.exp(np.asarray(params["log_q"], np.float64)),
-                        (W.shape[0] // kernel.shape[-1], kernel.shape[-1])).ravel()
+    q = np.broadcast_to(
+      np.exp(np.asarray(params["log_q"], np.float64)),
+      (W.shape[0] // kernel.shape[-1], kernel.shape[-1]),
+    ).ravel()
   t = 2 * layer.rho / (a + b) ** 2 / np.maximum(gram @ q / q, 1e-12)
   s = np.sqrt(layer.rho)
   return W, -(a + b) / s * W.T * t[None, :], s
@@ -87,7 +89,7 @@ def blocks_of(layers, params, input_shape):
         M, s = layer_matrix(l, p.get(f"layer_{j}", {}), s)
         W = M @ W
       G = np.eye(int(np.prod(s)))
-      for j, l in enumerate(layer.layers[k + 1:], start=k + 1):
+      for j, l in enumerate(layer.layers[k + 1 :], start=k + 1):
         M, s = layer_matrix(l, p.get(f"layer_{j}", {}), s)
         G = M @ G
       blocks.append((W @ pending, G, pending) + tuple(layer.layers[k].slope_bounds))
@@ -113,9 +115,13 @@ def readout_norms(A, mode, norm):
   if mode == "global":
     return op_norm(A, norm)
   if mode == "per_class":
-    return np.array([op_norm(A[i:i + 1], norm) for i in range(K)])
-  return np.array([[0.0 if i == j else op_norm(A[i:i + 1] - A[j:j + 1], norm)
-                    for j in range(K)] for i in range(K)])
+    return np.array([op_norm(A[i : i + 1], norm) for i in range(K)])
+  return np.array(
+    [
+      [0.0 if i == j else op_norm(A[i : i + 1] - A[j : j + 1], norm) for j in range(K)]
+      for i in range(K)
+    ]
+  )
 
 
 def _hhat(W, G, H, a, b):

@@ -156,9 +156,7 @@ def test_projection_ball_and_box(loss, schedule):
   x, y = _images(0)
   eps = jnp.array([0.0, 0.5, 1.0, 2.0, 3.0, 0.1, 10.0, 1e-3])
   attack = jax.jit(
-    functools.partial(
-      pgd_l2, logits_fn, num_steps=10, num_restarts=3, loss=loss, schedule=schedule
-    )
+    functools.partial(pgd_l2, logits_fn, num_steps=10, num_restarts=3, loss=loss, schedule=schedule)
   )
   res = attack(x, y, key=jax.random.key(1), eps=eps)
   assert isinstance(res, PGDResult)
@@ -167,7 +165,7 @@ def test_projection_ball_and_box(loss, schedule):
   norms = jnp.sqrt(jnp.sum((res.x_adv - x).reshape(x.shape[0], -1) ** 2, axis=-1))
   # float32 rounding of x + delta (|x| <= 1) moves each coordinate of x_adv - x by up to
   # 2^-24: an absolute slack of sqrt(d) 2^-24 besides the relative one (eps = 1e-3 needs it).
-  slack = np.sqrt(x[0].size) * 2.0 ** -24
+  slack = np.sqrt(x[0].size) * 2.0**-24
   assert bool((norms <= eps * (1 + 1e-5) + slack).all()), (norms, eps)
   assert bool(((res.x_adv >= 0.0) & (res.x_adv <= 1.0)).all())
   np.testing.assert_array_equal(res.x_adv[0], x[0])  # eps = 0
@@ -202,9 +200,11 @@ def _bowl(c):
   At ``x = 0`` the attack gradient vanishes, so PGD started at ``x`` never moves (its unit
   step is 0 / max(0, tiny) = 0); only a random start at radius > sqrt(c) breaks the point.
   """
+
   def logits_fn(u):
     sq = jnp.sum(jnp.square(u.reshape(u.shape[0], -1)), axis=-1)
     return jnp.stack([c - sq, jnp.zeros_like(sq)], axis=-1)
+
   return logits_fn
 
 
@@ -240,8 +240,9 @@ def test_only_random_restarts_escape_a_flat_point():
   x = jnp.zeros((n, d), jnp.float32)
   y = jnp.zeros((n,), jnp.int32)
   attack = jax.jit(
-    lambda key, restarts: pgd_l2(_bowl(c), x, y, key=key, eps=eps, num_steps=10,
-                                 num_restarts=restarts, **NO_BOX),
+    lambda key, restarts: pgd_l2(
+      _bowl(c), x, y, key=key, eps=eps, num_steps=10, num_restarts=restarts, **NO_BOX
+    ),
     static_argnums=1,
   )
   stuck = attack(jax.random.key(0), 1)

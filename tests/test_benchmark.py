@@ -84,29 +84,30 @@ def test_unknown_model_or_column_is_a_clear_error(tmp_path):
 
 def test_random_state_is_shaped_like_create_state_with_fresh_optimizer_state():
   from crmjax import train
+
   model = benchmark.paper_model("MLP")
   config = benchmark_config.get_config()
-  tx = train.make_optimizer(benchmark.train_config(config, bound="liplt", power_iters=1,
-                                                   batch_size=8), 10)
+  tx = train.make_optimizer(
+    benchmark.train_config(config, bound="liplt", power_iters=1, batch_size=8), 10
+  )
   state = benchmark.random_state(model, tx, 0)
   want = jax.eval_shape(lambda: train.create_state(model, tx, 0))
   assert jax.tree.structure(state) == jax.tree.structure(want)
   for got, ref in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
     assert got.shape == ref.shape and got.dtype == ref.dtype
   # Adam's state is what tx.init gives these params (zero moments and count)
-  for got, ref in zip(jax.tree.leaves(state.opt_state),
-                      jax.tree.leaves(tx.init(state.params))):
+  for got, ref in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(tx.init(state.params))):
     np.testing.assert_array_equal(got, ref)
   kernels = [k for k in jax.tree.leaves(state.params) if k.ndim == 2]
   assert kernels and all(np.std(k) > 0 for k in kernels)
   for rows in jax.tree.leaves(state.power):  # unit starting vectors
-    np.testing.assert_allclose(np.linalg.norm(rows.reshape(len(rows), -1), axis=1), 1,
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(rows.reshape(len(rows), -1), axis=1), 1, rtol=1e-5)
 
 
 def test_models_take_their_shapes_from_their_dataset():
   from crmjax import data
   from experiments.configs import cifar, mnist, tiny_imagenet
+
   for config in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config()):
     assert benchmark_config.MODELS[config.model] == (config.dataset, config.power_iters)
   for name, (dataset, _) in benchmark_config.MODELS.items():
@@ -117,6 +118,7 @@ def test_models_take_their_shapes_from_their_dataset():
 def test_a_run_stopped_mid_way_keeps_the_rows_measured(tmp_path, monkeypatch):
   def stopped(*args, **kwargs):
     raise KeyboardInterrupt  # what a time limit's signal does, in effect
+
   monkeypatch.setattr(benchmark, "sweep_depth", stopped)
   config = _tiny_config(tmp_path / "b.json")
   config.skip["MLP"] = ("crm_liplt", "crm_liplt_1it", "crm_naive", "liplt_bound")

@@ -32,12 +32,22 @@ MARGIN = 1e-4  # soundness.sound_bound's default relative margin per norm
 # ------------------------------------------------------------ 2-D brute-force radii
 
 NETS_2D = {
-    "relu_8": (L.Dense(8), L.Act(), L.Dense(3)),
-    "leaky_6_6": (L.Dense(6), L.Act("leaky_relu", 0.2), L.Dense(6), L.Act("leaky_relu", 0.2),
-                  L.Dense(3)),
-    # slopes in [0.8, 1]: LipLT is within a few % of the true constant (sampled test)
-    "leaky_tight": (L.Dense(6), L.Act("leaky_relu", 0.8), L.Dense(6), L.Act("leaky_relu", 0.8),
-                    L.Dense(3)),
+  "relu_8": (L.Dense(8), L.Act(), L.Dense(3)),
+  "leaky_6_6": (
+    L.Dense(6),
+    L.Act("leaky_relu", 0.2),
+    L.Dense(6),
+    L.Act("leaky_relu", 0.2),
+    L.Dense(3),
+  ),
+  # slopes in [0.8, 1]: LipLT is within a few % of the true constant (sampled test)
+  "leaky_tight": (
+    L.Dense(6),
+    L.Act("leaky_relu", 0.8),
+    L.Dense(6),
+    L.Act("leaky_relu", 0.8),
+    L.Dense(3),
+  ),
 }
 
 
@@ -51,7 +61,8 @@ def _init(layers, shape, seed, bias_scale=0.0):
   compilation), values from numpy (kernels ``N(0, 1 / fan_in)``, biases
   ``N(0, bias_scale^2)``)."""
   shapes = jax.eval_shape(
-      lambda: L.Sequential(layers).init(jax.random.key(0), jnp.zeros((1, *shape))))["params"]
+    lambda: L.Sequential(layers).init(jax.random.key(0), jnp.zeros((1, *shape)))
+  )["params"]
   rng = np.random.default_rng(seed)
 
   def draw(path, a):
@@ -96,11 +107,11 @@ def _forward64(layers, p):
     for w in ws:
       x = x @ w[1] + w[2] if w[0] == "dense" else w[1](x)
     return x
+
   return f
 
 
-def _min_adversarial_distance(f, x0, label, *, r_max=4.0, n_dirs=720, n_steps=200,
-                              n_bisect=30):
+def _min_adversarial_distance(f, x0, label, *, r_max=4.0, n_dirs=720, n_steps=200, n_bisect=30):
   """An upper bound on the true minimal distance (every value found is adversarial).
 
   Scans rays of a dense polar grid; on each ray, the first grid radius where the argmax
@@ -160,8 +171,10 @@ def test_sound_radii_below_brute_force_distance_2d(name):
   assert np.all(np.isfinite(dist[3:]))  # every correct point has an adversary in range
   assert np.all(radii <= dist), np.c_[radii, dist][radii > dist]
   ok = radii > 0
-  print(f"{name}: R / true distance in [{(radii[ok] / dist[ok]).min():.3f}, "
-        f"{(radii[ok] / dist[ok]).max():.3f}] on {ok.sum()} certified points")
+  print(
+    f"{name}: R / true distance in [{(radii[ok] / dist[ok]).min():.3f}, "
+    f"{(radii[ok] / dist[ok]).max():.3f}] on {ok.sum()} certified points"
+  )
   assert np.sum(radii > 0) >= 6  # not vacuous
   # ... and the search is sharp enough to expose a bound 2.5x too small
   assert np.any(certify.radii_of(logits, labels, 0.4 * lip) > dist)
@@ -172,8 +185,12 @@ def test_sound_radii_below_brute_force_distance_2d(name):
   assert np.all(got <= np.array([(dist > e).mean() for e in eps]))
   assert isinstance(certify.certified_accuracy(radii, 0.05), float)
   # The radius uses the pairwise bound of the label row: check against numpy.
-  want = np.array([max(0.0, min((z[y] - z[i]) / lip[y, i] for i in range(3) if i != y))
-                   for z, y in zip(logits.astype(np.float64), labels)])
+  want = np.array(
+    [
+      max(0.0, min((z[y] - z[i]) / lip[y, i] for i in range(3) if i != y))
+      for z, y in zip(logits.astype(np.float64), labels)
+    ]
+  )
   np.testing.assert_allclose(radii, want, rtol=1e-5, atol=1e-7)
 
 
@@ -196,8 +213,9 @@ def test_sound_pairwise_bound_above_sampled_gradient_norms_2d(name, seed, tight)
 
 def test_certified_accuracy_and_mean_pairwise():
   radii = np.array([0.0, 0.1, 0.3, 0.3, 1.0])
-  np.testing.assert_allclose(certify.certified_accuracy(radii, [0.0, 0.1, 0.3, 2.0]),
-                             [0.8, 0.6, 0.2, 0.0])
+  np.testing.assert_allclose(
+    certify.certified_accuracy(radii, [0.0, 0.1, 0.3, 2.0]), [0.8, 0.6, 0.2, 0.0]
+  )
   assert certify.certified_accuracy(radii, 0.0) == 0.8  # radius 0 never counts
   np.testing.assert_array_equal(certify.certified_accuracy(np.zeros(0), [0.1, 0.2]), [0, 0])
   lip = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 6.0], [2.0, 6.0, 0.0]])
@@ -208,14 +226,40 @@ def test_certified_accuracy_and_mean_pairwise():
 
 K = 4
 CONV_NETS = {
-    "conv3": ((5, 5, 2), (L.Conv(3, 3, 1, 1), L.Act(), L.Conv(4, 3, 2, 1), L.Act(),
-                          L.Flatten(), L.Dense(6), L.Act("tanh"), L.Dense(K))),
-    "conv2": ((5, 5, 2), (L.Conv(3, 3, 1, 1), L.Act(), L.Conv(4, 3, 2, 1),
-                          L.Act("leaky_relu", 0.2), L.Flatten(), L.Dense(K))),
-    "residual_conv": ((4, 4, 2), (L.Conv(3, 3, 1, 1), L.Act("leaky_relu", 0.1),
-                                  L.Residual((L.Conv(3, 3, 1, 1), L.Act(),
-                                              L.Conv(3, 3, 1, 1))),
-                                  L.Flatten(), L.Dense(K))),
+  "conv3": (
+    (5, 5, 2),
+    (
+      L.Conv(3, 3, 1, 1),
+      L.Act(),
+      L.Conv(4, 3, 2, 1),
+      L.Act(),
+      L.Flatten(),
+      L.Dense(6),
+      L.Act("tanh"),
+      L.Dense(K),
+    ),
+  ),
+  "conv2": (
+    (5, 5, 2),
+    (
+      L.Conv(3, 3, 1, 1),
+      L.Act(),
+      L.Conv(4, 3, 2, 1),
+      L.Act("leaky_relu", 0.2),
+      L.Flatten(),
+      L.Dense(K),
+    ),
+  ),
+  "residual_conv": (
+    (4, 4, 2),
+    (
+      L.Conv(3, 3, 1, 1),
+      L.Act("leaky_relu", 0.1),
+      L.Residual((L.Conv(3, 3, 1, 1), L.Act(), L.Conv(3, 3, 1, 1))),
+      L.Flatten(),
+      L.Dense(K),
+    ),
+  ),
 }
 
 
@@ -229,8 +273,12 @@ def _conv_net(name, seed=0):
 
 def _estimates(net, state, method, norm="l2"):
   """The training bound in every mode (3 power iterations for l2), one compilation."""
-  f = jax.jit(lambda n, s: [liplt.lipschitz_bound(n, s, method=method, mode=m, norm=norm,
-                                                  num_iters=3)[0] for m in liplt.MODES])
+  f = jax.jit(
+    lambda n, s: [
+      liplt.lipschitz_bound(n, s, method=method, mode=m, norm=norm, num_iters=3)[0]
+      for m in liplt.MODES
+    ]
+  )
   return dict(zip(liplt.MODES, (np.asarray(b) for b in f(net, state))))
 
 
@@ -243,15 +291,18 @@ def _ratio(got, want, mode):
   return np.atleast_1d(got / want)
 
 
-@pytest.mark.parametrize("name,methods", [("conv2", ("liplt", "naive")),
-                                          ("conv3", ("liplt",)),
-                                          ("residual_conv", ("liplt", "naive"))])
+@pytest.mark.parametrize(
+  "name,methods",
+  [("conv2", ("liplt", "naive")), ("conv3", ("liplt",)), ("residual_conv", ("liplt", "naive"))],
+)
 def test_sound_bound_exact_materialisation(name, methods):
   net, blocks, R = _conv_net(name)
   n_blocks = len(net.blocks)
   state = _init_state(net, 1)
-  refs = {"liplt": lambda m: ref.liplt_reference(blocks, R, mode=m)[0],
-          "naive": lambda m: ref.naive_reference(blocks, R, mode=m)}
+  refs = {
+    "liplt": lambda m: ref.liplt_reference(blocks, R, mode=m)[0],
+    "naive": lambda m: ref.naive_reference(blocks, R, mode=m),
+  }
   ratios = []
   est = _estimates(net, state, "liplt")
   for method in methods:
@@ -289,8 +340,7 @@ def _interior_exact(blocks):
   return out
 
 
-@pytest.mark.parametrize("estimator,num_iters", [("lanczos", 300), ("lanczos", 20),
-                                                 ("power", 300)])
+@pytest.mark.parametrize("estimator,num_iters", [("lanczos", 300), ("lanczos", 20), ("power", 300)])
 def test_sound_bound_probabilistic(estimator, num_iters):
   """Every interior norm is the exact norm times 1 / sqrt(1 - rel_err) (the estimates have
   converged on these small operators), and the whole bound is sound."""
@@ -299,8 +349,9 @@ def test_sound_bound_probabilistic(estimator, num_iters):
   est = _estimates(net, state, "liplt")
   n_blocks = len(net.blocks)
   exact = _interior_exact(blocks)
-  bounds, info = soundness.sound_bounds(net, exact_max_dim=1, num_iters=num_iters,
-                                        estimator=estimator, key=11)
+  bounds, info = soundness.sound_bounds(
+    net, exact_max_dim=1, num_iters=num_iters, estimator=estimator, key=11
+  )
   assert info["exact_norms"] == 0 and info["estimator"] == estimator
   assert info["probabilistic_norms"] == n_blocks * (n_blocks + 1) // 2 == len(exact)
   assert info["kind"] == "upper bound with probability >= 0.999999"
@@ -313,13 +364,21 @@ def test_sound_bound_probabilistic(estimator, num_iters):
     inflation = 1.0 / math.sqrt(1.0 - d["rel_err"])
     # >= exact: sound; == exact * inflation: the inflation is applied, the estimate converged
     # (the power method converges slowly: 300 iterations reach 1e-4, Lanczos 1e-7)
-    np.testing.assert_allclose(d["value"] / exact[d["operator"]], inflation,
-                               rtol=1e-5 if estimator == "lanczos" else 1e-3,
-                               err_msg=d["operator"])
+    np.testing.assert_allclose(
+      d["value"] / exact[d["operator"]],
+      inflation,
+      rtol=1e-5 if estimator == "lanczos" else 1e-3,
+      err_msg=d["operator"],
+    )
     assert d["value"] >= exact[d["operator"]], d
-  np.testing.assert_allclose(np.asarray(info["interior_norms"])[np.tril_indices(n_blocks)],
-                             [d["value"] for d in sorted(info["norms"], key=lambda d: (
-                                 int(d["operator"][2]), int(d["operator"][4])))], rtol=1e-12)
+  np.testing.assert_allclose(
+    np.asarray(info["interior_norms"])[np.tril_indices(n_blocks)],
+    [
+      d["value"]
+      for d in sorted(info["norms"], key=lambda d: (int(d["operator"][2]), int(d["operator"][4])))
+    ],
+    rtol=1e-12,
+  )
   infl = info["max_relative_inflation"]
   for mode in liplt.MODES:
     want, _ = ref.liplt_reference(blocks, R, mode=mode)
@@ -329,8 +388,9 @@ def test_sound_bound_probabilistic(estimator, num_iters):
     assert np.all(np.asarray(bounds[mode]) >= est[mode])
   # A warm start (training vectors) can only raise the estimates (max of warm and fresh):
   # still sound, and not below the cold bound with the same iterations and key.
-  warm, info = soundness.sound_bound(net, exact_max_dim=1, num_iters=num_iters, warm=state,
-                                     estimator=estimator, key=11)
+  warm, info = soundness.sound_bound(
+    net, exact_max_dim=1, num_iters=num_iters, warm=state, estimator=estimator, key=11
+  )
   assert info["probabilistic_norms"] > 0
   assert np.all(warm >= bounds["pairwise"] * (1 - 1e-6))
   assert np.all(_ratio(warm, ref.liplt_reference(blocks, R)[0], "pairwise") >= 1.0)
@@ -346,8 +406,9 @@ def test_linf_sound_bound_is_the_linf_liplt_bound_times_the_margin():
   for mode in liplt.MODES:
     got, info = soundness.sound_bound(net, mode=mode, norm="linf")
     assert info["kind"] == "guaranteed upper bound" and info["norm"] == "linf"
-    np.testing.assert_allclose(got, est[mode].astype(np.float64) *
-                               (1 + MARGIN) ** (n_blocks + 1), rtol=1e-6)
+    np.testing.assert_allclose(
+      got, est[mode].astype(np.float64) * (1 + MARGIN) ** (n_blocks + 1), rtol=1e-6
+    )
     exact, _ = ref.liplt_reference(blocks, R, mode=mode, norm="linf")
     assert np.all(np.asarray(got) >= exact), mode
 
@@ -363,9 +424,17 @@ def test_exact_norm_matches_svd_both_sides():
 
 # ------------------------------------------------------------------- evaluate
 
-KEYS = {"clean_accuracy", "eps", "method", "estimate_mean_pairwise_lipschitz",
-        "estimate_certified_accuracy", "certified_accuracy", "mean_pairwise_lipschitz",
-        "bound_kind", "mean_certified_radius"}
+KEYS = {
+  "clean_accuracy",
+  "eps",
+  "method",
+  "estimate_mean_pairwise_lipschitz",
+  "estimate_certified_accuracy",
+  "certified_accuracy",
+  "mean_pairwise_lipschitz",
+  "bound_kind",
+  "mean_certified_radius",
+}
 
 
 def _tiny_model():
@@ -400,8 +469,9 @@ def test_certificates_use_highest_precision_logits():
   x = jnp.asarray(images, jnp.float32) / 255
 
   def products(text):
-    return [l for l in text.splitlines()
-            if "stablehlo.convolution" in l or "stablehlo.dot_general" in l]
+    return [
+      l for l in text.splitlines() if "stablehlo.convolution" in l or "stablehlo.dot_general" in l
+    ]
 
   lowered = products(certify.certified_apply(model).lower(params, x).as_text())
   assert len(lowered) == 2 and all("HIGHEST" in l for l in lowered), lowered
@@ -410,8 +480,9 @@ def test_certificates_use_highest_precision_logits():
   # float64 reference: the conv as an explicit matrix, then ReLU and the dense layer
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   conv, _ = ref.conv_matrix(p["layer_0"]["kernel"], (6, 6, 1), 2, 1)
-  h = np.maximum(np.asarray(x, np.float64).reshape(7, -1) @ conv.T +
-                 np.tile(p["layer_0"]["bias"], 9), 0)
+  h = np.maximum(
+    np.asarray(x, np.float64).reshape(7, -1) @ conv.T + np.tile(p["layer_0"]["bias"], 9), 0
+  )
   want = h @ p["layer_3"]["kernel"] + p["layer_3"]["bias"]
   got = certify.batched_logits(model, params, images, batch_size=3)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -425,9 +496,20 @@ def test_evaluate(method):
   model, params, images, labels, logits = _tiny_model()
   net = model.lipnet(params)
   power = _init_state(net, 1)
-  out = certify.evaluate(model, params, power, images, labels, eps=0.01, batch_size=3,
-                         num_iters=5, method=method, sound=True, sound_iters=200,
-                         extra_eps=(0.005, 0.01, 0.02))
+  out = certify.evaluate(
+    model,
+    params,
+    power,
+    images,
+    labels,
+    eps=0.01,
+    batch_size=3,
+    num_iters=5,
+    method=method,
+    sound=True,
+    sound_iters=200,
+    extra_eps=(0.005, 0.01, 0.02),
+  )
   assert KEYS | {"bound_details"} == set(out)
   assert out["bound_kind"] == "guaranteed upper bound"
   assert out["method"] == method and out["eps"] == 0.01
@@ -454,8 +536,18 @@ def test_evaluate(method):
   assert out["certified_accuracy_at"]["0.01"] == out["certified_accuracy"]
   assert certify.eps_key(36 / 255) == "0.1412" and certify.eps_key(18 / 255) == "0.07059"
 
-  out = certify.evaluate(model, params, power, images, labels, eps=0.01, batch_size=4,
-                         num_iters=5, method=method, sound=False)
+  out = certify.evaluate(
+    model,
+    params,
+    power,
+    images,
+    labels,
+    eps=0.01,
+    batch_size=4,
+    num_iters=5,
+    method=method,
+    sound=False,
+  )
   assert set(out) == KEYS
   assert out["bound_kind"] == "power-iteration estimate (not guaranteed)"
   assert out["certified_accuracy"] == out["estimate_certified_accuracy"]

@@ -12,11 +12,12 @@ import numpy as np
 import optax
 import pytest
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from crmjax.checkpoint import (
-  CheckpointMismatchError,
   Checkpointer,
+  CheckpointMismatchError,
   CorruptCheckpointError,
   check_writable,
 )
@@ -45,8 +46,10 @@ def make_state(seed: int = 0, hidden: int = 4) -> TrainState:
   # One update so that mu/nu/count are non-trivial.
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
   _, opt_state = tx.update(grads, opt_state, params)
-  vecs = (jnp.asarray(rng.normal(size=(hidden,)), jnp.float32),
-      jnp.asarray(rng.normal(size=(10,)), jnp.float32))
+  vecs = (
+    jnp.asarray(rng.normal(size=(hidden,)), jnp.float32),
+    jnp.asarray(rng.normal(size=(10,)), jnp.float32),
+  )
   return TrainState(
     params=params,
     opt_state=opt_state,
@@ -64,8 +67,12 @@ def assert_bitwise_equal(a: Any, b: Any) -> None:
     assert xa.tobytes() == ya.tobytes()
 
 
-META = {"architecture": "4C3F", "epoch": 3, "step_in_epoch": 0,
-    "config": {"lr": 1e-3, "widths": [32, 32], "name": "x"}}
+META = {
+  "architecture": "4C3F",
+  "epoch": 3,
+  "step_in_epoch": 0,
+  "config": {"lr": 1e-3, "widths": [32, 32], "name": "x"},
+}
 
 
 def test_round_trip_is_bitwise_exact(tmp_path):
@@ -95,12 +102,16 @@ def test_restore_into_abstract_target_and_shardings(tmp_path):
   mesh = Mesh(devices, ("d",))
   sharded = NamedSharding(mesh, P("d"))
   replicated = NamedSharding(mesh, P())
-  state = {"w": jax.device_put(jnp.arange(8 * n, dtype=jnp.float32), sharded),
-       "b": jax.device_put(jnp.ones((3,), jnp.float32), replicated)}
+  state = {
+    "w": jax.device_put(jnp.arange(8 * n, dtype=jnp.float32), sharded),
+    "b": jax.device_put(jnp.ones((3,), jnp.float32), replicated),
+  }
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save(0, state, {"architecture": "a"})
     # Abstract target (no data), carrying the shardings to restore into.
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
     restored, _ = ckpt.restore(abstract)
   assert restored["w"].sharding == sharded
   assert restored["b"].sharding == replicated
@@ -149,13 +160,22 @@ def test_non_json_meta_rejected(tmp_path):
 @pytest.mark.parametrize(
   "target, fragment",
   [
-    (make_state(0, hidden=6), "conv/kernel has shape (3, 3, 1, 4) in the checkpoint but (3, 3, 1, 6)"),
-    (make_state(0).replace(params={**make_state(0).params, "extra": {"w": jnp.zeros(2)}}),
-     "params/extra/w is in the target state but not in the checkpoint"),
-    (make_state(0).replace(power_vectors=make_state(0).power_vectors[:1]),
-     "power_vectors/1 is in the checkpoint but not in the target state"),
-    (make_state(0).replace(key=jnp.zeros((2,), jnp.int32)),
-     "key has dtype uint32 in the checkpoint but int32"),
+    (
+      make_state(0, hidden=6),
+      "conv/kernel has shape (3, 3, 1, 4) in the checkpoint but (3, 3, 1, 6)",
+    ),
+    (
+      make_state(0).replace(params={**make_state(0).params, "extra": {"w": jnp.zeros(2)}}),
+      "params/extra/w is in the target state but not in the checkpoint",
+    ),
+    (
+      make_state(0).replace(power_vectors=make_state(0).power_vectors[:1]),
+      "power_vectors/1 is in the checkpoint but not in the target state",
+    ),
+    (
+      make_state(0).replace(key=jnp.zeros((2,), jnp.int32)),
+      "key has dtype uint32 in the checkpoint but int32",
+    ),
   ],
   ids=["shape", "extra-leaf", "missing-leaf", "dtype"],
 )
@@ -174,7 +194,9 @@ def test_mismatch_is_reported_helpfully(tmp_path, target, fragment):
 def test_architecture_mismatch(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save(2, make_state(0), {"architecture": "6C2F"})
-    with pytest.raises(CheckpointMismatchError, match="meta\\['architecture'\\] = '6C2F', but '4C3F'"):
+    with pytest.raises(
+      CheckpointMismatchError, match="meta\\['architecture'\\] = '6C2F', but '4C3F'"
+    ):
       ckpt.restore(make_state(0), expected_meta={"architecture": "4C3F"})
 
 

@@ -12,12 +12,19 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
 def _run(*args, timeout=120):
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", *args],
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
-@pytest.mark.parametrize("experiment, default_workdir", [("mnist", "runs/mnist"),
-                                                         ("certify", None)])
+@pytest.mark.parametrize(
+  "experiment, default_workdir", [("mnist", "runs/mnist"), ("certify", None)]
+)
 def test_help_lists_the_experiments_own_flags(experiment, default_workdir):
   out = _run(f"experiments.{experiment}", "--help")
   # absl lists only the main module's key flags: these are defined in experiments/cli.py
@@ -27,11 +34,13 @@ def test_help_lists_the_experiments_own_flags(experiment, default_workdir):
 
 
 def test_a_fixable_error_is_one_line_and_exit_status_2():
-  out = _run("experiments.benchmark", "--config=experiments/configs/benchmark.py",
-             "--config.models=('VGG',)")
+  out = _run(
+    "experiments.benchmark", "--config=experiments/configs/benchmark.py", "--config.models=('VGG',)"
+  )
   assert out.returncode == 2
-  assert out.stderr.strip().splitlines()[-1].startswith("error: --config.models: unknown "
-                                                        "model 'VGG'")
+  assert (
+    out.stderr.strip().splitlines()[-1].startswith("error: --config.models: unknown model 'VGG'")
+  )
   assert "Traceback" not in out.stderr
 
 

@@ -3,8 +3,17 @@
 import pytest
 
 from crmjax import liplt, models, train
-from experiments.configs import (benchmark, bounds, certify, cifar, default, mnist, residual,
-                                 tightness, tiny_imagenet)
+from experiments.configs import (
+  benchmark,
+  bounds,
+  certify,
+  cifar,
+  default,
+  mnist,
+  residual,
+  tightness,
+  tiny_imagenet,
+)
 
 
 @pytest.mark.parametrize("module", [mnist, cifar, tiny_imagenet])

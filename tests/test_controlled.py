@@ -26,6 +26,7 @@ def _init(module, shape, seed, scale, dtype=jnp.float64):
     if "kernel" in name:
       return (a * scale).astype(dtype)
     return jax.random.normal(next(keys), a.shape, dtype) * 0.5  # bias, log_q: nonzero
+
   return jax.tree_util.tree_map_with_path(perturb, p)
 
 
@@ -52,9 +53,15 @@ def _empirical(module, p, shape, seed, n_jac=48, n_pairs=256):
 @pytest.mark.parametrize("rescaling", C.RESCALINGS)
 def test_dense_is_sqrt_rho_lipschitz(rho, rescaling):
   with jax.enable_x64(True):
-    for seed, (scale, act) in enumerate([(0.1, L.Act()), (1.0, L.Act()), (10.0, L.Act()),
-                                         (1.0, L.Act("tanh")),
-                                         (3.0, L.Act("leaky_relu", 0.3))]):
+    for seed, (scale, act) in enumerate(
+      [
+        (0.1, L.Act()),
+        (1.0, L.Act()),
+        (10.0, L.Act()),
+        (1.0, L.Act("tanh")),
+        (3.0, L.Act("leaky_relu", 0.3)),
+      ]
+    ):
       module = C.ControlledDense(7, rho=rho, act=act, rescaling=rescaling)
       p = _init(module, (5,), seed, scale)
       jmax, pmax = _empirical(module, p, (5,), seed)
@@ -76,8 +83,16 @@ def test_conv_is_sqrt_rho_lipschitz(rho, stride):
       # The exact Jacobian sqrt(rho) I - c/sqrt(rho) W^T T diag(phi'(W x + b)) W from the
       # explicit convolution matrix, at many points: its norm is <= sqrt(rho).
       W, _ = ref.conv_matrix(np.asarray(p["kernel"]), (5, 4, 2), stride, 1)
-      t = np.asarray(C.conv_scaling(p["kernel"], (5, 4, 2), stride=stride, padding=1,
-                                    rho=rho, q=jnp.exp(p["log_q"]) if "log_q" in p else None))
+      t = np.asarray(
+        C.conv_scaling(
+          p["kernel"],
+          (5, 4, 2),
+          stride=stride,
+          padding=1,
+          rho=rho,
+          q=jnp.exp(p["log_q"]) if "log_q" in p else None,
+        )
+      )
       b = np.broadcast_to(np.asarray(p["bias"]), t.shape).ravel()
       xs = np.random.default_rng(seed).normal(size=(64, W.shape[1])) * 2.0
       for x in xs:
@@ -100,7 +115,7 @@ def test_dense_lmi_holds(rho):
           assert np.all(t > 0)
           W = np.asarray(kernel).T
           lmi = np.diag(2 * rho / (alpha + beta) ** 2 / t) - W @ W.T
-          assert np.linalg.eigvalsh(lmi).min() >= -1e-6 * max(1.0, scale ** 2)
+          assert np.linalg.eigvalsh(lmi).min() >= -1e-6 * max(1.0, scale**2)
 
 
 @pytest.mark.parametrize("stride,pad", [(1, 1), (2, 1), (1, 0)])
@@ -124,8 +139,7 @@ def test_transpose_is_the_adjoint():
     op = C.conv_operator(kernel, (5, 4, 2), stride=2, padding=1)
     x = jax.random.normal(jax.random.key(1), (3, 5, 4, 2), jnp.float64)
     y = jax.random.normal(jax.random.key(2), (3, *op.out_shape), jnp.float64)
-    np.testing.assert_allclose(jnp.sum(op(x) * y), jnp.sum(x * C.transpose(op)(y)),
-                               rtol=1e-10)
+    np.testing.assert_allclose(jnp.sum(op(x) * y), jnp.sum(x * C.transpose(op)(y)), rtol=1e-10)
     conv = C.ControlledConv(3, rho=0.5)
     y = conv.apply(conv.init(jax.random.key(2), x), x)
     assert y.shape == x.shape
@@ -138,11 +152,13 @@ def test_float32_and_errors():
   assert set(p) == {"kernel", "bias", "log_q"}
   y = module.apply({"params": p}, x)
   ratio = np.linalg.norm(np.asarray(y[1:] - y[:-1]), axis=1) / np.linalg.norm(
-      np.asarray(x[1:] - x[:-1]), axis=1)
+    np.asarray(x[1:] - x[:-1]), axis=1
+  )
   assert y.dtype == jnp.float32 and ratio.max() <= TOL
   with pytest.raises(ValueError, match="0 <= alpha"):
     C.ControlledDense(4, act=L.Act("custom", fn=jnp.tanh, slopes=(-0.5, 1.0))).init(
-        jax.random.key(0), jnp.zeros((1, 3)))
+      jax.random.key(0), jnp.zeros((1, 3))
+    )
   with pytest.raises(ValueError, match="rescaling"):
     C.ControlledDense(4, rescaling="bjorck").init(jax.random.key(0), jnp.zeros((1, 3)))
 
@@ -183,8 +199,9 @@ def _spec_params(layers, shape, seed, log_q_scale=0.5, dtype=np.float64):
   compile): kernels ``N(0, 1 / fan_in)``, zero biases (LipNet is the bias-free network),
   ``log_q`` nonzero."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: L.Sequential(layers).init(
-      jax.random.key(0), jnp.zeros((1, *shape)))["params"])
+  shapes = jax.eval_shape(
+    lambda: L.Sequential(layers).init(jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+  )
 
   def fill(path, a):
     name = jax.tree_util.keystr(path)
@@ -193,32 +210,52 @@ def _spec_params(layers, shape, seed, log_q_scale=0.5, dtype=np.float64):
     if "log_q" in name:
       return log_q_scale * rng.normal(size=a.shape)
     return np.zeros(a.shape)
-  return jax.tree.map(lambda a: jnp.asarray(a.astype(dtype)),
-                      jax.tree_util.tree_map_with_path(fill, shapes))
+
+  return jax.tree.map(
+    lambda a: jnp.asarray(a.astype(dtype)), jax.tree_util.tree_map_with_path(fill, shapes)
+  )
 
 
 CTRL_NETS = {
-    # a lone block (readout: flatten) per kind; m < n, so its exact constant is sqrt(rho)
-    "dense": ((6,), lambda rho, r, act: (C.Controlled("dense", 4, rho=rho, act=act,
-                                                       rescaling=r), L.Flatten())),
-    "conv": ((5, 4, 3), lambda rho, r, act: (C.Controlled("conv", 2, rho=rho, act=act,
-                                                          rescaling=r), L.Flatten())),
-    "conv_s2": ((5, 4, 3), lambda rho, r, act: (C.Controlled("conv", 2, stride=2, rho=rho,
-                                                             act=act, rescaling=r),
-                                                L.Flatten())),
-    # pending linear layers before a block (H = sqrt(rho) P), blocks of every kind, readout
-    "stack": ((6, 6, 1), lambda rho, r, act: (
-        L.Conv(3, 3, 1, 1), C.Controlled("conv", 4, rho=rho, act=act, rescaling=r),
-        C.Controlled("conv", 3, stride=2, padding=0, rho=rho, act=act, rescaling=r), act,
-        L.Flatten(), L.Dense(8), act, C.Controlled("dense", 5, rho=rho, act=act, rescaling=r),
-        L.Dense(4))),
+  # a lone block (readout: flatten) per kind; m < n, so its exact constant is sqrt(rho)
+  "dense": (
+    (6,),
+    lambda rho, r, act: (C.Controlled("dense", 4, rho=rho, act=act, rescaling=r), L.Flatten()),
+  ),
+  "conv": (
+    (5, 4, 3),
+    lambda rho, r, act: (C.Controlled("conv", 2, rho=rho, act=act, rescaling=r), L.Flatten()),
+  ),
+  "conv_s2": (
+    (5, 4, 3),
+    lambda rho, r, act: (
+      C.Controlled("conv", 2, stride=2, rho=rho, act=act, rescaling=r),
+      L.Flatten(),
+    ),
+  ),
+  # pending linear layers before a block (H = sqrt(rho) P), blocks of every kind, readout
+  "stack": (
+    (6, 6, 1),
+    lambda rho, r, act: (
+      L.Conv(3, 3, 1, 1),
+      C.Controlled("conv", 4, rho=rho, act=act, rescaling=r),
+      C.Controlled("conv", 3, stride=2, padding=0, rho=rho, act=act, rescaling=r),
+      act,
+      L.Flatten(),
+      L.Dense(8),
+      act,
+      C.Controlled("dense", 5, rho=rho, act=act, rescaling=r),
+      L.Dense(4),
+    ),
+  ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CTRL_NETS))
-@pytest.mark.parametrize("rho,rescaling,act", [(1.0, "aol", L.Act()),
-                                               (0.5, "sll", L.Act("leaky_relu", 0.2)),
-                                               (2.0, "sll", L.Act())])
+@pytest.mark.parametrize(
+  "rho,rescaling,act",
+  [(1.0, "aol", L.Act()), (0.5, "sll", L.Act("leaky_relu", 0.2)), (2.0, "sll", L.Act())],
+)
 def test_lipnet_block_reproduces_the_flax_layer(name, rho, rescaling, act):
   """from_layers' blocks (H = sqrt(rho) I, G = -c/sqrt(rho) W^T T) run the Flax forward."""
   with jax.enable_x64(True):
@@ -229,8 +266,12 @@ def test_lipnet_block_reproduces_the_flax_layer(name, rho, rescaling, act):
     x = jax.random.normal(jax.random.key(4), (9, *shape), jnp.float64)
     net = network.from_layers(layers, p, shape)
     assert len(net.blocks) == sum(isinstance(l, (C.Controlled, L.Act)) for l in layers)
-    both = jax.jit(lambda p, x: (L.Sequential(layers).apply({"params": p}, x),
-                                 network.from_layers(layers, p, shape)(x)))
+    both = jax.jit(
+      lambda p, x: (
+        L.Sequential(layers).apply({"params": p}, x),
+        network.from_layers(layers, p, shape)(x),
+      )
+    )
     want, got = both(p, x)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
@@ -239,22 +280,24 @@ def _power_state(net, dtype=np.float32, seed=0):
   """Random start vectors of ``liplt.init_state``'s shapes, from numpy (its threefry is slow
   to compile on this CPU)."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape).astype(dtype)),
-                      jax.eval_shape(liplt.init_state, net, jax.random.key(0)))
+  return jax.tree.map(
+    lambda a: jnp.asarray(rng.normal(size=a.shape).astype(dtype)),
+    jax.eval_shape(liplt.init_state, net, jax.random.key(0)),
+  )
 
 
 def _bounds(net, mode, num_iters, dtype=np.float64):
   """crmjax's (LipLT, naive) bounds with ``num_iters`` power iterations in ``dtype``."""
   fn = lambda net, state: tuple(
-      liplt.lipschitz_bound(net, state, method=m, mode=mode, num_iters=num_iters)[0]
-      for m in ("liplt", "naive"))
+    liplt.lipschitz_bound(net, state, method=m, mode=mode, num_iters=num_iters)[0]
+    for m in ("liplt", "naive")
+  )
   return jax.jit(fn)(net, _power_state(net, dtype))
 
 
 def _exact_liplt(layers, p, shape, mode):
   blocks, R = ref.blocks_of(layers, jax.tree.map(np.asarray, p), shape)
-  return (ref.liplt_reference(blocks, R, mode=mode)[0],
-          ref.naive_reference(blocks, R, mode=mode))
+  return (ref.liplt_reference(blocks, R, mode=mode)[0], ref.naive_reference(blocks, R, mode=mode))
 
 
 @pytest.mark.parametrize("name", ["dense", "conv", "conv_s2"])
@@ -277,19 +320,25 @@ def test_single_block_liplt_is_sound_and_above_sqrt_rho(name, rho, rescaling):
     assert max(jmax, pmax) <= s * TOL
     assert jmax >= s * (1 - 1e-9)  # the exact constant is sqrt(rho)
     assert lt_ref >= s * (1 - 1e-9) and lt_ref <= nv_ref * TOL
-    print(f"{name} rho={rho} {rescaling}: exact {jmax:.4f} = sqrt(rho), LipLT {lt_ref:.4f} "
-          f"({lt_ref / s:.3f} sqrt(rho)), naive {nv_ref:.4f} ({nv_ref / s:.3f} sqrt(rho))")
+    print(
+      f"{name} rho={rho} {rescaling}: exact {jmax:.4f} = sqrt(rho), LipLT {lt_ref:.4f} "
+      f"({lt_ref / s:.3f} sqrt(rho)), naive {nv_ref:.4f} ({nv_ref / s:.3f} sqrt(rho))"
+    )
 
 
 def _matrices(net):
   """Per block, the float64 ``(out, in)`` matrices of W, G, H (``None`` stays ``None``)."""
+
   def matrix(op, in_shape):
     if op is None:
       return None
     n = int(np.prod(in_shape))
     return op(jnp.eye(n, dtype=jnp.float64).reshape(n, *in_shape)).reshape(n, -1).T
-  fn = lambda net: [(matrix(b.W, b.W.in_shape), matrix(b.G, b.phi_shape),
-                     matrix(b.H, b.W.in_shape)) for b in net.blocks]
+
+  fn = lambda net: [
+    (matrix(b.W, b.W.in_shape), matrix(b.G, b.phi_shape), matrix(b.H, b.W.in_shape))
+    for b in net.blocks
+  ]
   return jax.tree.map(np.asarray, jax.jit(fn)(net))
 
 
@@ -346,14 +395,17 @@ def test_ctrlconv_bounds_are_sound_and_lipnet_is_the_model():
   off = ~np.eye(10, dtype=bool)
   assert np.all(lt[off] >= lower[off]) and np.all(nv[off] >= lower[off])
   assert np.all(lt[off] <= nv[off])
-  print(f"CtrlConv mean pairwise: LipLT {lt[off].mean():.3f}, naive {nv[off].mean():.3f}, "
-        f"Jacobian lower bound {lower[off].mean():.3f}")
+  print(
+    f"CtrlConv mean pairwise: LipLT {lt[off].mean():.3f}, naive {nv[off].mean():.3f}, "
+    f"Jacobian lower bound {lower[off].mean():.3f}"
+  )
 
 
 def _small_ctrlconv():
   """CtrlConv's layer structure (4 controlled layers, SLL), narrow: quick to compile."""
-  return models.get_model("CtrlConv", input_shape=(28, 28, 1), num_classes=10, width=4,
-                          dense=16, rescaling="sll")
+  return models.get_model(
+    "CtrlConv", input_shape=(28, 28, 1), num_classes=10, width=4, dense=16, rescaling="sll"
+  )
 
 
 def test_ctrlconv_crm_train_step_runs_under_jit():
@@ -364,15 +416,19 @@ def test_ctrlconv_crm_train_step_runs_under_jit():
   model = _small_ctrlconv()
   tx = train.make_optimizer(config, 100)
   params = _spec_params(model.layers, model.input_shape, 0, dtype=np.float32)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params),
-                           power=_power_state(model.lipnet(params)),
-                           key=jax.random.key_data(jax.random.key(0)))
+  state = train.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    power=_power_state(model.lipnet(params)),
+    key=jax.random.key_data(jax.random.key(0)),
+  )
   before = jax.tree.map(np.array, params)  # the step donates the state's buffers
   rep, bat = train.make_mesh(jax.devices()[:1])
   state = jax.device_put(state, rep)
-  fn = chex.assert_max_traces(train.make_train_step(model, tx, config, regularized=True,
-                                                    steps_per_epoch=10), n=1)
+  fn = chex.assert_max_traces(
+    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
+  )
   step = train.jit_step(fn, rep, bat)
   rng = np.random.default_rng(0)
   for _ in range(3):
@@ -400,6 +456,7 @@ def test_ctrlconv_liplt_bound_is_differentiable():
     def mean_bound(params):
       lip, power_ = liplt.liplt_bound(model.lipnet(params), power, num_iters=50)
       return jnp.mean(lip), power_
+
     return jax.value_and_grad(mean_bound, has_aux=True)(params)
 
   (_, power), _ = value_and_grad(params, power)  # warm start: near-converged vectors
@@ -409,16 +466,19 @@ def test_ctrlconv_liplt_bound_is_differentiable():
     if isinstance(layer, C.Controlled):
       for name in ("kernel", "log_q"):
         assert np.abs(grads[f"layer_{i}"][name]).max() > 0, (i, name)
-  norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)))
+  norm = np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads)))
   moved = jax.tree.map(lambda p, g: p - 1e-2 / norm * g, params, grads)
   (lower, _), _ = value_and_grad(moved, power)
   assert float(lower) < float(value)
 
 
 def test_controlled_spec_errors():
-  for bad, match in [(dict(kind="conv1d"), "kind"), (dict(rescaling="bjorck"), "rescaling"),
-                     (dict(rho=0.0), "rho"),
-                     (dict(act=L.Act("leaky_relu", -0.5)), "0 <= alpha")]:
+  for bad, match in [
+    (dict(kind="conv1d"), "kind"),
+    (dict(rescaling="bjorck"), "rescaling"),
+    (dict(rho=0.0), "rho"),
+    (dict(act=L.Act("leaky_relu", -0.5)), "0 <= alpha"),
+  ]:
     with pytest.raises(ValueError, match=match):
       C.Controlled(**{"kind": "dense", "features": 3, **bad})
   p = {"layer_0": {"kernel": jnp.ones((3, 3, 2, 4))}}

@@ -21,18 +21,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # digits are the well-known 5 0 4 1 9 2 1 3 1 4).
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-MNIST_FIRST_LABELS = {"train": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4],
-                      "test": [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]}
+MNIST_FIRST_LABELS = {
+  "train": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4],
+  "test": [7, 2, 1, 0, 4, 1, 4, 9, 5, 9],
+}
 # The usual normalisation constants of MNIST's training images (mean 0.1307, std 0.3081).
 MNIST_TRAIN_MEAN_STD = (0.1307, 0.3081)
 # SHA-256 of the decoded arrays (images as (N, 28, 28, 1) uint8 in C order, labels as
 # uint8), pinned from the vendored files, whose labels, counts and statistics match the
 # published values above.
 MNIST_SHA256 = {
-    "train": ("741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
-              "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13"),
-    "test": ("6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
-             "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5"),
+  "train": (
+    "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+    "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+  ),
+  "test": (
+    "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+    "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+  ),
 }
 
 
@@ -51,9 +57,7 @@ def _isolated_dirs(monkeypatch, tmp_path):
 def test_dataset_info():
   assert data.dataset_info("mnist") == data.DatasetInfo(10, (28, 28, 1))
   assert data.dataset_info("cifar10") == data.DatasetInfo(10, (32, 32, 3))
-  assert data.dataset_info("tiny_imagenet") == data.DatasetInfo(
-      200, (64, 64, 3)
-  )
+  assert data.dataset_info("tiny_imagenet") == data.DatasetInfo(200, (64, 64, 3))
   with pytest.raises(ValueError, match="mnist, cifar10, tiny_imagenet"):
     data.dataset_info("imagenet")
 
@@ -76,14 +80,16 @@ def _check_mnist(split, images, labels):
   n = sum(counts)
   assert images.shape == (n, 28, 28, 1) and images.dtype == np.uint8
   assert labels.shape == (n,) and labels.dtype == np.int32
-  np.testing.assert_array_equal(labels[:10], MNIST_FIRST_LABELS[split],
-                                err_msg="first labels differ from the published ones")
+  np.testing.assert_array_equal(
+    labels[:10], MNIST_FIRST_LABELS[split], err_msg="first labels differ from the published ones"
+  )
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), counts)
   assert images.max() == 255 and images.min() == 0
   _check_orientation(images, labels)
   if split == "train":
-    np.testing.assert_allclose([images.mean() / 255, images.std() / 255],
-                               MNIST_TRAIN_MEAN_STD, atol=1e-4)
+    np.testing.assert_allclose(
+      [images.mean() / 255, images.std() / 255], MNIST_TRAIN_MEAN_STD, atol=1e-4
+    )
   image_sha = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
   label_sha = hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest()
   assert (image_sha, label_sha) == MNIST_SHA256[split], "decoded arrays changed"
@@ -143,7 +149,7 @@ def test_truncated_idx_gzip_raises_clear_error(tmp_path):
   raw = _mnist_file("t10k-labels-idx1-ubyte.gz").read_bytes()
   (tmp_path / "mnist").mkdir()
   (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(
-      _mnist_file("t10k-images-idx3-ubyte.gz").read_bytes()
+    _mnist_file("t10k-images-idx3-ubyte.gz").read_bytes()
   )
   bad = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
   bad.write_bytes(raw[: len(raw) // 2])
@@ -174,8 +180,8 @@ def test_wrong_shapes_or_labels_are_refused_naming_the_files(tmp_path, monkeypat
   monkeypatch.setattr(data, "_VENDORED_DATA_DIR", tmp_path / "nothing")
   rng = np.random.default_rng(0)
   for name, images, labels, match in [
-      ("shape", rng.integers(0, 256, (4, 32, 32)), np.zeros(4), r"shape.*shape"),
-      ("labels", rng.integers(0, 256, (4, 28, 28)), np.full(4, 12), r"\[0, 10\)"),
+    ("shape", rng.integers(0, 256, (4, 32, 32)), np.zeros(4), r"shape.*shape"),
+    ("labels", rng.integers(0, 256, (4, 28, 28)), np.full(4, 12), r"\[0, 10\)"),
   ]:
     folder = tmp_path / name / "mnist"
     folder.mkdir(parents=True)
@@ -194,15 +200,13 @@ def test_wrong_shapes_or_labels_are_refused_naming_the_files(tmp_path, monkeypat
 def test_cifar10_local_files_chw_to_hwc(tmp_path):
   written = fake_datasets.write_cifar(tmp_path, np.random.default_rng(0))
   images, labels = data.load_split("cifar10", "train", data_dir=tmp_path)
-  expected = np.concatenate(
-      [written[f"data_batch_{i}"][0] for i in range(1, 6)]
-  )
+  expected = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
   assert images.shape == (15, 32, 32, 3) and images.dtype == np.uint8
   assert labels.dtype == np.int32
   np.testing.assert_array_equal(images, expected)
   np.testing.assert_array_equal(
-      labels,
-      np.concatenate([written[f"data_batch_{i}"][1] for i in range(1, 6)]),
+    labels,
+    np.concatenate([written[f"data_batch_{i}"][1] for i in range(1, 6)]),
   )
 
   images, labels = data.load_split("cifar10", "test", data_dir=tmp_path)
@@ -257,11 +261,19 @@ def test_tfds_data_source_reader_matches_records(tmp_path):
 def test_tfds_is_not_imported_and_prints_nothing_without_a_prepared_copy(tmp_path):
   # A fresh process, as a command starts: no ~/tensorflow_datasets, no TFDS import, no
   # "Variant folder ... has no dataset_info.json" warnings.
-  code = ("import sys; from crmjax import data; x, _ = data.load_split('mnist', 'test');"
-          " print(len(x), 'tensorflow_datasets' in sys.modules)")
+  code = (
+    "import sys; from crmjax import data; x, _ = data.load_split('mnist', 'test');"
+    " print(len(x), 'tensorflow_datasets' in sys.modules)"
+  )
   env = {k: v for k, v in os.environ.items() if k not in ("TFDS_DATA_DIR", data.DATA_DIR_ENV)}
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, env={**env, "HOME": str(tmp_path)})
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**env, "HOME": str(tmp_path)},
+  )
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ["10000", "False"]
   assert "Variant folder" not in out.stderr and "WARNING" not in out.stderr, out.stderr
@@ -276,7 +288,8 @@ def test_tfds_probe_of_an_unprepared_folder_is_quiet(tmp_path, caplog):
     images, _ = data.load_split("mnist", "test", data_dir=tmp_path)  # The vendored copy.
   assert len(images) == 10000
   assert not [r for r in caplog.records if "tensorflow_datasets" in r.pathname], [
-      r.getMessage() for r in caplog.records]
+    r.getMessage() for r in caplog.records
+  ]
 
 
 def test_runs_without_tensorflow_datasets_installed(tmp_path, monkeypatch):
@@ -302,7 +315,7 @@ def test_tiny_imagenet_folder(tmp_path):
   np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
   mean_colors = images.reshape(6, -1, 3).mean(axis=1)
   np.testing.assert_allclose(
-      mean_colors[::2], [colors["n01"], colors["n02"], colors["n03"]], atol=4
+    mean_colors[::2], [colors["n01"], colors["n02"], colors["n03"]], atol=4
   )
 
   images, labels = data.load_split("tiny_imagenet", "test", data_dir=tmp_path)
@@ -331,9 +344,9 @@ def test_missing_data_offline_names_every_fix(name, tmp_path, monkeypatch):
   if name != "tiny_imagenet":
     assert "tfds.data_source" in message
   layout = {
-      "mnist": "train-images-idx3-ubyte.gz",
-      "cifar10": "cifar-10-batches-py/data_batch_1",
-      "tiny_imagenet": "tiny-imagenet-200/wnids.txt",
+    "mnist": "train-images-idx3-ubyte.gz",
+    "cifar10": "cifar-10-batches-py/data_batch_1",
+    "tiny_imagenet": "tiny-imagenet-200/wnids.txt",
   }[name]
   assert layout in message
   assert list(empty.iterdir()) == []  # Nothing was written there.

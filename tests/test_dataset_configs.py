@@ -35,6 +35,10 @@ def _check_run(result, workdir, config):
   assert result["step"] == config.num_epochs * (config.train_subset // config.batch_size)
   assert 0.0 <= result["certified_accuracy"] <= result["clean_accuracy"] <= 1.0
   assert np.isfinite(result["mean_pairwise_lipschitz"])
+  if config.dataset in ("cifar10", "tiny_imagenet"):  # both radii peers report (issue 14)
+    at = result["certified_accuracy_at"]
+    assert set(at) == {"0.1412", "0.07059"}, at
+    assert at["0.1412"] == result["certified_accuracy"] <= at["0.07059"]
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert "final" in lines[-1] and np.isfinite(lines[0]["train/loss"])
 
@@ -42,8 +46,9 @@ def _check_run(result, workdir, config):
 @pytest.mark.slow
 def test_cifar10_config_downloads_augments_trains_and_certifies(tmp_path, monkeypatch, server):
   batches = fake_datasets.cifar_batches(np.random.default_rng(0), per_batch=26)
-  _publish(monkeypatch, server, "cifar10",
-           {"cifar-10-python.tar.gz": fake_datasets.cifar_tarball(batches)})
+  _publish(
+    monkeypatch, server, "cifar10", {"cifar-10-python.tar.gz": fake_datasets.cifar_tarball(batches)}
+  )
   config = cifar.get_config("smoke")
   assert config.download and config.augment.rotation_degrees == 10.0  # As users run it.
   config = _quick(config, data_dir=str(tmp_path / "data"), download_url=server.url)
@@ -57,8 +62,9 @@ def test_cifar10_config_downloads_augments_trains_and_certifies(tmp_path, monkey
 @pytest.mark.slow
 def test_tiny_imagenet_config_trains_and_certifies_on_the_standard_folder(tmp_path):
   fake_datasets.write_tiny_imagenet(tmp_path / "data", per_class=6)
-  config = _quick(tiny_imagenet.get_config("smoke"), data_dir=str(tmp_path / "data"),
-                  download=False)
+  config = _quick(
+    tiny_imagenet.get_config("smoke"), data_dir=str(tmp_path / "data"), download=False
+  )
   assert config.augment.rotation_degrees == 20.0 and config.augment.flip
   workdir = str(tmp_path / "run")
   result = train.train_and_evaluate(config, workdir)
@@ -68,8 +74,7 @@ def test_tiny_imagenet_config_trains_and_certifies_on_the_standard_folder(tmp_pa
 @pytest.mark.slow
 def test_cifar10_config_under_tfds_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
-  config = _quick(cifar.get_config("smoke"), data_dir=str(tmp_path / "tfds"),
-                  download=False)
+  config = _quick(cifar.get_config("smoke"), data_dir=str(tmp_path / "tfds"), download=False)
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=config.train_subset):
     result = train.train_and_evaluate(config, workdir)

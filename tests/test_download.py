@@ -31,7 +31,6 @@ class _Server:
     server = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
-
       def do_GET(self):  # noqa: N802 (http.server's naming)
         name = self.path.lstrip("/")
         server.requests.append(name)
@@ -43,7 +42,7 @@ class _Server:
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if name in server.cut:
-          self.wfile.write(body[:len(body) // 2])
+          self.wfile.write(body[: len(body) // 2])
           self.wfile.flush()
           self.connection.shutdown(socket.SHUT_RDWR)
           return
@@ -99,16 +98,27 @@ def _publish(monkeypatch, server, name, files, *, wrong_checksum=False):
     payload = files[r.filename]
     server.files[r.filename] = payload
     sha = "0" * 64 if wrong_checksum else hashlib.sha256(payload).hexdigest()
-    remotes.append(dataclasses.replace(r, url=f"{server.url}/{r.filename}", size=len(payload),
-                                       sha256=sha, md5=hashlib.md5(payload).hexdigest()))
-  monkeypatch.setitem(data._DISTRIBUTIONS, name, dataclasses.replace(dist,
-                                                                     remotes=tuple(remotes)))
+    remotes.append(
+      dataclasses.replace(
+        r,
+        url=f"{server.url}/{r.filename}",
+        size=len(payload),
+        sha256=sha,
+        md5=hashlib.md5(payload).hexdigest(),
+      )
+    )
+  monkeypatch.setitem(data._DISTRIBUTIONS, name, dataclasses.replace(dist, remotes=tuple(remotes)))
 
 
 def _cifar(monkeypatch, server, seed=0, **kw):
   batches = fake_datasets.cifar_batches(np.random.default_rng(seed))
-  _publish(monkeypatch, server, "cifar10",
-           {"cifar-10-python.tar.gz": fake_datasets.cifar_tarball(batches)}, **kw)
+  _publish(
+    monkeypatch,
+    server,
+    "cifar10",
+    {"cifar-10-python.tar.gz": fake_datasets.cifar_tarball(batches)},
+    **kw,
+  )
   return batches
 
 
@@ -123,8 +133,7 @@ def _assert_cifar(images, labels, batches, split):
 # --------------------------------------------------------------------------
 
 
-def test_cifar10_is_downloaded_verified_extracted_then_found_again(tmp_path, monkeypatch,
-                                                                    server):
+def test_cifar10_is_downloaded_verified_extracted_then_found_again(tmp_path, monkeypatch, server):
   batches = _cifar(monkeypatch, server)
   d = tmp_path / "d"
   images, labels = data.load_split("cifar10", "train", data_dir=d, download=True)
@@ -141,14 +150,12 @@ def test_cifar10_is_downloaded_verified_extracted_then_found_again(tmp_path, mon
   assert server.requests == ["cifar-10-python.tar.gz"]
 
 
-def test_default_destination_is_the_cache_and_a_mirror_url_is_used(tmp_path, monkeypatch,
-                                                                   server):
+def test_default_destination_is_the_cache_and_a_mirror_url_is_used(tmp_path, monkeypatch, server):
   batches = _cifar(monkeypatch, server)
   # The published URL is unreachable; the mirror (same file name) serves the file.
   dist = data._DISTRIBUTIONS["cifar10"]
   remote = dataclasses.replace(dist.remotes[0], url=f"{_closed_port_url()}/x.tar.gz")
-  monkeypatch.setitem(data._DISTRIBUTIONS, "cifar10", dataclasses.replace(dist,
-                                                                          remotes=(remote,)))
+  monkeypatch.setitem(data._DISTRIBUTIONS, "cifar10", dataclasses.replace(dist, remotes=(remote,)))
   monkeypatch.setenv(data.DOWNLOAD_URL_ENV, server.url + "/")
   images, labels = data.load_split("cifar10", "test", download=True, progress=False)
   _assert_cifar(images, labels, batches, "test")
@@ -159,8 +166,12 @@ def test_default_destination_is_the_cache_and_a_mirror_url_is_used(tmp_path, mon
 
 
 def test_tiny_imagenet_zip(tmp_path, monkeypatch, server):
-  _publish(monkeypatch, server, "tiny_imagenet",
-           {"tiny-imagenet-200.zip": fake_datasets.tiny_imagenet_zip()})
+  _publish(
+    monkeypatch,
+    server,
+    "tiny_imagenet",
+    {"tiny-imagenet-200.zip": fake_datasets.tiny_imagenet_zip()},
+  )
   d = tmp_path / "d"
   images, labels = data.load_split("tiny_imagenet", "test", data_dir=d, download=True)
   assert images.shape == (4, 64, 64, 3)
@@ -239,16 +250,23 @@ def test_a_server_that_never_answers_times_out(tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{silent.getsockname()[1]}"
     start = time.monotonic()
     with pytest.raises(FileNotFoundError, match="no answer within 0.5 s"):
-      data.load_split("cifar10", "train", data_dir=tmp_path / "d", download=True,
-                      download_url=url, progress=False)
+      data.load_split(
+        "cifar10", "train", data_dir=tmp_path / "d", download=True, download_url=url, progress=False
+      )
     assert time.monotonic() - start < 5
   assert _only(tmp_path / "d") == []
 
 
 def test_http_error_is_named(tmp_path, server):
   with pytest.raises(FileNotFoundError, match="HTTP 404"):
-    data.load_split("cifar10", "train", data_dir=tmp_path / "d", download=True,
-                    download_url=server.url, progress=False)
+    data.load_split(
+      "cifar10",
+      "train",
+      data_dir=tmp_path / "d",
+      download=True,
+      download_url=server.url,
+      progress=False,
+    )
   assert _only(tmp_path / "d") == []
 
 
@@ -267,8 +285,7 @@ def test_leftovers_of_a_killed_download_are_not_trusted(tmp_path, monkeypatch, s
   (stale / "data_batch_1").write_bytes(b"half a file")
   with pytest.raises(FileNotFoundError):
     data.load_split("cifar10", "train", data_dir=d)  # Offline: the leftover is ignored.
-  images, labels = data.load_split("cifar10", "train", data_dir=d, download=True,
-                                   progress=False)
+  images, labels = data.load_split("cifar10", "train", data_dir=d, download=True, progress=False)
   _assert_cifar(images, labels, batches, "train")
 
 
@@ -286,9 +303,9 @@ def test_an_incomplete_copy_is_reported_not_overwritten(tmp_path, monkeypatch, s
 def test_archives_are_checked_before_anything_is_installed(tmp_path, monkeypatch, server):
   d = tmp_path / "d"
   cases = [
-      (fake_datasets.tarball({"../escaped.txt": b"x"}), "refusing"),
-      (fake_datasets.tarball({"something-else/file": b"x"}), "cifar-10-batches-py"),
-      (b"\x1f\x8b not really a gzip file", "cannot extract"),
+    (fake_datasets.tarball({"../escaped.txt": b"x"}), "refusing"),
+    (fake_datasets.tarball({"something-else/file": b"x"}), "cifar-10-batches-py"),
+    (b"\x1f\x8b not really a gzip file", "cannot extract"),
   ]
   for payload, match in cases:
     _publish(monkeypatch, server, "cifar10", {"cifar-10-python.tar.gz": payload})
@@ -300,12 +317,17 @@ def test_archives_are_checked_before_anything_is_installed(tmp_path, monkeypatch
 def test_fetch_and_install_directly(tmp_path, server):
   payload = os.urandom(3 * 2**20 + 17)  # Several read chunks.
   server.files["blob.bin"] = payload
-  remote = download_lib.Remote("blob.bin", f"{server.url}/blob.bin", size=len(payload),
-                               sha256=hashlib.sha256(payload).hexdigest())
+  remote = download_lib.Remote(
+    "blob.bin",
+    f"{server.url}/blob.bin",
+    size=len(payload),
+    sha256=hashlib.sha256(payload).hexdigest(),
+  )
   path = download_lib.fetch(remote, tmp_path / "blob.bin", progress=False)
   assert path.read_bytes() == payload and _only(tmp_path) == ["blob.bin"]
-  download_lib.install((remote,), tmp_path / "x", members=("sub/blob.bin",), folder="sub",
-                       progress=False)
+  download_lib.install(
+    (remote,), tmp_path / "x", members=("sub/blob.bin",), folder="sub", progress=False
+  )
   assert (tmp_path / "x" / "sub" / "blob.bin").read_bytes() == payload
   assert _only(tmp_path / "x") == ["sub"]
   bad = dataclasses.replace(remote, md5="0" * 32)
@@ -352,8 +374,9 @@ def test_tfds_prepares_when_it_can(tmp_path, monkeypatch, server):
   _cifar(monkeypatch, server)
   images = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
   calls = _fake_tfds(monkeypatch, lambda name, split: _FakeSource(images, [1, 2, 3]))
-  got, labels = data.load_split("cifar10", "train", data_dir=tmp_path / "d", download=True,
-                                progress=False)
+  got, labels = data.load_split(
+    "cifar10", "train", data_dir=tmp_path / "d", download=True, progress=False
+  )
   np.testing.assert_array_equal(got, images)
   np.testing.assert_array_equal(labels, [1, 2, 3])
   assert calls == [("cifar10", "train", False), ("cifar10", "train", True)]
@@ -368,8 +391,9 @@ def test_tfds_failure_falls_back_to_the_archive(tmp_path, monkeypatch, server):
     raise RuntimeError("TensorFlow is needed to prepare this dataset")
 
   calls = _fake_tfds(monkeypatch, fail)
-  images, labels = data.load_split("cifar10", "train", data_dir=tmp_path / "d",
-                                   download=True, progress=False)
+  images, labels = data.load_split(
+    "cifar10", "train", data_dir=tmp_path / "d", download=True, progress=False
+  )
   _assert_cifar(images, labels, batches, "train")
   assert calls[-1] == ("cifar10", "train", True)
   assert server.requests == ["cifar-10-python.tar.gz"] * 2  # Probe, then the download.
@@ -382,13 +406,18 @@ def test_tfds_is_not_asked_without_network_or_with_a_mirror(tmp_path, monkeypatc
     raise AssertionError("TFDS must not download here")
 
   _fake_tfds(monkeypatch, unexpected)
-  images, labels = data.load_split("cifar10", "test", data_dir=tmp_path / "d", download=True,
-                                   download_url=server.url, progress=False)
+  images, labels = data.load_split(
+    "cifar10",
+    "test",
+    data_dir=tmp_path / "d",
+    download=True,
+    download_url=server.url,
+    progress=False,
+  )
   _assert_cifar(images, labels, batches, "test")
   dist = data._DISTRIBUTIONS["cifar10"]
   remote = dataclasses.replace(dist.remotes[0], url=f"{_closed_port_url()}/x.tar.gz")
-  monkeypatch.setitem(data._DISTRIBUTIONS, "cifar10", dataclasses.replace(dist,
-                                                                          remotes=(remote,)))
+  monkeypatch.setitem(data._DISTRIBUTIONS, "cifar10", dataclasses.replace(dist, remotes=(remote,)))
   start = time.monotonic()
   with pytest.raises(FileNotFoundError, match="cannot download"):
     data.load_split("cifar10", "test", data_dir=tmp_path / "e", download=True, progress=False)

@@ -19,16 +19,29 @@ from crmjax import checkpoint, train
 from tests.test_train import ROOT, _setup, _tiny_config
 
 MAIN = [sys.executable, "-m", "experiments.mnist", "--config=experiments/configs/mnist.py:smoke"]
-MLP = ["--config.model=MLP", "--config.train_subset=256", "--config.test_subset=64",
-       "--config.batch_size=32", "--config.num_epochs=2", "--config.crm.warmup_epochs=1",
-       "--config.checkpoint_every_steps=2", "--config.sound_power_iters=20",
-       "--config.eval_power_iters=5"]
+MLP = [
+  "--config.model=MLP",
+  "--config.train_subset=256",
+  "--config.test_subset=64",
+  "--config.batch_size=32",
+  "--config.num_epochs=2",
+  "--config.crm.warmup_epochs=1",
+  "--config.checkpoint_every_steps=2",
+  "--config.sound_power_iters=20",
+  "--config.eval_power_iters=5",
+]
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 
 
 def _run(workdir, *extra, timeout=300):
-  return subprocess.run(MAIN + MLP + [f"--workdir={workdir}", *extra], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    MAIN + MLP + [f"--workdir={workdir}", *extra],
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _final_state(workdir):
@@ -44,12 +57,18 @@ def test_sigkill_then_rerun_finishes_with_bitwise_the_same_params(tmp_path):
   ref = _run(tmp_path / "ref")
   assert ref.returncode == 0, ref.stderr[-2000:]
   work = tmp_path / "killed"
-  proc = subprocess.Popen(MAIN + MLP + [f"--workdir={work}"], cwd=ROOT, env=ENV,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    MAIN + MLP + [f"--workdir={work}"],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpts = work / "checkpoints"
   deadline = time.time() + 240
-  while time.time() < deadline and not (ckpts.exists() and any(
-      p.name.isdigit() for p in ckpts.iterdir())):
+  while time.time() < deadline and not (
+    ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+  ):
     time.sleep(0.05)
   time.sleep(random.Random(0).uniform(0.0, 1.5))  # a random point after the first save
   proc.send_signal(signal.SIGKILL)
@@ -66,8 +85,9 @@ def test_sigkill_then_rerun_finishes_with_bitwise_the_same_params(tmp_path):
   # The rerun continued from the last checkpoint written before the kill (a rerun that
   # started over would end with the same params: training is deterministic) ...
   said = again.stdout + again.stderr  # the message is logged (stderr) or printed
-  assert saved > 0 and f"resumed from step {saved} " in said, \
-      f"the rerun did not restore the step-{saved} checkpoint: {said[-1500:]}"
+  assert saved > 0 and f"resumed from step {saved} " in said, (
+    f"the rerun did not restore the step-{saved} checkpoint: {said[-1500:]}"
+  )
   # ... and did not redo steps: its epoch records (8 steps per epoch) start after that step.
   new = [json.loads(l) for l in metrics.read_text().splitlines()[logged:]]
   steps = [r["step"] for r in new if "final" not in r]
@@ -86,8 +106,11 @@ def test_nan_loss_stops_with_step_and_untouched_last_checkpoint(tmp_path, monkey
     def wrapped(state, x, y):
       new, m = step_fn(state, x, y)
       bad = jnp.where(state.step >= 4, jnp.nan, 1.0)
-      return new.replace(params=jax.tree.map(lambda p: p * bad, new.params)), \
-          {**m, "loss": m["loss"] * bad}
+      return new.replace(params=jax.tree.map(lambda p: p * bad, new.params)), {
+        **m,
+        "loss": m["loss"] * bad,
+      }
+
     return wrapped
 
   monkeypatch.setattr(train, "make_train_step", poisoned)
@@ -131,12 +154,15 @@ def _fake_mnist(root, *, size=28, max_label=9):
 def test_bad_inputs_get_one_clear_message(tmp_path, monkeypatch):
   monkeypatch.delenv("CRMJAX_DATA_DIR", raising=False)
   cases = [
-      ({"data_dir": _fake_mnist(tmp_path / "shape", size=32)}, ValueError, "shape"),
-      ({"data_dir": _fake_mnist(tmp_path / "labels", max_label=12)}, ValueError, r"\[0, 10\)"),
-      ({"dataset": "cifar10", "data_dir": str(tmp_path / "empty")}, FileNotFoundError,
-       "CRMJAX_DATA_DIR"),
-      ({"dataset": "imagenet"}, ValueError, "dataset"),
-      ({"model": "ResNet50"}, ValueError, "model"),
+    ({"data_dir": _fake_mnist(tmp_path / "shape", size=32)}, ValueError, "shape"),
+    ({"data_dir": _fake_mnist(tmp_path / "labels", max_label=12)}, ValueError, r"\[0, 10\)"),
+    (
+      {"dataset": "cifar10", "data_dir": str(tmp_path / "empty")},
+      FileNotFoundError,
+      "CRMJAX_DATA_DIR",
+    ),
+    ({"dataset": "imagenet"}, ValueError, "dataset"),
+    ({"model": "ResNet50"}, ValueError, "model"),
   ]
   (tmp_path / "empty").mkdir()
   for overrides, error, match in cases:

@@ -10,8 +10,16 @@ import pytest
 
 from experiments import gpu_check
 
-OUTPUTS = {"gpu_check.log", "summary.md", "benchmark.json", "depth.json", "metrics.jsonl",
-           "results.json", "certify.json", "figure1.png"}
+OUTPUTS = {
+  "gpu_check.log",
+  "summary.md",
+  "benchmark.json",
+  "depth.json",
+  "metrics.jsonl",
+  "results.json",
+  "certify.json",
+  "figure1.png",
+}
 
 
 @pytest.mark.slow
@@ -21,8 +29,9 @@ def test_smoke_mode_runs_every_step_and_writes_the_eight_outputs(tmp_path, capsy
   ~1 min on an idle 2-core CPU (3 min 20 s measured under load average 15).
   """
   out = tmp_path / "out"
-  rc = gpu_check.main(["--smoke", "--out", str(out), "--wheels", str(tmp_path / "none"),
-                       "--budget", "1500"])
+  rc = gpu_check.main(
+    ["--smoke", "--out", str(out), "--wheels", str(tmp_path / "none"), "--budget", "1500"]
+  )
   summary = (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
   assert rc == 0, summary or capsys.readouterr().out[-3000:]
   assert {p.name for p in out.iterdir()} == OUTPUTS
@@ -39,8 +48,9 @@ def test_smoke_mode_runs_every_step_and_writes_the_eight_outputs(tmp_path, capsy
   assert f"{row['ms']['crm_liplt'] / row['ms']['ce']:.2f}x" in summary  # the CRM/CE ratio
   depth = json.loads((out / "depth.json").read_text())
   assert depth["complete"] and [r["depth"] for r in depth["depth_sweep"]] == [2]
-  epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
-            if "epoch_time_s" in x]
+  epochs = [
+    json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "epoch_time_s" in x
+  ]
   assert epochs and all(e["epoch_time_s"] > 0 for e in epochs)
   trained = json.loads((out / "results.json").read_text())
   certified = json.loads((out / "certify.json").read_text())["table1"]
@@ -53,17 +63,24 @@ def test_smoke_mode_runs_every_step_and_writes_the_eight_outputs(tmp_path, capsy
 
 
 def test_a_step_past_its_limit_is_stopped_even_if_it_ignores_sigterm():
-  code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-          "print('started', flush=True); time.sleep(60)")
+  code = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('started', flush=True); time.sleep(60)"
+  )
   lines = []
   t0 = time.monotonic()
-  rc, seconds = gpu_check.run_command([sys.executable, "-c", code], timeout=2,
-                                      env=dict(os.environ), out=lines.append, grace_s=1)
+  rc, seconds = gpu_check.run_command(
+    [sys.executable, "-c", code], timeout=2, env=dict(os.environ), out=lines.append, grace_s=1
+  )
   assert rc is None  # stopped, not finished
   assert seconds < 15 and time.monotonic() - t0 < 20
   assert lines == ["started\n"]
-  rc, _ = gpu_check.run_command([sys.executable, "-c", "import sys; sys.exit(3)"], timeout=30,
-                                env=dict(os.environ), out=lines.append)
+  rc, _ = gpu_check.run_command(
+    [sys.executable, "-c", "import sys; sys.exit(3)"],
+    timeout=30,
+    env=dict(os.environ),
+    out=lines.append,
+  )
   assert rc == 3
 
 
@@ -88,9 +105,16 @@ def test_copy_outputs_gzips_a_file_over_the_limit_and_leaves_out_what_still_is(t
   out.mkdir()
   logged = []
   written = gpu_check.copy_outputs(
-      {"big.jsonl": src / "big.jsonl", "noise.bin": src / "noise.bin",
-       "small.json": src / "small.json", "missing.json": src / "missing.json"},
-      out, max_bytes=1000, log=logged.append)
+    {
+      "big.jsonl": src / "big.jsonl",
+      "noise.bin": src / "noise.bin",
+      "small.json": src / "small.json",
+      "missing.json": src / "missing.json",
+    },
+    out,
+    max_bytes=1000,
+    log=logged.append,
+  )
   assert sorted(p.name for p in written) == ["big.jsonl.gz", "small.json"]
   assert sorted(p.name for p in out.iterdir()) == ["big.jsonl.gz", "small.json"]
   assert gzip.decompress((out / "big.jsonl.gz").read_bytes()) == b"0" * 5000

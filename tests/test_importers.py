@@ -16,10 +16,26 @@ from crmjax import layers as L
 
 # The small net: input 8x8x1; conv 4 3x3 s1 p1, ReLU, conv 4 4x4 s2 p1, ReLU, flatten,
 # linear 16, ReLU, linear 10.  As (kind, state-dict prefix, stride, padding):
-TORCH_NET = (("conv", "0", 1, 1), ("relu",), ("conv", "2", 2, 1), ("relu",), ("flatten",),
-             ("linear", "5"), ("relu",), ("linear", "7"))
-SPECS = (L.Conv(4, 3, 1, 1), L.Act(), L.Conv(4, 4, 2, 1), L.Act(), L.Flatten(), L.Dense(16),
-         L.Act(), L.Dense(10))
+TORCH_NET = (
+  ("conv", "0", 1, 1),
+  ("relu",),
+  ("conv", "2", 2, 1),
+  ("relu",),
+  ("flatten",),
+  ("linear", "5"),
+  ("relu",),
+  ("linear", "7"),
+)
+SPECS = (
+  L.Conv(4, 3, 1, 1),
+  L.Act(),
+  L.Conv(4, 4, 2, 1),
+  L.Act(),
+  L.Flatten(),
+  L.Dense(16),
+  L.Act(),
+  L.Dense(10),
+)
 INPUT_HWC = (8, 8, 1)
 K = 10
 
@@ -32,10 +48,14 @@ def _rand(rng, *shape):
 def small_state_dict(seed=0):
   rng = np.random.default_rng(seed)
   return {
-      "0.weight": _rand(rng, 4, 1, 3, 3), "0.bias": 0.1 * rng.normal(size=4),
-      "2.weight": _rand(rng, 4, 4, 4, 4), "2.bias": 0.1 * rng.normal(size=4),
-      "5.weight": _rand(rng, 16, 4 * 4 * 4), "5.bias": 0.1 * rng.normal(size=16),
-      "7.weight": _rand(rng, K, 16), "7.bias": 0.1 * rng.normal(size=K),
+    "0.weight": _rand(rng, 4, 1, 3, 3),
+    "0.bias": 0.1 * rng.normal(size=4),
+    "2.weight": _rand(rng, 4, 4, 4, 4),
+    "2.bias": 0.1 * rng.normal(size=4),
+    "5.weight": _rand(rng, 16, 4 * 4 * 4),
+    "5.bias": 0.1 * rng.normal(size=16),
+    "7.weight": _rand(rng, K, 16),
+    "7.bias": 0.1 * rng.normal(size=K),
   }
 
 
@@ -51,7 +71,7 @@ def torch_conv2d(x, w, b, stride, pad):
   out = np.zeros((x.shape[0], w.shape[0], oh, ow))
   for i in range(oh):
     for j in range(ow):
-      patch = x[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw]
+      patch = x[:, :, i * stride : i * stride + kh, j * stride : j * stride + kw]
       out[:, :, i, j] = np.einsum("ncab,ocab->no", patch, w)
   return out if b is None else out + b[None, :, None, None]
 
@@ -62,8 +82,9 @@ def torch_forward(sd, net, x_nchw, masks=None, bias=True):
   found, k = [], 0
   for op in net:
     if op[0] == "conv":
-      x = torch_conv2d(x, sd[op[1] + ".weight"], sd[op[1] + ".bias"] if bias else None,
-                       op[2], op[3])
+      x = torch_conv2d(
+        x, sd[op[1] + ".weight"], sd[op[1] + ".bias"] if bias else None, op[2], op[3]
+      )
     elif op[0] == "linear":
       x = x @ np.asarray(sd[op[1] + ".weight"]).T + (sd[op[1] + ".bias"] if bias else 0.0)
     elif op[0] == "flatten":
@@ -82,9 +103,13 @@ def torch_jacobian(sd, net, x_chw):
   """d logits / d x at one input (K, C*H*W): ReLU activation pattern times the linear maps."""
   _, masks = torch_forward(sd, net, x_chw[None])
   basis = np.eye(x_chw.size).reshape(x_chw.size, *x_chw.shape)
-  out, _ = torch_forward(sd, net, basis, masks=[np.broadcast_to(m, (x_chw.size,) +
-                                                                m.shape[1:]) for m in masks],
-                         bias=False)
+  out, _ = torch_forward(
+    sd,
+    net,
+    basis,
+    masks=[np.broadcast_to(m, (x_chw.size,) + m.shape[1:]) for m in masks],
+    bias=False,
+  )
   return out.T
 
 
@@ -103,11 +128,11 @@ def _logits(model, params, x_nchw):
 def test_logits_match_torch_forward(mode):
   sd = small_state_dict()
   if mode == "layers":
-    model, params = importers.import_torch_sequential(sd, input_shape=INPUT_HWC,
-                                                      layers=SPECS)
+    model, params = importers.import_torch_sequential(sd, input_shape=INPUT_HWC, layers=SPECS)
   else:
     model, params = importers.import_torch_sequential(
-        sd, input_shape=INPUT_HWC, conv_strides=[1, 2], conv_paddings=[1, 1])
+      sd, input_shape=INPUT_HWC, conv_strides=[1, 2], conv_paddings=[1, 1]
+    )
   assert model.layers == SPECS
   assert model.input_shape == INPUT_HWC
   x = np.random.default_rng(1).uniform(size=(5, 1, 8, 8))
@@ -121,15 +146,30 @@ def test_logits_match_torch_forward(mode):
 def test_flatten_permutation_multi_channel_mlp_and_normalize():
   """A torch ``Flatten -> Linear`` on a 3-channel image, with an input normalisation."""
   rng = np.random.default_rng(2)
-  sd = {"net.1.weight": _rand(rng, 12, 3 * 4 * 5), "net.1.bias": rng.normal(size=12),
-        "net.3.weight": _rand(rng, 6, 12), "net.3.bias": rng.normal(size=6)}
+  sd = {
+    "net.1.weight": _rand(rng, 12, 3 * 4 * 5),
+    "net.1.bias": rng.normal(size=12),
+    "net.3.weight": _rand(rng, 6, 12),
+    "net.3.bias": rng.normal(size=6),
+  }
   mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
-  model, params = importers.import_torch_sequential(sd, input_shape=(4, 5, 3),
-                                                    normalize=(mean, std))
-  assert model.layers == (L.Normalize(tuple(mean), tuple(std)), L.Flatten(), L.Dense(12),
-                          L.Act(), L.Dense(6))
-  net = (("normalize", mean, std), ("flatten",), ("linear", "net.1"), ("relu",),
-         ("linear", "net.3"))
+  model, params = importers.import_torch_sequential(
+    sd, input_shape=(4, 5, 3), normalize=(mean, std)
+  )
+  assert model.layers == (
+    L.Normalize(tuple(mean), tuple(std)),
+    L.Flatten(),
+    L.Dense(12),
+    L.Act(),
+    L.Dense(6),
+  )
+  net = (
+    ("normalize", mean, std),
+    ("flatten",),
+    ("linear", "net.1"),
+    ("relu",),
+    ("linear", "net.3"),
+  )
   x = rng.uniform(size=(3, 3, 4, 5))
   want, _ = torch_forward(sd, net, x)
   np.testing.assert_allclose(_logits(model, params, x), want, rtol=1e-4, atol=1e-5)
@@ -139,29 +179,37 @@ def test_name_ordering_rule_and_explicit_order():
   """features.* before classifier.*, numeric (2 < 10) not lexicographic, any dict order."""
   base = small_state_dict(3)
   renamed = {"features.0": "0", "features.10": "2", "classifier.1": "5", "classifier.3": "7"}
-  items = [(f"{new}.{leaf}", base[f"{old}.{leaf}"]) for new, old in renamed.items()
-           for leaf in ("weight", "bias")]
-  shuffled = dict([items[2], items[3], items[0], items[1], items[6], items[7], items[4],
-                   items[5]])  # features.10 first, classifier.3 before classifier.1
+  items = [
+    (f"{new}.{leaf}", base[f"{old}.{leaf}"])
+    for new, old in renamed.items()
+    for leaf in ("weight", "bias")
+  ]
+  shuffled = dict(
+    [items[2], items[3], items[0], items[1], items[6], items[7], items[4], items[5]]
+  )  # features.10 first, classifier.3 before classifier.1
   groups = importers.group_parameters(shuffled)
-  assert [p for p, _ in groups] == ["features.0", "features.10", "classifier.1",
-                                    "classifier.3"]
+  assert [p for p, _ in groups] == ["features.0", "features.10", "classifier.1", "classifier.3"]
   x = np.random.default_rng(4).uniform(size=(2, 1, 8, 8))
   want, _ = torch_forward(base, TORCH_NET, x)
-  model, params = importers.import_torch_sequential(shuffled, input_shape=INPUT_HWC,
-                                                    layers=SPECS)
+  model, params = importers.import_torch_sequential(shuffled, input_shape=INPUT_HWC, layers=SPECS)
   np.testing.assert_allclose(_logits(model, params, x), want, rtol=1e-4, atol=1e-5)
 
   # Names the rule cannot order (fc registered first): order= fixes it.
-  named = {"fc_out.weight": base["7.weight"], "fc_out.bias": base["7.bias"],
-           "conv_a.weight": base["0.weight"], "conv_a.bias": base["0.bias"],
-           "conv_b.weight": base["2.weight"], "conv_b.bias": base["2.bias"],
-           "fc_hidden.weight": base["5.weight"], "fc_hidden.bias": base["5.bias"]}
+  named = {
+    "fc_out.weight": base["7.weight"],
+    "fc_out.bias": base["7.bias"],
+    "conv_a.weight": base["0.weight"],
+    "conv_a.bias": base["0.bias"],
+    "conv_b.weight": base["2.weight"],
+    "conv_b.bias": base["2.bias"],
+    "fc_hidden.weight": base["5.weight"],
+    "fc_hidden.bias": base["5.bias"],
+  }
   with pytest.raises(ValueError, match="fc_out"):
     importers.import_torch_sequential(named, input_shape=INPUT_HWC, layers=SPECS)
   model, params = importers.import_torch_sequential(
-      named, input_shape=INPUT_HWC, layers=SPECS,
-      order=["conv_a", "conv_b", "fc_hidden", "fc_out"])
+    named, input_shape=INPUT_HWC, layers=SPECS, order=["conv_a", "conv_b", "fc_hidden", "fc_out"]
+  )
   np.testing.assert_allclose(_logits(model, params, x), want, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match=r"extra arrays.*fc_out"):
     importers.group_parameters(named, order=["conv_a", "conv_b", "fc_hidden"])
@@ -172,15 +220,22 @@ def test_name_ordering_rule_and_explicit_order():
 def test_matches_repo_architecture_4c3f():
   """Torch-layout arrays for 4C3F import into exactly the params tree Model.init makes."""
   rng = np.random.default_rng(5)
-  shapes = [(32, 1, 3, 3), (32, 32, 4, 4), (64, 32, 3, 3), (64, 64, 4, 4),
-            (512, 64 * 7 * 7), (512, 512), (10, 512)]
+  shapes = [
+    (32, 1, 3, 3),
+    (32, 32, 4, 4),
+    (64, 32, 3, 3),
+    (64, 64, 4, 4),
+    (512, 64 * 7 * 7),
+    (512, 512),
+    (10, 512),
+  ]
   sd = {}
   for i, s in enumerate(shapes):
     sd[f"layers.{2 * i}.weight"] = rng.normal(size=s).astype(np.float32)
     sd[f"layers.{2 * i}.bias"] = np.zeros(s[0], np.float32)
   model, params = importers.import_torch_sequential(
-      sd, input_shape=(28, 28, 1), layers=models.four_c_three_f(),
-      normalize=((0.1307,), (0.3081,)))
+    sd, input_shape=(28, 28, 1), layers=models.four_c_three_f(), normalize=((0.1307,), (0.3081,))
+  )
   ref = models.Model("4C3F", model.layers, (28, 28, 1)).init(jax.random.key(0))
   shape_of = lambda t: jax.tree.map(lambda a: a.shape, t)
   assert shape_of(params) == shape_of(ref)
@@ -198,8 +253,7 @@ def test_npz_round_trip(tmp_path):
   assert list(loaded) == list(sd)
   for k in sd:
     np.testing.assert_array_equal(loaded[k], sd[k])
-  model, params = importers.import_torch_sequential(loaded, input_shape=INPUT_HWC,
-                                                    layers=SPECS)
+  model, params = importers.import_torch_sequential(loaded, input_shape=INPUT_HWC, layers=SPECS)
   x = np.random.default_rng(6).uniform(size=(2, 1, 8, 8))
   want, _ = torch_forward(sd, TORCH_NET, x)
   np.testing.assert_allclose(_logits(model, params, x), want, rtol=1e-4, atol=1e-5)
@@ -225,8 +279,7 @@ def test_pth_without_torch_raises_import_error_with_fix(tmp_path, monkeypatch):
 
 def test_liplt_bound_dominates_gradient_norms():
   sd = small_state_dict(7)
-  model, params = importers.import_torch_sequential(sd, input_shape=INPUT_HWC,
-                                                    layers=SPECS)
+  model, params = importers.import_torch_sequential(sd, input_shape=INPUT_HWC, layers=SPECS)
   bound, _ = liplt.liplt_bound(model.lipnet(params), mode="pairwise", num_iters=500)
   bound = np.asarray(bound, np.float64)
   rng = np.random.default_rng(8)
@@ -237,8 +290,10 @@ def test_liplt_bound_dominates_gradient_norms():
     # Check the reference Jacobian by a central difference along a random direction.
     d = rng.normal(size=x.shape)
     eps = 1e-6
-    fd = (torch_forward(sd, TORCH_NET, (x + eps * d)[None])[0] -
-          torch_forward(sd, TORCH_NET, (x - eps * d)[None])[0])[0] / (2 * eps)
+    fd = (
+      torch_forward(sd, TORCH_NET, (x + eps * d)[None])[0]
+      - torch_forward(sd, TORCH_NET, (x - eps * d)[None])[0]
+    )[0] / (2 * eps)
     np.testing.assert_allclose(J @ d.ravel(), fd, rtol=1e-4, atol=1e-6)
     diff = J[:, None, :] - J[None, :, :]  # (K, K, n): J^T (e_i - e_j)
     worst = np.maximum(worst, np.linalg.norm(diff, axis=-1))
@@ -258,23 +313,40 @@ def test_missing_array_errors():
   with pytest.raises(ValueError, match=r"layer_2 Conv.*missing array '2.bias'.*use_bias"):
     importers.import_torch_sequential(no_bias, input_shape=INPUT_HWC, layers=SPECS)
   no_layer = {k: v for k, v in sd.items() if not k.startswith("7.")}
-  with pytest.raises(ValueError,
-                     match=r"layer_7 Dense.*missing array.*\(10, 16\).*Fix: pass the layers="):
+  with pytest.raises(
+    ValueError, match=r"layer_7 Dense.*missing array.*\(10, 16\).*Fix: pass the layers="
+  ):
     importers.import_torch_sequential(no_layer, input_shape=INPUT_HWC, layers=SPECS)
 
 
 def test_misshaped_array_error():
   sd = small_state_dict()
-  with pytest.raises(ValueError, match=r"layer_5 Dense.*'5.weight' has shape \(16, 64\), "
-                                       r"expected \(16, 196\).*Fix"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer_5 Dense.*'5.weight' has shape \(16, 64\), "
+    r"expected \(16, 196\).*Fix",
+  ):
     # stride 1 instead of 2 in the second conv: flattened size 4*7*7 instead of 4*4*4
     importers.import_torch_sequential(
-        sd, input_shape=INPUT_HWC,
-        layers=(L.Conv(4, 3, 1, 1), L.Act(), L.Conv(4, 4, 1, 1), L.Act(), L.Flatten(),
-                L.Dense(16), L.Act(), L.Dense(10)))
+      sd,
+      input_shape=INPUT_HWC,
+      layers=(
+        L.Conv(4, 3, 1, 1),
+        L.Act(),
+        L.Conv(4, 4, 1, 1),
+        L.Act(),
+        L.Flatten(),
+        L.Dense(16),
+        L.Act(),
+        L.Dense(10),
+      ),
+    )
   bad = dict(sd, **{"2.weight": np.zeros((4, 4, 3, 3))})
-  with pytest.raises(ValueError, match=r"layer_2 Conv.*\(4, 4, 3, 3\), expected "
-                                       r"\(4, 4, 4, 4\) \(O, I, kh, kw\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer_2 Conv.*\(4, 4, 3, 3\), expected "
+    r"\(4, 4, 4, 4\) \(O, I, kh, kw\)",
+  ):
     importers.import_torch_sequential(bad, input_shape=INPUT_HWC, layers=SPECS)
   with pytest.raises(ValueError, match=r"input_shape must be \(H, W, C\)"):
     importers.import_torch_sequential(sd, input_shape=(8, 8), layers=SPECS)
@@ -297,12 +369,13 @@ def test_convs_without_layers_ask_for_layers():
   with pytest.raises(ValueError, match=r"pass layers=.*conv_strides"):
     importers.import_torch_sequential(small_state_dict(), input_shape=INPUT_HWC)
   with pytest.raises(ValueError, match="only for layers=None"):
-    importers.import_torch_sequential(small_state_dict(), input_shape=INPUT_HWC,
-                                      layers=SPECS, conv_strides=[1, 2])
+    importers.import_torch_sequential(
+      small_state_dict(), input_shape=INPUT_HWC, layers=SPECS, conv_strides=[1, 2]
+    )
   with pytest.raises(ValueError, match="conv_strides has 3 entries"):
-    importers.import_torch_sequential(small_state_dict(), input_shape=INPUT_HWC,
-                                      conv_strides=[1, 2, 1])
+    importers.import_torch_sequential(
+      small_state_dict(), input_shape=INPUT_HWC, conv_strides=[1, 2, 1]
+    )
   # conv_paddings alone: strides default to 1 (so the flattened size no longer fits).
   with pytest.raises(ValueError, match=r"'5.weight' has shape \(16, 64\), expected \(16, 196\)"):
-    importers.import_torch_sequential(small_state_dict(), input_shape=INPUT_HWC,
-                                      conv_paddings=1)
+    importers.import_torch_sequential(small_state_dict(), input_shape=INPUT_HWC, conv_paddings=1)

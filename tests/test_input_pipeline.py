@@ -10,8 +10,9 @@ import pytest
 
 from crmjax import input_pipeline
 
-CIFAR_AUGMENT = input_pipeline.Augment(horizontal_flip=True, rotation_degrees=10.0,
-                                       translation=0.1, fill=0.5)
+CIFAR_AUGMENT = input_pipeline.Augment(
+  horizontal_flip=True, rotation_degrees=10.0, translation=0.1, fill=0.5
+)
 
 
 # --------------------------------------------------------------------------
@@ -91,10 +92,15 @@ def test_start_step_resume_equals_slice():
 def test_every_example_once_per_epoch(shuffle):
   images, labels = _toy()
   batches = list(
-      input_pipeline.epoch_batches(
-          images, labels, batch_size=5, seed=0, epoch=0, shuffle=shuffle,
-          drop_remainder=False,
-      )
+    input_pipeline.epoch_batches(
+      images,
+      labels,
+      batch_size=5,
+      seed=0,
+      epoch=0,
+      shuffle=shuffle,
+      drop_remainder=False,
+    )
   )
   assert [len(y) for _, y in batches] == [5, 5, 5, 5, 3]
   ids = np.concatenate(_ids(batches))
@@ -106,8 +112,8 @@ def test_every_example_once_per_epoch(shuffle):
 def test_augment_flip_only():
   images, labels = _toy(n=40)
   kw = dict(batch_size=40, seed=0, epoch=0, shuffle=False)
-  (x, _), = input_pipeline.epoch_batches(
-      images, labels, augment=input_pipeline.Augment(horizontal_flip=True), **kw
+  ((x, _),) = input_pipeline.epoch_batches(
+    images, labels, augment=input_pipeline.Augment(horizontal_flip=True), **kw
   )
   ref = images / np.float32(255)
   same = np.all(x == ref, axis=(1, 2, 3))
@@ -132,11 +138,10 @@ def test_augment_crop_is_a_shifted_window_and_deterministic():
   h, w = images.shape[1:3]
   for i in range(len(x)):
     windows = [
-        win
-        for dy in range(2 * p + 1)
-        for dx in range(2 * p + 1)
-        for win in (padded[i, dy : dy + h, dx : dx + w],
-                    padded[i, dy : dy + h, dx : dx + w][:, ::-1])
+      win
+      for dy in range(2 * p + 1)
+      for dx in range(2 * p + 1)
+      for win in (padded[i, dy : dy + h, dx : dx + w], padded[i, dy : dy + h, dx : dx + w][:, ::-1])
     ]
     assert any(np.allclose(x[i], win) for win in windows)
   # Some example was actually shifted (i.e. has a padded zero border).
@@ -155,7 +160,7 @@ def test_prefetch_to_device_same_values():
   kw = dict(batch_size=4, seed=0, epoch=0)
   plain = list(input_pipeline.epoch_batches(images, labels, **kw))
   fetched = list(
-      input_pipeline.prefetch_to_device(input_pipeline.epoch_batches(images, labels, **kw), size=2)
+    input_pipeline.prefetch_to_device(input_pipeline.epoch_batches(images, labels, **kw), size=2)
   )
   assert len(fetched) == len(plain)
   for (x, y), (fx, fy) in zip(plain, fetched):
@@ -167,9 +172,7 @@ def test_prefetch_to_device_same_values():
 def test_prefetch_to_device_with_sharding():
   devices = np.array(jax.devices())
   mesh = jax.sharding.Mesh(devices, ("batch",))
-  sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("batch")
-  )
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
   n = len(devices)
   batches = [(np.full((n, 3), i, np.float32), np.arange(n)) for i in range(3)]
   out = list(input_pipeline.prefetch_to_device(iter(batches), sharding=sharding))
@@ -203,10 +206,7 @@ def test_prefetch_to_device_stops_cleanly_on_close():
   assert int(np.asarray(next(it))[0]) == 0
   assert int(np.asarray(next(it))[0]) == 1
   it.close()
-  assert not any(
-      t.name == "prefetch_to_device" and t.is_alive()
-      for t in threading.enumerate()
-  )
+  assert not any(t.name == "prefetch_to_device" and t.is_alive() for t in threading.enumerate())
   with pytest.raises(ValueError):
     next(input_pipeline.prefetch_to_device(iter([]), size=0))
 
@@ -230,8 +230,7 @@ class _FixedAffine:
 
 def _affine(images, degrees=0.0, tx=0.0, ty=0.0, fill=0.0):
   augment = input_pipeline.Augment(rotation_degrees=180.0, translation=0.99, fill=fill)
-  return input_pipeline.augment_batch(images, augment=augment,
-                                      rng=_FixedAffine(degrees, tx, ty))
+  return input_pipeline.augment_batch(images, augment=augment, rng=_FixedAffine(degrees, tx, ty))
 
 
 def test_quarter_and_half_turns_are_exact_and_counter_clockwise():
@@ -280,7 +279,7 @@ def test_augmented_batches_keep_shape_range_and_values_and_are_deterministic():
     np.testing.assert_array_equal(ya, yb)
     assert xa.shape == (16, 32, 32, 3) and xa.dtype == np.float32
     assert 0.0 <= xa.min() and xa.max() <= 1.0
-    for i, k in enumerate(order[step * 16:(step + 1) * 16]):
+    for i, k in enumerate(order[step * 16 : (step + 1) * 16]):
       original = images[k] / np.float32(255)
       assert ya[i] == labels[k]
       # Nearest-neighbour: every value is one of the image's own values or the fill.
@@ -298,14 +297,12 @@ def test_angles_and_shifts_cover_the_configured_ranges():
   images = np.zeros((500, 61, 61, 1), np.float32)
   images[:, 30, 55] = 1.0  # One pixel, 25 to the right of the centre (30, 30).
   augment = input_pipeline.Augment(rotation_degrees=30.0, translation=0.0)
-  out = input_pipeline.augment_batch(images, augment=augment,
-                                     rng=np.random.default_rng(0))
+  out = input_pipeline.augment_batch(images, augment=augment, rng=np.random.default_rng(0))
   _, ys, xs = np.nonzero(out[..., 0])
   angles = np.rad2deg(np.arctan2(-(ys - 30), xs - 30))
   assert angles.min() < -27 and angles.max() > 27 and np.all(np.abs(angles) < 33)
   augment = input_pipeline.Augment(translation=0.05)
-  out = input_pipeline.augment_batch(images, augment=augment,
-                                     rng=np.random.default_rng(1))
+  out = input_pipeline.augment_batch(images, augment=augment, rng=np.random.default_rng(1))
   _, ys, xs = np.nonzero(out[..., 0])
   assert set(np.unique(xs - 55)) == {-3, -2, -1, 0, 1, 2, 3}  # round(U(-3.05, 3.05)).
   assert set(np.unique(ys - 30)) == {-3, -2, -1, 0, 1, 2, 3}
@@ -328,17 +325,22 @@ def test_no_recompilation_over_augmented_epochs():
     return jnp.sum(x) + jnp.sum(y)
 
   for epoch in range(3):
-    for x, y in input_pipeline.prefetch_to_device(input_pipeline.epoch_batches(
-        images, labels, batch_size=16, seed=0, epoch=epoch, augment=CIFAR_AUGMENT)):
+    for x, y in input_pipeline.prefetch_to_device(
+      input_pipeline.epoch_batches(
+        images, labels, batch_size=16, seed=0, epoch=epoch, augment=CIFAR_AUGMENT
+      )
+    ):
       step(x, y)
 
 
 def test_augment_refuses_bad_settings():
-  for kw, match in [({"random_crop_padding": -1}, "random_crop_padding"),
-                    ({"rotation_degrees": -5.0}, "rotation_degrees"),
-                    ({"rotation_degrees": 200.0}, "rotation_degrees"),
-                    ({"translation": 1.0}, "translation"),
-                    ({"fill": 1.5}, "fill")]:
+  for kw, match in [
+    ({"random_crop_padding": -1}, "random_crop_padding"),
+    ({"rotation_degrees": -5.0}, "rotation_degrees"),
+    ({"rotation_degrees": 200.0}, "rotation_degrees"),
+    ({"translation": 1.0}, "translation"),
+    ({"fill": 1.5}, "fill"),
+  ]:
     with pytest.raises(ValueError, match=match):
       input_pipeline.Augment(**kw)
   assert not input_pipeline.Augment().active

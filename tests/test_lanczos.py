@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crmjax import network, soundness
 from crmjax import layers as L
+from crmjax import network, soundness
 
 # ------------------------------------------------------------- failure probabilities
 
@@ -26,12 +26,15 @@ def test_lanczos_rel_err_known_values():
   # 1.648 sqrt(n) exp(-sqrt(eps) (2k - 1)) = delta, solved by hand:
   # n = 10^4, k = 300, delta = 1e-7: sqrt(eps) = ln(1.648e9) / 599 = 21.22283 / 599
   assert soundness.lanczos_rel_err(n=10**4, num_iters=300, delta=1e-7) == pytest.approx(
-      (21.222828 / 599) ** 2, rel=1e-6)
+    (21.222828 / 599) ** 2, rel=1e-6
+  )
   assert soundness.lanczos_rel_err(n=10**4, num_iters=300, delta=1e-7) == pytest.approx(
-      1.25530e-3, rel=1e-4)
+    1.25530e-3, rel=1e-4
+  )
   # n = 3136, k = 1000, delta = 1e-6 / 6: ln(1.648 * 56 / (1e-6 / 6)) = ln(5.53728e8)
   assert soundness.lanczos_rel_err(n=3136, num_iters=1000, delta=1e-6 / 6) == pytest.approx(
-      (20.132184 / 1999) ** 2, rel=1e-6)
+    (20.132184 / 1999) ** 2, rel=1e-6
+  )
   # the round trip, with the theorem's constant written out here
   for n in [10, 1000, 10**6]:
     for delta in [1e-9, 1e-6, 1e-3]:
@@ -40,8 +43,9 @@ def test_lanczos_rel_err_known_values():
         e = soundness.lanczos_rel_err(n=n, num_iters=k, delta=delta)
         assert 0.0 < e < prev  # more steps: tighter
         prev = e
-        np.testing.assert_allclose(1.648 * math.sqrt(n) * math.exp(-math.sqrt(e) * (2 * k - 1)),
-                                   delta, rtol=1e-9)
+        np.testing.assert_allclose(
+          1.648 * math.sqrt(n) * math.exp(-math.sqrt(e) * (2 * k - 1)), delta, rtol=1e-9
+        )
   # larger failure allowed: tighter; larger order: looser
   es = [soundness.lanczos_rel_err(n=1000, num_iters=200, delta=d) for d in [1e-9, 1e-6, 1e-3]]
   assert es[0] > es[1] > es[2]
@@ -57,21 +61,24 @@ def test_power_rel_err_known_values():
   # 0.824 sqrt(n) (1 - eps)^((k - 1) / 2) = delta: n = 10^4, k = 1001, delta = 1e-6:
   # (1 - eps)^500 = 1e-6 / 82.4  ->  eps = 1 - exp(ln(1.2135922e-8) / 500)
   assert soundness.power_rel_err(n=10**4, num_iters=1001, delta=1e-6) == pytest.approx(
-      1 - math.exp(-18.227096 / 500), rel=1e-6)
+    1 - math.exp(-18.227096 / 500), rel=1e-6
+  )
   assert soundness.power_rel_err(n=10**4, num_iters=1001, delta=1e-6) == pytest.approx(
-      0.0357979, rel=1e-4)
+    0.0357979, rel=1e-4
+  )
   for n in [10, 1000, 10**6]:
     for k in [10, 100, 1000]:
       e = soundness.power_rel_err(n=n, num_iters=k, delta=1e-6)
-      np.testing.assert_allclose(0.824 * math.sqrt(n) * (1 - e) ** ((k - 1) / 2), 1e-6,
-                                 rtol=1e-6)
+      np.testing.assert_allclose(0.824 * math.sqrt(n) * (1 - e) ** ((k - 1) / 2), 1e-6, rtol=1e-6)
   assert soundness.power_rel_err(n=100, num_iters=1, delta=1e-6) == 1.0
   assert soundness.power_rel_err(n=100, num_iters=0, delta=1e-6) == 1.0
   # delta >= 0.824 sqrt(n): every eps would do; 1.0 is returned (conservative)
   assert soundness.power_rel_err(n=1, num_iters=100, delta=0.9) == 1.0
   # Lanczos reaches a given rel_err in far fewer steps than the power method
-  assert (soundness.lanczos_rel_err(n=10**4, num_iters=300, delta=1e-7) <
-          soundness.power_rel_err(n=10**4, num_iters=3000, delta=1e-7) / 10)
+  assert (
+    soundness.lanczos_rel_err(n=10**4, num_iters=300, delta=1e-7)
+    < soundness.power_rel_err(n=10**4, num_iters=3000, delta=1e-7) / 10
+  )
 
 
 # ------------------------------------------------------------------- the algorithm
@@ -139,6 +146,9 @@ def test_lanczos_norms_against_svd():
     assert r["sigma"] <= w * (1 + 1e-6)  # a lower estimate (up to float32 products)
     assert r["sigma"] >= w * (1 - 1e-6)  # converged
     assert r["rayleigh"] == pytest.approx(r["ritz"], rel=1e-5)
+  # operators run alone when their Krylov bases do not fit together: same starts, same result
+  alone = soundness.lanczos_norms(specs, key=3, num_iters=60, memory=1)
+  np.testing.assert_allclose([r["sigma"] for r in alone], [r["sigma"] for r in res], rtol=1e-6)
   with pytest.raises(ValueError, match="num_iters"):
     soundness.lanczos_norms(specs, key=3, num_iters=0)
 
@@ -149,9 +159,11 @@ def test_lanczos_norms_against_svd():
 def _net():
   layers = (L.Dense(40), L.Act("leaky_relu", 0.3), L.Dense(30), L.Act(), L.Dense(3))
   rng = np.random.default_rng(0)
-  params = {"layer_0": {"kernel": rng.normal(size=(20, 40)) / 4.5},
-            "layer_2": {"kernel": rng.normal(size=(40, 30)) / 6.3},
-            "layer_4": {"kernel": rng.normal(size=(30, 3)) / 5.5}}
+  params = {
+    "layer_0": {"kernel": rng.normal(size=(20, 40)) / 4.5},
+    "layer_2": {"kernel": rng.normal(size=(40, 30)) / 6.3},
+    "layer_4": {"kernel": rng.normal(size=(30, 3)) / 5.5},
+  }
   params = {k: {"kernel": jnp.asarray(v["kernel"], jnp.float32)} for k, v in params.items()}
   return network.from_layers(layers, params, (20,))
 
@@ -168,6 +180,7 @@ def test_key_from_os_entropy_recorded_and_reproducible():
   assert i3["key"] == i1["key"] and i3["norms"] == i1["norms"]
   # a jax key is turned into its int seed, which reproduces it
   import jax  # pylint: disable=import-outside-toplevel
+
   b4, i4 = soundness.sound_bound(net, key=jax.random.key(5), **kw)
   b5, _ = soundness.sound_bound(net, key=i4["key"], **kw)
   np.testing.assert_array_equal(b4, b5)

@@ -16,26 +16,60 @@ ITERS = 3000  # power iterations where a test needs the exact norm (1e-4 relativ
 
 
 def _conv_net(act):
-  return (L.Conv(3, 3, 1, 1), act, L.Conv(4, 3, 2, 1), act, L.Conv(3, 2, 1, 0), act,
-          L.Flatten(), L.Dense(10), act, L.Dense(K))
+  return (
+    L.Conv(3, 3, 1, 1),
+    act,
+    L.Conv(4, 3, 2, 1),
+    act,
+    L.Conv(3, 2, 1, 0),
+    act,
+    L.Flatten(),
+    L.Dense(10),
+    act,
+    L.Dense(K),
+  )
 
 
 NETS = {
-    "dense2_relu": ((5,), (L.Dense(7), L.Act(), L.Dense(K))),
-    "dense4_leaky": ((6,), (L.Dense(8), L.Act("leaky_relu", 0.1), L.Dense(9),
-                            L.Act("leaky_relu", 0.1), L.Dense(7), L.Act("leaky_relu", 0.1),
-                            L.Dense(K))),
-    "dense3_tanh": ((5,), (L.Dense(6), L.Act("tanh"), L.Dense(6), L.Act("tanh"), L.Dense(K))),
-    "conv_relu": ((6, 6, 2), _conv_net(L.Act())),
-    "conv_norm_leaky": ((5, 5, 2), (L.Normalize((0.5, 0.4), (0.3, 0.2)),) +
-                        _conv_net(L.Act("leaky_relu", 0.2))),
-    "residual_dense": ((6,), (L.Dense(6), L.Act(),
-                              L.Residual((L.Dense(5), L.Act(), L.Dense(6))),
-                              L.Residual((L.Dense(4), L.Act("tanh"), L.Dense(6))),
-                              L.Dense(K))),
-    "residual_conv": ((5, 5, 2), (L.Conv(3, 3, 1, 1), L.Act(),
-                                  L.Residual((L.Conv(3, 3, 1, 1), L.Act(), L.Conv(3, 3, 1, 1))),
-                                  L.Flatten(), L.Dense(K))),
+  "dense2_relu": ((5,), (L.Dense(7), L.Act(), L.Dense(K))),
+  "dense4_leaky": (
+    (6,),
+    (
+      L.Dense(8),
+      L.Act("leaky_relu", 0.1),
+      L.Dense(9),
+      L.Act("leaky_relu", 0.1),
+      L.Dense(7),
+      L.Act("leaky_relu", 0.1),
+      L.Dense(K),
+    ),
+  ),
+  "dense3_tanh": ((5,), (L.Dense(6), L.Act("tanh"), L.Dense(6), L.Act("tanh"), L.Dense(K))),
+  "conv_relu": ((6, 6, 2), _conv_net(L.Act())),
+  "conv_norm_leaky": (
+    (5, 5, 2),
+    (L.Normalize((0.5, 0.4), (0.3, 0.2)),) + _conv_net(L.Act("leaky_relu", 0.2)),
+  ),
+  "residual_dense": (
+    (6,),
+    (
+      L.Dense(6),
+      L.Act(),
+      L.Residual((L.Dense(5), L.Act(), L.Dense(6))),
+      L.Residual((L.Dense(4), L.Act("tanh"), L.Dense(6))),
+      L.Dense(K),
+    ),
+  ),
+  "residual_conv": (
+    (5, 5, 2),
+    (
+      L.Conv(3, 3, 1, 1),
+      L.Act(),
+      L.Residual((L.Conv(3, 3, 1, 1), L.Act(), L.Conv(3, 3, 1, 1))),
+      L.Flatten(),
+      L.Dense(K),
+    ),
+  ),
 }
 
 
@@ -63,8 +97,7 @@ def test_l2_bounds_match_float64_reference(name, mode):
   want, _ = ref.liplt_reference(blocks, R, mode=mode)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
   got_n, _ = jax.jit(lambda n, s: liplt.naive_bound(n, s, mode=mode, num_iters=ITERS))(net, state)
-  np.testing.assert_allclose(got_n, ref.naive_reference(blocks, R, mode=mode), rtol=2e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(got_n, ref.naive_reference(blocks, R, mode=mode), rtol=2e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(NETS))
@@ -79,8 +112,9 @@ def test_linf_bounds_sound_and_exact_on_single_operators(name, mode):
   assert np.all(np.asarray(got) >= exact * (1 - 1e-5) - 1e-6)
   # ... and below the naive bound, which is exact for single operators.
   naive, _ = liplt.naive_bound(net, mode=mode, norm="linf")
-  np.testing.assert_allclose(naive, ref.naive_reference(blocks, R, mode=mode, norm="linf"),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    naive, ref.naive_reference(blocks, R, mode=mode, norm="linf"), rtol=1e-5, atol=1e-6
+  )
   assert np.all(np.asarray(got) <= np.asarray(naive) * (1 + 1e-5) + 1e-6)
 
 
@@ -108,9 +142,11 @@ def test_liplt_never_above_naive(name, norm):
 # one row, so the LipLT recursion collapses to the product of the norms and is EXACT: the
 # bound equals the largest gradient norm, reached wherever every activation has slope 1.
 TIGHT_NETS = {
-    "bottleneck_relu": ((5,), (L.Dense(1), L.Act(), L.Dense(K))),
-    "bottleneck2_leaky": ((5,), (L.Dense(1), L.Act("leaky_relu", 0.1), L.Dense(1),
-                                 L.Act("leaky_relu", 0.1), L.Dense(K))),
+  "bottleneck_relu": ((5,), (L.Dense(1), L.Act(), L.Dense(K))),
+  "bottleneck2_leaky": (
+    (5,),
+    (L.Dense(1), L.Act("leaky_relu", 0.1), L.Dense(1), L.Act("leaky_relu", 0.1), L.Dense(K)),
+  ),
 }
 
 
@@ -145,8 +181,10 @@ def test_bounds_exceed_gradient_norms(name):
   blocks, R = ref.blocks_of(layers, jax.tree.map(np.asarray, p), shape)
   xs = 3.0 * jax.random.normal(jax.random.key(4), (256, *shape))
   pair, jac = _gradient_norms(model, p, xs)
-  for norm, vec in (("l2", lambda a: np.linalg.norm(a, axis=-1)),
-                    ("linf", lambda a: np.abs(a).sum(-1))):
+  for norm, vec in (
+    ("l2", lambda a: np.linalg.norm(a, axis=-1)),
+    ("linf", lambda a: np.abs(a).sum(-1)),
+  ):
     pw, _ = liplt.liplt_bound(net, mode="pairwise", norm=norm, num_iters=ITERS)
     pc, _ = liplt.liplt_bound(net, mode="per_class", norm=norm, num_iters=ITERS)
     gl, _ = liplt.liplt_bound(net, mode="global", norm=norm, num_iters=ITERS)
@@ -161,8 +199,12 @@ def test_bounds_exceed_gradient_norms(name):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6, err_msg=mode)
     if name in TIGHT_NETS:  # exact: the sampled maximum attains the bound
       off = ~np.eye(K, dtype=bool)
-      np.testing.assert_allclose(vec(pair).max(0)[off], np.asarray(pw)[off], rtol=1e-4,
-                                 err_msg=f"{norm} pairwise bound is not the exact constant")
+      np.testing.assert_allclose(
+        vec(pair).max(0)[off],
+        np.asarray(pw)[off],
+        rtol=1e-4,
+        err_msg=f"{norm} pairwise bound is not the exact constant",
+      )
       np.testing.assert_allclose(vec(jac).max(0), pc, rtol=1e-4)
       if norm == "linf":
         np.testing.assert_allclose(op.max(), gl, rtol=1e-4)
@@ -178,12 +220,19 @@ def test_as_pairwise_of_per_class_and_global_bounds():
   in l2 (``||e_i - e_j|| = sqrt(2)``) and ``2 L`` in linf; zero diagonal. Each is a valid
   pairwise bound: not below the exact pairwise constants of a linear map."""
   pc = jnp.asarray([1.0, 2.0, 4.0])
-  np.testing.assert_allclose(liplt.as_pairwise(pc, mode="per_class"),
-                             [[0, 3, 5], [3, 0, 6], [5, 6, 0]], rtol=1e-7)
-  np.testing.assert_allclose(liplt.as_pairwise(jnp.float32(2.0), mode="global", num_classes=3),
-                             2.0 * np.sqrt(2) * (1 - np.eye(3)), rtol=1e-6)
-  np.testing.assert_allclose(liplt.as_pairwise(jnp.float32(2.0), mode="global", num_classes=3,
-                                               norm="linf"), 4.0 * (1 - np.eye(3)), rtol=1e-7)
+  np.testing.assert_allclose(
+    liplt.as_pairwise(pc, mode="per_class"), [[0, 3, 5], [3, 0, 6], [5, 6, 0]], rtol=1e-7
+  )
+  np.testing.assert_allclose(
+    liplt.as_pairwise(jnp.float32(2.0), mode="global", num_classes=3),
+    2.0 * np.sqrt(2) * (1 - np.eye(3)),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    liplt.as_pairwise(jnp.float32(2.0), mode="global", num_classes=3, norm="linf"),
+    4.0 * (1 - np.eye(3)),
+    rtol=1e-7,
+  )
   pw = jnp.asarray([[0.0, 1.0], [1.0, 0.0]])
   assert liplt.as_pairwise(pw, mode="pairwise") is pw
   with pytest.raises(ValueError, match="num_classes"):
@@ -200,8 +249,7 @@ def test_power_iteration_converges_to_exact_svd(name):
   shape, layers, p = _build(name)
   net = network.from_layers(layers, p, shape)
   blocks, _ = _reference(name, p)
-  table, _ = liplt.interior_table(net, liplt.init_state(net, jax.random.key(0)),
-                                  num_iters=ITERS)
+  table, _ = liplt.interior_table(net, liplt.init_state(net, jax.random.key(0)), num_iters=ITERS)
   hh = [ref._hhat(*b) for b in blocks]
   for e in range(len(blocks)):
     for t in range(e + 1):
@@ -221,19 +269,20 @@ def test_grad_matches_finite_differences():
     state = liplt.init_state(network.from_layers(layers, p, shape), jax.random.key(1))
     state = jax.tree.map(lambda a: a.astype(jnp.float64), state)
     _, state = jax.jit(lambda n, s: liplt.liplt_bound(n, s, num_iters=ITERS))(
-        network.from_layers(layers, p, shape), state)
+      network.from_layers(layers, p, shape), state
+    )
 
     def f(params):  # the state is converged: a few more iterations keep it there
-      b, _ = liplt.liplt_bound(network.from_layers(layers, params, shape), state,
-                               num_iters=4)
+      b, _ = liplt.liplt_bound(network.from_layers(layers, params, shape), state, num_iters=4)
       return jnp.sum(b * jnp.arange(K * K).reshape(K, K) / K)
 
     g = jax.jit(jax.grad(f))(p)
     d = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape, a.dtype), p)
     h = 1e-5
     f = jax.jit(f)
-    fd = (f(jax.tree.map(lambda a, b: a + h * b, p, d)) -
-          f(jax.tree.map(lambda a, b: a - h * b, p, d))) / (2 * h)
+    fd = (
+      f(jax.tree.map(lambda a, b: a + h * b, p, d)) - f(jax.tree.map(lambda a, b: a - h * b, p, d))
+    ) / (2 * h)
     an = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(d)))
     np.testing.assert_allclose(an, fd, rtol=1e-4)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
@@ -243,8 +292,11 @@ def test_grad_in_float32_is_finite_and_nonzero_for_every_param():
   for name in ("conv_norm_leaky", "residual_conv"):
     shape, layers, p = _build(name)
     state = liplt.init_state(network.from_layers(layers, p, shape), jax.random.key(1))
-    g = jax.grad(lambda q: jnp.mean(liplt.liplt_bound(
-        network.from_layers(layers, q, shape), state, num_iters=2)[0]))(p)
+    g = jax.grad(
+      lambda q: jnp.mean(
+        liplt.liplt_bound(network.from_layers(layers, q, shape), state, num_iters=2)[0]
+      )
+    )(p)
     _check_grads(g)
 
 
@@ -273,8 +325,7 @@ def test_jit_vmap_and_warm_start():
   assert b_all.shape == (3, K, K)
   for i in range(3):
     p_i = jax.tree.map(lambda a: a[i], params)
-    exact, _ = liplt.liplt_bound(network.from_layers(layers, p_i, shape), state,
-                                 num_iters=ITERS)
+    exact, _ = liplt.liplt_bound(network.from_layers(layers, p_i, shape), state, num_iters=ITERS)
     # warm start: repeated single iterations converge to the many-iteration value
     s = state
     for _ in range(150):
@@ -289,11 +340,13 @@ def test_model_forward_matches_explicit_matrices():
   for name in ["dense2_relu", "dense4_leaky", "conv_relu", "residual_conv"]:  # ReLU family
     shape, layers, p = _build(name)
     p0 = jax.tree_util.tree_map_with_path(
-        lambda path, a: jnp.zeros_like(a) if "bias" in jax.tree_util.keystr(path) else a, p)
+      lambda path, a: jnp.zeros_like(a) if "bias" in jax.tree_util.keystr(path) else a, p
+    )
     x = jax.random.normal(jax.random.key(3), (5, *shape))
     net = network.from_layers(layers, p0, shape)
-    np.testing.assert_allclose(net(x), L.Sequential(layers).apply({"params": p0}, x),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      net(x), L.Sequential(layers).apply({"params": p0}, x), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("stride,pad", [(1, 1), (2, 1), (2, 0), (1, 0)])
@@ -303,14 +356,16 @@ def test_conv_operator_matches_numpy_matrix(stride, pad):
   M, out_shape = ref.conv_matrix(np.asarray(kernel), (7, 6, 2), stride, pad)
   x = np.random.default_rng(0).normal(size=(3, 7, 6, 2))
   assert op.out_shape == out_shape
-  np.testing.assert_allclose(op(jnp.asarray(x, jnp.float32)).reshape(3, -1), x.reshape(3, -1) @ M.T,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    op(jnp.asarray(x, jnp.float32)).reshape(3, -1), x.reshape(3, -1) @ M.T, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_errors_are_clear():
   with pytest.raises(ValueError, match="mode must be one of"):
-    liplt.liplt_bound(network.from_layers(*_build("dense2_relu")[1:2],
-                                          _build("dense2_relu")[2], (5,)), mode="pair")
+    liplt.liplt_bound(
+      network.from_layers(*_build("dense2_relu")[1:2], _build("dense2_relu")[2], (5,)), mode="pair"
+    )
   with pytest.raises(ValueError, match="exactly one Act"):
     L.Residual((L.Dense(3), L.Dense(3)))
   with pytest.raises(ValueError, match="unknown architecture"):

@@ -35,8 +35,7 @@ def test_certified_rho_is_the_smallest_valid_rho_for_t():
 def test_one_hidden_layer_between_lower_and_naive():
   c = tightness_config.get_config("smoke")
   layers, params = tightness.build((12,), input_dim=6, num_classes=3, seed=0)
-  lower = tightness.lower_estimate(layers, params, 6, key=jax.random.key(0), chains=256,
-                                   rounds=3)
+  lower = tightness.lower_estimate(layers, params, 6, key=jax.random.key(0), chains=256, rounds=3)
   weights, _ = lipsdp.weights_of(layers, params)
   sdp = lipsdp.lipsdp_neuron(weights)["bound"]
   naive = lipsdp.naive(weights)
@@ -46,9 +45,23 @@ def test_one_hidden_layer_between_lower_and_naive():
   assert lower <= sdp * (1 + 1e-6) and sdp <= naive * (1 + 1e-6)
   assert lower <= lt * (1 + 1e-4) and lt <= naive * (1 + 1e-4)
   assert sdp < 0.9 * naive  # LipSDP is not trivially the naive bound here
-  md = tightness.table([{"hidden": [12], "lower": lower, "lipsdp": sdp, "liplt": lt,
-                         "liplt_aol": lt, "naive": naive, "lower_s": 0.0, "lipsdp_s": 0.0,
-                         "liplt_s": 0.0, "liplt_aol_s": 0.0, "naive_s": 0.0}])
+  md = tightness.table(
+    [
+      {
+        "hidden": [12],
+        "lower": lower,
+        "lipsdp": sdp,
+        "liplt": lt,
+        "liplt_aol": lt,
+        "naive": naive,
+        "lower_s": 0.0,
+        "lipsdp_s": 0.0,
+        "liplt_s": 0.0,
+        "liplt_aol_s": 0.0,
+        "naive_s": 0.0,
+      }
+    ]
+  )
   assert md.count("\n") == 2 and "| 12 |" in md
 
 

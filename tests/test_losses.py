@@ -91,15 +91,17 @@ def crm_np(logits, labels, lip, *, lam, t, r0, g=None):
 
 def gloro_np(logits, labels, lip, eps):
   z = np.asarray(logits, np.float64)
-  bottom = np.array([max(z[b, i] + eps * lip[y, i] for i in range(K) if i != y)
-                     for b, y in enumerate(labels)])
+  bottom = np.array(
+    [max(z[b, i] + eps * lip[y, i] for i in range(K) if i != y) for b, y in enumerate(labels)]
+  )
   aug = np.concatenate([z, bottom[:, None]], 1)
   return ce_np(aug, labels), aug
 
 
 def _j(*a):
-  return tuple(jnp.asarray(x, jnp.float32) if np.asarray(x).dtype.kind == "f" else
-               jnp.asarray(x) for x in a)
+  return tuple(
+    jnp.asarray(x, jnp.float32) if np.asarray(x).dtype.kind == "f" else jnp.asarray(x) for x in a
+  )
 
 
 # ------------------------------------------------------------------------------ tests
@@ -128,19 +130,22 @@ def test_certified_radius_is_zero_on_ties_and_uses_row_of_label():
   # An asymmetric bound (L_01 = 1 but L_10 = 3, ...): the radius of a point with label y
   # reads row y, R = min_{i != y} (z_y - z_i) / L_yi. Reading column y instead (lip.T)
   # gives the values in the comment after "col:".
-  lip = np.array([[0.0, 1.0, 4.0],
-                  [3.0, 0.0, 2.0],
-                  [0.5, 6.0, 0.0]])
-  logits = np.array([[1.0, 1.0, 0.0],    # tie with class 1: radius 0
-                     [2.0, 0.0, 0.0],    # label 0: min(2 / 1, 2 / 4) = 0.5  (col: 2 / 3)
-                     [0.0, 3.0, 1.0],    # label 1: min(3 / 3, 2 / 2) = 1    (col: 2 / 6)
-                     [0.0, 1.0, 4.0]])   # label 2: min(4 / 0.5, 3 / 6) = 0.5 (col: 4 / 4)
+  lip = np.array([[0.0, 1.0, 4.0], [3.0, 0.0, 2.0], [0.5, 6.0, 0.0]])
+  logits = np.array(
+    [
+      [1.0, 1.0, 0.0],  # tie with class 1: radius 0
+      [2.0, 0.0, 0.0],  # label 0: min(2 / 1, 2 / 4) = 0.5  (col: 2 / 3)
+      [0.0, 3.0, 1.0],  # label 1: min(3 / 3, 2 / 2) = 1    (col: 2 / 6)
+      [0.0, 1.0, 4.0],
+    ]
+  )  # label 2: min(4 / 0.5, 3 / 6) = 0.5 (col: 4 / 4)
   labels = np.array([0, 0, 1, 2])
   want = [0.0, 0.5, 1.0, 0.5]
   np.testing.assert_allclose(radius_np(logits, labels, lip), want, rtol=1e-12)
   got = losses.certified_radius(*_j(logits, labels, lip))
-  np.testing.assert_allclose(got, want, rtol=1e-6,
-                             err_msg="certified_radius must read row y of lip (L_yi)")
+  np.testing.assert_allclose(
+    got, want, rtol=1e-6, err_msg="certified_radius must read row y of lip (L_yi)"
+  )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -148,16 +153,22 @@ def test_losses_read_row_of_label_of_an_asymmetric_bound(seed):
   logits, labels, lip = _batch(seed, symmetric=False)
   assert np.abs(lip - lip.T).max() > 0.1
   args = _j(logits, labels, lip)
-  np.testing.assert_allclose(losses.certified_radius(*args), radius_np(logits, labels, lip),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(losses.soft_radius(*args, temperature=T),
-                             soft_radius_np(logits, labels, lip, T), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    losses.certified_radius(*args), radius_np(logits, labels, lip), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    losses.soft_radius(*args, temperature=T),
+    soft_radius_np(logits, labels, lip, T),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   loss, aux = losses.crm_loss(*args, lam=2.0, temperature=T, r0=R0)
   want, pen, *_ = crm_np(logits, labels, lip, lam=2.0, t=T, r0=R0)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   np.testing.assert_allclose(aux["penalty"], pen, rtol=1e-5)
-  np.testing.assert_allclose(losses.gloro_loss(*args, eps=EPS)[0],
-                             gloro_np(logits, labels, lip, EPS)[0], rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.gloro_loss(*args, eps=EPS)[0], gloro_np(logits, labels, lip, EPS)[0], rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("seed", [0, 3])
@@ -190,8 +201,9 @@ def test_cross_entropy_matches_numpy():
 
 def test_exp_penalty():
   r = np.array([-1.0, 0.0, 0.3, 2.0])
-  np.testing.assert_allclose(losses.exp_penalty(jnp.asarray(r), temperature=T),
-                             np.exp(-T * r) / T, rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.exp_penalty(jnp.asarray(r), temperature=T), np.exp(-T * r) / T, rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -202,10 +214,12 @@ def test_linear_penalty_is_the_log_sum_exp_of_the_pairwise_ratios(seed):
   ratios = _ratios_np(logits, labels, lip)
   want = np.array([np.log(np.sum(np.exp(-T * r[np.isfinite(r)]))) / T for r in ratios])
   got = losses.linear_penalty(
-      losses.soft_radius(*_j(logits, labels, lip), temperature=T), temperature=T)
+    losses.soft_radius(*_j(logits, labels, lip), temperature=T), temperature=T
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  loss, aux = losses.crm_loss(*_j(logits, labels, lip), lam=2.0, temperature=T, r0=R0,
-                              penalty=losses.linear_penalty)
+  loss, aux = losses.crm_loss(
+    *_j(logits, labels, lip), lam=2.0, temperature=T, r0=R0, penalty=losses.linear_penalty
+  )
   ref, pen, *_ = crm_np(logits, labels, lip, lam=2.0, t=T, r0=R0, g=lambda r: -r)
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
   np.testing.assert_allclose(aux["penalty"], pen, rtol=1e-5)
@@ -271,16 +285,20 @@ def test_crm_loss_all_misclassified_has_zero_penalty():
   assert not np.any(logits.argmax(1) == wrong)
   args = _j(logits, wrong, lip)
   for penalty in (losses.exp_penalty, losses.linear_penalty):
-    loss, aux = jax.jit(lambda z, y, l: losses.crm_loss(
-        z, y, l, lam=1.0, temperature=T, r0=R0, penalty=penalty))(*args)
+    loss, aux = jax.jit(
+      lambda z, y, l: losses.crm_loss(z, y, l, lam=1.0, temperature=T, r0=R0, penalty=penalty)
+    )(*args)
     assert float(aux["accuracy"]) == 0.0 and float(aux["penalised"]) == 0.0
     assert np.isfinite(float(loss)) and np.isfinite(float(aux["penalty"])), (loss, aux)
     assert float(aux["penalty"]) == 0.0, aux["penalty"]
     np.testing.assert_allclose(loss, aux["ce"], rtol=1e-7)
     np.testing.assert_allclose(loss, ce_np(logits, wrong), rtol=1e-6)
-    grads = jax.grad(lambda z, l: losses.crm_loss(
-        z, args[1], l, lam=1.0, temperature=T, r0=R0, penalty=penalty)[0],
-                     argnums=(0, 1))(args[0], args[2])
+    grads = jax.grad(
+      lambda z, l: losses.crm_loss(z, args[1], l, lam=1.0, temperature=T, r0=R0, penalty=penalty)[
+        0
+      ],
+      argnums=(0, 1),
+    )(args[0], args[2])
     assert all(np.all(np.isfinite(g)) for g in grads)
     np.testing.assert_array_equal(grads[1], 0.0)  # the bound plays no part
 
@@ -293,22 +311,18 @@ def test_crm_loss_custom_penalty():
     seen["t"] = temperature
     return jnp.square(R0 - r)
 
-  loss, aux = losses.crm_loss(*_j(logits, labels, lip), lam=1.5, temperature=T, r0=R0,
-                              penalty=g)
+  loss, aux = losses.crm_loss(*_j(logits, labels, lip), lam=1.5, temperature=T, r0=R0, penalty=g)
   assert seen["t"] == T
-  want, pen, *_ = crm_np(logits, labels, lip, lam=1.5, t=T, r0=R0,
-                         g=lambda r: np.square(R0 - r))
+  want, pen, *_ = crm_np(logits, labels, lip, lam=1.5, t=T, r0=R0, g=lambda r: np.square(R0 - r))
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   np.testing.assert_allclose(aux["penalty"], pen, rtol=1e-5)
 
 
 def test_crm_loss_jits_with_traced_lam_and_r0():
   logits, labels, lip = _batch(2)
-  f = jax.jit(lambda z, y, l, lam, r0: losses.crm_loss(z, y, l, lam=lam, temperature=T,
-                                                       r0=r0)[0])
+  f = jax.jit(lambda z, y, l, lam, r0: losses.crm_loss(z, y, l, lam=lam, temperature=T, r0=r0)[0])
   got = f(*_j(logits, labels, lip), jnp.float32(0.7), jnp.float32(R0))
-  np.testing.assert_allclose(got, crm_np(logits, labels, lip, lam=0.7, t=T, r0=R0)[0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(got, crm_np(logits, labels, lip, lam=0.7, t=T, r0=R0)[0], rtol=1e-5)
 
 
 def _crm_scalar(z, lip, labels, lam=1.3):
@@ -329,8 +343,7 @@ def test_crm_gradients_finite_including_ties():
   cases.append(z)
   grad = jax.jit(jax.grad(_crm_scalar, argnums=(0, 1)))
   for z in cases:
-    gz, gl = grad(jnp.asarray(z, jnp.float32), jnp.asarray(lip, jnp.float32),
-                  jnp.asarray(labels))
+    gz, gl = grad(jnp.asarray(z, jnp.float32), jnp.asarray(lip, jnp.float32), jnp.asarray(labels))
     assert np.all(np.isfinite(gz)) and np.all(np.isfinite(gl))
     np.testing.assert_array_equal(np.diag(gl), 0.0)  # the diagonal is never used
     # a larger bound means smaller radii, hence a larger penalty: dloss/dL >= 0

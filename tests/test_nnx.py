@@ -27,21 +27,29 @@ def _conv_model(r):
   """'SAME' stride 2 (asymmetric padding), a residual block with a rectangular kernel,
   'VALID', a lambda flatten: (8, 8, 2) -> (4, 4, 3) -> (3, 3, 4) -> 36 -> 6 -> K."""
   return nnx.Sequential(
-      nnx.Conv(2, 3, (3, 3), strides=2, rngs=r), nnx.relu,
-      nnx_bridge.Residual(nnx.Conv(3, 3, (3, 3), padding=1, rngs=r), LEAKY,
-                          nnx.Conv(3, 3, (3, 1), padding=((1, 1), (0, 0)), rngs=r)),
-      nnx.Conv(3, 4, (2, 2), padding="VALID", rngs=r), nnx.relu,
-      lambda x: x.reshape(x.shape[0], -1),
-      nnx.Sequential(nnx.Linear(36, 6, rngs=r), nnx.relu),  # nested: flattened
-      nnx.Linear(6, K, rngs=r))
+    nnx.Conv(2, 3, (3, 3), strides=2, rngs=r),
+    nnx.relu,
+    nnx_bridge.Residual(
+      nnx.Conv(3, 3, (3, 3), padding=1, rngs=r),
+      LEAKY,
+      nnx.Conv(3, 3, (3, 1), padding=((1, 1), (0, 0)), rngs=r),
+    ),
+    nnx.Conv(3, 4, (2, 2), padding="VALID", rngs=r),
+    nnx.relu,
+    lambda x: x.reshape(x.shape[0], -1),
+    nnx.Sequential(nnx.Linear(36, 6, rngs=r), nnx.relu),  # nested: flattened
+    nnx.Linear(6, K, rngs=r),
+  )
 
 
 def _dense_model(r):
   """tanh and sigmoid (a residual branch), on a flat input (5,)."""
   return nnx.Sequential(
-      nnx.Linear(5, 6, rngs=r), nnx.tanh,
-      nnx_bridge.Residual(nnx.Linear(6, 5, rngs=r), nnx.sigmoid, nnx.Linear(5, 6, rngs=r)),
-      nnx.Linear(6, K, rngs=r))
+    nnx.Linear(5, 6, rngs=r),
+    nnx.tanh,
+    nnx_bridge.Residual(nnx.Linear(6, 5, rngs=r), nnx.sigmoid, nnx.Linear(5, 6, rngs=r)),
+    nnx.Linear(6, K, rngs=r),
+  )
 
 
 MODELS = {"conv": (_conv_model, SHAPE), "dense": (_dense_model, (5,))}
@@ -82,8 +90,12 @@ def _conv_model_reference(model):
   m5, r = _linear_matrix(lin, (36,)), _linear_matrix(last, (6,))
   assert act is LEAKY
   eye = np.eye(m2.shape[1])
-  blocks = [(m1, None, None, 0.0, 1.0), (m2, m3, eye, 0.1, 1.0), (m4, None, None, 0.0, 1.0),
-            (m5, None, None, 0.0, 1.0)]
+  blocks = [
+    (m1, None, None, 0.0, 1.0),
+    (m2, m3, eye, 0.1, 1.0),
+    (m4, None, None, 0.0, 1.0),
+    (m5, None, None, 0.0, 1.0),
+  ]
   return blocks, r
 
 
@@ -98,28 +110,44 @@ def test_converted_layers_compute_the_nnx_forward_pass(name):
 
 
 def test_conv_mask_and_wrapped_activation():
-  model = _init(lambda r: nnx.Sequential(
-      nnx.Conv(2, 3, (3, 3), rngs=r), nnx_bridge.Activation(jax.nn.silu, slopes=[-0.1, 1.1]),
-      nnx_bridge.Flatten(), nnx.Linear(192, K, rngs=r)))
+  model = _init(
+    lambda r: nnx.Sequential(
+      nnx.Conv(2, 3, (3, 3), rngs=r),
+      nnx_bridge.Activation(jax.nn.silu, slopes=[-0.1, 1.1]),
+      nnx_bridge.Flatten(),
+      nnx.Linear(192, K, rngs=r),
+    )
+  )
   mask = np.random.default_rng(0).integers(0, 2, (3, 3, 2, 3)).astype(np.float32)
   model.layers[0].mask = nnx.data(jnp.asarray(mask))
   layers, params = nnx_bridge.to_layers(model, SHAPE)
   assert layers[1] == L.Act("custom", fn=jax.nn.silu, slopes=(-0.1, 1.1))
   np.testing.assert_array_equal(params["layer_0"]["kernel"], model.layers[0].kernel[...] * mask)
   x = jax.random.normal(jax.random.key(1), (3, *SHAPE))
-  np.testing.assert_allclose(L.Sequential(layers).apply({"params": params}, x), model(x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    L.Sequential(layers).apply({"params": params}, x), model(x), rtol=1e-5, atol=1e-5
+  )
   with pytest.raises(ValueError, match="alpha <= beta"):
     nnx_bridge.Activation(jax.nn.silu, slopes=(1.0, 0.0))
 
 
 def test_square_symmetric_convs_become_plain_layer_specs():
-  strided = _init(lambda r: nnx.Sequential(
-      nnx.Conv(2, 3, (4, 4), strides=(2, 2), padding=(1, 1), rngs=r), nnx.relu,
-      nnx.Conv(3, 3, (3, 3), padding="SAME", rngs=r), nnx_bridge.Flatten(),
-      nnx.Linear(48, K, rngs=r)))
+  strided = _init(
+    lambda r: nnx.Sequential(
+      nnx.Conv(2, 3, (4, 4), strides=(2, 2), padding=(1, 1), rngs=r),
+      nnx.relu,
+      nnx.Conv(3, 3, (3, 3), padding="SAME", rngs=r),
+      nnx_bridge.Flatten(),
+      nnx.Linear(48, K, rngs=r),
+    )
+  )
   assert nnx_bridge.to_layers(strided, SHAPE)[0] == (
-      L.Conv(3, 4, 2, 1), L.Act(), L.Conv(3, 3, 1, 1), L.Flatten(), L.Dense(K))
+    L.Conv(3, 4, 2, 1),
+    L.Act(),
+    L.Conv(3, 3, 1, 1),
+    L.Flatten(),
+    L.Dense(K),
+  )
   layers, _ = nnx_bridge.to_layers(_init(_conv_model), SHAPE)
   c1, _, res, c4 = layers[:4]
   assert c1 == nnx_bridge.GeneralConv(3, (3, 3), (2, 2), ((0, 1), (0, 1)))  # 'SAME', stride 2
@@ -176,41 +204,52 @@ def test_bound_exceeds_gradient_norms_and_difference_quotients(name):
 
 def _layer_spec_twin(r):
   return nnx.Sequential(
-      nnx.Linear(5, 6, rngs=r), nnx.tanh,
-      nnx_bridge.Residual(nnx.Linear(6, 4, rngs=r), LEAKY, nnx.Linear(4, 6, rngs=r)),
-      nnx.Linear(6, K, rngs=r))
+    nnx.Linear(5, 6, rngs=r),
+    nnx.tanh,
+    nnx_bridge.Residual(nnx.Linear(6, 4, rngs=r), LEAKY, nnx.Linear(4, 6, rngs=r)),
+    nnx.Linear(6, K, rngs=r),
+  )
 
 
 def test_same_bound_and_gradients_as_the_layer_spec_model():
   """The NNX model and its crmjax twin (layer specs written by hand, the same arrays)."""
   model = _init(_layer_spec_twin)
-  layers = (L.Dense(6), L.Act("tanh"),
-            L.Residual((L.Dense(4), L.Act("leaky_relu", 0.1), L.Dense(6))), L.Dense(K))
+  layers = (
+    L.Dense(6),
+    L.Act("tanh"),
+    L.Residual((L.Dense(4), L.Act("leaky_relu", 0.1), L.Dense(6))),
+    L.Dense(K),
+  )
   arrays = lambda m: {"kernel": m.kernel[...], "bias": m.bias[...]}
   branch = model.layers[2].branch.layers
-  params = {"layer_0": arrays(model.layers[0]),
-            "layer_2": {"layer_0": arrays(branch[0]), "layer_2": arrays(branch[2])},
-            "layer_3": arrays(model.layers[3])}
+  params = {
+    "layer_0": arrays(model.layers[0]),
+    "layer_2": {"layer_0": arrays(branch[0]), "layer_2": arrays(branch[2])},
+    "layer_3": arrays(model.layers[3]),
+  }
   got_layers, _ = nnx_bridge.to_layers(model, (5,))
   assert got_layers == layers
   x = jax.random.normal(jax.random.key(1), (3, 5))
-  np.testing.assert_allclose(model(x), L.Sequential(layers).apply({"params": params}, x),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    model(x), L.Sequential(layers).apply({"params": params}, x), rtol=1e-5, atol=1e-6
+  )
 
   def mean_pairwise(net):
     lip, _ = liplt.liplt_bound(net, mode="pairwise", num_iters=2)
     return jnp.sum(lip) / (K * (K - 1))
 
-  ours = nnx.jit(nnx.value_and_grad(lambda m: mean_pairwise(nnx_bridge.to_lipnet(m, (5,)))))(
-      model)
-  theirs = jax.jit(jax.value_and_grad(
-      lambda p: mean_pairwise(network.from_layers(layers, p, (5,)))))(params)
+  ours = nnx.jit(nnx.value_and_grad(lambda m: mean_pairwise(nnx_bridge.to_lipnet(m, (5,)))))(model)
+  theirs = jax.jit(
+    jax.value_and_grad(lambda p: mean_pairwise(network.from_layers(layers, p, (5,))))
+  )(params)
   np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
   g_nnx, g_spec = ours[1], theirs[1]
-  pairs = [(g_nnx["layers"][0], g_spec["layer_0"]),
-           (g_nnx["layers"][2]["branch"]["layers"][0], g_spec["layer_2"]["layer_0"]),
-           (g_nnx["layers"][2]["branch"]["layers"][2], g_spec["layer_2"]["layer_2"]),
-           (g_nnx["layers"][3], g_spec["layer_3"])]
+  pairs = [
+    (g_nnx["layers"][0], g_spec["layer_0"]),
+    (g_nnx["layers"][2]["branch"]["layers"][0], g_spec["layer_2"]["layer_0"]),
+    (g_nnx["layers"][2]["branch"]["layers"][2], g_spec["layer_2"]["layer_2"]),
+    (g_nnx["layers"][3], g_spec["layer_3"]),
+  ]
   for gn, gs in pairs:
     np.testing.assert_allclose(gn["kernel"][...], gs["kernel"], rtol=1e-4, atol=1e-7)
     assert np.abs(gn["kernel"][...]).max() > 0
@@ -232,10 +271,12 @@ def test_nnx_train_step_with_the_bound_reduces_it():
   @nnx.jit
   def train_step(model, optimizer, power, x, y, lam):
     def loss_fn(model):
-      lip, new_power = liplt.liplt_bound(nnx_bridge.to_lipnet(model, (5,)), power,
-                                         mode="pairwise", num_iters=2)
+      lip, new_power = liplt.liplt_bound(
+        nnx_bridge.to_lipnet(model, (5,)), power, mode="pairwise", num_iters=2
+      )
       mean_lip = jnp.sum(lip) / (K * (K - 1))
       return losses.cross_entropy(model(x), y) + lam * mean_lip, (new_power, mean_lip)
+
     (_, (power, mean_lip)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     return power, mean_lip
@@ -257,16 +298,20 @@ def test_nnx_train_step_with_the_bound_reduces_it():
 
 
 def _one_act(fn):
-  layers, _ = nnx_bridge.to_layers(nnx.Sequential(fn, nnx.Linear(3, 2, rngs=nnx.Rngs(0))),
-                                   (3,))
+  layers, _ = nnx_bridge.to_layers(nnx.Sequential(fn, nnx.Linear(3, 2, rngs=nnx.Rngs(0))), (3,))
   return layers[0]
 
 
 ACTIVATIONS = {
-    "relu": nnx.relu, "leaky_default": nnx.leaky_relu, "leaky_0.2": functools.partial(
-        jax.nn.leaky_relu, negative_slope=0.2), "tanh": nnx.tanh, "sigmoid": nnx.sigmoid,
-    "relu6": nnx.relu6, "hard_tanh": nnx.hard_tanh, "softplus": nnx.softplus,
-    "wrapped_silu": nnx_bridge.Activation(jax.nn.silu, slopes=(-0.1, 1.1)),
+  "relu": nnx.relu,
+  "leaky_default": nnx.leaky_relu,
+  "leaky_0.2": functools.partial(jax.nn.leaky_relu, negative_slope=0.2),
+  "tanh": nnx.tanh,
+  "sigmoid": nnx.sigmoid,
+  "relu6": nnx.relu6,
+  "hard_tanh": nnx.hard_tanh,
+  "softplus": nnx.softplus,
+  "wrapped_silu": nnx_bridge.Activation(jax.nn.silu, slopes=(-0.1, 1.1)),
 }
 
 
@@ -298,39 +343,91 @@ def _errors():
   flat = nnx_bridge.Flatten()
   img = (6, 6, 2)
   return [
-      ("batchnorm", nnx.Sequential(lin(3, 3), nnx.BatchNorm(3, rngs=r), lin(3, K)), (3,),
-       r"layers\[1\]: BatchNorm is not supported.*Supported:.*fold BatchNorm"),
-      ("dropout", nnx.Sequential(lin(3, 3), nnx.Dropout(0.5, rngs=r), lin(3, K)), (3,),
-       r"Dropout is not supported.*remove Dropout"),
-      ("gelu", nnx.Sequential(lin(3, 3), nnx.gelu, lin(3, K)), (3,),
-       r"unknown function 'gelu'.*Activation\(fn, slopes=\(alpha, beta\)\)"),
-      ("prelu", nnx.Sequential(lin(3, 3), nnx.PReLU(), lin(3, K)), (3,),
-       r"PReLU is not supported.*negative_slope"),
-      ("lora", nnx.Sequential(nnx.LoRALinear(3, K, lora_rank=1, rngs=r)), (3,),
-       r"LoRALinear is not supported"),
-      ("positional_leaky", nnx.Sequential(lin(3, 3), functools.partial(nnx.leaky_relu, 0.2),
-                                          lin(3, K)), (3,), r"by keyword"),
-      ("linear_on_map", nnx.Sequential(conv(2, 3), nnx.relu, lin(3, K)), img,
-       r"nnx.Linear applied to a \(6, 6, 3\) map.*Flatten\(\)"),
-      ("dilation", nnx.Sequential(conv(2, 3, kernel_dilation=2), flat, lin(108, K)), img,
-       r"kernel_dilation=2 is not supported"),
-      ("groups", nnx.Sequential(conv(2, 2, feature_group_count=2), flat, lin(72, K)), img,
-       r"feature_group_count=2"),
-      ("circular", nnx.Sequential(conv(2, 3, padding="CIRCULAR"), flat, lin(108, K)), img,
-       r"padding='CIRCULAR' is not zero padding"),
-      ("conv3d", nnx.Sequential(conv(2, 3, (3, 3, 3)), flat, lin(108, K)), img,
-       r"a 3-D nnx.Conv"),
-      ("conv1d", nnx.Sequential(conv(2, 3, 3), flat, lin(108, K)), img,
-       r"a 1-D nnx.Conv.*kernel_size=3 is 1-D in NNX: write \(3, 3\)"),
-      ("in_features", nnx.Sequential(conv(1, 3), flat, lin(108, K)), img, r"in_features=1"),
-      ("two_acts", nnx.Sequential(nnx_bridge.Residual(lin(3, 3), nnx.relu, lin(3, 3),
-                                                      nnx.relu, lin(3, 3)), lin(3, K)), (3,),
-       r"exactly one activation.*it has 2"),
-      ("residual_shape", nnx.Sequential(nnx_bridge.Residual(lin(3, 4), nnx.relu, lin(4, 5)),
-                                        lin(5, K)), (3,), r"maps \(3,\) to \(5,\)"),
-      ("ends_with_act", nnx.Sequential(lin(3, K), nnx.relu), (3,), r"must end with"),
-      ("custom_module", _Custom(), (3,), r"needs an nnx.Sequential, got _Custom"),
-      ("bad_shape", nnx.Sequential(lin(3, K)), (1, 3), r"input_shape must be"),
+    (
+      "batchnorm",
+      nnx.Sequential(lin(3, 3), nnx.BatchNorm(3, rngs=r), lin(3, K)),
+      (3,),
+      r"layers\[1\]: BatchNorm is not supported.*Supported:.*fold BatchNorm",
+    ),
+    (
+      "dropout",
+      nnx.Sequential(lin(3, 3), nnx.Dropout(0.5, rngs=r), lin(3, K)),
+      (3,),
+      r"Dropout is not supported.*remove Dropout",
+    ),
+    (
+      "gelu",
+      nnx.Sequential(lin(3, 3), nnx.gelu, lin(3, K)),
+      (3,),
+      r"unknown function 'gelu'.*Activation\(fn, slopes=\(alpha, beta\)\)",
+    ),
+    (
+      "prelu",
+      nnx.Sequential(lin(3, 3), nnx.PReLU(), lin(3, K)),
+      (3,),
+      r"PReLU is not supported.*negative_slope",
+    ),
+    (
+      "lora",
+      nnx.Sequential(nnx.LoRALinear(3, K, lora_rank=1, rngs=r)),
+      (3,),
+      r"LoRALinear is not supported",
+    ),
+    (
+      "positional_leaky",
+      nnx.Sequential(lin(3, 3), functools.partial(nnx.leaky_relu, 0.2), lin(3, K)),
+      (3,),
+      r"by keyword",
+    ),
+    (
+      "linear_on_map",
+      nnx.Sequential(conv(2, 3), nnx.relu, lin(3, K)),
+      img,
+      r"nnx.Linear applied to a \(6, 6, 3\) map.*Flatten\(\)",
+    ),
+    (
+      "dilation",
+      nnx.Sequential(conv(2, 3, kernel_dilation=2), flat, lin(108, K)),
+      img,
+      r"kernel_dilation=2 is not supported",
+    ),
+    (
+      "groups",
+      nnx.Sequential(conv(2, 2, feature_group_count=2), flat, lin(72, K)),
+      img,
+      r"feature_group_count=2",
+    ),
+    (
+      "circular",
+      nnx.Sequential(conv(2, 3, padding="CIRCULAR"), flat, lin(108, K)),
+      img,
+      r"padding='CIRCULAR' is not zero padding",
+    ),
+    ("conv3d", nnx.Sequential(conv(2, 3, (3, 3, 3)), flat, lin(108, K)), img, r"a 3-D nnx.Conv"),
+    (
+      "conv1d",
+      nnx.Sequential(conv(2, 3, 3), flat, lin(108, K)),
+      img,
+      r"a 1-D nnx.Conv.*kernel_size=3 is 1-D in NNX: write \(3, 3\)",
+    ),
+    ("in_features", nnx.Sequential(conv(1, 3), flat, lin(108, K)), img, r"in_features=1"),
+    (
+      "two_acts",
+      nnx.Sequential(
+        nnx_bridge.Residual(lin(3, 3), nnx.relu, lin(3, 3), nnx.relu, lin(3, 3)), lin(3, K)
+      ),
+      (3,),
+      r"exactly one activation.*it has 2",
+    ),
+    (
+      "residual_shape",
+      nnx.Sequential(nnx_bridge.Residual(lin(3, 4), nnx.relu, lin(4, 5)), lin(5, K)),
+      (3,),
+      r"maps \(3,\) to \(5,\)",
+    ),
+    ("ends_with_act", nnx.Sequential(lin(3, K), nnx.relu), (3,), r"must end with"),
+    ("custom_module", _Custom(), (3,), r"needs an nnx.Sequential, got _Custom"),
+    ("bad_shape", nnx.Sequential(lin(3, K)), (1, 3), r"input_shape must be"),
   ]
 
 

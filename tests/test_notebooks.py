@@ -37,8 +37,9 @@ def test_notebook_runs(name, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-  client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                                   resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+  client = nbclient.NotebookClient(
+    nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
+  )
   t0 = time.time()
   client.execute()  # raises CellExecutionError (with the traceback) if a cell fails
   print(f"{name}: executed in {time.time() - t0:.1f} s")

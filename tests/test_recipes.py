@@ -28,8 +28,15 @@ def _tiny_config(**overrides):
 def test_torch_init_is_uniform_with_bound_one_over_sqrt_fan_in():
   model = models.get_model("4C3F", input_shape=(28, 28, 1), num_classes=10)
   params = model.init(jax.random.key(0), scheme="torch")
-  fan_in = {"layer_0": 3 * 3 * 1, "layer_2": 4 * 4 * 32, "layer_4": 3 * 3 * 32,
-            "layer_6": 4 * 4 * 64, "layer_9": 7 * 7 * 64, "layer_11": 512, "layer_13": 512}
+  fan_in = {
+    "layer_0": 3 * 3 * 1,
+    "layer_2": 4 * 4 * 32,
+    "layer_4": 3 * 3 * 32,
+    "layer_6": 4 * 4 * 64,
+    "layer_9": 7 * 7 * 64,
+    "layer_11": 512,
+    "layer_13": 512,
+  }
   assert set(params) == set(fan_in)
   for name, n in fan_in.items():
     kernel, bias = np.asarray(params[name]["kernel"]), np.asarray(params[name]["bias"])
@@ -68,8 +75,9 @@ def _rates(config, total, spe, steps):
 
 
 def test_cosine_schedule_against_the_formula():
-  c = _tiny_config(learning_rate=1e-3, final_learning_rate=1e-5, lr_schedule="cosine",
-                   lr_warmup_epochs=2)
+  c = _tiny_config(
+    learning_rate=1e-3, final_learning_rate=1e-5, lr_schedule="cosine", lr_warmup_epochs=2
+  )
   total, spe, warm = 100, 10, 20
 
   def want(s):
@@ -79,13 +87,15 @@ def test_cosine_schedule_against_the_formula():
     return 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * frac))
 
   steps = [0, 5, 10, 20, 40, 60, 80, 100]
-  np.testing.assert_allclose(_rates(c, total, spe, steps), [want(s) for s in steps],
-                             rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose(
+    _rates(c, total, spe, steps), [want(s) for s in steps], rtol=1e-5, atol=1e-12
+  )
 
 
 def test_one_cycle_schedule_starts_low_peaks_after_warmup_and_ends_at_final():
-  c = _tiny_config(learning_rate=1e-3, final_learning_rate=1e-6, lr_schedule="one_cycle",
-                   lr_warmup_epochs=3)
+  c = _tiny_config(
+    learning_rate=1e-3, final_learning_rate=1e-6, lr_schedule="one_cycle", lr_warmup_epochs=3
+  )
   got = _rates(c, 100, 10, [0, 30, 100])
   np.testing.assert_allclose(got, [1e-3 / 25, 1e-3, 1e-6], rtol=1e-4)
   mid = _rates(c, 100, 10, [15, 65])  # half-way up / down: cosine mid-points
@@ -95,7 +105,7 @@ def test_one_cycle_schedule_starts_low_peaks_after_warmup_and_ends_at_final():
 def test_exponential_schedule_is_unchanged_by_default():
   c = _tiny_config(learning_rate=1e-3, final_learning_rate=1e-5, lr_decay_start_epoch=5)
   got = _rates(c, 100, 10, [0, 49, 50, 75, 100])
-  np.testing.assert_allclose(got, [1e-3, 1e-3, 1e-3, 1e-3 * 1e-2 ** 0.5, 1e-5], rtol=1e-5)
+  np.testing.assert_allclose(got, [1e-3, 1e-3, 1e-3, 1e-3 * 1e-2**0.5, 1e-5], rtol=1e-5)
   with pytest.raises(ValueError, match="--config.lr_schedule='step' is invalid"):
     train.validate_config(_tiny_config(lr_schedule="step"), num_devices=1)
 
@@ -108,15 +118,16 @@ def _adam_reference(grads, *, lr, wd=0.0, clip=0.0, p0=1.0, b1=0.9, b2=0.999, ep
     if clip:
       g = g * min(1.0, clip / abs(g))
     m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-    mhat, vhat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    mhat, vhat = m / (1 - b1**t), v / (1 - b2**t)
     p = p - lr * (mhat / (np.sqrt(vhat) + eps) + wd * p)
   return p
 
 
 @pytest.mark.parametrize("wd,clip", [(0.0, 0.0), (0.1, 0.0), (0.0, 0.5), (0.1, 0.5)])
 def test_optimizer_matches_a_float64_adamw_with_clipping(wd, clip):
-  c = _tiny_config(learning_rate=1e-2, final_learning_rate=1e-2, weight_decay=wd,
-                   grad_clip_norm=clip)
+  c = _tiny_config(
+    learning_rate=1e-2, final_learning_rate=1e-2, weight_decay=wd, grad_clip_norm=clip
+  )
   tx = train.make_optimizer(c, 10)
   grads = [4.0, 0.1, -2.0, 0.3]
   params = {"w": jnp.ones((), jnp.float32)}
@@ -141,12 +152,23 @@ def test_penalty_normalised_per_batch_or_per_correct_point():
   t, r0 = 5.0, 10.0
   # float64 reference: soft radius = -(1/t) log sum_{i != y} exp(-t (z_y - z_i) / L_yi).
   z, y, L = np.asarray(logits, np.float64), np.asarray(labels), np.asarray(lip, np.float64)
-  soft = [-np.log(sum(np.exp(-t * (z[b, y[b]] - z[b, i]) / L[y[b], i])
-                      for i in range(3) if i != y[b])) / t for b in range(3)]
+  soft = [
+    -np.log(sum(np.exp(-t * (z[b, y[b]] - z[b, i]) / L[y[b], i]) for i in range(3) if i != y[b]))
+    / t
+    for b in range(3)
+  ]
   total = -sum(soft)  # linear g, the three correct points (radius < r0)
   for normalize, count in (("correct", 3), ("batch", 4)):
-    _, aux = losses.crm_loss(logits, labels, lip, lam=1.0, temperature=t, r0=r0,
-                             penalty=losses.linear_penalty, normalize=normalize)
+    _, aux = losses.crm_loss(
+      logits,
+      labels,
+      lip,
+      lam=1.0,
+      temperature=t,
+      r0=r0,
+      penalty=losses.linear_penalty,
+      normalize=normalize,
+    )
     np.testing.assert_allclose(float(aux["penalty"]), total / count, rtol=1e-5)
   with pytest.raises(ValueError, match="normalize='sum'"):
     losses.crm_loss(logits, labels, lip, lam=1.0, temperature=t, r0=r0, normalize="sum")
@@ -163,17 +185,24 @@ def _records(workdir):
 def _tb_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
   """Reads the event files with TensorBoard's own reader (independent of the writer)."""
   from tensorboard.backend.event_processing import event_accumulator
+
   acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"scalars": 0})
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_run_writes_curves_and_tensorboard_events_holding_the_logged_values(tmp_path):
-  config = _tiny_config(eval_every_epochs=1, init="torch", lr_schedule="cosine",
-                        lr_warmup_epochs=1, final_learning_rate=1e-5)
+  config = _tiny_config(
+    eval_every_epochs=1,
+    init="torch",
+    lr_schedule="cosine",
+    lr_warmup_epochs=1,
+    final_learning_rate=1e-5,
+  )
   result = train.train_and_evaluate(config, str(tmp_path))
   records = _records(tmp_path)
-  epochs, final = records[:-1], records[-1]["final"]
+  epochs = records[:-1]
+  assert "final" in records[-1]
   assert [r["epoch"] for r in epochs] == [1, 2]
   for r in epochs:
     assert 0 <= r["test/certified_accuracy_estimate"] <= r["test/clean_accuracy"] <= 1
@@ -185,8 +214,9 @@ def test_run_writes_curves_and_tensorboard_events_holding_the_logged_values(tmp_
   for key in ("loss", "accuracy", "radius", "lip"):
     got = [v for _, v in tb[f"epoch/{key}"]]
     np.testing.assert_allclose(got, [r[f"train/{key}"] for r in epochs], rtol=1e-6)
-  np.testing.assert_allclose([v for _, v in tb["test/clean_accuracy"]],
-                             [r["test/clean_accuracy"] for r in epochs], rtol=1e-6)
+  np.testing.assert_allclose(
+    [v for _, v in tb["test/clean_accuracy"]], [r["test/clean_accuracy"] for r in epochs], rtol=1e-6
+  )
   # Per log step: the learning rate is the schedule's, lambda the configured constant.
   lr_fn = train.learning_rate_schedule(config, 8, steps_per_epoch=4)
   for step, value in tb["train/learning_rate"]:
@@ -194,14 +224,21 @@ def test_run_writes_curves_and_tensorboard_events_holding_the_logged_values(tmp_
   assert {v for _, v in tb["train/lambda"]} == {config.crm.lam}
   # Logged every 2 steps of an epoch, at each epoch end and at each checkpoint (every 3).
   assert [s for s, _ in tb["train/loss"]] == [2, 3, 4, 6, 8]
-  np.testing.assert_allclose(tb["final/certified_accuracy"][0][1], result["certified_accuracy"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    tb["final/certified_accuracy"][0][1], result["certified_accuracy"], rtol=1e-6
+  )
   assert tb["final/certified_accuracy"][0][0] == 8
 
 
 def test_resume_with_the_new_options_is_bitwise_and_does_not_redo_steps(tmp_path):
-  opts = dict(init="torch", lr_schedule="one_cycle", lr_warmup_epochs=1, weight_decay=1e-3,
-              grad_clip_norm=1.0, final_learning_rate=1e-5)
+  opts = dict(
+    init="torch",
+    lr_schedule="one_cycle",
+    lr_warmup_epochs=1,
+    weight_decay=1e-3,
+    grad_clip_norm=1.0,
+    final_learning_rate=1e-5,
+  )
   full = train.train_and_evaluate(_tiny_config(**opts), str(tmp_path / "full"))
   part = str(tmp_path / "part")
   assert train.train_and_evaluate(_tiny_config(stop_after_steps=5, **opts), part)["stopped"]
@@ -224,8 +261,9 @@ def test_resume_with_the_new_options_is_bitwise_and_does_not_redo_steps(tmp_path
 
 
 def test_new_options_compile_each_train_step_once(tmp_path, caplog):
-  config = _tiny_config(init="torch", lr_schedule="cosine", weight_decay=1e-3,
-                        grad_clip_norm=1.0, eval_every_epochs=1)
+  config = _tiny_config(
+    init="torch", lr_schedule="cosine", weight_decay=1e-3, grad_clip_norm=1.0, eval_every_epochs=1
+  )
   config.crm.normalize = "batch"
   with caplog.at_level("WARNING", logger="jax"), jax.log_compiles():
     result = train.train_and_evaluate(config, str(tmp_path))

@@ -14,6 +14,7 @@ from tests import reference as ref
 ITERS = 2000
 try:
   import cvxpy  # noqa: F401  (the 'sdp' choice of T)
+
   HAVE_CVXPY = True
 except ImportError:
   HAVE_CVXPY = False
@@ -59,13 +60,18 @@ def test_bound_is_sound_and_spectral_is_plain_liplt():
         got = float(R.layer_bound(W, G, H, alpha, beta, t_choice=t_choice, q=q))
         assert got >= low * (1 - 1e-9), (seed, t_choice)
       spectral = float(R.layer_bound(W, G, H, alpha, beta, t_choice="spectral"))
-      np.testing.assert_allclose(spectral, float(R.plain_layer_bound(W, G, H, alpha, beta)),
-                                 rtol=1e-10)
+      np.testing.assert_allclose(
+        spectral, float(R.plain_layer_bound(W, G, H, alpha, beta)), rtol=1e-10
+      )
       # ... and plain LipLT (crmjax.liplt, eq. 19) of the one-block network with R = I.
       n, p = W.shape[1], G.shape[0]
-      block = network.Block(ops.Dense(jnp.asarray(W.T, jnp.float32)),
-                            ops.Dense(jnp.asarray(G.T, jnp.float32)),
-                            None if H is None else ops.Identity((n,)), alpha=alpha, beta=beta)
+      block = network.Block(
+        ops.Dense(jnp.asarray(W.T, jnp.float32)),
+        ops.Dense(jnp.asarray(G.T, jnp.float32)),
+        None if H is None else ops.Identity((n,)),
+        alpha=alpha,
+        beta=beta,
+      )
       net = network.LipNet((block,), ops.Identity((p,)))
       lt, _ = jax.jit(lambda nt: liplt.liplt_bound(nt, mode="global", num_iters=ITERS))(net)
       np.testing.assert_allclose(float(lt), spectral, rtol=1e-5)
@@ -84,14 +90,23 @@ def test_aol_and_sll_tighter_than_spectral_here():
     assert sdp <= min(aol, sll, spectral) * (1 + 1e-6)
     # Feed-forward layer (G = I): every choice gives T = I, the plain bound.
     for c in ("aol", "sll"):
-      np.testing.assert_allclose(float(R.layer_bound(W, None, None, t_choice=c)),
-                                 float(R.plain_layer_bound(W)), rtol=1e-10)
+      np.testing.assert_allclose(
+        float(R.layer_bound(W, None, None, t_choice=c)), float(R.plain_layer_bound(W)), rtol=1e-10
+      )
 
 
 def test_refined_liplt_is_sound_and_rescaling_keeps_the_function():
   shape = (8,)
-  layers = (L.Dense(16), L.Act(), L.Dense(16), L.Act("leaky_relu", 0.1), L.Dense(8), L.Act(),
-            L.Residual((L.Dense(12), L.Act(), L.Dense(8))), L.Dense(4))
+  layers = (
+    L.Dense(16),
+    L.Act(),
+    L.Dense(16),
+    L.Act("leaky_relu", 0.1),
+    L.Dense(8),
+    L.Act(),
+    L.Residual((L.Dense(12), L.Act(), L.Dense(8))),
+    L.Dense(4),
+  )
   init = jax.jit(L.Sequential(layers).init)
   p = init(jax.random.key(0), jnp.zeros((1, *shape)))["params"]
   x = np.random.default_rng(3).normal(size=(512, *shape)) * 2.0
@@ -130,12 +145,24 @@ def test_refined_liplt_is_sound_and_rescaling_keeps_the_function():
 # ------------------------------------------------------------- optimised scales (issue 8)
 
 OPT_NETS = {
-    "dense": ((6,), (L.Dense(12), L.Act(), L.Dense(12), L.Act("leaky_relu", 0.1), L.Dense(10),
-                     L.Act(), L.Dense(5))),
-    "residual": ((6,), (L.Dense(8), L.Act(), L.Residual((L.Dense(12), L.Act(), L.Dense(8))),
-                        L.Residual((L.Dense(12), L.Act(), L.Dense(8))), L.Dense(5))),
-    "conv": ((5, 5, 2), (L.Conv(3, 3, 1, 1), L.Act(), L.Conv(4, 3, 2, 1), L.Act(),
-                         L.Flatten(), L.Dense(5))),
+  "dense": (
+    (6,),
+    (L.Dense(12), L.Act(), L.Dense(12), L.Act("leaky_relu", 0.1), L.Dense(10), L.Act(), L.Dense(5)),
+  ),
+  "residual": (
+    (6,),
+    (
+      L.Dense(8),
+      L.Act(),
+      L.Residual((L.Dense(12), L.Act(), L.Dense(8))),
+      L.Residual((L.Dense(12), L.Act(), L.Dense(8))),
+      L.Dense(5),
+    ),
+  ),
+  "conv": (
+    (5, 5, 2),
+    (L.Conv(3, 3, 1, 1), L.Act(), L.Conv(4, 3, 2, 1), L.Act(), L.Flatten(), L.Dense(5)),
+  ),
 }
 
 
@@ -143,11 +170,17 @@ def _opt_net(name, seed=0):
   """``(net, float64 blocks, R, input shape)`` with LeCun-normal numpy weights (the param
   shapes from ``jax.eval_shape``: no Flax compilation)."""
   shape, layers = OPT_NETS[name]
-  shapes = jax.eval_shape(L.Sequential(layers).init, jax.random.key(0),
-                          jnp.zeros((1, *shape)))["params"]
+  shapes = jax.eval_shape(L.Sequential(layers).init, jax.random.key(0), jnp.zeros((1, *shape)))[
+    "params"
+  ]
   rng = np.random.default_rng(seed)
-  p = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) / np.sqrt(
-      np.prod(s.shape[:-1]) if len(s.shape) > 1 else 10.0), jnp.float32), shapes)
+  p = jax.tree.map(
+    lambda s: jnp.asarray(
+      rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]) if len(s.shape) > 1 else 10.0),
+      jnp.float32,
+    ),
+    shapes,
+  )
   net = network.from_layers(layers, p, shape)
   blocks, Rm = ref.blocks_of(layers, jax.tree.map(np.asarray, p), shape)
   return net, blocks, Rm, shape
@@ -166,7 +199,7 @@ def _rescaled_blocks(blocks, scales):
 def _numpy_aol_scales(blocks, Rm):
   """``T^{1/2}``, ``T_ii = sum_j (|A|^T |A|)_ij`` of the operator A reading each ``phi_k``."""
   out = []
-  for k, (W, G, _, _, _) in enumerate(blocks):
+  for k, (_, G, _, _, _) in enumerate(blocks):
     A = G if G is not None else (blocks[k + 1][0] if k + 1 < len(blocks) else Rm)
     out.append(np.sqrt(np.maximum((np.abs(A).T @ np.abs(A)).sum(axis=1), 1e-30)))
   return out
@@ -208,7 +241,10 @@ def test_optimized_scales_beat_plain_and_aol_liplt_and_stay_sound(name):
   np.testing.assert_allclose(_mean_pairwise(opt), info["bound"], rtol=1e-4)
   # (a) never worse than plain LipLT nor the AOL rescaling -- here strictly better.
   assert _mean_pairwise(opt) <= 0.99 * min(_mean_pairwise(plain), _mean_pairwise(aol_b)), (
-      _mean_pairwise(opt), _mean_pairwise(plain), _mean_pairwise(aol_b))
+    _mean_pairwise(opt),
+    _mean_pairwise(plain),
+    _mean_pairwise(aol_b),
+  )
   # (b) still an upper bound of every pair's Lipschitz constant.
   low = _pairwise_lower(blocks, Rm, shape)
   assert np.all(low <= opt * (1 + 1e-6) + 1e-9), (low / np.where(opt > 0, opt, 1)).max()
@@ -227,8 +263,10 @@ def test_rescaled_sound_bounds_are_exact_and_liplt_aol_matches_the_reference():
   scales, _ = R.optimize_scales(net, mode="pairwise", steps=200)
   aol = _numpy_aol_scales(blocks, Rm)
   sound = {}
-  for kind, kwargs, want in (("aol", {"method": "liplt_aol"}, aol),
-                             ("given", {"scales": scales}, scales)):
+  for kind, kwargs, want in (
+    ("aol", {"method": "liplt_aol"}, aol),
+    ("given", {"scales": scales}, scales),
+  ):
     got, info = soundness.sound_bound(net, **kwargs)
     assert info["kind"] == "guaranteed upper bound" and info["probabilistic_norms"] == 0
     assert info["rescaling"] == kind
@@ -240,9 +278,9 @@ def test_rescaled_sound_bounds_are_exact_and_liplt_aol_matches_the_reference():
   assert _mean_pairwise(sound["given"]) < _mean_pairwise(plain)
   assert np.all(_pairwise_lower(blocks, Rm, shape)[off] <= sound["given"][off])
 
-  est, _ = jax.jit(lambda n, s: liplt.lipschitz_bound(
-      n, s, method="liplt_aol", mode="pairwise", num_iters=ITERS))(
-          net, liplt.init_state(net, jax.random.key(2)))
+  est, _ = jax.jit(
+    lambda n, s: liplt.lipschitz_bound(n, s, method="liplt_aol", mode="pairwise", num_iters=ITERS)
+  )(net, liplt.init_state(net, jax.random.key(2)))
   aol_exact = ref.liplt_reference(_rescaled_blocks(blocks, aol), Rm, mode="pairwise")[0]
   np.testing.assert_allclose(np.asarray(est)[off], aol_exact[off], rtol=2e-4)
 
@@ -256,12 +294,12 @@ def test_power_iteration_objective_with_sound_evaluation():
   """``norms='power'`` (for networks too large to materialise) with ``evaluate='sound'``:
   the candidates are compared by their guaranteed bounds, and the result is one of them."""
   net, blocks, Rm, _ = _opt_net("dense")
-  scales, info = R.optimize_scales(net, mode="pairwise", steps=50, norms="power",
-                                   evaluate="sound")
+  scales, info = R.optimize_scales(net, mode="pairwise", steps=50, norms="power", evaluate="sound")
   assert info["norms"] == "power" and info["chosen"] == "optimized"
   cands = info["candidates"]
   assert info["bound"] == min(cands.values()) < min(cands["ones"], cands["aol"])
   # The sound value of the returned scales: exact up to the margin (1 + 1e-4)^(L + 1).
-  exact = _mean_pairwise(ref.liplt_reference(_rescaled_blocks(blocks, scales), Rm,
-                                             mode="pairwise")[0])
+  exact = _mean_pairwise(
+    ref.liplt_reference(_rescaled_blocks(blocks, scales), Rm, mode="pairwise")[0]
+  )
   assert exact <= info["bound"] <= exact * ((1 + 1e-4) ** (len(blocks) + 1) + 1e-5)

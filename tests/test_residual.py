@@ -15,7 +15,9 @@ def test_residual_run_trains_and_certifies_with_both_sound_bounds(tmp_path):
   config.train.train_subset, config.train.test_subset, config.train.batch_size = 64, 64, 32
   rows = residual.run(config, str(tmp_path))
   assert [(r["trained_with"], r["certified_with"]) for r in rows] == [
-      ("liplt", "naive"), ("liplt", "liplt")]
+    ("liplt", "naive"),
+    ("liplt", "liplt"),
+  ]
   naive, lip = rows
   assert naive["model"] == "ResMLP" and naive["clean_accuracy"] == lip["clean_accuracy"]
   # Same params, two guaranteed bounds: on a residual net the naive product

@@ -41,9 +41,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crmjax import attacks, certify
+from crmjax import attacks, certify, liplt, network, soundness
 from crmjax import layers as L
-from crmjax import liplt, network, soundness
 from tests import reference as ref
 
 ITERS = 1000  # power iterations: plenty for these tiny operators
@@ -52,8 +51,7 @@ ITERS = 1000  # power iterations: plenty for these tiny operators
 RTOL, ATOL = 1e-4, 1e-6
 
 _REPORT = os.environ.get("CRMJAX_SOUNDNESS_REPORT", "") not in ("", "0")
-_REPORT_PATH = os.environ.get("CRMJAX_SOUNDNESS_REPORT_PATH",
-                              "/tmp/crmjax_soundness_report.jsonl")
+_REPORT_PATH = os.environ.get("CRMJAX_SOUNDNESS_REPORT_PATH", "/tmp/crmjax_soundness_report.jsonl")
 
 
 def _report(prop, **fields):
@@ -63,18 +61,22 @@ def _report(prop, **fields):
 
 
 def _settings(n):
-  return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+  return settings(
+    max_examples=n,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+  )
 
 
 # --------------------------------------------------------------------- random networks
 
 ACTS = st.one_of(
-    st.just(L.Act("relu")),
-    st.builds(lambda s: L.Act("leaky_relu", negative_slope=round(s, 3)),
-              st.floats(0.0, 0.5)),
-    st.just(L.Act("tanh")),
-    st.just(L.Act("sigmoid")),
+  st.just(L.Act("relu")),
+  st.builds(lambda s: L.Act("leaky_relu", negative_slope=round(s, 3)), st.floats(0.0, 0.5)),
+  st.just(L.Act("tanh")),
+  st.just(L.Act("sigmoid")),
 )
 
 # (kernel, stride, padding) of the plain conv layers; residual convs are (3, 1, 1).
@@ -82,8 +84,15 @@ CONVS = [(3, 1, 1), (2, 1, 0), (3, 2, 1), (2, 2, 0), (1, 1, 0)]
 
 
 @st.composite
-def networks(draw, kinds=("dense", "conv"), acts=ACTS, max_layers=6, max_conv_layers=4,
-             residual=True, classes=(2, 4)):
+def networks(
+  draw,
+  kinds=("dense", "conv"),
+  acts=ACTS,
+  max_layers=6,
+  max_conv_layers=4,
+  residual=True,
+  classes=(2, 4),
+):
   """(layers, input_shape, params-seed, weight scale): 2..max_layers linear layers.
 
   Residual blocks count as one layer; conv networks have at most ``max_conv_layers``
@@ -92,8 +101,9 @@ def networks(draw, kinds=("dense", "conv"), acts=ACTS, max_layers=6, max_conv_la
   residual's H), an extra activation (W = identity), an input normalisation.
   """
   kind = draw(st.sampled_from(kinds))
-  n_layers = draw(st.integers(2, max_layers if kind == "dense" else
-                              min(max_layers, max_conv_layers)))
+  n_layers = draw(
+    st.integers(2, max_layers if kind == "dense" else min(max_layers, max_conv_layers))
+  )
   k = draw(st.integers(*classes))
   layers = []
   if kind == "dense":
@@ -113,17 +123,23 @@ def networks(draw, kinds=("dense", "conv"), acts=ACTS, max_layers=6, max_conv_la
     shape = draw(st.sampled_from([(4, 4, 1), (5, 5, 2)]))
     if draw(st.integers(0, 3)) == 0:
       c = shape[2]
-      layers.append(L.Normalize(tuple(draw(st.floats(-1, 1)) for _ in range(c)),
-                                tuple(draw(st.floats(0.25, 2.0)) for _ in range(c))))
+      layers.append(
+        L.Normalize(
+          tuple(draw(st.floats(-1, 1)) for _ in range(c)),
+          tuple(draw(st.floats(0.25, 2.0)) for _ in range(c)),
+        )
+      )
     h, ch = shape[0], shape[2]
     dense_hidden = n_layers > 2 and draw(st.booleans())
     for _ in range(n_layers - 1 - dense_hidden):
       if residual and draw(st.integers(0, 2)) == 0:
-        layers.append(L.Residual((L.Conv(draw(st.integers(2, 4)), 3, 1, 1), draw(acts),
-                                  L.Conv(ch, 3, 1, 1))))
+        layers.append(
+          L.Residual((L.Conv(draw(st.integers(2, 4)), 3, 1, 1), draw(acts), L.Conv(ch, 3, 1, 1)))
+        )
         continue
-      kern, stride, pad = draw(st.sampled_from([c for c in CONVS if (h + 2 * c[2] - c[0])
-                                                // c[1] + 1 >= 1]))
+      kern, stride, pad = draw(
+        st.sampled_from([c for c in CONVS if (h + 2 * c[2] - c[0]) // c[1] + 1 >= 1])
+      )
       ch = draw(st.integers(2, 8))
       h = (h + 2 * pad - kern) // stride + 1
       layers.append(L.Conv(ch, kern, stride, pad))
@@ -139,8 +155,9 @@ def networks(draw, kinds=("dense", "conv"), acts=ACTS, max_layers=6, max_conv_la
 
 def make_params(layers, shape, seed, scale, bias_scale=0.5):
   """Random params: kernels N(0, 1/fan_in) * scale, biases N(0, bias_scale^2)."""
-  tree = jax.eval_shape(L.Sequential(layers).init, jax.random.key(0),
-                        jnp.zeros((1, *shape)))["params"]
+  tree = jax.eval_shape(L.Sequential(layers).init, jax.random.key(0), jnp.zeros((1, *shape)))[
+    "params"
+  ]
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -250,7 +267,7 @@ def objectives(k):
   c = np.zeros((len(pairs) + k, k))
   for r, (i, j) in enumerate(pairs):
     c[r, i], c[r, j] = 1.0, -1.0
-  c[len(pairs):] = np.eye(k)
+  c[len(pairs) :] = np.eye(k)
   return pairs, c
 
 
@@ -258,10 +275,10 @@ def jacobian_values(jac, c):
   """Lipschitz lower bounds from Jacobians (B, K, n): {norm: (B, n_c + 1)}, last = global."""
   cj = np.einsum("ck,bkn->bcn", c, jac)
   return {
-      "l2": np.concatenate([np.linalg.norm(cj, axis=-1),
-                            np.linalg.norm(jac, 2, axis=(1, 2))[:, None]], axis=1),
-      "linf": np.concatenate([np.abs(cj).sum(-1), np.abs(jac).sum(-1).max(-1)[:, None]],
-                             axis=1),
+    "l2": np.concatenate(
+      [np.linalg.norm(cj, axis=-1), np.linalg.norm(jac, 2, axis=(1, 2))[:, None]], axis=1
+    ),
+    "linf": np.concatenate([np.abs(cj).sum(-1), np.abs(jac).sum(-1).max(-1)[:, None]], axis=1),
   }
 
 
@@ -271,7 +288,7 @@ def as_modes(vals, k):
   pw = np.zeros((k, k))
   for r, (i, j) in enumerate(pairs):
     pw[i, j] = pw[j, i] = vals[r]
-  return {"pairwise": pw, "per_class": vals[len(pairs):len(pairs) + k], "global": vals[-1]}
+  return {"pairwise": pw, "per_class": vals[len(pairs) : len(pairs) + k], "global": vals[-1]}
 
 
 def ascent_lower_estimate(ops, n_in, k, rng, *, starts=6, steps=40, n_random=256):
@@ -311,17 +328,20 @@ def ascent_lower_estimate(ops, n_in, k, rng, *, starts=6, steps=40, n_random=256
     g_l2 = dz / np.maximum(np.linalg.norm(dz, axis=1, keepdims=True), 1e-300)
     top = np.argmax(np.abs(dz), axis=1)
     g_inf = np.eye(k)[top] * np.sign(dz[np.arange(B), top])[:, None]
-    num = np.where(is_glob, np.where(is_inf, np.abs(dz).max(1), np.linalg.norm(dz, axis=1)),
-                   np.abs(s))
-    gnum = np.where(is_glob[:, None], np.where(is_inf[:, None], g_inf, g_l2),
-                    np.sign(s)[:, None] * cmat)
+    num = np.where(
+      is_glob, np.where(is_inf, np.abs(dz).max(1), np.linalg.norm(dz, axis=1)), np.abs(s)
+    )
+    gnum = np.where(
+      is_glob[:, None], np.where(is_inf[:, None], g_inf, g_l2), np.sign(s)[:, None] * cmat
+    )
     nd = dnorm(d)
     ratio = num / nd
     gz = gnum / nd[:, None]
     v1, v0 = np_vjp(ops, t1, gz), np_vjp(ops, t0, gz)
     j = np.argmax(np.abs(d), axis=1)
-    gnd = np.where(is_inf[:, None], np.eye(n_in)[j] * np.sign(d[np.arange(B), j])[:, None],
-                   d / nd[:, None])
+    gnd = np.where(
+      is_inf[:, None], np.eye(n_in)[j] * np.sign(d[np.arange(B), j])[:, None], d / nd[:, None]
+    )
     return ratio, v1 - v0, v1 - (ratio / nd)[:, None] * gnd
 
   def unit(g):
@@ -341,9 +361,10 @@ def ascent_lower_estimate(ops, n_in, k, rng, *, starts=6, steps=40, n_random=256
     d = d + lr * dnorm(d)[:, None] * unit(gd)
     d = d / np.maximum(dnorm(d) / 3.0, 1.0)[:, None]  # keep ||d|| <= 3
 
-  pts = np.concatenate([best_x + a * best_d for a in (0.0, 0.25, 0.5, 0.75, 1.0)] +
-                       [rng.normal(size=(n_random, n_in)) * rng.choice([0.3, 1.0, 3.0],
-                                                                        size=(n_random, 1))])
+  pts = np.concatenate(
+    [best_x + a * best_d for a in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    + [rng.normal(size=(n_random, n_in)) * rng.choice([0.3, 1.0, 3.0], size=(n_random, 1))]
+  )
   jv = jacobian_values(np_jacobian(ops, pts), c)
   out = {}
   for norm in ("l2", "linf"):
@@ -362,7 +383,7 @@ def ascent_lower_estimate(ops, n_in, k, rng, *, starts=6, steps=40, n_random=256
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bounds_fn(layers, shape):
   """Jitted: (params, x) -> ({(method, mode, norm): bound}, logits at x)."""
   model = L.Sequential(layers)
@@ -379,8 +400,8 @@ def _bounds_fn(layers, shape):
       for mode in liplt.MODES:
         for norm in liplt.NORMS:
           out[(method, mode, norm)] = liplt.lipschitz_bound(
-              net, state if norm == "l2" else None, method=method, mode=mode, norm=norm,
-              num_iters=0)[0]
+            net, state if norm == "l2" else None, method=method, mode=mode, norm=norm, num_iters=0
+          )[0]
     return out, model.apply({"params": params}, x)
 
   return _jit(fn)
@@ -448,9 +469,16 @@ def test_bounds_above_gradient_ascent_lower_estimates(spec):
     lower, n_points = ascent_lower_estimate(ops, int(np.prod(shape)), k, rng)
     n_cmp, bad = compare(bounds, lower, k, "ascent lower estimate")
     tight = float(lower["l2"][-1] / bounds[("liplt", "global", "l2")])
-    _report("1a_ascent", networks=1, kind="conv" if len(shape) == 3 else "dense",
-            points=n_points, comparisons=n_cmp, violations=len(bad), layers=len(layers),
-            liplt_global_l2_tightness=tight)
+    _report(
+      "1a_ascent",
+      networks=1,
+      kind="conv" if len(shape) == 3 else "dense",
+      points=n_points,
+      comparisons=n_cmp,
+      violations=len(bad),
+      layers=len(layers),
+      liplt_global_l2_tightness=tight,
+    )
     assert not bad, (layers, shape, seed, s, bad)
 
 
@@ -466,8 +494,7 @@ def realised_patterns(w1, b1, rng, n_samples=4096):
   Returns (patterns, exact_enumeration).
   """
   d, n = w1.shape
-  x = rng.normal(size=(n_samples, d)) * rng.choice([0.1, 1.0, 10.0, 100.0],
-                                                    size=(n_samples, 1))
+  x = rng.normal(size=(n_samples, d)) * rng.choice([0.1, 1.0, 10.0, 100.0], size=(n_samples, 1))
   pats = [(x @ w1 + b1) > 0]
   if d == 2:
     for j, l in itertools.combinations(range(n), 2):
@@ -480,9 +507,10 @@ def realised_patterns(w1, b1, rng, n_samples=4096):
         p = base.copy()
         p[j], p[l] = sj, sl
         pats.append(p[None])
-    crit = np.sort(np.concatenate([np.arctan2(w1[1], w1[0]) + s * np.pi / 2
-                                   for s in (-1, 1)]) % (2 * np.pi))
-    mids = (crit + np.diff(np.concatenate([crit, crit[:1] + 2 * np.pi])) / 2)
+    crit = np.sort(
+      np.concatenate([np.arctan2(w1[1], w1[0]) + s * np.pi / 2 for s in (-1, 1)]) % (2 * np.pi)
+    )
+    mids = crit + np.diff(np.concatenate([crit, crit[:1] + 2 * np.pi])) / 2
     u = np.stack([np.cos(mids), np.sin(mids)], axis=1)
     pats.append((u @ w1) > 0)
   return np.unique(np.concatenate(pats), axis=0), d == 2
@@ -519,9 +547,17 @@ def test_bounds_above_exact_constant_one_hidden_layer_relu(d, n, seed, scale):
     for norm in liplt.NORMS:
       assert np.all(est[norm] <= lower[norm] * (1 + 1e-9) + 1e-12), (est, lower)
       reached += int(np.sum(est[norm] >= lower[norm] * (1 - 1e-6)))
-  _report("1b_exact", networks=1, exact_enumeration=bool(exact), patterns=int(len(pats)),
-          all_patterns=2**n, comparisons=n_cmp, violations=len(bad),
-          ascent_reached_exact=reached, ascent_objectives=2 * (c.shape[0] + 1) if exact else 0)
+  _report(
+    "1b_exact",
+    networks=1,
+    exact_enumeration=bool(exact),
+    patterns=int(len(pats)),
+    all_patterns=2**n,
+    comparisons=n_cmp,
+    violations=len(bad),
+    ascent_reached_exact=reached,
+    ascent_objectives=2 * (c.shape[0] + 1) if exact else 0,
+  )
   assert not bad, (d, n, seed, scale, bad)
 
 
@@ -531,8 +567,7 @@ def test_bounds_above_exact_constant_one_hidden_layer_relu(d, n, seed, scale):
 def cancellation_layers(d, n, m, k, a1, a2):
   """``x -> z = R [phi(u); phi(-u)] + b``, ``u = M phi(W x + b1) + c`` (leaky slopes a1, a2)."""
   del d
-  return (L.Dense(n), L.Act("leaky_relu", a1), L.Dense(2 * m), L.Act("leaky_relu", a2),
-          L.Dense(k))
+  return (L.Dense(n), L.Act("leaky_relu", a1), L.Dense(2 * m), L.Act("leaky_relu", a2), L.Dense(k))
 
 
 def cancellation_params(d, n, m, k, seed, noise):
@@ -542,12 +577,17 @@ def cancellation_params(d, n, m, k, seed, noise):
   M, c = rng.normal(size=(n, m)) / np.sqrt(n), rng.normal(size=m) * 0.3
   P = rng.normal(size=(m, k))
   f32 = lambda a: np.asarray(a, np.float32)
-  return {"layer_0": {"kernel": f32(rng.normal(size=(d, n)) / np.sqrt(d)),
-                      "bias": f32(rng.normal(size=n) * 0.3)},
-          "layer_2": {"kernel": f32(np.concatenate([M, -M], 1)),
-                      "bias": f32(np.concatenate([c, -c]))},
-          "layer_4": {"kernel": f32(np.concatenate([P, P]) + noise * rng.normal(size=(2 * m, k))),
-                      "bias": f32(rng.normal(size=k) * 0.3)}}
+  return {
+    "layer_0": {
+      "kernel": f32(rng.normal(size=(d, n)) / np.sqrt(d)),
+      "bias": f32(rng.normal(size=n) * 0.3),
+    },
+    "layer_2": {"kernel": f32(np.concatenate([M, -M], 1)), "bias": f32(np.concatenate([c, -c]))},
+    "layer_4": {
+      "kernel": f32(np.concatenate([P, P]) + noise * rng.normal(size=(2 * m, k))),
+      "bias": f32(rng.normal(size=k) * 0.3),
+    },
+  }
 
 
 SOUND_VARIANTS = ("liplt", "naive", "liplt_aol", "scaled")
@@ -583,9 +623,16 @@ def below_bounds(bounds, lower, k):
 
 # Few shapes (each new shape compiles its operators once), any slopes, weights and noise.
 @_settings(8)
-@given(st.integers(1, 2), st.integers(1, 2), st.just(2), st.integers(2, 3),
-       st.floats(0.05, 0.9), st.floats(0.05, 0.9), st.integers(0, 2**31 - 1),
-       st.sampled_from([0.0, 0.1]))
+@given(
+  st.integers(1, 2),
+  st.integers(1, 2),
+  st.just(2),
+  st.integers(2, 3),
+  st.floats(0.05, 0.9),
+  st.floats(0.05, 0.9),
+  st.integers(0, 2**31 - 1),
+  st.sampled_from([0.0, 0.1]),
+)
 def test_sound_bounds_where_eq19_needs_the_m_terms(d, n, m, k, a1, a2, seed, noise):
   layers = cancellation_layers(d, n, m, k, a1, a2)
   params = cancellation_params(d, n, m, k, seed, noise)
@@ -595,8 +642,7 @@ def test_sound_bounds_where_eq19_needs_the_m_terms(d, n, m, k, a1, a2, seed, noi
   bounds = sound_bounds_all(net, scales)
   ops, _ = np_ops(layers, jax.tree.map(np.asarray, params), (d,))
   x_check = rng.normal(size=(4, d)).astype(np.float32)
-  check_np_model(ops, x_check, np.asarray(L.Sequential(layers).apply({"params": params},
-                                                                     x_check)))
+  check_np_model(ops, x_check, np.asarray(L.Sequential(layers).apply({"params": params}, x_check)))
   lower, _ = ascent_lower_estimate(ops, d, k, rng, starts=4, steps=30)
   bad = below_bounds(bounds, lower, k)
   _report("1c_cancellation", networks=1, comparisons=len(bounds), violations=len(bad))
@@ -606,26 +652,39 @@ def test_sound_bounds_where_eq19_needs_the_m_terms(d, n, m, k, a1, a2, seed, noi
 # Issue 12's counterexample: z0 = phi(phi(x)) + phi(-phi(x)) = |phi(x)| / 2, z1 = 0.1, with
 # phi = leaky ReLU of slope 0.5: the pairwise constant is exactly 0.5 (x > 0), all of it
 # from the m_j term of eq. 19 (the Hhat products cancel in R Hhat_1 Hhat_0).
-COUNTER_LAYERS = (L.Dense(1), L.Act("leaky_relu", 0.5), L.Dense(2), L.Act("leaky_relu", 0.5),
-                  L.Dense(2))
+COUNTER_LAYERS = (
+  L.Dense(1),
+  L.Act("leaky_relu", 0.5),
+  L.Dense(2),
+  L.Act("leaky_relu", 0.5),
+  L.Dense(2),
+)
 COUNTER_PARAMS = {
-    "layer_0": {"kernel": np.array([[1.0]], np.float32), "bias": np.zeros(1, np.float32)},
-    "layer_2": {"kernel": np.array([[1.0, -1.0]], np.float32), "bias": np.zeros(2, np.float32)},
-    "layer_4": {"kernel": np.array([[1.0, 0.0], [1.0, 0.0]], np.float32),
-                "bias": np.array([0.0, 0.1], np.float32)}}
+  "layer_0": {"kernel": np.array([[1.0]], np.float32), "bias": np.zeros(1, np.float32)},
+  "layer_2": {"kernel": np.array([[1.0, -1.0]], np.float32), "bias": np.zeros(2, np.float32)},
+  "layer_4": {
+    "kernel": np.array([[1.0, 0.0], [1.0, 0.0]], np.float32),
+    "bias": np.array([0.0, 0.1], np.float32),
+  },
+}
 
 
 def test_issue_12_linf_counterexample():
   net = network.from_layers(COUNTER_LAYERS, COUNTER_PARAMS, (1,))
-  f = lambda x: np.asarray(L.Sequential(COUNTER_LAYERS).apply(
-      {"params": COUNTER_PARAMS}, np.asarray(x, np.float32).reshape(-1, 1)))
-  np.testing.assert_allclose(f([1.0, -2.0, 0.2]), [[0.5, 0.1], [0.5, 0.1], [0.1, 0.1]],
-                             atol=1e-7)
+  f = lambda x: np.asarray(
+    L.Sequential(COUNTER_LAYERS).apply(
+      {"params": COUNTER_PARAMS}, np.asarray(x, np.float32).reshape(-1, 1)
+    )
+  )
+  np.testing.assert_allclose(f([1.0, -2.0, 0.2]), [[0.5, 0.1], [0.5, 0.1], [0.1, 0.1]], atol=1e-7)
   tight = (1 + 1e-4) ** 3 * (1 + 1e-7)  # the margin of L + 1 = 3 factors
   for norm in liplt.NORMS:
     for variant in ("liplt", "liplt_aol", "scaled"):
-      kw = {"scales": [np.float32(2.0), np.float32(0.5)]} if variant == "scaled" else {
-          "method": variant}
+      kw = (
+        {"scales": [np.float32(2.0), np.float32(0.5)]}
+        if variant == "scaled"
+        else {"method": variant}
+      )
       lip, info = soundness.sound_bound(net, norm=norm, **kw)
       assert info["kind"] == "guaranteed upper bound"
       assert lip[0, 1] >= 0.5, (norm, variant, lip[0, 1])  # old Block.abs: 0.25 in l_inf
@@ -655,7 +714,7 @@ N_ANGLES, N_RADII = 4096, 8
 MARGIN_TOL = 1e-6
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _certify_fn(layers, shape):
   """Jitted: (params, state, x) -> (labels, radii, logits): the pairwise-LipLT l2 certificate.
 
@@ -667,8 +726,7 @@ def _certify_fn(layers, shape):
   def fn(params, state, x):
     net = network.from_layers(layers, params, shape)
     if state is None:  # same start in float32 and float64
-      state = jax.tree.map(lambda a: a.astype(x.dtype),
-                           liplt.init_state(net, jax.random.key(1)))
+      state = jax.tree.map(lambda a: a.astype(x.dtype), liplt.init_state(net, jax.random.key(1)))
     lip, _ = liplt.liplt_bound(net, state, mode="pairwise", norm="l2", num_iters=ITERS)
     z = model.apply({"params": params}, x)
     y = jnp.argmax(z, axis=-1)
@@ -680,7 +738,7 @@ def _certify_fn(layers, shape):
   return _jit(fn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _apply_fn(layers):
   return _jit(lambda p, x: L.Sequential(layers).apply({"params": p}, x))
 
@@ -713,14 +771,23 @@ def embed(params, n_hidden):
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pgd_fn():
   model = L.Sequential(PAD_LAYERS)
 
   def fn(params, x, y, eps, key):
-    return attacks.pgd_l2(lambda v: model.apply({"params": params}, v), x, y, key=key,
-                          eps=eps, num_steps=PGD_STEPS, num_restarts=PGD_RESTARTS,
-                          loss="multitarget", clip_min=-jnp.inf, clip_max=jnp.inf)
+    return attacks.pgd_l2(
+      lambda v: model.apply({"params": params}, v),
+      x,
+      y,
+      key=key,
+      eps=eps,
+      num_steps=PGD_STEPS,
+      num_restarts=PGD_RESTARTS,
+      loss="multitarget",
+      clip_min=-jnp.inf,
+      clip_max=jnp.inf,
+    )
 
   return jax.jit(fn)  # compiled once: optimise
 
@@ -735,7 +802,7 @@ def relu_2d_networks(draw):
   return tuple(layers), draw(st.integers(0, 2**31 - 1)), draw(st.floats(0.3, 3.0))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _search_fn(layers):
   """Jitted (call under x64): the margins of the network on the disc of radius R around x.
 
@@ -784,8 +851,12 @@ def _check_certified_points(layers, params, rng):
   k = layers[-1].features
 
   padded = embed(params, n_hidden)
-  np.testing.assert_allclose(np.asarray(_apply_fn(PAD_LAYERS)(padded, x))[:, :k], z32,
-                             rtol=1e-5, atol=1e-5 * (1 + np.abs(z32).max()))
+  np.testing.assert_allclose(
+    np.asarray(_apply_fn(PAD_LAYERS)(padded, x))[:, :k],
+    z32,
+    rtol=1e-5,
+    atol=1e-5 * (1 + np.abs(z32).max()),
+  )
   pgd = _pgd_fn()
   res = pgd(padded, x, y, radius, jax.random.key(int(rng.integers(1000))))
   res = jax.tree.map(np.asarray, res)
@@ -801,22 +872,33 @@ def _check_certified_points(layers, params, rng):
   # N_RADII - 1 concentric circles inside it.
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-    clean, worst, strict, tol = (np.asarray(a) for a in _search_fn(layers)(
-        p64, jnp.asarray(x, jnp.float64), jnp.asarray(y), jnp.asarray(radius, jnp.float64)))
+    clean, worst, strict, tol = (
+      np.asarray(a)
+      for a in _search_fn(layers)(
+        p64, jnp.asarray(x, jnp.float64), jnp.asarray(y), jnp.asarray(radius, jnp.float64)
+      )
+    )
   assert clean.dtype == np.float64
   search_broken = cert & (tol > 0)
 
-  _report("2_pgd", networks=1, classes=k, points=N_POINTS, certified=int(cert.sum()),
-          pgd_runs_per_point=PGD_RESTARTS * (PAD_CLASSES - 1), pgd_steps=PGD_STEPS,
-          pgd_violations=int(pgd_broken.sum()),
-          search_points=int(cert.sum()) * N_ANGLES * N_RADII,
-          search_violations=int(search_broken.sum()),
-          search_strict_label_changes=int(np.sum(strict[cert])),
-          search_min_margin_fraction=float(np.min(worst[cert] / clean[cert]))
-          if cert.any() else None,
-          pgd_success_at_2R=int(broken_2r.sum()),
-          pgd_min_margin_fraction=float(np.min(np.asarray(res.margin)[cert] / clean[cert]))
-          if cert.any() else None)
+  _report(
+    "2_pgd",
+    networks=1,
+    classes=k,
+    points=N_POINTS,
+    certified=int(cert.sum()),
+    pgd_runs_per_point=PGD_RESTARTS * (PAD_CLASSES - 1),
+    pgd_steps=PGD_STEPS,
+    pgd_violations=int(pgd_broken.sum()),
+    search_points=int(cert.sum()) * N_ANGLES * N_RADII,
+    search_violations=int(search_broken.sum()),
+    search_strict_label_changes=int(np.sum(strict[cert])),
+    search_min_margin_fraction=float(np.min(worst[cert] / clean[cert])) if cert.any() else None,
+    pgd_success_at_2R=int(broken_2r.sum()),
+    pgd_min_margin_fraction=float(np.min(np.asarray(res.margin)[cert] / clean[cert]))
+    if cert.any()
+    else None,
+  )
   assert not pgd_broken.any(), (layers, params, np.flatnonzero(pgd_broken))
   assert not search_broken.any(), (layers, params, np.flatnonzero(search_broken), worst)
   return int(cert.sum()), int(broken_2r.sum())
@@ -846,7 +928,13 @@ def test_float32_radii_not_above_float64_radii(spec):
     assert np.all(np.where(same, True, r32 <= F32_ATOL)), (r32, r64)
     over = same & (r32 > r64 * (1 + F32_RTOL) + F32_ATOL)
     rel = np.where(same, (r32 - r64) / np.maximum(r64, 1e-12), -np.inf)
-    _report("3_float32", networks=1, points=x.shape[0], label_flips=int((~same).sum()),
-            violations=int(over.sum()), worst_rel_excess=float(rel.max()),
-            worst_abs_excess=float(np.where(same, r32 - r64, -np.inf).max()))
+    _report(
+      "3_float32",
+      networks=1,
+      points=x.shape[0],
+      label_flips=int((~same).sum()),
+      violations=int(over.sum()),
+      worst_rel_excess=float(rel.max()),
+      worst_abs_excess=float(np.where(same, r32 - r64, -np.inf).max()),
+    )
     assert not over.any(), (layers, shape, seed, s, r32[over], r64[over])

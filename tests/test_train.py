@@ -33,8 +33,10 @@ def _tiny_config(**overrides):
 
 def _batch(n=32, seed=0):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.random((n, 28, 28, 1)), jnp.float32),
-          jnp.asarray(rng.integers(0, 10, n), jnp.int32))
+  return (
+    jnp.asarray(rng.random((n, 28, 28, 1)), jnp.float32),
+    jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+  )
 
 
 def _setup(config, devices=None):
@@ -50,8 +52,9 @@ def test_one_crm_step_lowers_the_loss_on_a_fixed_batch():
   config.crm.warmup_epochs = 0
   config.crm.penalty = "exp"  # positive for every penalised point (linear: -R_soft, any sign)
   model, tx, rep, bat, state = _setup(config)
-  step = train.jit_step(train.make_train_step(model, tx, config, regularized=True,
-                                              steps_per_epoch=10), rep, bat)
+  step = train.jit_step(
+    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
+  )
   x, y = _batch()
   losses = []
   for _ in range(4):
@@ -70,8 +73,9 @@ def test_sharded_step_on_8_devices_equals_single_device_step():
   out = []
   for devices in (jax.devices()[:1], jax.devices()):
     model, tx, rep, bat, state = _setup(config, devices)
-    step = train.jit_step(train.make_train_step(model, tx, config, regularized=True,
-                                                steps_per_epoch=10), rep, bat)
+    step = train.jit_step(
+      train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
+    )
     state, m = step(state, x, y)
     state, m = step(state, x, y)
     out.append((jax.device_get(state.params), jax.device_get(m)))
@@ -85,7 +89,8 @@ def test_no_recompilation_after_the_first_step():
   config = _tiny_config()
   model, tx, rep, bat, state = _setup(config)
   fn = chex.assert_max_traces(
-      train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1)
+    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
+  )
   step = train.jit_step(fn, rep, bat)
   for seed in range(3):
     state, _ = step(state, *_batch(seed=seed))
@@ -99,8 +104,9 @@ def test_a_whole_run_compiles_each_train_step_once(tmp_path, caplog):
   with caplog.at_level("WARNING", logger="jax"), jax.log_compiles():
     result = train.train_and_evaluate(config, str(tmp_path))
   assert result["step"] == 8
-  compiled = [r.getMessage() for r in caplog.records
-              if r.getMessage().startswith("Compiling jit(train_step)")]
+  compiled = [
+    r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")
+  ]
   assert len(compiled) == 2, compiled
 
 
@@ -148,8 +154,12 @@ def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path, capsys, caplo
 
 
 def test_invalid_config_is_refused_with_the_field_and_the_fix(tmp_path):
-  for field, value, match in [("eps", -1.0, "eps"), ("batch_size", 30, "divisible by the 8"),
-                              ("power_iters", 0, "power_iters"), ("model", "VGG", "model")]:
+  for field, value, match in [
+    ("eps", -1.0, "eps"),
+    ("batch_size", 30, "divisible by the 8"),
+    ("power_iters", 0, "power_iters"),
+    ("model", "VGG", "model"),
+  ]:
     c = _tiny_config()
     c[field] = value
     with pytest.raises(ValueError, match=match):
@@ -166,20 +176,30 @@ def test_invalid_config_is_refused_with_the_field_and_the_fix(tmp_path):
 
 
 def test_main_command_smoke_and_bad_input_exit_codes(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.mnist",
-         "--config=experiments/configs/mnist.py:smoke", f"--workdir={tmp_path / 'run'}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.mnist",
+    "--config=experiments/configs/mnist.py:smoke",
+    f"--workdir={tmp_path / 'run'}",
+  ]
   env = {**os.environ, "XLA_FLAGS": ""}
   # The sound bound has its own tests (test_certify.py); here the estimate keeps it quick.
-  small = ["--config.num_epochs=1", "--config.crm.warmup_epochs=0", "--config.train_subset=128",
-           "--config.test_subset=64", "--config.sound_eval=False"]
-  out = subprocess.run(cmd + small,
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  small = [
+    "--config.num_epochs=1",
+    "--config.crm.warmup_epochs=0",
+    "--config.train_subset=128",
+    "--config.test_subset=64",
+    "--config.sound_eval=False",
+  ]
+  out = subprocess.run(cmd + small, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "certified accuracy" in out.stdout
   results = json.load(open(tmp_path / "run" / "results.json"))
   assert results["certified_accuracy"] <= results["clean_accuracy"]
-  bad = subprocess.run(cmd + ["--config.eps=-0.5"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
+  bad = subprocess.run(
+    cmd + ["--config.eps=-0.5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
   assert bad.returncode == 2 and "eps" in bad.stderr
 
 
@@ -192,14 +212,28 @@ def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
   the 20-epoch defaults (linear g, no warm-up: 86.6% clean here). Measured here: 90.9%
   clean, 1.2% certified, ~35 s on the 2-core CPU.
   """
-  cmd = [sys.executable, "-m", "experiments.mnist", "--config=experiments/configs/mnist.py",
-         f"--workdir={tmp_path}", "--config.model=MLP", "--config.train_subset=10000",
-         "--config.test_subset=1000", "--config.batch_size=50", "--config.num_epochs=6",
-         "--config.crm.warmup_epochs=2", "--config.crm.lam=15", "--config.power_iters=2",
-         "--config.crm.penalty=exp", "--config.final_learning_rate=1e-6",
-         "--config.lr_decay_start_epoch=0", "--config.progress_bar=False"]
-  out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""},
-                       capture_output=True, text=True, timeout=600)
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.mnist",
+    "--config=experiments/configs/mnist.py",
+    f"--workdir={tmp_path}",
+    "--config.model=MLP",
+    "--config.train_subset=10000",
+    "--config.test_subset=1000",
+    "--config.batch_size=50",
+    "--config.num_epochs=6",
+    "--config.crm.warmup_epochs=2",
+    "--config.crm.lam=15",
+    "--config.power_iters=2",
+    "--config.crm.penalty=exp",
+    "--config.final_learning_rate=1e-6",
+    "--config.lr_decay_start_epoch=0",
+    "--config.progress_bar=False",
+  ]
+  out = subprocess.run(
+    cmd, cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.load(open(tmp_path / "results.json"))
   assert results["bound_kind"] == "guaranteed upper bound"
@@ -210,8 +244,11 @@ def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
 def test_learning_rate_is_constant_until_the_decay_epoch_then_decays_exponentially():
   """Adam's update of a constant unit gradient is -lr: read the schedule off the updates."""
   config = _tiny_config(final_learning_rate=1e-6)
-  for start, want in ((0, [1e-3, 1e-3 * 1e-3 ** 0.5, 1e-6]), (5, [1e-3, 1e-3, 1e-6]),
-                      (10, [1e-3, 1e-3, 1e-3])):
+  for start, want in (
+    (0, [1e-3, 1e-3 * 1e-3**0.5, 1e-6]),
+    (5, [1e-3, 1e-3, 1e-6]),
+    (10, [1e-3, 1e-3, 1e-3]),
+  ):
     config.lr_decay_start_epoch = start  # 10 steps per epoch, 100 steps
     tx = train.make_optimizer(config, 100, steps_per_epoch=10)
     params, grads = {"w": jnp.zeros(())}, {"w": jnp.ones(())}
@@ -229,8 +266,9 @@ def test_crm_step_with_the_aol_rescaled_liplt_bound():
   config.crm.warmup_epochs = 0
   train.validate_config(config, num_devices=1)
   model, tx, rep, bat, state = _setup(config, jax.devices()[:1])
-  step = train.jit_step(train.make_train_step(model, tx, config, regularized=True,
-                                              steps_per_epoch=10), rep, bat)
+  step = train.jit_step(
+    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
+  )
   x, y = _batch()
   for _ in range(2):
     state, m = step(state, x, y)
@@ -266,8 +304,9 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   p0, power = jax.tree.map(np.array, (state.params, state.power))  # the step donates them
   x, _ = _batch(32, seed=3)
   y = jnp.argmax(model.apply(p0, x), axis=1)  # every point correct, so penalised
-  step = train.jit_step(train.make_train_step(model, tx, config, regularized=True,
-                                              steps_per_epoch=spe), rep, bat)
+  step = train.jit_step(
+    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=spe), rep, bat
+  )
   new, m = step(state, x, y)
   assert all(np.isfinite(float(v)) for v in m.values()), m
   assert float(m["penalised"]) == 1.0 and float(m["penalty"]) > 0
@@ -276,11 +315,21 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
 
   @jax.jit
   def reference(p):
-    lip, vjp = jax.vjp(lambda p: train.pairwise_bound(
-        model, p, power, method=config.bound, mode=mode, num_iters=config.power_iters)[0], p)
-    crm = lambda p, lip: losses.crm_loss(model.apply(p, x), y, lip, lam=lam,
-                                         temperature=config.crm.temperature, r0=config.crm.r0,
-                                         penalty=losses.exp_penalty)[0]
+    lip, vjp = jax.vjp(
+      lambda p: train.pairwise_bound(
+        model, p, power, method=config.bound, mode=mode, num_iters=config.power_iters
+      )[0],
+      p,
+    )
+    crm = lambda p, lip: losses.crm_loss(
+      model.apply(p, x),
+      y,
+      lip,
+      lam=lam,
+      temperature=config.crm.temperature,
+      r0=config.crm.r0,
+      penalty=losses.exp_penalty,
+    )[0]
     g_logits, d_lip = jax.grad(crm, argnums=(0, 1))(p, lip)
     (g_bound,), (g_mean,) = vjp(d_lip), vjp(jnp.full_like(lip, 1.0 / lip.size))
     return g_logits, g_bound, g_mean
@@ -291,8 +340,9 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   assert np.linalg.norm(g_bound) > 1e-3 * np.linalg.norm(g_logits)
   err = np.linalg.norm(g_step - (g_logits + g_bound))
   assert err < 0.05 * np.linalg.norm(g_bound), (
-      f"the step's gradient is off the CRM gradient by {err:.3g}, while the bound's share "
-      f"is {np.linalg.norm(g_bound):.3g} (is the bound's gradient stopped?)")
+    f"the step's gradient is off the CRM gradient by {err:.3g}, while the bound's share "
+    f"is {np.linalg.norm(g_bound):.3g} (is the bound's gradient stopped?)"
+  )
   # The bound's share of the step, -lr g_bound, lowers the mean pairwise bound.
   assert g_bound @ g_mean > 0
 

@@ -13,8 +13,10 @@ from experiments.configs import cifar, default, mnist, tiny_imagenet
 # name: (dataset, warm-started power iterations per CRM step). The input shape and the
 # number of classes are the dataset's (crmjax.data.dataset_info); the paper's models take
 # their dataset and power iterations from its training config.
-MODELS = {c.model: (c.dataset, c.power_iters)
-          for c in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config())}
+MODELS = {
+  c.model: (c.dataset, c.power_iters)
+  for c in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config())
+}
 MODELS.update({name: MODELS["4C3F"] for name in ("Res4C3F", "MLP")})  # MNIST-size
 
 

@@ -44,11 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Host-side training augmentation (crmjax.input_pipeline.Augment): random crop by zero
   # padding, flip, then a random rotation (degrees) and integer translation (fraction of the
   # side) whose uncovered pixels take `fill` ([0, 1] pixel units).
-  c.augment = ml_collections.ConfigDict({"crop_padding": 0, "flip": False,
-                                         "rotation_degrees": 0.0, "translation": 0.0,
-                                         "fill": 0.0})
+  c.augment = ml_collections.ConfigDict(
+    {"crop_padding": 0, "flip": False, "rotation_degrees": 0.0, "translation": 0.0, "fill": 0.0}
+  )
 
   c.eps = 1.58  # certified l2 radius in [0, 1] pixel space (also GloRo's training eps)
+  c.report_eps = ()  # more radii at which the final evaluation reports certified accuracy
   c.eval_batch_size = 1000
   c.eval_power_iters = 200
   c.sound_eval = True  # certify with guaranteed bounds at the end of training
@@ -73,17 +74,28 @@ def check_variant(variant: str, known: tuple[str, ...] = ("", "smoke")) -> str:
     ValueError: naming the known variants, for any other.
   """
   if variant not in known:
-    raise ValueError(f"unknown variant {variant!r}: use one of {list(known)} "
-                     "(--config=<file>.py:<variant>)")
+    raise ValueError(
+      f"unknown variant {variant!r}: use one of {list(known)} (--config=<file>.py:<variant>)"
+    )
   return variant
 
 
-def apply_variant(c: ml_collections.ConfigDict, variant: str, *, train_subset: int,
-                  test_subset: int, batch_size: int) -> ml_collections.ConfigDict:
+def apply_variant(
+  c: ml_collections.ConfigDict,
+  variant: str,
+  *,
+  train_subset: int,
+  test_subset: int,
+  batch_size: int,
+) -> ml_collections.ConfigDict:
   """The ``smoke`` variant of a dataset config: one tiny epoch, CRM from the start."""
   if check_variant(variant) == "smoke":
-    c.train_subset, c.test_subset, c.batch_size, c.num_epochs = (train_subset, test_subset,
-                                                                 batch_size, 1)
+    c.train_subset, c.test_subset, c.batch_size, c.num_epochs = (
+      train_subset,
+      test_subset,
+      batch_size,
+      1,
+    )
     c.crm.warmup_epochs, c.power_iters, c.sound_power_iters = 0, 1, 20
     c.eval_every_epochs = 0
     c.progress_bar = False
