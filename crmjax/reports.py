@@ -391,6 +391,7 @@ def refined_bound(
   steps: int,
   sound_iters: int,
   norms: str = "auto",
+  final_iters: int = 300,
   estimator: str = "lanczos",
   key: int | jax.Array | None = None,
   failure_prob: float = 1e-6,
@@ -402,7 +403,8 @@ def refined_bound(
 
   ``refinement.optimize_scales`` chooses ``D`` (the best of ``D = I``, AOL and ``steps`` Adam
   steps on the mean pairwise bound, judged by its own objective with ``norms``: exact or
-  warm-started power iteration); the sound bound of
+  warm-started power iteration, ``final_iters`` iterations to compare the candidates); the
+  sound bound of
   ``rescale(net, D)`` (valid for every ``D > 0``) is then computed from its own random
   start, independent of how ``D`` was chosen.
 
@@ -412,7 +414,9 @@ def refined_bound(
   """
   t0 = time.perf_counter()
   _phase(f"optimising the rescaling D ({steps} Adam steps)", progress)
-  scales, opt = refinement.optimize_scales(net, mode="pairwise", steps=steps, norms=norms)
+  scales, opt = refinement.optimize_scales(
+    net, mode="pairwise", steps=steps, norms=norms, final_iters=final_iters
+  )
   _phase(f"sound bound of the rescaled network ({estimator})", progress)
   bound, info = soundness.sound_bound(
     net,
@@ -521,6 +525,7 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       steps=config.refine_steps,
       sound_iters=sound_iters,
       norms=config.refine_norms,
+      final_iters=config.refine_final_iters,
       estimator=config.sound_estimator,
       **sound_kw,
     )

@@ -399,7 +399,11 @@ def main(argv=None) -> int:
     return 0
 
   # SIGTERM (kill PID): unwind, so the running pytest is killed and the copy removed.
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+  def terminated(*_):
+    print("mutation_check: terminated by SIGTERM", file=sys.stderr, flush=True)
+    sys.exit(143)
+
+  signal.signal(signal.SIGTERM, terminated)
   out = args.out or tempfile.mkdtemp(prefix="crmjax_mutation_")
   os.makedirs(out, exist_ok=True)
   work = tempfile.mkdtemp(prefix="crmjax_mutant_repo_")

@@ -310,7 +310,7 @@ def test_sound_bound_exact_materialisation(name, methods):
     factors = n_blocks + 1 if method == "liplt" else 2 * n_blocks + 1
     bounds, info = soundness.sound_bounds(net, method=method)
     assert info["kind"] == "guaranteed upper bound" and info["probabilistic_norms"] == 0
-    assert info["failure_probability"] == 0.0 and info["margin_factors"] == factors
+    assert info["failure_probability"] == 0.0
     if method == "liplt":
       assert info["exact_norms"] == n_blocks * (n_blocks + 1) // 2
     for mode in liplt.MODES:
@@ -321,6 +321,7 @@ def test_sound_bound_exact_materialisation(name, methods):
       assert np.all(r <= (1 + MARGIN) ** factors * (1 + 1e-5)), (method, mode, r.max())
       if method == "liplt":
         assert np.all(np.asarray(bounds[mode]) >= est[mode]), mode
+    assert info["margin_factors"] == factors
   ratios = np.concatenate(ratios)
   print(f"{name}: sound / exact in [{ratios.min():.7f}, {ratios.max():.7f}]")
 

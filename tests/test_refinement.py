@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from crmjax import layers as L
-from crmjax import liplt, network, soundness
+from crmjax import liplt, network, rescaling, soundness
 from crmjax import operators as ops
 from crmjax import refinement as R
 from tests import reference as ref
@@ -114,7 +114,7 @@ def test_refined_liplt_is_sound_and_rescaling_keeps_the_function():
   @jax.jit  # one compilation instead of many eager ones
   def run(p, x):
     net = network.from_layers(layers, p, shape)
-    scaled = R.rescale(net, R.refined_scales(net))
+    scaled = rescaling.rescale(net, R.refined_scales(net))
     state = liplt.init_state(net, jax.random.key(1))
     plain = liplt.liplt_bound(net, state, mode="global", num_iters=ITERS)[0]
     refined = R.refined_liplt_bound(net, state, mode="global", num_iters=ITERS)[0]
@@ -250,7 +250,7 @@ def test_optimized_scales_beat_plain_and_aol_liplt_and_stay_sound(name):
   assert np.all(low <= opt * (1 + 1e-6) + 1e-9), (low / np.where(opt > 0, opt, 1)).max()
   if name == "conv":  # the rescaled conv net (3-D phi shapes) is the same function
     x = np.random.default_rng(1).normal(size=(64, *shape)).astype(np.float32)
-    np.testing.assert_allclose(R.rescale(net, scales)(x), net(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rescaling.rescale(net, scales)(x), net(x), rtol=1e-4, atol=1e-5)
 
 
 def test_rescaled_sound_bounds_are_exact_and_liplt_aol_matches_the_reference():
