@@ -88,7 +88,7 @@ def evaluate(
   eps: float,
   extra_eps: Sequence[float] = (),
   batch_size: int = 1000,
-  num_iters: int = 100,
+  eval_iters: int = 100,
   method: str = "liplt",
   sound: bool = True,
   sound_iters: int = soundness.NUM_ITERS,
@@ -106,7 +106,7 @@ def evaluate(
     images, labels: the test split (uint8 images in pixel space).
     eps: l2 radius in [0, 1] pixel space (``certified_accuracy``).
     extra_eps: more radii reported in ``certified_accuracy_at`` (e.g. 36/255 and 18/255).
-    num_iters: power iterations from the warm state for the estimate.
+    eval_iters: power iterations from the warm state for the estimate.
     method: ``'liplt'``, ``'naive'`` or ``'liplt_aol'`` (``liplt.ALL_METHODS``).
     sound: also compute the guaranteed bound (``crmjax.soundness``) and certify with it.
     sound_iters: Lanczos steps (or power iterations) of the sound bound's probabilistic norms.
@@ -130,7 +130,7 @@ def evaluate(
 
   def estimate(n, s):
     with jax.default_matmul_precision("highest"):
-      return liplt.lipschitz_bound(n, s, method=method, num_iters=num_iters)
+      return liplt.lipschitz_bound(n, s, method=method, num_iters=eval_iters)
 
   est, _ = jax.jit(estimate)(net, power)
   est = np.asarray(est)

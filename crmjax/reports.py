@@ -54,7 +54,8 @@ class Run:
 
   Attributes:
     workdir: the run's directory.
-    config: its training config (rebuilt from the checkpoint's ``meta['config']``).
+    config: its training config (rebuilt from the checkpoint's ``meta['config']``, old
+      field names renamed by ``upgrade_config``).
     model: the classifier.
     state: the restored ``crmjax.train.TrainState``.
     meta: the checkpoint's meta dict.
@@ -72,6 +73,23 @@ class Run:
 
 
 # ------------------------------------------------------------------------- loading
+
+# Training-config fields renamed since checkpoints were first written: old name -> new name.
+RENAMED_CONFIG_KEYS = {
+  "power_iters": "train_iters",
+  "eval_power_iters": "eval_iters",
+  "sound_power_iters": "sound_iters",
+}
+
+
+def upgrade_config(stored: dict) -> dict:
+  """A stored training config (``meta['config']``) with the fields of ``RENAMED_CONFIG_KEYS``
+  under their new names; a new name already present wins. The input is not modified."""
+  config = dict(stored)
+  for old, new in RENAMED_CONFIG_KEYS.items():
+    if old in config:
+      config.setdefault(new, config.pop(old))
+  return config
 
 
 def load_run(workdir: str) -> Run:
@@ -101,7 +119,7 @@ def load_run(workdir: str) -> Run:
         step=step,
         path=ckpt.step_dir(step),
       )
-    config = ml_collections.ConfigDict(stored["config"])
+    config = ml_collections.ConfigDict(upgrade_config(stored["config"]))
     model = train.make_model(config)
     # The optimizer's state structure does not depend on the schedule length.
     tx = train.make_optimizer(config, total_steps=1)
@@ -153,7 +171,7 @@ def lipschitz_table(
   power: liplt.PowerState,
   *,
   num_classes: int,
-  power_iters: int,
+  eval_iters: int,
   sound_iters: int,
   estimator: str = "lanczos",
   key: int | jax.Array | None = None,
@@ -171,7 +189,7 @@ def lipschitz_table(
     net: the network (``model.lipnet(params)``).
     power: the checkpoint's warm ``PowerState``.
     num_classes: K.
-    power_iters: power iterations of the estimate, from ``power``.
+    eval_iters: power iterations of the estimate, from ``power``.
     sound_iters: Lanczos steps (or power iterations) of the sound bound's probabilistic norms.
     estimator, key, failure_prob, exact_max_dim, progress, exact_cache: of
       ``soundness.sound_bounds``.
@@ -219,7 +237,7 @@ def lipschitz_table(
 
       def estimate(n, s, mode=mode, method=method):
         with jax.default_matmul_precision("highest"):
-          return liplt.lipschitz_bound(n, s, method=method, mode=mode, num_iters=power_iters)
+          return liplt.lipschitz_bound(n, s, method=method, mode=mode, num_iters=eval_iters)
 
       t0 = time.perf_counter()
       est, _ = jax.jit(estimate)(net, power)
@@ -360,7 +378,7 @@ def pgd_success(
 
 
 def _sound_iters(config, run: Run) -> int:
-  return config.sound_iters or run.config.sound_power_iters
+  return config.sound_iters or run.config.sound_iters
 
 
 def _key(config) -> int:
@@ -483,7 +501,7 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     net,
     power,
     num_classes=K,
-    power_iters=config.power_iters,
+    eval_iters=config.eval_iters,
     sound_iters=sound_iters,
     estimator=config.sound_estimator,
     **sound_kw,
@@ -498,9 +516,9 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   certs["estimate"], _ = row(
     lip["pairwise_estimate"]["liplt"], None, seconds=lip["info"]["liplt"]["estimate_seconds"]
   )
-  certs["estimate"]["num_iters"] = config.power_iters
+  certs["estimate"]["num_iters"] = config.eval_iters
   if config.compare_power and config.sound_estimator != "power":
-    _phase(f"sound liplt bound, power method ({config.power_sound_iters} iterations)", progress)
+    _phase(f"sound liplt bound, power method ({config.baseline_sound_iters} iterations)", progress)
     t0 = time.perf_counter()
     bound, info = soundness.sound_bound(
       net,
@@ -508,7 +526,7 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       mode="pairwise",
       warm=power,
       estimator="power",
-      num_iters=config.power_sound_iters,
+      num_iters=config.baseline_sound_iters,
       **sound_kw,
     )
     certs["sound_power"], cert_radii["sound_power"] = row(
@@ -632,7 +650,7 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "table2": {k: lip[k] for k in ("sound", "estimate", "kinds")}
     | {
       "columns": {"pairwise": "mean L_ij", "per_class": "mean (L_i + L_j)", "global": "sqrt(2) L"},
-      "power_iters": config.power_iters,
+      "eval_iters": config.eval_iters,
       "sound_iters": sound_iters,
       "sound_estimator": config.sound_estimator,
       "sound_bounds": {m: _compact(lip["info"][m]) for m in liplt.METHODS},
@@ -724,7 +742,7 @@ def format_table2(results: dict) -> str:
     f"({t['sound_iters']} {t['sound_estimator']} steps where not exact)"
   )
   lines.append(
-    f"estimate: {t['kinds']['estimate']}, {t['power_iters']} warm-started "
+    f"estimate: {t['kinds']['estimate']}, {t['eval_iters']} warm-started "
     "power iterations from the checkpoint"
   )
   return "\n".join(lines)

@@ -84,10 +84,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       config.batch_size,
       f"it must be divisible by the {num_devices} devices; use a multiple of {num_devices}",
     )
-  if not (isinstance(config.power_iters, int) and config.power_iters >= 1):
-    bad("power_iters", config.power_iters, "use an integer >= 1")
-  if not (isinstance(config.eval_power_iters, int) and config.eval_power_iters >= 1):
-    bad("eval_power_iters", config.eval_power_iters, "use an integer >= 1")
+  if not (isinstance(config.train_iters, int) and config.train_iters >= 1):
+    bad("train_iters", config.train_iters, "use an integer >= 1")
+  if not (isinstance(config.eval_iters, int) and config.eval_iters >= 1):
+    bad("eval_iters", config.eval_iters, "use an integer >= 1")
+  if not (isinstance(config.sound_iters, int) and config.sound_iters >= 1):
+    bad("sound_iters", config.sound_iters, "use an integer >= 1")
   if not config.eps >= 0:
     bad("eps", config.eps, "the certified radius eps must be >= 0")
   if not config.crm.temperature > 0:
@@ -246,7 +248,7 @@ def make_train_step(
 
   ``regularized=False`` is plain cross-entropy (the CRM warm-up, and the ``ce`` loss);
   otherwise the configured CRM or GloRo loss with the configured bound, whose power
-  iteration advances ``config.power_iters`` warm-started steps.
+  iteration advances ``config.train_iters`` warm-started steps.
   """
   lam_fn, r0_fn = penalty_schedules(config, steps_per_epoch)
 
@@ -262,7 +264,7 @@ def make_train_step(
       power,
       method=config.bound,
       mode=config.bound_mode,
-      num_iters=config.power_iters,
+      num_iters=config.train_iters,
     )
     if config.loss == "gloro":
       loss, aux = losses.gloro_loss(logits, labels, lip, eps=config.eps)
@@ -361,7 +363,7 @@ def make_epoch_eval(
   """A cheap test evaluation for the per-epoch curves (``eval_every_epochs``).
 
   Clean accuracy and the certified accuracy at ``eps`` with the power-iteration ESTIMATE of
-  the pairwise bound (``eval_power_iters`` warm-started iterations; not a certificate: the
+  the pairwise bound (``eval_iters`` warm-started iterations; not a certificate: the
   final evaluation certifies with the sound bound). Compiled once.
   """
   if config.get("epoch_eval_subset", 0):
@@ -370,7 +372,7 @@ def make_epoch_eval(
   @jax.jit
   def epoch_bound(params, power):
     return pairwise_bound(
-      model, params, power, method=config.bound, mode="pairwise", num_iters=config.eval_power_iters
+      model, params, power, method=config.bound, mode="pairwise", num_iters=config.eval_iters
     )[0]
 
   @jax.jit
@@ -582,10 +584,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       test_y,
       eps=config.eps,
       batch_size=config.eval_batch_size,
-      num_iters=config.eval_power_iters,
+      eval_iters=config.eval_iters,
       method=config.bound,
       sound=config.sound_eval,
-      sound_iters=config.sound_power_iters,
+      sound_iters=config.sound_iters,
       extra_eps=tuple(config.get("report_eps", ())),
     )
     result.update({"step": step, "model": model.name, "dataset": config.dataset})

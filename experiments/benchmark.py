@@ -65,12 +65,12 @@ def measure(fn: Callable, args: tuple, advance: Callable, config) -> dict:
 
 
 def train_config(
-  config: ml_collections.ConfigDict, *, bound: str, power_iters: int, batch_size: int
+  config: ml_collections.ConfigDict, *, bound: str, train_iters: int, batch_size: int
 ) -> ml_collections.ConfigDict:
   """The training config of one CRM column (the paper's CRM settings, no warm-up)."""
   c = default.get_config()
   c.loss, c.bound, c.bound_mode = "crm", bound, "pairwise"
-  c.power_iters, c.batch_size = power_iters, batch_size
+  c.train_iters, c.batch_size = train_iters, batch_size
   c.crm = config.crm
   c.eps = config.eps
   return c
@@ -158,7 +158,7 @@ def random_state(
 def make_setup(model: models.Model, config, devices, *, batch_size: int) -> Setup:
   """A replicated ``random_state`` and a sharded random batch."""
   tx = train.make_optimizer(
-    train_config(config, bound="liplt", power_iters=1, batch_size=batch_size), 1000
+    train_config(config, bound="liplt", train_iters=1, batch_size=batch_size), 1000
   )
   replicated, batch_sharding = train.make_mesh(devices)
   state = jax.device_put(random_state(model, tx, config.seed), replicated)
@@ -178,9 +178,9 @@ def _advance_power(args, out):
   return (args[0], out[1])
 
 
-def step_column(setup: Setup, config, *, regularized: bool, bound: str, power_iters: int) -> dict:
+def step_column(setup: Setup, config, *, regularized: bool, bound: str, train_iters: int) -> dict:
   """Times ``jit_step(make_train_step(...))`` from the initial state on the fixed batch."""
-  tc = train_config(config, bound=bound, power_iters=power_iters, batch_size=setup.images.shape[0])
+  tc = train_config(config, bound=bound, train_iters=train_iters, batch_size=setup.images.shape[0])
   step = train.jit_step(
     train.make_train_step(setup.model, setup.tx, tc, regularized=regularized, steps_per_epoch=1000),
     setup.replicated,
@@ -189,26 +189,26 @@ def step_column(setup: Setup, config, *, regularized: bool, bound: str, power_it
   return measure(step, (_copy(setup.state), setup.images, setup.labels), _advance_state, config)
 
 
-def bound_column(setup: Setup, config, *, power_iters: int) -> dict:
+def bound_column(setup: Setup, config, *, train_iters: int) -> dict:
   """Times the pairwise LipLT bound alone (forward, power vectors threaded)."""
   model = setup.model
 
   @jax.jit
   def fn(params, power):
-    return liplt.liplt_bound(model.lipnet(params), power, mode="pairwise", num_iters=power_iters)
+    return liplt.liplt_bound(model.lipnet(params), power, mode="pairwise", num_iters=train_iters)
 
   return measure(fn, (setup.state.params, _copy(setup.state.power)), _advance_power, config)
 
 
-def bound_grad_column(setup: Setup, config, *, power_iters: int) -> dict:
+def bound_grad_column(setup: Setup, config, *, train_iters: int) -> dict:
   """The bound's forward + backward as inside the CRM step (``sum(L_ij)`` wrt params).
 
-  With ``power_iters=0`` it is the table sweep, the class rows and their backward alone.
+  With ``train_iters=0`` it is the table sweep, the class rows and their backward alone.
   """
   model = setup.model
 
   def loss(params, power):
-    bound, power = liplt.liplt_bound(model.lipnet(params), power, num_iters=power_iters)
+    bound, power = liplt.liplt_bound(model.lipnet(params), power, num_iters=train_iters)
     return jnp.sum(bound), power
 
   fn = jax.jit(jax.grad(loss, has_aux=True))
@@ -224,7 +224,7 @@ def benchmark_model(name: str, config, devices, *, progress: Callable[[str], Non
   """Every column of one model's row (``None`` where skipped)."""
   model = paper_model(name, config.datasets[name])
   batch = config.batch_sizes[name] or config.batch_size
-  iters = config.power_iters[name]
+  iters = config.train_iters[name]
   if batch % len(devices):
     raise ValueError(
       f"--config.batch_size={batch} ({name}) must be divisible by the {len(devices)} devices"
@@ -232,24 +232,24 @@ def benchmark_model(name: str, config, devices, *, progress: Callable[[str], Non
   skip = set(config.skip[name])
   setup = make_setup(model, config, devices, batch_size=batch)
   runs = {
-    "ce": lambda: step_column(setup, config, regularized=False, bound="liplt", power_iters=iters),
+    "ce": lambda: step_column(setup, config, regularized=False, bound="liplt", train_iters=iters),
     "crm_liplt": lambda: step_column(
-      setup, config, regularized=True, bound="liplt", power_iters=iters
+      setup, config, regularized=True, bound="liplt", train_iters=iters
     ),
     "crm_liplt_1it": lambda: step_column(
-      setup, config, regularized=True, bound="liplt", power_iters=1
+      setup, config, regularized=True, bound="liplt", train_iters=1
     ),
     "crm_naive": lambda: step_column(
-      setup, config, regularized=True, bound="naive", power_iters=iters
+      setup, config, regularized=True, bound="naive", train_iters=iters
     ),
-    "liplt_bound": lambda: bound_column(setup, config, power_iters=iters),
+    "liplt_bound": lambda: bound_column(setup, config, train_iters=iters),
   }
   if config.breakdown:
     runs.update(
       {
         "ce_forward": lambda: forward_column(setup, config),
-        "liplt_bound_grad": lambda: bound_grad_column(setup, config, power_iters=iters),
-        "liplt_bound_grad_0it": lambda: bound_grad_column(setup, config, power_iters=0),
+        "liplt_bound_grad": lambda: bound_grad_column(setup, config, train_iters=iters),
+        "liplt_bound_grad_0it": lambda: bound_grad_column(setup, config, train_iters=0),
       }
     )
   results = {}
@@ -267,7 +267,7 @@ def benchmark_model(name: str, config, devices, *, progress: Callable[[str], Non
     "input_shape": list(model.input_shape),
     "num_classes": model.num_classes,
     "batch_size": batch,
-    "power_iters": iters,
+    "train_iters": iters,
     "ms": ms,
     "compile_s": {k: (v["compile_s"] if v else None) for k, v in results.items()},
     "steps_ms": {k: (v["steps_ms"] if v else None) for k, v in results.items()},
@@ -304,7 +304,7 @@ def sweep_depth(depth: int, config, *, progress: Callable[[str], None] = print) 
   for method, bound_fn in (("liplt", liplt.liplt_bound), ("naive", liplt.naive_bound)):
     fn = jax.jit(
       lambda p, s, bound_fn=bound_fn: bound_fn(
-        model.lipnet(p), s, mode="pairwise", num_iters=sc.power_iters
+        model.lipnet(p), s, mode="pairwise", num_iters=sc.train_iters
       )
     )
     convs = fn.lower(params, power).as_text().count("stablehlo.convolution")
@@ -339,7 +339,7 @@ def format_model_table(rows: list[dict]) -> str:
   )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [f"{r['model']} (batch {r['batch_size']}), {r['power_iters']} it"]
+    cells = [f"{r['model']} (batch {r['batch_size']}), {r['train_iters']} it"]
     cells += [_ms(r["ms"][c]) for c in COLUMNS]
     cells.append("n/a" if r["crm_ce_ratio"] is None else f"{r['crm_ce_ratio']:.2f}x")
     cells.append("n/a" if r["samples_per_s_crm"] is None else f"{r['samples_per_s_crm']:.0f}")
@@ -365,7 +365,7 @@ def format_breakdown_table(rows: list[dict]) -> str:
   head = ["model, power iterations"] + [HEADERS[c] for c in cols]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [f"{r['model']}, {r['power_iters']} it"] + [_ms(r["ms"].get(c)) for c in cols]
+    cells = [f"{r['model']}, {r['train_iters']} it"] + [_ms(r["ms"].get(c)) for c in cols]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -480,7 +480,7 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict:
   if result["depth_sweep"]:
     sc = config.sweep
     print(
-      f"\nbounds alone (pairwise, {sc.power_iters} power iteration, forward): "
+      f"\nbounds alone (pairwise, {sc.train_iters} power iteration, forward): "
       f"conv {sc.width} channels 3x3 on {tuple(sc.input_shape)}, dense "
       f"{sc.num_classes}\n"
     )

@@ -208,7 +208,7 @@ def plan(args, work: Path, out_dir: Path) -> list[Step]:
       bench
       + [
         "--config.models=('MLP',)",
-        "--config.power_iters.MLP=1",
+        "--config.train_iters.MLP=1",
         "--config.skip.MLP=('crm_liplt_1it', 'crm_naive')",
         "--config.depth_sweep=False",
       ]
@@ -341,7 +341,7 @@ def summarize(steps: list[Step], out_dir: Path, work: Path, wall_s: float) -> st
       peak = r.get("peak_memory_bytes")
       ref = f"{ref['ce']} / {ref['crm']}" if ref else "-"
       rows.append(
-        f"| {r['model']} | {r['batch_size']} | {r['power_iters']} | {_ms(ms['ce'])} | "
+        f"| {r['model']} | {r['batch_size']} | {r['train_iters']} | {_ms(ms['ce'])} | "
         f"{_ms(ms['crm_liplt'])} | {_ratio(ms['crm_liplt'], ms['ce'])} | "
         f"{_ms(ms['crm_liplt_1it'])} | {_ratio(ms['crm_liplt_1it'], ms['ce'])} | "
         f"{_ms(ms['crm_naive'])} | {_ms(ms['liplt_bound'])} | "

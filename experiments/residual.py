@@ -43,10 +43,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         labels,
         eps=tc.eps,
         batch_size=tc.eval_batch_size,
-        num_iters=tc.eval_power_iters,
+        eval_iters=tc.eval_iters,
         method=method,
         sound=True,
-        sound_iters=tc.sound_power_iters,
+        sound_iters=tc.sound_iters,
       )
       rows.append(
         {

@@ -105,7 +105,7 @@ def measure(hidden, c) -> dict:
 
   net = network.from_layers(layers, params, (c.input_dim,))
   state = liplt.init_state(net, jax.random.key(c.seed + 1))
-  n = c.converged_iters
+  n = c.eval_iters
   for name, fn in (
     ("liplt", lambda nt, s: liplt.liplt_bound(nt, s, mode="global", num_iters=n)[0]),
     (
@@ -171,7 +171,7 @@ def main(c: ml_collections.ConfigDict) -> None:
   print(
     f"backend: {jax.default_backend()}; input {c.input_dim}, {c.num_classes} outputs, "
     f"ReLU, weight scale {c.weight_scale}, seed {c.seed}; LipLT / naive: "
-    f"{c.converged_iters} power iterations, time per jitted call after compilation; "
+    f"{c.eval_iters} power iterations, time per jitted call after compilation; "
     f"opt D: {c.opt.steps} Adam steps (lr {c.opt.learning_rate}, init {c.opt.init}, "
     f"{c.opt.norms} norms), whole optimisation after compilation; "
     f"LipSDP: cvxpy + {c.solver} incl. canonicalisation"

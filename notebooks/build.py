@@ -104,7 +104,7 @@ if TINY:  # seconds on a CPU (CI)
     config.train_subset, config.test_subset = 256, 128
     config.num_epochs = 1
     config.crm.warmup_epochs = 0  # CRM from the first step
-    config.sound_power_iters = 100  # power iterations of the sound bound's large operators
+    config.sound_iters = 100  # Lanczos steps of the sound bound's large operators
     config.sound_eval = False  # the notebook certifies with the sound bound below; skip the duplicate
     config.progress_bar = False
     EXACT_MAX_DIM = 512  # materialise only the small operators (float64 Grams of the 784-wide ones are slow on a CPU)
@@ -112,7 +112,7 @@ elif CPU:  # a few minutes on a laptop CPU: enough images and steps to learn vis
     config = mnist_config.get_config()
     config.train_subset, config.test_subset = 6000, 1000
     config.batch_size, config.num_epochs = 128, 6
-    config.power_iters = 2  # warm-started: a couple per step track the bound
+    config.train_iters = 2  # warm-started: a couple per step track the bound
     config.lr_decay_start_epoch = 4  # constant rate, then a decay over the last 2 epochs
     config.sound_eval = False  # certified below with the sound bound
     config.progress_bar = False
@@ -200,8 +200,8 @@ print(f"restored step {int(state.step)} (epoch {meta['epoch']}) of {meta['archit
 
 Training uses warm-started power iteration, which may underestimate an operator norm.
 `sound_bound` replaces every norm of the LipLT recursion by a guaranteed upper bound (exact
-float64 norms for small operators, a fresh power iteration with a stated failure probability for
-large ones). The certified radius of a point is `min_{i != y} (z_y - z_i) / L_yi` (paper eq. 5).
+float64 norms for small operators, Lanczos from a random start with a stated failure probability
+for large ones). The certified radius of a point is `min_{i != y} (z_y - z_i) / L_yi` (paper eq. 5).
 """,
   ),
   (
@@ -213,7 +213,7 @@ if config.test_subset:
 
 logits = certify.batched_logits(model, state.params, test_x, batch_size=config.eval_batch_size)
 lip, info = soundness.sound_bound(model.lipnet(state.params), warm=state.power,
-                                  num_iters=config.sound_power_iters, exact_max_dim=EXACT_MAX_DIM)
+                                  num_iters=config.sound_iters, exact_max_dim=EXACT_MAX_DIM)
 radii = certify.radii_of(logits, test_y, lip)
 
 print(f"bound: {info['kind']} ({info['exact_norms']} exact norms, {info['probabilistic_norms']} "

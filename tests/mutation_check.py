@@ -73,7 +73,7 @@ SOUND_PROB = (
   "-k",
   "probabilistic or kw or rel_err or power or lanczos",
 )
-TRAIN_BOUND = "mode=config.bound_mode, num_iters=config.power_iters)\n"
+TRAIN_BOUND = "      num_iters=config.train_iters,\n    )\n"  # the CRM bound in the loss
 
 MUTATIONS = [
   # ------------------------------------------------------- issue 16's audit table

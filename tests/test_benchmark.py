@@ -15,7 +15,7 @@ def _tiny_config(output, **overrides):
   c = benchmark_config.get_config("smoke")
   c.models = ("MLP",)
   c.batch_size, c.steps, c.warmup_steps = 8, 2, 1
-  c.power_iters["MLP"] = 1
+  c.train_iters["MLP"] = 1
   c.depth_sweep = True
   c.sweep.depths, c.sweep.width, c.sweep.input_shape = (2,), 4, (8, 8, 1)
   c.output = str(output)
@@ -32,7 +32,7 @@ def test_benchmark_writes_every_column_with_consistent_ratios(tmp_path, capsys):
   assert result == json.loads(json.dumps(returned))
   assert result["columns"] == list(benchmark.COLUMNS)
   (row,) = result["models"]
-  assert row["model"] == "MLP" and row["batch_size"] == 8 and row["power_iters"] == 1
+  assert row["model"] == "MLP" and row["batch_size"] == 8 and row["train_iters"] == 1
   for column in benchmark.COLUMNS:
     assert row["ms"][column] > 0, column
     assert row["compile_s"][column] > 0, column
@@ -88,7 +88,7 @@ def test_random_state_is_shaped_like_create_state_with_fresh_optimizer_state():
   model = benchmark.paper_model("MLP")
   config = benchmark_config.get_config()
   tx = train.make_optimizer(
-    benchmark.train_config(config, bound="liplt", power_iters=1, batch_size=8), 10
+    benchmark.train_config(config, bound="liplt", train_iters=1, batch_size=8), 10
   )
   state = benchmark.random_state(model, tx, 0)
   want = jax.eval_shape(lambda: train.create_state(model, tx, 0))
@@ -109,7 +109,7 @@ def test_models_take_their_shapes_from_their_dataset():
   from experiments.configs import cifar, mnist, tiny_imagenet
 
   for config in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config()):
-    assert benchmark_config.MODELS[config.model] == (config.dataset, config.power_iters)
+    assert benchmark_config.MODELS[config.model] == (config.dataset, config.train_iters)
   for name, (dataset, _) in benchmark_config.MODELS.items():
     model, info = benchmark.paper_model(name), data.dataset_info(dataset)
     assert model.input_shape == info.image_shape and model.num_classes == info.num_classes

@@ -505,7 +505,7 @@ def test_evaluate(method):
     labels,
     eps=0.01,
     batch_size=3,
-    num_iters=5,
+    eval_iters=5,
     method=method,
     sound=True,
     sound_iters=200,
@@ -545,7 +545,7 @@ def test_evaluate(method):
     labels,
     eps=0.01,
     batch_size=4,
-    num_iters=5,
+    eval_iters=5,
     method=method,
     sound=False,
   )
@@ -558,7 +558,7 @@ def test_evaluate(method):
 def test_evaluate_probabilistic_bound_states_key_and_reproduces():
   model, params, images, labels, _ = _tiny_model()
   power = _init_state(model.lipnet(params), 1)
-  kw = dict(eps=0.01, batch_size=7, num_iters=5, sound_iters=30, exact_max_dim=1)
+  kw = dict(eps=0.01, batch_size=7, eval_iters=5, sound_iters=30, exact_max_dim=1)
   out = certify.evaluate(model, params, power, images, labels, **kw)
   d = out["bound_details"]
   assert d["estimator"] == "lanczos" and d["num_iters"] == 30 and d["exact_norms"] == 0

@@ -412,7 +412,7 @@ def test_ctrlconv_crm_train_step_runs_under_jit():
   """A CRM step (LipLT pairwise bound, warm-started power iteration) traces once, stays
   finite, and moves every controlled layer's params (log_q included)."""
   config = mnist.get_config("smoke")
-  config.model, config.crm.warmup_epochs, config.power_iters = "CtrlConv", 0, 1
+  config.model, config.crm.warmup_epochs, config.train_iters = "CtrlConv", 0, 1
   model = _small_ctrlconv()
   tx = train.make_optimizer(config, 100)
   params = _spec_params(model.layers, model.input_shape, 0, dtype=np.float32)

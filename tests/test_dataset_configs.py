@@ -24,7 +24,7 @@ def _quick(config, **overrides):
   cifar.py:smoke with 6C2F on the loaded 2-core test machine, 337 s without the sound
   bound), and their bounds, training and sound certificates are tested elsewhere.
   """
-  config.model, config.eval_power_iters, config.sound_eval = "MLP", 5, False
+  config.model, config.eval_iters, config.sound_eval = "MLP", 5, False
   config.eval_every_epochs = 0  # The per-epoch curves compile another bound; not the subject.
   for k, v in overrides.items():
     config[k] = v

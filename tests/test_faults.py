@@ -27,8 +27,8 @@ MLP = [
   "--config.num_epochs=2",
   "--config.crm.warmup_epochs=1",
   "--config.checkpoint_every_steps=2",
-  "--config.sound_power_iters=20",
-  "--config.eval_power_iters=5",
+  "--config.sound_iters=20",
+  "--config.eval_iters=5",
 ]
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 

@@ -40,7 +40,7 @@ def test_one_hidden_layer_between_lower_and_naive():
   sdp = lipsdp.lipsdp_neuron(weights)["bound"]
   naive = lipsdp.naive(weights)
   net = network.from_layers(layers, params, (6,))
-  lt, _ = jax.jit(lambda n: liplt.liplt_bound(n, mode="global", num_iters=c.converged_iters))(net)
+  lt, _ = jax.jit(lambda n: liplt.liplt_bound(n, mode="global", num_iters=c.eval_iters))(net)
   lt = float(lt)
   assert lower <= sdp * (1 + 1e-6) and sdp <= naive * (1 + 1e-6)
   assert lower <= lt * (1 + 1e-4) and lt <= naive * (1 + 1e-4)

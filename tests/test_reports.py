@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from crmjax import reports, train
+from crmjax import checkpoint, reports, train
 from experiments.configs import certify as certify_config
 from experiments.configs import mnist
 
@@ -26,7 +26,7 @@ def workdir(tmp_path_factory):
   c = mnist.get_config("smoke")
   c.model = "MLP"
   c.train_subset, c.test_subset, c.batch_size, c.num_epochs = 128, 64, 32, 1
-  c.crm.warmup_epochs, c.power_iters, c.eval_power_iters, c.sound_power_iters = 0, 2, 5, 20
+  c.crm.warmup_epochs, c.train_iters, c.eval_iters, c.sound_iters = 0, 2, 5, 20
   c.checkpoint_every_steps, c.progress_bar, c.sound_eval = 100, False, False
   path = str(tmp_path_factory.mktemp("run"))
   train.train_and_evaluate(c, path)
@@ -37,7 +37,7 @@ def workdir(tmp_path_factory):
 def results(workdir):
   c = certify_config.get_config("smoke")
   c.test_subset, c.pgd_subset, c.pgd_batch_size, c.pgd_steps = 64, 64, 32, 5
-  c.eps, c.power_iters, c.num_radii = 0.05, 5, 20  # a small eps: some points certify
+  c.eps, c.eval_iters, c.num_radii = 0.05, 5, 20  # a small eps: some points certify
   c.compare_workdir = workdir  # the run against itself: the same LipLT curve
   c.exact_max_dim, c.sound_iters, c.key, c.extra_eps = 200, 40, 1234, (0.1,)
   c.refine_norms = "power"  # (the exact objective compiles for ~40 s)
@@ -167,3 +167,43 @@ def test_missing_checkpoint(tmp_path):
   )
   assert proc.returncode != 0
   assert "no checkpoint" in proc.stderr and "experiments.mnist" in proc.stderr
+
+
+# new name -> the name in configs stored before issue 17
+OLD_NAMES = {
+  "train_iters": "power_iters",
+  "eval_iters": "eval_power_iters",
+  "sound_iters": "sound_power_iters",
+}
+
+
+def test_upgrade_config_renames_old_keys():
+  old = {"model": "MLP", "power_iters": 3, "eval_power_iters": 7, "sound_power_iters": 50}
+  assert reports.upgrade_config(old) == {
+    "model": "MLP",
+    "train_iters": 3,
+    "eval_iters": 7,
+    "sound_iters": 50,
+  }
+  assert "power_iters" in old  # not modified
+  new = {"train_iters": 3, "eval_iters": 7, "sound_iters": 50}
+  assert reports.upgrade_config(new) == new
+  assert reports.upgrade_config({"power_iters": 1, "train_iters": 2}) == {"train_iters": 2}
+
+
+def test_load_run_of_a_checkpoint_with_old_config_names(tmp_path):
+  """A checkpoint whose meta['config'] has the names before issue 17 loads with the new ones."""
+  c = mnist.get_config("smoke")
+  c.model = "MLP"
+  model = train.make_model(c)
+  state = train.create_state(model, train.make_optimizer(c, total_steps=1), c.seed)
+  stored = json.loads(c.to_json_best_effort())
+  for new, old in OLD_NAMES.items():
+    stored[old] = stored.pop(new)
+  meta = {"architecture": model.name, "dataset": c.dataset, "step": 1, "epoch": 0}
+  with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
+    ckpt.save(1, state, {**meta, "step_in_epoch": 1, "config": stored})
+  run = reports.load_run(str(tmp_path))
+  for new, old in OLD_NAMES.items():
+    assert run.config[new] == c[new] and old not in run.config, new
+  assert reports._sound_iters(certify_config.get_config(), run) == c.sound_iters

@@ -24,8 +24,8 @@ def _tiny_config(**overrides):
   c = mnist.get_config("smoke")
   c.model = "MLP"
   c.train_subset, c.test_subset, c.batch_size, c.num_epochs = 128, 64, 32, 2
-  c.crm.warmup_epochs, c.power_iters, c.eval_power_iters = 1, 2, 5
-  c.sound_power_iters, c.checkpoint_every_steps, c.log_every_steps = 20, 3, 2
+  c.crm.warmup_epochs, c.train_iters, c.eval_iters = 1, 2, 5
+  c.sound_iters, c.checkpoint_every_steps, c.log_every_steps = 20, 3, 2
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -157,7 +157,8 @@ def test_invalid_config_is_refused_with_the_field_and_the_fix(tmp_path):
   for field, value, match in [
     ("eps", -1.0, "eps"),
     ("batch_size", 30, "divisible by the 8"),
-    ("power_iters", 0, "power_iters"),
+    ("train_iters", 0, "train_iters"),
+    ("sound_iters", 0, "sound_iters"),
     ("model", "VGG", "model"),
   ]:
     c = _tiny_config()
@@ -225,7 +226,7 @@ def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
     "--config.num_epochs=6",
     "--config.crm.warmup_epochs=2",
     "--config.crm.lam=15",
-    "--config.power_iters=2",
+    "--config.train_iters=2",
     "--config.crm.penalty=exp",
     "--config.final_learning_rate=1e-6",
     "--config.lr_decay_start_epoch=0",
@@ -291,7 +292,7 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   bound's share pushes the mean pairwise bound down. Every ``bound_mode`` (per_class and
   global made pairwise), lambda and r0 in the middle of a ramp (``crm.ramp_epochs``).
   """
-  config = _tiny_config(bound_mode=mode, power_iters=3)
+  config = _tiny_config(bound_mode=mode, train_iters=3)
   config.crm.warmup_epochs, config.crm.ramp_epochs, config.crm.lam = 0, 1, 5.0
   config.crm.penalty, config.crm.temperature = "exp", 1.0
   config.crm.r0 = config.crm.r0_start = 1e3  # every correct point penalised
@@ -317,7 +318,7 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   def reference(p):
     lip, vjp = jax.vjp(
       lambda p: train.pairwise_bound(
-        model, p, power, method=config.bound, mode=mode, num_iters=config.power_iters
+        model, p, power, method=config.bound, mode=mode, num_iters=config.train_iters
       )[0],
       p,
     )

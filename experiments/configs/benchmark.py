@@ -3,7 +3,7 @@
 ``--config=experiments/configs/benchmark.py:smoke`` is a CPU check of a few minutes
 (batch 64, 3 timed steps; 8C2F at batch 16, cross-entropy only, see ``skip``; depths up
 to 16). Per-model fields are keyed by model name: override them with brackets, e.g.
-``"--config.skip['8C2F']=()"`` or ``"--config.power_iters['4C3F']=1"``.
+``"--config.skip['8C2F']=()"`` or ``"--config.train_iters['4C3F']=1"``.
 """
 
 import ml_collections
@@ -14,7 +14,7 @@ from experiments.configs import cifar, default, mnist, tiny_imagenet
 # number of classes are the dataset's (crmjax.data.dataset_info); the paper's models take
 # their dataset and power iterations from its training config.
 MODELS = {
-  c.model: (c.dataset, c.power_iters)
+  c.model: (c.dataset, c.train_iters)
   for c in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config())
 }
 MODELS.update({name: MODELS["4C3F"] for name in ("Res4C3F", "MLP")})  # MNIST-size
@@ -28,7 +28,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.models = ("4C3F", "6C2F", "8C2F")
   c.datasets = _per_model(0)  # the input shape and classes of each model's data
-  c.power_iters = _per_model(1)  # the "paper" CRM column; another column uses 1 iteration
+  c.train_iters = _per_model(1)  # the "paper" CRM column; another column uses 1 iteration
   c.batch_size = 512
   c.batch_sizes = ml_collections.ConfigDict({name: 0 for name in MODELS})  # 0 = batch_size
   # columns not measured per model (printed as 'skipped'): any of benchmark.COLUMNS
@@ -54,7 +54,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.sweep.width = 16  # channels of every conv (3x3, stride 1, padding 1)
   c.sweep.input_shape = (16, 16, 1)
   c.sweep.num_classes = 10
-  c.sweep.power_iters = 1
+  c.sweep.train_iters = 1
 
   if default.check_variant(variant) == "smoke":
     c.batch_size = 64

@@ -57,7 +57,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = default.get_config()
   c.dataset, c.model, c.init = "cifar10", "6C2F", "torch"
   c.normalize = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-  c.batch_size, c.power_iters = 512, 5
+  c.batch_size, c.train_iters = 512, 5
   c.crm.penalty, c.crm.normalize = "linear", "batch"
   c.crm.temperature, c.crm.lam = 10.0, 30.0  # The reference's t = 5, lambda = 15 (see above).
   c.crm.r0 = c.crm.r0_start = 0.1  # The reference's r0 = 0.2 in its normalised space.

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = "crm"  # crm | ce | gloro
   c.bound = "liplt"  # liplt | naive | liplt_aol (LipLT of the AOL-rescaled network)
   c.bound_mode = "pairwise"  # pairwise | per_class | global
-  c.power_iters = 10  # warm-started power iterations per training step
+  c.train_iters = 10  # warm-started power iterations per training step
   c.crm = ml_collections.ConfigDict()
   c.crm.lam = 30.0
   c.crm.temperature = 5.0
@@ -51,9 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eps = 1.58  # certified l2 radius in [0, 1] pixel space (also GloRo's training eps)
   c.report_eps = ()  # more radii at which the final evaluation reports certified accuracy
   c.eval_batch_size = 1000
-  c.eval_power_iters = 200
+  c.eval_iters = 200  # warm-started power iterations of the estimate (per-epoch and final)
   c.sound_eval = True  # certify with guaranteed bounds at the end of training
-  c.sound_power_iters = 1000
+  c.sound_iters = 1000  # Lanczos steps of the sound bound (operators too large to materialise)
   c.eval_every_epochs = 1  # test clean / certified (estimate) accuracy into metrics.jsonl
   c.epoch_eval_subset = 0  # 0 = the whole test split for the per-epoch curves
 
@@ -96,7 +96,7 @@ def apply_variant(
       batch_size,
       1,
     )
-    c.crm.warmup_epochs, c.power_iters, c.sound_power_iters = 0, 1, 20
+    c.crm.warmup_epochs, c.train_iters, c.sound_iters = 0, 1, 20
     c.eval_every_epochs = 0
     c.progress_bar = False
   return c

@@ -25,6 +25,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if default.check_variant(variant) == "smoke":
     c.models = ("ResMLP",)
     t.train_subset, t.test_subset, t.batch_size, t.num_epochs = 256, 128, 64, 1
-    t.crm.warmup_epochs, t.power_iters, t.eval_power_iters = 0, 1, 10
-    t.sound_power_iters, t.checkpoint_every_steps, t.log_every_steps = 20, 100, 100
+    t.crm.warmup_epochs, t.train_iters, t.eval_iters = 0, 1, 10
+    t.sound_iters, t.checkpoint_every_steps, t.log_every_steps = 20, 100, 100
   return c

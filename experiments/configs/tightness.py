@@ -16,7 +16,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.seed = 0
   c.weight_scale = 1.0  # multiplies the Flax (LeCun normal) initial kernels
   c.bias_scale = 0.1  # random biases, so the lower estimate sees varied activation patterns
-  c.converged_iters = 2000  # power iterations of LipLT / naive (converged)
+  c.eval_iters = 2000  # power iterations of LipLT / naive (converged)
   c.repeats = 3  # timed calls (median) of LipLT / naive after compilation
   c.solver = "SCS"
   c.opt = ml_collections.ConfigDict()  # refinement.optimize_scales (LipLT + optimised D)
@@ -32,7 +32,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if default.check_variant(variant) == "smoke":
     c.input_dim, c.num_classes = 8, 4
     c.hidden = ((16,), (16, 16))
-    c.converged_iters, c.repeats = 300, 1
+    c.eval_iters, c.repeats = 300, 1
     c.lower.chains, c.lower.rounds = 128, 5
     c.opt.steps = 50
   return c

@@ -44,7 +44,7 @@ from experiments.configs import default
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = default.get_config()
   c.dataset, c.model, c.init = "tiny_imagenet", "8C2F", "torch"
-  c.batch_size, c.power_iters = 256, 5
+  c.batch_size, c.train_iters = 256, 5
   c.crm.penalty, c.crm.normalize = "linear", "batch"
   c.crm.temperature, c.crm.lam = 12.0, 150.0
   c.crm.r0 = c.crm.r0_start = 0.2
