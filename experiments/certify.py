@@ -12,23 +12,14 @@ bound, the sound bound of the optimised Theorem 3.2 rescaling), with each bound'
 time, failure probability and key; ``--config.key=<int>`` reproduces a report's bounds.
 """
 
-import sys
+import ml_collections
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from crmjax import checkpoint, reports
+from crmjax import reports
+from experiments import cli
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  try:
-    results = reports.certify_run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, OSError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def main(config: ml_collections.ConfigDict, workdir: str) -> None:
+  results = reports.certify_run(config, workdir)
   print(reports.format_table1(results))
   print()
   print(reports.format_certificates(results))
@@ -50,12 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a command, so tests can import this module.
-  _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "The training run's directory (with checkpoints/)."
-  )
-  _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Certification config file.", lock_config=True
-  )
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, workdir_help="The training run's directory (with checkpoints/).")
