@@ -7,7 +7,12 @@ A checkpoint step holds two items:
  ``ocp.args.StandardSave`` and read back with ``ocp.args.StandardRestore``
  into the structure, dtypes and shardings of a caller-supplied target;
 * ``"meta"`` -- a small JSON dict (architecture name, epoch, config, ...),
- written with ``ocp.args.JsonSave`` / read with ``ocp.args.JsonRestore``.
+ written with ``ocp.args.JsonSave`` / read with ``ocp.args.JsonRestore``;
+* optional extra pytree items (``EXTRA_ITEMS``: ``"rescaling"``, the training rescaling
+ ``log D``), saved only when given (``save(..., extra=...)``) and read with
+ :meth:`Checkpointer.restore_extra`, which returns ``None`` for a step without the item.
+ They are separate items, not part of ``"state"``, so the state's tree -- and every
+ checkpoint written before the item existed -- is unchanged.
 
 Failure modes are turned into actionable errors instead of raw Orbax /
 TensorStore tracebacks:
@@ -59,6 +64,7 @@ __all__ = [
   "Checkpointer",
   "check_writable",
   "DEFAULT_MIN_FREE_BYTES",
+  "EXTRA_ITEMS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +76,8 @@ DEFAULT_MIN_FREE_BYTES: int = 100 * 1024 * 1024
 
 _STATE = "state"
 _META = "meta"
+#: Optional pytree items a step may hold next to ``"state"`` (``Checkpointer.restore_extra``).
+EXTRA_ITEMS: tuple[str, ...] = ("rescaling",)
 # Written by Orbax into every step directory just before the atomic rename
 # (orbax.checkpoint._src.path.atomicity_types.COMMIT_SUCCESS_FILE).
 _COMMIT_FILE = "commit_success.txt"
@@ -283,6 +291,7 @@ class Checkpointer:
       item_handlers={
         _STATE: ocp.StandardCheckpointHandler(),
         _META: ocp.JsonCheckpointHandler(),
+        **{name: ocp.StandardCheckpointHandler() for name in EXTRA_ITEMS},
       },
     )
     self._closed = False
@@ -328,8 +337,9 @@ class Checkpointer:
     meta: Mapping[str, Any],
     *,
     force: bool = False,
+    extra: Mapping[str, PyTree] | None = None,
   ) -> bool:
-    """Saves ``state`` and ``meta`` as checkpoint ``step``.
+    """Saves ``state`` and ``meta`` (and the ``extra`` items) as checkpoint ``step``.
 
     Never overwrites: if ``step`` already exists, or (unless ``force``) is not
     newer than the latest step, nothing is written and a warning is issued.
@@ -339,6 +349,8 @@ class Checkpointer:
      state: the pytree to save (jax/numpy arrays, Python scalars).
      meta: JSON-serialisable dict stored next to it.
      force: save even if ``step`` is older than the latest saved step.
+     extra: pytrees to save as separate items, keyed by a name of ``EXTRA_ITEMS``
+      (read back with :meth:`restore_extra`).
 
     Returns:
      Whether a checkpoint was written (or, with ``async_save``, started).
@@ -347,6 +359,9 @@ class Checkpointer:
     step = int(step)
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}")
+    unknown = set(extra or {}) - set(EXTRA_ITEMS)
+    if unknown:
+      raise ValueError(f"unknown extra checkpoint items {sorted(unknown)}: use {EXTRA_ITEMS}")
     try:
       json.dumps(dict(meta))
     except (TypeError, ValueError) as e:
@@ -360,7 +375,8 @@ class Checkpointer:
     saved = self._manager.save(
       step,
       args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(dict(meta))}
+        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(dict(meta))},
+        **{name: ocp.args.StandardSave(tree) for name, tree in (extra or {}).items()},
       ),
       force=force,
     )
@@ -480,12 +496,32 @@ class Checkpointer:
           path=f"meta/{k}",
         )
 
+    return self._restore_tree(step, _STATE, target_state, meta), meta
+
+  def restore_extra(self, name: str, target: PyTree, *, step: int | None = None) -> PyTree | None:
+    """Restores the extra item ``name`` of ``step`` (default: the latest committed step).
+
+    Like :meth:`restore` (structure, shapes, dtypes and shardings of ``target``; the same
+    errors), but returns ``None`` when the step does not hold the item (a checkpoint
+    written without it, e.g. before the item existed).
+    """
+    if name not in EXTRA_ITEMS:
+      raise ValueError(f"unknown extra checkpoint item {name!r}: use one of {EXTRA_ITEMS}")
+    step, meta = self._read_meta(step)
+    if not os.path.isdir(os.path.join(self.step_dir(step), name)):
+      return None
+    return self._restore_tree(step, name, target, meta)
+
+  def _restore_tree(
+    self, step: int, item: str, target_state: PyTree, meta: Mapping[str, Any]
+  ) -> PyTree:
+    """Steps 2-4 of :meth:`restore` for one pytree item."""
     # 2. Compare the stored array metadata with the target before reading data.
     target_specs = _leaf_specs(target_state)
     try:
-      item_md = self._manager.item_metadata(step)[_STATE]
+      item_md = self._manager.item_metadata(step)[item]
     except Exception as e:  # noqa: BLE001
-      raise self._corrupt(step, f"cannot read the metadata of item {_STATE!r}", e) from e
+      raise self._corrupt(step, f"cannot read the metadata of item {item!r}", e) from e
     ckpt_tree = getattr(item_md, "tree", item_md)
     if ckpt_tree is None:
       logger.warning(
@@ -502,8 +538,8 @@ class Checkpointer:
     abstract = jax.tree.map(_to_abstract, target_state)
     try:
       state = self._manager.restore(
-        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
-      )[_STATE]
+        step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
+      )[item]
     except Exception as e:  # noqa: BLE001
       msg = str(e)
       if (
@@ -512,7 +548,7 @@ class Checkpointer:
         and ("mismatch" in msg.lower() or "not compatible" in msg)
       ):
         raise self._mismatch(step, msg.splitlines()[0][:300], 1, meta) from e
-      raise self._corrupt(step, f"cannot read item {_STATE!r}", e) from e
+      raise self._corrupt(step, f"cannot read item {item!r}", e) from e
 
     # 4. Post-check: the result must have exactly the target's layout.
     if jax.tree.structure(state) != jax.tree.structure(target_state):
@@ -526,7 +562,7 @@ class Checkpointer:
     mm = _first_mismatch(_leaf_specs(state), target_specs)
     if mm is not None:
       raise self._mismatch(step, *mm, meta)
-    return state, meta
+    return state
 
   # -- lifecycle -------------------------------------------------------------
 

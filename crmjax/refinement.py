@@ -333,7 +333,7 @@ def scales_step(
 def _descend(net, log_d, state, learning_rate, *, steps, mode, norms, num_iters, warmup_iters):
   """``steps`` Adam steps (``lax.scan``); the best iterate by the per-step objective."""
   tx = optax.adam(learning_rate)
-  if norms == "power":  # converge at the start point, so that early estimates are not low
+  if norms == "power" and warmup_iters:  # converge at the start point (early estimates low)
     _, state = log_scales_bound(net, log_d, state, mode=mode, num_iters=warmup_iters)
 
   def body(carry, _):
@@ -468,3 +468,107 @@ def optimize_scales(
     "history": np.asarray(history, np.float64),
   }
   return [jnp.exp(l) for l in cands[i]], info
+
+
+# ------------------------------------------------------------- scales refreshed in training
+
+
+def _candidates(net, log_ds, states, *, mode, num_iters, stacked_states: bool):
+  """``log_scales_bound`` and the power state of each candidate (stacked on axis 0), from
+  its own power state (``stacked_states``) or each from the same ``states``."""
+  return jax.vmap(
+    lambda l, s: log_scales_bound(net, l, s, mode=mode, num_iters=num_iters),
+    in_axes=(0, 0 if stacked_states else None),
+  )(log_ds, states)
+
+
+def _pick(values: jax.Array, stacked):
+  """The smallest finite candidate (the first on ties; NaN never chosen) and its index."""
+  i = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
+  return i, jax.tree.map(lambda a: a[i], stacked)
+
+
+def aol_log_scales(net: LipNet) -> list[jax.Array]:
+  """``log`` of ``rescaling.aol_scales(net)``, zeros (``D = I``) for isometric readers."""
+  return [
+    jnp.zeros(b.phi_shape, jnp.float32) if d is None else jnp.log(d).astype(jnp.float32)
+    for b, d in zip(net.blocks, rescaling.aol_scales(net))
+  ]
+
+
+def refresh_scales(
+  net: LipNet,
+  log_d: list[jax.Array],
+  state: liplt.PowerState,
+  *,
+  learning_rate: float | jax.Array,
+  steps: int,
+  mode: liplt.Mode = "pairwise",
+  num_iters: int = 2,
+  warmup_iters: int = 10,
+  final_iters: int = 20,
+) -> tuple[list[jax.Array], liplt.PowerState, dict]:
+  """One refresh of the training rescaling ``D`` (Theorem 3.3 / eq. 19 of ``rescale(net, D)``,
+  the Theorem 3.2 refinement): pure and jit-able, the in-training form of ``optimize_scales``.
+
+  Every ``D > 0`` gives a valid bound (module docstring); this only chooses a tight one.
+
+  1. Start: of the previous ``log_d`` (warm start), AOL (``aol_log_scales``) and ``D = I``,
+     the one with the smallest objective (``reduce_bound`` by ``mode``), each evaluated
+     with ``warmup_iters`` power iterations from the training ``state``. At the first
+     refresh the previous ``log_d`` is ``D = I``, so it starts from the better of I and AOL.
+  2. ``steps`` Adam steps on ``log D`` (``_descend``: ``num_iters`` warm-started power
+     iterations per step; the best iterate by its per-step objective).
+  3. Choice: the previous ``log_d``, AOL, ``D = I`` and the best iterate, each evaluated with
+     ``final_iters`` more power iterations from its own vectors (those of 1, and for the
+     iterate those at the end of 2): the smallest (the first on ties, so the previous ``D``
+     is kept unless bettered). So the result is never worse than plain LipLT (``D = I``)
+     nor AOL under that evaluation. (Power-iteration values are lower estimates: an
+     optimiser exploits the lag of warm-started vectors, so the per-step values of 2 are
+     never trusted for the choice; more ``num_iters`` make the descent more reliable.)
+
+  Args:
+    net: the network (its params are read, never differentiated).
+    log_d: the current ``log D``, one array per block of its ``phi_shape`` (``float32``).
+    state: the training ``liplt.PowerState`` (the rescaled net has the same shapes).
+    learning_rate: Adam step size on ``log D``.
+    steps: Adam steps (static; 0: only the choice among the three fixed candidates).
+    mode: the objective (``liplt.MODES``): the training ``bound_mode``.
+    num_iters, warmup_iters, final_iters: power iterations per Adam step, per start
+      candidate, per final candidate (static).
+
+  Returns:
+    ``(log_d, state, info)``: the chosen ``log D`` (same structure and dtypes as the input),
+    its power state (after the final evaluation: converged for the new ``D``, so the next
+    training steps continue from it) and ``info`` with ``'objective'`` (the chosen value),
+    ``'candidates'`` (``(4,)``: previous, AOL, ``D = I``, optimised), ``'chosen'`` (index)
+    and ``'history'`` (``(steps,)`` per-step objective).
+  """
+  net = jax.lax.stop_gradient(net)
+  aol = aol_log_scales(net)
+  ones = [jnp.zeros_like(l) for l in log_d]
+  stack = lambda *cands: jax.tree.map(lambda *a: jnp.stack(a), *cands)
+  starts = stack(log_d, aol, ones)
+  values, states = _candidates(
+    net, starts, state, mode=mode, num_iters=warmup_iters, stacked_states=False
+  )
+  _, (start, state) = _pick(values, (starts, states))
+  best, state, history = _descend(
+    net,
+    start,
+    state,
+    jnp.asarray(learning_rate, jnp.float32),
+    steps=steps,
+    mode=mode,
+    norms="power",
+    num_iters=num_iters,
+    warmup_iters=0,
+  )
+  finals = stack(log_d, aol, ones, best)
+  states = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), states, state)
+  values, states = _candidates(
+    net, finals, states, mode=mode, num_iters=final_iters, stacked_states=True
+  )
+  j, (chosen, state) = _pick(values, (finals, states))
+  info = {"objective": values[j], "candidates": values, "chosen": j, "history": history}
+  return chosen, state, info

@@ -3,6 +3,11 @@
 ``train_and_evaluate(config, workdir)`` is the main job: it trains with the loss named by
 ``config.loss`` (``crm``, ``ce`` or ``gloro``), checkpoints with Orbax, resumes from the
 latest checkpoint when rerun with the same workdir, and ends with a test evaluation.
+
+With ``config.rescaling.every_steps = N > 0`` the loss's bound is LipLT (eq. 19) of the
+rescaled network ``rescaling.rescale(net, D)``, with positive diagonal scales ``D`` (one per
+neuron; any ``D > 0`` keeps the bound valid, paper Theorem 3.2's refinement) re-optimised
+every N steps by ``refinement.refresh_scales`` and fixed in between (``make_refresh``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -26,7 +31,18 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from crmjax import certify, checkpoint, data, input_pipeline, liplt, losses, models, summary
+from crmjax import (
+  certify,
+  checkpoint,
+  data,
+  input_pipeline,
+  liplt,
+  losses,
+  models,
+  refinement,
+  rescaling,
+  summary,
+)
 
 LOSSES = ("crm", "ce", "gloro")
 
@@ -129,6 +145,41 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     isinstance(config.get("eval_every_epochs", 0), int) and config.get("eval_every_epochs", 0) >= 0
   ):
     bad("eval_every_epochs", config.eval_every_epochs, "use an integer >= 0 (0: never)")
+  _validate_rescaling(config, bad)
+
+
+def rescaling_every(config: ml_collections.ConfigDict) -> int:
+  """``config.rescaling.every_steps`` (0 -- off -- for configs without the group)."""
+  return config.get("rescaling", {}).get("every_steps", 0)
+
+
+def _validate_rescaling(config, bad) -> None:
+  every = rescaling_every(config)
+  if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
+    bad("rescaling.every_steps", every, "use an integer >= 0 (0: off, the plain bound)")
+  if not every:
+    return
+  r = config.rescaling
+  if config.bound != "liplt":
+    bad(
+      "bound",
+      config.bound,
+      "--config.rescaling.every_steps > 0 optimises the rescaling of the LipLT bound: use "
+      "--config.bound=liplt (liplt_aol is its fixed AOL rescaling), or "
+      "--config.rescaling.every_steps=0",
+    )
+  if config.loss == "ce":
+    bad(
+      "rescaling.every_steps",
+      every,
+      "--config.loss=ce uses no bound: use --config.loss=crm or gloro, or every_steps=0",
+    )
+  for field, low in (("steps", 0), ("step_iters", 1), ("warmup_iters", 0), ("final_iters", 1)):
+    v = r.get(field)
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+      bad(f"rescaling.{field}", v, f"use an integer >= {low}")
+  if not (isinstance(r.get("learning_rate"), (int, float)) and r.learning_rate > 0):
+    bad("rescaling.learning_rate", r.get("learning_rate"), "use a positive Adam step on log D")
 
 
 def make_model(config: ml_collections.ConfigDict) -> models.Model:
@@ -224,13 +275,66 @@ def create_state(
 
 
 def pairwise_bound(
-  model: models.Model, params, power: liplt.PowerState, *, method: str, mode: str, num_iters: int
+  model: models.Model,
+  params,
+  power: liplt.PowerState,
+  *,
+  method: str,
+  mode: str,
+  num_iters: int,
+  scales: Sequence[jax.Array] | None = None,
 ) -> tuple[jax.Array, liplt.PowerState]:
-  """The ``(K, K)`` pairwise Lipschitz matrix of the model's logits (any bound mode)."""
-  bound, power = liplt.lipschitz_bound(
-    model.lipnet(params), power, method=method, mode=mode, num_iters=num_iters
-  )
+  """The ``(K, K)`` pairwise Lipschitz matrix of the model's logits (any bound mode).
+
+  ``scales``: positive diagonal rescalings ``D`` (one array per block, its ``phi_shape``):
+  the bound is then that of ``rescaling.rescale(net, D)``, a valid bound of the model for
+  every ``D > 0`` (Theorem 3.3 of the rescaled network); no gradient reaches ``D``.
+  """
+  net = model.lipnet(params)
+  if scales is not None:
+    net = rescaling.rescale(net, [jax.lax.stop_gradient(d) for d in scales])
+  bound, power = liplt.lipschitz_bound(net, power, method=method, mode=mode, num_iters=num_iters)
   return liplt.as_pairwise(bound, mode=mode, num_classes=model.num_classes), power
+
+
+# ------------------------------------------------------------ the refreshed rescaling
+
+
+def initial_log_scales(model: models.Model, params) -> list[jax.Array]:
+  """``log D = 0`` (``D = I``: the plain bound) per block: the rescaling before the first
+  refresh (which starts from the better of it and AOL, ``refinement.refresh_scales``)."""
+  return [jnp.zeros(b.phi_shape, jnp.float32) for b in model.lipnet(params).blocks]
+
+
+def make_refresh(model: models.Model, config: ml_collections.ConfigDict) -> Callable:
+  """The pure refresh ``(params, power, log_d) -> (log_d, power, info)`` of the rescaling.
+
+  ``refinement.refresh_scales`` of ``model.lipnet(params)`` with the ``config.rescaling``
+  settings and the training ``bound_mode`` as objective: ``steps`` Adam steps on ``log D``
+  warm-started from the current ``log_d`` and the training ``PowerState``; returns the new
+  ``log D`` (same tree and dtypes: the train step does not recompile) and the power state
+  converged for it, which the following train steps continue from.
+  """
+  r = config.rescaling
+  settings = {k: r[k] for k in ("learning_rate", "steps", "warmup_iters", "final_iters")}
+
+  def refresh_scales(params, power, log_d):
+    net = model.lipnet(params)
+    return refinement.refresh_scales(
+      net, log_d, power, mode=config.bound_mode, num_iters=r.step_iters, **settings
+    )
+
+  return refresh_scales
+
+
+def jit_refresh(refresh_fn: Callable, replicated: NamedSharding) -> Callable:
+  return jax.jit(refresh_fn, in_shardings=replicated, out_shardings=replicated)
+
+
+def refreshes_at(step: int, *, every: int, first: int) -> bool:
+  """Whether ``D`` is refreshed before ``step``: every ``every`` steps from ``first``, the
+  first step whose loss uses the bound (after the CRM warm-up)."""
+  return every > 0 and step >= first and (step - first) % every == 0
 
 
 # ------------------------------------------------------------------------ the step
@@ -248,11 +352,14 @@ def make_train_step(
 
   ``regularized=False`` is plain cross-entropy (the CRM warm-up, and the ``ce`` loss);
   otherwise the configured CRM or GloRo loss with the configured bound, whose power
-  iteration advances ``config.train_iters`` warm-started steps.
+  iteration advances ``config.train_iters`` warm-started steps. Regularised with
+  ``config.rescaling.every_steps > 0``, the step is ``(state, images, labels, log_d) ->
+  (state, metrics)``: the bound is that of ``rescale(net, exp(log_d))``, ``log_d`` fixed
+  (no gradient; ``make_refresh`` updates it).
   """
   lam_fn, r0_fn = penalty_schedules(config, steps_per_epoch)
 
-  def loss_fn(params, power, images, labels, step):
+  def loss_fn(params, power, images, labels, step, log_d=None):
     logits = model.apply(params, images)
     if not regularized:
       correct = jnp.mean(jnp.argmax(logits, axis=1) == labels)
@@ -265,6 +372,7 @@ def make_train_step(
       method=config.bound,
       mode=config.bound_mode,
       num_iters=config.train_iters,
+      scales=None if log_d is None else [jnp.exp(l) for l in log_d],
     )
     if config.loss == "gloro":
       loss, aux = losses.gloro_loss(logits, labels, lip, eps=config.eps)
@@ -283,13 +391,25 @@ def make_train_step(
     aux["lip"] = jnp.sum(lip) / (K * (K - 1))
     return loss, (aux, power)
 
-  def train_step(state: TrainState, images, labels):
+  def update(state: TrainState, images, labels, log_d):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (aux, power)), grads = grad_fn(state.params, state.power, images, labels, state.step)
+    (loss, (aux, power)), grads = grad_fn(
+      state.params, state.power, images, labels, state.step, log_d
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, power=power)
     return new, {"loss": loss, **aux}
+
+  if regularized and rescaling_every(config):
+
+    def train_step(state: TrainState, images, labels, log_d):
+      return update(state, images, labels, log_d)
+
+  else:
+
+    def train_step(state: TrainState, images, labels):
+      return update(state, images, labels, None)
 
   return train_step
 
@@ -303,10 +423,13 @@ def make_mesh(devices=None) -> tuple[NamedSharding, NamedSharding]:
   return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
-def jit_step(step_fn: Callable, replicated: NamedSharding, batch: NamedSharding) -> Callable:
+def jit_step(
+  step_fn: Callable, replicated: NamedSharding, batch: NamedSharding, *, rescaled: bool = False
+) -> Callable:
+  """``step_fn`` jitted; ``rescaled``: it takes the replicated ``log_d`` as a 4th argument."""
   return jax.jit(
     step_fn,
-    in_shardings=(replicated, batch, batch),
+    in_shardings=(replicated, batch, batch) + ((replicated,) if rescaled else ()),
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
   )
@@ -400,6 +523,18 @@ def make_epoch_eval(
   return evaluate
 
 
+def _refresh_scalars(info: dict) -> dict:
+  """TensorBoard scalars of one rescaling refresh: the chosen objective and its candidates
+  (previous, AOL, ``D = I``: the plain bound, optimised)."""
+  values = np.asarray(jax.device_get(info["candidates"]), np.float64)
+  names = ("previous", "aol", "plain", "optimized")
+  return {
+    "rescaling/objective": float(jax.device_get(info["objective"])),
+    "rescaling/chosen": float(jax.device_get(info["chosen"])),
+    **{f"rescaling/{n}": float(v) for n, v in zip(names, values)},
+  }
+
+
 def _finite_or_raise(metrics: dict, step: int, ckpt: checkpoint.Checkpointer):
   bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
   if bad:
@@ -446,14 +581,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   regular = config.loss != "ce"
+  refresh_every = rescaling_every(config)
   steps = {
     reg: jit_step(
       make_train_step(model, tx, config, regularized=reg, steps_per_epoch=spe),
       replicated,
       batch_sharding,
+      rescaled=reg and refresh_every > 0,
     )
     for reg in {False, regular}
   }
+  # The refreshed rescaling (off: refresh_every = 0): log D, outside TrainState (its own
+  # checkpoint item), refreshed every `refresh_every` steps from the first step using the bound.
+  log_d, refresh, first_bound_step = None, None, warm_epochs * spe
+  if refresh_every:
+    log_d = jax.device_put(initial_log_scales(model, state.params), replicated)
+    refresh = jit_refresh(make_refresh(model, config), replicated)
   augment = input_pipeline.Augment(
     random_crop_padding=config.augment.crop_padding,
     horizontal_flip=config.augment.flip,
@@ -477,12 +620,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary.MetricWriter(workdir, tensorboard=config.get("tensorboard", True)) as writer,
   ):
     if ckpt.latest_step() is not None:
+      latest = ckpt.latest_step()
       state, meta = ckpt.restore(
-        state, expected_meta={"architecture": model.name, "dataset": config.dataset}
+        state, step=latest, expected_meta={"architecture": model.name, "dataset": config.dataset}
       )
       log.info(
         "resumed from step %d (epoch %d) in %s", int(state.step), meta["epoch"], ckpt.directory
       )
+      if refresh_every:
+        stored = ckpt.restore_extra("rescaling", log_d, step=latest)
+        if stored is None:  # written with the rescaling off (or before it existed)
+          log.info("checkpoint holds no rescaling D: D = I until the next refresh")
+        else:
+          log_d = stored
 
     epoch_eval = None
     step = int(state.step)
@@ -510,8 +660,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           mininterval=1.0,
           disable=not config.progress_bar,
         )
+        rescaled = refresh_every > 0 and regular and epoch >= warm_epochs  # takes log_d
         for x, y in _global_batches(batches, batch_sharding):
-          state, m = step_fn(state, x, y)
+          if refreshes_at(step, every=refresh_every, first=first_bound_step):
+            log_d, power, info = refresh(state.params, state.power, log_d)
+            state = state.replace(power=power)
+            writer.scalars(step, _refresh_scalars(info))
+          state, m = step_fn(state, x, y, *((log_d,) if rescaled else ()))
           sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
           window = m if window is None else jax.tree.map(jnp.add, window, m)
           count, wcount, step = count + 1, wcount + 1, step + 1
@@ -536,7 +691,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               {k: f"{avg[k]:.4g}" for k in ("loss", "accuracy", "radius") if k in avg}
             )
           if step % config.checkpoint_every_steps == 0 or last_of_epoch or step == stop_at:
-            ckpt.save(step, state, _meta(config, model, step, spe))
+            extra = {"rescaling": log_d} if refresh_every else None
+            ckpt.save(step, state, _meta(config, model, step, spe), extra=extra)
           if step == stop_at:
             break
         bar.close()

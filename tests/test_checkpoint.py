@@ -96,6 +96,29 @@ def test_round_trip_is_bitwise_exact(tmp_path):
   tx.update(restored.params, restored.opt_state, restored.params)
 
 
+def test_extra_item_round_trip_absent_item_and_mismatch(tmp_path):
+  """An extra item (the training rescaling) is saved only when given, restores bitwise, is
+  ``None`` in a step written without it (whose state restores as before), and is checked
+  against its target like the state."""
+  state = make_state(0)
+  scales = [jnp.asarray([0.5, -1.0], jnp.float32), jnp.asarray([[2.0]], jnp.float32)]
+  with Checkpointer(tmp_path / "ckpt", max_to_keep=5) as ckpt:
+    ckpt.save(1, state, META)  # as every checkpoint before extra items existed
+    ckpt.save(2, state, META, extra={"rescaling": scales})
+    with pytest.raises(ValueError, match="unknown extra checkpoint items"):
+      ckpt.save(3, state, META, extra={"scales": scales})
+  assert not os.path.exists(tmp_path / "ckpt" / "1" / "rescaling")
+  with Checkpointer(tmp_path / "ckpt") as ckpt:
+    like = [jnp.zeros((2,), jnp.float32), jnp.zeros((1, 1), jnp.float32)]
+    assert_bitwise_equal(ckpt.restore_extra("rescaling", like), scales)
+    assert ckpt.restore_extra("rescaling", like, step=1) is None
+    assert_bitwise_equal(ckpt.restore(make_state(1), step=1)[0], state)
+    with pytest.raises(CheckpointMismatchError, match=r"0 has shape \(2,\) in the checkpoint"):
+      ckpt.restore_extra("rescaling", [jnp.zeros((3,)), like[1]])
+    with pytest.raises(ValueError, match="unknown extra checkpoint item 'scales'"):
+      ckpt.restore_extra("scales", like)
+
+
 def test_restore_into_abstract_target_and_shardings(tmp_path):
   devices = np.array(jax.devices())
   n = len(devices)

@@ -22,6 +22,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.bound = "liplt"  # liplt | naive | liplt_aol (LipLT of the AOL-rescaled network)
   c.bound_mode = "pairwise"  # pairwise | per_class | global
   c.train_iters = 10  # warm-started power iterations per training step
+  # The bound of the rescaled network rescale(net, D), D > 0 per neuron optimised to minimise
+  # it (Theorem 3.2 refinement; crmjax.refinement.refresh_scales), refreshed every
+  # `every_steps` steps from the first CRM step and fixed in between (0: off, needs
+  # bound=liplt). A refresh: `steps` Adam steps (`learning_rate`) on log D, warm-started,
+  # `step_iters` power iterations per step; `warmup_iters` / `final_iters` per candidate.
+  c.rescaling = ml_collections.ConfigDict(
+    {
+      "every_steps": 0,
+      "steps": 20,
+      "learning_rate": 0.01,
+      "step_iters": 5,
+      "warmup_iters": 20,
+      "final_iters": 20,
+    }
+  )
   c.crm = ml_collections.ConfigDict()
   c.crm.lam = 30.0
   c.crm.temperature = 5.0
