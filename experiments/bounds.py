@@ -89,4 +89,8 @@ def main(c: ml_collections.ConfigDict) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, config_default="experiments/configs/bounds.py")
+  cli.run(
+    main,
+    config_default="experiments/configs/bounds.py",
+    renamed={"num_iters": "train_iters", "converged_iters": "eval_iters"},
+  )

@@ -41,4 +41,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, workdir_help="The training run's directory (with checkpoints/).")
+  cli.run(
+    main,
+    workdir_help="The training run's directory (with checkpoints/).",
+    renamed={"power_iters": "eval_iters", "power_sound_iters": "baseline_sound_iters"},
+  )

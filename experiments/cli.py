@@ -16,15 +16,16 @@ into ``error: <message>`` on stderr and exit status 2, with no traceback.
 
 from __future__ import annotations
 
+import functools
 import logging as std_logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from crmjax import checkpoint, train
+from crmjax import checkpoint, reports, train
 
 # What a user can fix from the message alone (the messages name the fix).
 ERRORS: tuple[type[BaseException], ...] = (
@@ -59,6 +60,7 @@ def run(
   workdir_help: str | None = None,
   workdir_default: str | None = None,
   errors: tuple[type[BaseException], ...] = ERRORS,
+  renamed: Mapping[str, str] = reports.RENAMED_CONFIG_KEYS,
 ) -> None:
   """Parses the command line and calls ``main(config)`` or ``main(config, workdir)``.
 
@@ -71,6 +73,8 @@ def run(
     workdir_help: ``--workdir``'s help text; None: the experiment has no ``--workdir``.
     workdir_default: used when ``--workdir`` is absent; None makes the flag required.
     errors: exception types reported as ``error: <message>`` with exit status 2.
+    renamed: config fields renamed since (old name -> new name), named in the error of an
+      override that uses the old name (default: the training config's renames).
   """
   config = _define(
     "config", config_flags.DEFINE_config_file, config_default, config_help, lock_config=True
@@ -97,4 +101,30 @@ def run(
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 
-  app.run(entry)
+  app.run(entry, flags_parser=functools.partial(_parse_flags, renamed=renamed))
+
+
+def _parse_flags(argv: list[str], renamed: Mapping[str, str]) -> list[str]:
+  """absl's parsing (usage errors: exit status 1), with an override of a config field that does
+  not exist reported in one line with exit status 2 instead of ml_collections' traceback: a
+  field renamed since (``renamed``, old name -> new name) names its new flag, a typo gets
+  ml_collections' suggestion. Other errors (e.g. a bug in the config file) propagate."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    cause = e
+    while cause.args and isinstance(cause.args[0], BaseException):  # AttributeError(KeyError)
+      cause = cause.args[0]
+    name, _, suggestion = str(cause.args[0] if cause.args else cause).partition("\n")
+    name = name.strip("\"'")
+    paths = [a[len("--config.") :].partition("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    path = next((p for p in paths if name in p.split(".")), None)
+    if path is None:
+      raise
+    if name in renamed:
+      new = ".".join(renamed[name] if part == name else part for part in path.split("."))
+      hint = f"it was renamed: use --config.{new}"
+    else:
+      hint = suggestion or "check its spelling"
+    print(f"error: the config has no field {path!r}: {hint}", file=sys.stderr)
+    sys.exit(2)

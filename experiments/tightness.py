@@ -184,4 +184,8 @@ def main(c: ml_collections.ConfigDict) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, config_default="experiments/configs/tightness.py")
+  cli.run(
+    main,
+    config_default="experiments/configs/tightness.py",
+    renamed={"converged_iters": "eval_iters"},
+  )

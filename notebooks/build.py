@@ -120,7 +120,7 @@ elif CPU:  # a few minutes on a laptop CPU: enough images and steps to learn vis
 else:  # a GPU: the full training set
     config = mnist_config.get_config()
     config.num_epochs = 5
-    EXACT_MAX_DIM = 2048  # the default of soundness.sound_bound (and of train_and_evaluate)
+    EXACT_MAX_DIM = 1024  # the default of soundness.sound_bound (and of train_and_evaluate)
 
 WORKDIR = tempfile.mkdtemp(prefix="crmjax_quickstart_")  # a fixed path resumes an interrupted run
 print(f"model {config.model}, loss {config.loss}, bound {config.bound} ({config.bound_mode}), "

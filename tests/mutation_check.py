@@ -73,7 +73,9 @@ SOUND_PROB = (
   "-k",
   "probabilistic or kw or rel_err or power or lanczos",
 )
-TRAIN_BOUND = "      num_iters=config.train_iters,\n    )\n"  # the CRM bound in the loss
+TRAIN_BOUND = (  # the end of the CRM bound in the loss
+  "      scales=None if log_d is None else [jnp.exp(l) for l in log_d],\n    )\n"
+)
 
 MUTATIONS = [
   # ------------------------------------------------------- issue 16's audit table

@@ -49,3 +49,34 @@ def test_stray_arguments_and_a_missing_required_flag_are_usage_errors():
   assert out.returncode == 1 and "unexpected arguments: ['extra']" in out.stderr
   out = _run("experiments.certify", "--config=experiments/configs/certify.py")
   assert out.returncode == 1 and "--workdir" in out.stderr
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("--config.power_iters=3", "'power_iters': it was renamed: use --config.train_iters"),
+    (
+      "--config.crm.temperatur=3",
+      '\'crm.temperatur\': Did you mean "temperature" instead of "temperatur"?',
+    ),
+    ("--config.no_such_field=3", "'no_such_field': check its spelling"),
+  ],
+)
+def test_an_unknown_or_renamed_config_field_is_one_line_and_exit_status_2(override, message):
+  out = _run("experiments.mnist", "--config=experiments/configs/mnist.py:smoke", override)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines() == [f"error: the config has no field {message}"]
+
+
+def test_a_renamed_field_of_the_certify_config_names_its_own_new_field():
+  out = _run(
+    "experiments.certify",
+    "--config=experiments/configs/certify.py",
+    "--workdir=x",
+    "--config.power_sound_iters=5",
+  )
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+    "error: the config has no field 'power_sound_iters': it was renamed: use "
+    "--config.baseline_sound_iters"
+  ]

@@ -10,13 +10,15 @@ from experiments.configs import (
   cifar,
   default,
   mnist,
+  mnist_60,
+  mnist_reference,
   residual,
   tightness,
   tiny_imagenet,
 )
 
 
-@pytest.mark.parametrize("module", [mnist, cifar, tiny_imagenet])
+@pytest.mark.parametrize("module", [mnist, mnist_60, cifar, tiny_imagenet])
 @pytest.mark.parametrize("variant", ["", "smoke"])
 def test_configs_validate(module, variant):
   config = module.get_config(variant)
@@ -25,8 +27,16 @@ def test_configs_validate(module, variant):
     assert config.num_epochs <= 2 and config.train_subset > 0
 
 
+def test_mnist_recipes_differ_only_where_their_docstrings_say():
+  ref, main, long = (m.get_config().to_dict() for m in (mnist_reference, mnist, mnist_60))
+  train.validate_config(mnist_reference.get_config(), num_devices=1)
+  changed = {k for k in ref if ref[k] != main[k]}
+  assert changed == {"batch_size", "lr_schedule", "learning_rate", "lr_warmup_epochs"}
+  assert {k for k in main if main[k] != long[k]} == {"num_epochs"} and long["num_epochs"] == 60
+
+
 def test_unknown_variant_is_refused():
-  for module in (mnist, cifar, tiny_imagenet):
+  for module in (mnist, mnist_60, cifar, tiny_imagenet):
     with pytest.raises(ValueError, match="unknown variant"):
       module.get_config("huge")
 

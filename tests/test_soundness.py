@@ -52,7 +52,10 @@ ITERS = 1000  # power iterations: plenty for these tiny operators
 RTOL, ATOL = 1e-4, 1e-6
 
 _REPORT = os.environ.get("CRMJAX_SOUNDNESS_REPORT", "") not in ("", "0")
-_REPORT_PATH = os.environ.get("CRMJAX_SOUNDNESS_REPORT_PATH", "/tmp/crmjax_soundness_report.jsonl")
+_REPORT_PATH = os.environ.get(
+  "CRMJAX_SOUNDNESS_REPORT_PATH",  # one file per pytest-xdist worker
+  f"/tmp/crmjax_soundness_report{os.environ.get('PYTEST_XDIST_WORKER', '')}.jsonl",
+)
 
 
 def _report(prop, **fields):

@@ -26,6 +26,8 @@ def _tiny_config(**overrides):
   c.train_subset, c.test_subset, c.batch_size, c.num_epochs = 128, 64, 32, 2
   c.crm.warmup_epochs, c.train_iters, c.eval_iters = 1, 2, 5
   c.sound_iters, c.checkpoint_every_steps, c.log_every_steps = 20, 3, 2
+  # The reference's schedule (mnist_reference.py), which these tests' values assume.
+  c.lr_schedule, c.learning_rate, c.lr_warmup_epochs = "exponential", 1e-3, 0
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -228,6 +230,8 @@ def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
     "--config.crm.lam=15",
     "--config.train_iters=2",
     "--config.crm.penalty=exp",
+    "--config.lr_schedule=exponential",
+    "--config.learning_rate=1e-3",
     "--config.final_learning_rate=1e-6",
     "--config.lr_decay_start_epoch=0",
     "--config.progress_bar=False",
