@@ -431,11 +431,7 @@ def optimize_scales(
   state = None
   if norms == "power":
     state = liplt.init_state(net, jax.random.key(0) if key is None else key)
-  ones = [jnp.zeros(b.phi_shape, jnp.float32) for b in net.blocks]
-  aol = [
-    jnp.zeros(b.phi_shape, jnp.float32) if d is None else jnp.log(d)
-    for b, d in zip(net.blocks, jax.jit(rescaling.aol_scales)(net))
-  ]
+  ones, aol = unit_log_scales(net), jax.jit(aol_log_scales)(net)
   names, cands = ("ones", "aol", "optimized"), [ones, aol]
   with jax.default_matmul_precision("highest"):
     best, state, history = _descend(
@@ -486,6 +482,11 @@ def _pick(values: jax.Array, stacked):
   """The smallest finite candidate (the first on ties; NaN never chosen) and its index."""
   i = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
   return i, jax.tree.map(lambda a: a[i], stacked)
+
+
+def unit_log_scales(net: LipNet) -> list[jax.Array]:
+  """``log D = 0`` (``D = I``, the plain bound) per block, of its ``phi_shape``."""
+  return [jnp.zeros(b.phi_shape, jnp.float32) for b in net.blocks]
 
 
 def aol_log_scales(net: LipNet) -> list[jax.Array]:

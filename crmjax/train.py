@@ -303,7 +303,7 @@ def pairwise_bound(
 def initial_log_scales(model: models.Model, params) -> list[jax.Array]:
   """``log D = 0`` (``D = I``: the plain bound) per block: the rescaling before the first
   refresh (which starts from the better of it and AOL, ``refinement.refresh_scales``)."""
-  return [jnp.zeros(b.phi_shape, jnp.float32) for b in model.lipnet(params).blocks]
+  return refinement.unit_log_scales(model.lipnet(params))
 
 
 def make_refresh(model: models.Model, config: ml_collections.ConfigDict) -> Callable:
