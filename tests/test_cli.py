@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
+from tests.conftest import QUICK_COMPILE
 from tests.test_train import ROOT
 
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+ENV = {**os.environ, **QUICK_COMPILE, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
 def _run(*args, timeout=120):

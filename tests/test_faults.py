@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from crmjax import checkpoint, train
+from tests.conftest import QUICK_COMPILE
 from tests.test_train import ROOT, _setup, _tiny_config
 
 MAIN = [sys.executable, "-m", "experiments.mnist", "--config=experiments/configs/mnist.py:smoke"]
@@ -30,7 +31,8 @@ MLP = [
   "--config.sound_iters=20",
   "--config.eval_iters=5",
 ]
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+# An MLP on a few images: compile-bound, so compiled quickly (tests/conftest.py).
+ENV = {**os.environ, **QUICK_COMPILE, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 
 
 def _run(workdir, *extra, timeout=300):

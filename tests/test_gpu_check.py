@@ -9,6 +9,7 @@ import time
 import pytest
 
 from experiments import gpu_check
+from tests.conftest import QUICK_COMPILE
 
 OUTPUTS = {
   "gpu_check.log",
@@ -23,11 +24,13 @@ OUTPUTS = {
 
 
 @pytest.mark.slow
-def test_smoke_mode_runs_every_step_and_writes_the_eight_outputs(tmp_path, capsys):
+def test_smoke_mode_runs_every_step_and_writes_the_eight_outputs(tmp_path, capsys, monkeypatch):
   """Every step of the GPU call, tiny on the CPU: the commands and flags cannot rot.
 
   ~1 min on an idle 2-core CPU (3 min 20 s measured under load average 15).
   """
+  for k, v in QUICK_COMPILE.items():  # its MLP steps are compile-bound (tests/conftest.py)
+    monkeypatch.setenv(k, v)
   out = tmp_path / "out"
   rc = gpu_check.main(
     ["--smoke", "--out", str(out), "--wheels", str(tmp_path / "none"), "--budget", "1500"]
