@@ -6,20 +6,38 @@ archives, and the download cache is a fresh temporary folder (a developer's real
 never read or written).
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # 8 virtual devices for the sharding tests; XLA's Eigen pool single-threaded, as two xdist
-# workers already fill both cores (the suite times in BUILD_NOTES.md were measured so). Open:
-# a sharded training test now and then hangs in PjRtCpuLoadedExecutable::Execute until XLA's
-# 40 s collective timeout aborts the worker ("Fatal Python error: Aborted" in
-# test_dataset_configs.py). This flag was tried against it and did not cure it (BUILD_NOTES.md).
+# workers already fill both cores (the suite times in BUILD_NOTES.md were measured so).
 os.environ.setdefault(
   "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false"
 )
+# XLA:CPU sizes its client thread pool max(cores, devices): 8 threads on a 2-core machine.
+# Sharded training (one all-reduce per step, dispatched asynchronously) then now and then
+# starves that pool: every thread blocks (launches waiting on the per-device in-flight
+# semaphore or on their execution) while the all-reduce's last participants wait for a thread,
+# until XLA's 40 s rendezvous timeout aborts the process ("Fatal Python error: Aborted" at
+# the training loop) or, when no participant has reached the rendezvous, for ever (CI's
+# 90-minute timeout). Reproduced in 1-5 iterations of the sharded CIFAR smoke run; a pool of
+# 4x the devices (PJRT_NPROC, read by XLA's DefaultThreadPoolSize) ran 80/80 (BUILD_NOTES.md).
+os.environ.setdefault("PJRT_NPROC", "32")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CRMJAX_DOWNLOAD_URL", "http://127.0.0.1:9/")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="crmjax_test_cache_")
+# One persistent XLA compilation cache for the whole run: made by the pytest process that
+# starts first and inherited (environment) by the xdist workers, the subprocess experiments
+# and the notebook kernels, so a program that several processes compile (the smoke runs'
+# train steps, a rerun after SIGKILL) compiles once. Quick compiles take under a second, so
+# every entry is kept. Measured: test_faults.py 73 -> 61 CPU-s alone.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="crmjax_test_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402

@@ -1,5 +1,7 @@
 """crmjax.liplt against float64 numpy references (explicit matrices, exact SVD)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,12 @@ from tests import reference as ref
 
 K = 4
 ITERS = 3000  # power iterations where a test needs the exact norm (1e-4 relative)
+
+# The bounds jitted once for the whole file: tests that bound the same net with the same
+# mode share one compile (shapes are the cache key; seeds and scales change only values).
+_static = ("mode", "norm", "num_iters")
+_liplt = functools.partial(jax.jit(liplt.liplt_bound, static_argnames=_static), num_iters=ITERS)
+_naive = functools.partial(jax.jit(liplt.naive_bound, static_argnames=_static), num_iters=ITERS)
 
 
 def _conv_net(act):
@@ -73,6 +81,14 @@ NETS = {
 }
 
 
+def _names(names):
+  """``names`` as parameters; the conv nets' 3,000 power iterations run fully optimised
+  (XLA:CPU's quick-compile code runs them 20x slower: 2.5 s against 0.1 s a call)."""
+  return [
+    pytest.param(n, marks=[pytest.mark.optimized] if "conv" in n else []) for n in sorted(names)
+  ]
+
+
 def _build(name, seed=0, scale=1.0):
   shape, layers = NETS[name]
   p = L.Sequential(layers).init(jax.random.key(seed), jnp.zeros((1, *shape)))["params"]
@@ -86,17 +102,17 @@ def _reference(name, p):
   return blocks, R
 
 
-@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("name", _names(NETS))
 @pytest.mark.parametrize("mode", liplt.MODES)
 def test_l2_bounds_match_float64_reference(name, mode):
   shape, layers, p = _build(name)
   net = network.from_layers(layers, p, shape)
   blocks, R = _reference(name, p)
   state = liplt.init_state(net, jax.random.key(1))
-  got, _ = jax.jit(lambda n, s: liplt.liplt_bound(n, s, mode=mode, num_iters=ITERS))(net, state)
+  got, _ = _liplt(net, state, mode=mode)
   want, _ = ref.liplt_reference(blocks, R, mode=mode)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
-  got_n, _ = jax.jit(lambda n, s: liplt.naive_bound(n, s, mode=mode, num_iters=ITERS))(net, state)
+  got_n, _ = _naive(net, state, mode=mode)
   np.testing.assert_allclose(got_n, ref.naive_reference(blocks, R, mode=mode), rtol=2e-4, atol=1e-6)
 
 
@@ -126,15 +142,16 @@ def test_linf_interior_table_exact_for_single_operators():
   np.testing.assert_allclose(table[0, 0], np.abs(W0).sum(1).max(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("name", _names(NETS))
 @pytest.mark.parametrize("norm", liplt.NORMS)
 def test_liplt_never_above_naive(name, norm):
   for seed, scale in [(0, 1.0), (3, 2.0)]:
     shape, layers, p = _build(name, seed, scale)
     net = network.from_layers(layers, p, shape)
+    state = liplt.init_state(net, jax.random.key(1))
     for mode in ("pairwise", "global"):
-      a, _ = liplt.liplt_bound(net, mode=mode, norm=norm, num_iters=ITERS)
-      b, _ = liplt.naive_bound(net, mode=mode, norm=norm, num_iters=ITERS)
+      a, _ = _liplt(net, state, mode=mode, norm=norm)
+      b, _ = _naive(net, state, mode=mode, norm=norm)
       assert np.all(np.asarray(a) <= np.asarray(b) * (1 + 1e-4) + 1e-6), (mode, seed)
 
 
@@ -166,7 +183,7 @@ def _gradient_norms(model, p, xs):
   return jac[:, :, None] - jac[:, None, :], jac
 
 
-@pytest.mark.parametrize("name", sorted(NETS) + sorted(TIGHT_NETS))
+@pytest.mark.parametrize("name", _names(NETS) + _names(TIGHT_NETS))
 def test_bounds_exceed_gradient_norms(name):
   """Every bound >= ||c^T J(x)|| at many random inputs (the model with its biases); the l2
   bounds equal the float64 eq. 19 reference, and on the bottleneck nets, where LipLT is
@@ -181,13 +198,14 @@ def test_bounds_exceed_gradient_norms(name):
   blocks, R = ref.blocks_of(layers, jax.tree.map(np.asarray, p), shape)
   xs = 3.0 * jax.random.normal(jax.random.key(4), (256, *shape))
   pair, jac = _gradient_norms(model, p, xs)
+  state = liplt.init_state(net, jax.random.key(1))
   for norm, vec in (
     ("l2", lambda a: np.linalg.norm(a, axis=-1)),
     ("linf", lambda a: np.abs(a).sum(-1)),
   ):
-    pw, _ = liplt.liplt_bound(net, mode="pairwise", norm=norm, num_iters=ITERS)
-    pc, _ = liplt.liplt_bound(net, mode="per_class", norm=norm, num_iters=ITERS)
-    gl, _ = liplt.liplt_bound(net, mode="global", norm=norm, num_iters=ITERS)
+    pw, _ = _liplt(net, state, mode="pairwise", norm=norm)
+    pc, _ = _liplt(net, state, mode="per_class", norm=norm)
+    gl, _ = _liplt(net, state, mode="global", norm=norm)
     tol = 1 + 1e-4
     assert np.all(vec(pair).max(0) <= np.asarray(pw) * tol + 1e-6)
     assert np.all(vec(jac).max(0) <= np.asarray(pc) * tol + 1e-6)
@@ -244,7 +262,7 @@ def test_as_pairwise_of_per_class_and_global_bounds():
     assert np.all(got >= exact * (1 - 1e-6)), mode
 
 
-@pytest.mark.parametrize("name", ["conv_relu", "residual_conv", "dense4_leaky"])
+@pytest.mark.parametrize("name", _names(["conv_relu", "residual_conv", "dense4_leaky"]))
 def test_power_iteration_converges_to_exact_svd(name):
   shape, layers, p = _build(name)
   net = network.from_layers(layers, p, shape)
@@ -292,9 +310,11 @@ def test_grad_in_float32_is_finite_and_nonzero_for_every_param():
   for name in ("conv_norm_leaky", "residual_conv"):
     shape, layers, p = _build(name)
     state = liplt.init_state(network.from_layers(layers, p, shape), jax.random.key(1))
-    g = jax.grad(
-      lambda q: jnp.mean(
-        liplt.liplt_bound(network.from_layers(layers, q, shape), state, num_iters=2)[0]
+    g = jax.jit(  # one compile: op-by-op, the gradient takes twice the CPU time
+      jax.grad(
+        lambda q: jnp.mean(
+          liplt.liplt_bound(network.from_layers(layers, q, shape), state, num_iters=2)[0]
+        )
       )
     )(p)
     _check_grads(g)
@@ -325,7 +345,7 @@ def test_jit_vmap_and_warm_start():
   assert b_all.shape == (3, K, K)
   for i in range(3):
     p_i = jax.tree.map(lambda a: a[i], params)
-    exact, _ = liplt.liplt_bound(network.from_layers(layers, p_i, shape), state, num_iters=ITERS)
+    exact, _ = _liplt(network.from_layers(layers, p_i, shape), state, mode="pairwise")
     # warm start: repeated single iterations converge to the many-iteration value
     s = state
     for _ in range(150):
