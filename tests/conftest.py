@@ -21,9 +21,9 @@ os.environ.setdefault(
 # starves that pool: every thread blocks (launches waiting on the per-device in-flight
 # semaphore or on their execution) while the all-reduce's last participants wait for a thread,
 # until XLA's 40 s rendezvous timeout aborts the process ("Fatal Python error: Aborted" at
-# the training loop) or, when no participant has reached the rendezvous, for ever (CI's
-# 90-minute timeout). Reproduced in 1-5 iterations of the sharded CIFAR smoke run; a pool of
-# 4x the devices (PJRT_NPROC, read by XLA's DefaultThreadPoolSize) ran 80/80 (BUILD_NOTES.md).
+# the training loop; stop 20's CI then ran into its 90-minute limit). Reproduced within 1-10
+# runs of the sharded CIFAR smoke training (tests/xla_cpu_deadlock_repro.py); a pool of 4x the
+# devices (PJRT_NPROC, read by XLA's DefaultThreadPoolSize) ran 120/120 (BUILD_NOTES.md).
 os.environ.setdefault("PJRT_NPROC", "32")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CRMJAX_DOWNLOAD_URL", "http://127.0.0.1:9/")

@@ -29,13 +29,14 @@ def main(runs: int) -> None:
 
   faulthandler.enable()
   for i in range(runs):
-    folder = tempfile.mkdtemp()
-    config = _quick(cifar.get_config("smoke"), data_dir=folder + "/tfds", download=False)
+    config = _quick(cifar.get_config("smoke"), download=False)
     config.progress_bar = False
     t0 = time.time()
     faulthandler.dump_traceback_later(120)
-    with tfds.testing.mock_data(num_examples=config.train_subset):
-      train.train_and_evaluate(config, folder + "/run")
+    with tempfile.TemporaryDirectory() as folder:
+      config.data_dir = folder + "/tfds"
+      with tfds.testing.mock_data(num_examples=config.train_subset):
+        train.train_and_evaluate(config, folder + "/run")
     faulthandler.cancel_dump_traceback_later()
     print(f"run {i}: ok in {time.time() - t0:.1f} s on {jax.device_count()} devices", flush=True)
 
