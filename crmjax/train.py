@@ -12,6 +12,7 @@ every N steps by ``refinement.refresh_scales`` and fixed in between (``make_refr
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -262,9 +263,13 @@ def penalty_schedules(
 def create_state(
   model: models.Model, tx: optax.GradientTransformation, seed: int, *, init: str = "flax"
 ) -> TrainState:
-  """A fresh train state; ``init`` is ``models.INIT_SCHEMES`` (``'flax'`` or ``'torch'``)."""
+  """A fresh train state; ``init`` is ``models.INIT_SCHEMES`` (``'flax'`` or ``'torch'``).
+
+  The params are drawn in one compiled program (the same values as ``model.init`` op by op,
+  in half the XLA:CPU compile time). ``jax.eval_shape`` of this is a restore target.
+  """
   k_params, k_power, k_state = jax.random.split(jax.random.key(seed), 3)
-  params = model.init(k_params, scheme=init)
+  params = jax.jit(functools.partial(model.init, scheme=init))(k_params)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,

@@ -74,7 +74,7 @@ shows the curves (loss, accuracy, mean radius, mean pairwise bound, learning rat
   (
     "code",
     """\
-import os, shutil, tempfile, time
+import functools, os, shutil, tempfile, time
 
 import jax
 import matplotlib.pyplot as plt
@@ -176,9 +176,10 @@ print(sorted(f for f in os.listdir(WORKDIR) if f.startswith("events.out.tfevents
 ## Reload the final parameters from the checkpoint
 
 The checkpoint holds the whole `TrainState` (params, optimizer state, power-iteration state,
-step, PRNG key). A freshly created state is the restore target: it fixes the tree structure,
-shapes, dtypes and shardings. (`crmjax.reports.load_run(WORKDIR)` does the same from the
-config stored in the checkpoint.)
+step, PRNG key). The restore target fixes the tree structure, shapes, dtypes and shardings:
+`jax.eval_shape` of `train.create_state` gives them without initialising (or compiling)
+anything. (`crmjax.reports.load_run(WORKDIR)` does the same from the config stored in the
+checkpoint.)
 """,
   ),
   (
@@ -187,7 +188,8 @@ config stored in the checkpoint.)
 model = train.make_model(config)
 tx = train.make_optimizer(config, total_steps=1)  # the state's structure does not depend on the schedule
 replicated, _ = train.make_mesh()
-target = jax.device_put(train.create_state(model, tx, config.seed), replicated)
+shapes = jax.eval_shape(functools.partial(train.create_state, model, tx, config.seed))
+target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
 with checkpoint.Checkpointer(os.path.join(WORKDIR, "checkpoints")) as ckpt:
     state, meta = ckpt.restore(target)  # the latest step
 print(f"restored step {int(state.step)} (epoch {meta['epoch']}) of {meta['architecture']} on {meta['dataset']}")

@@ -327,6 +327,33 @@ def _check_grads(g):
       assert np.any(leaf != 0), path
 
 
+@pytest.mark.parametrize("name", ["conv_norm_leaky", "residual_dense"])
+def test_init_state_is_unit_random_rows_of_the_documented_shapes(name):
+  shape, layers, p = _build(name)
+  net = network.from_layers(layers, p, shape)
+  n = len(net.blocks)
+  state = liplt.init_state(net, jax.random.key(1))
+  starts = [shape] + [b.phi_shape for b in net.blocks]
+  assert [v.shape for v in state.liplt] == [(n - t, *starts[t]) for t in range(n)]
+  naive = [u for b, us in zip(net.blocks, state.naive) for op, u in zip((b.W, b.G, b.H), us)]
+  ops_ = [op for b in net.blocks for op in (b.W, b.G, b.H)]
+  for op, u in zip(ops_, naive):
+    assert (u is None) == (op is None or ops.is_isometry(op) or isinstance(op, ops.Scale))
+    if u is not None:
+      assert u.shape == (1, *op.in_shape)
+  rows = [np.asarray(r, np.float64).reshape(-1) for v in state.liplt for r in v]
+  rows += [np.asarray(u, np.float64).reshape(-1) for u in naive if u is not None]
+  np.testing.assert_allclose([np.linalg.norm(r) for r in rows], 1.0, rtol=1e-6)
+  # independent draws: no two rows of one shape alike, another key other rows
+  for a, b in zip(rows, rows[1:]):
+    if a.shape == b.shape:
+      assert abs(a @ b) < 0.95
+  other = liplt.init_state(net, jax.random.key(2))
+  assert not np.allclose(other.liplt[0], state.liplt[0])
+  jitted = jax.jit(liplt.init_state)(net, jax.random.key(1))
+  chex.assert_trees_all_equal(jitted, state)
+
+
 def test_jit_vmap_and_warm_start():
   shape, layers = NETS["conv_relu"]
   keys = jax.random.split(jax.random.key(0), 3)
