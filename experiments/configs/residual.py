@@ -15,7 +15,7 @@ from experiments.configs import default, mnist
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   t = mnist.get_config()
-  # The MNIST settings (g(r) = -r, constant learning rate, no warm-up), shortened.
+  # The main MNIST recipe (mnist.py: g(r) = -r, batch 64, one-cycle learning rate), shortened.
   t.num_epochs, t.train_subset = 3, 20000
   t.progress_bar = False
   c.train = t
