@@ -124,13 +124,10 @@ def load_run(workdir: str) -> Run:
     # The optimizer's state structure does not depend on the schedule length.
     tx = train.make_optimizer(config, total_steps=1)
     replicated, _ = train.make_mesh()
-    # The restore target's structure, shapes, dtypes and sharding: nothing is initialised.
-    shapes = jax.eval_shape(functools.partial(train.create_state, model, tx, config.seed))
-    target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes
-    )
     state, meta = ckpt.restore(
-      target, step=step, expected_meta={"architecture": model.name, "dataset": config.dataset}
+      train.abstract_state(model, tx, config.seed, replicated),
+      step=step,
+      expected_meta={"architecture": model.name, "dataset": config.dataset},
     )
   return Run(workdir=workdir, config=config, model=model, state=state, meta=meta)
 

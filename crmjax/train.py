@@ -279,6 +279,19 @@ def create_state(
   )
 
 
+def abstract_state(
+  model: models.Model,
+  tx: optax.GradientTransformation,
+  seed: int,
+  sharding: jax.sharding.Sharding | None = None,
+) -> TrainState:
+  """``create_state``'s structure, shapes and dtypes as ``jax.ShapeDtypeStruct`` leaves, each
+  with ``sharding``: a checkpoint restore target made without initialising or compiling
+  anything (``jax.eval_shape``). The init scheme does not change shapes."""
+  shapes = jax.eval_shape(functools.partial(create_state, model, tx, seed))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
 def pairwise_bound(
   model: models.Model,
   params,
@@ -581,9 +594,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   warm_epochs = config.crm.warmup_epochs if config.loss == "crm" else 0
   tx = make_optimizer(config, total, steps_per_epoch=spe)
   replicated, batch_sharding = make_mesh()
-  state = jax.device_put(
-    create_state(model, tx, config.seed, init=config.get("init", "flax")), replicated
-  )
 
   regular = config.loss != "ce"
   refresh_every = rescaling_every(config)
@@ -600,7 +610,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # checkpoint item), refreshed every `refresh_every` steps from the first step using the bound.
   log_d, refresh, first_bound_step = None, None, warm_epochs * spe
   if refresh_every:
-    log_d = jax.device_put(initial_log_scales(model, state.params), replicated)
     refresh = jit_refresh(make_refresh(model, config), replicated)
   augment = input_pipeline.Augment(
     random_crop_padding=config.augment.crop_padding,
@@ -624,20 +633,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ) as ckpt,
     summary.MetricWriter(workdir, tensorboard=config.get("tensorboard", True)) as writer,
   ):
-    if ckpt.latest_step() is not None:
-      latest = ckpt.latest_step()
+    latest = ckpt.latest_step()
+    if latest is None:
+      state = jax.device_put(
+        create_state(model, tx, config.seed, init=config.get("init", "flax")), replicated
+      )
+    else:  # restored into the abstract state: no fresh initialisation to throw away
       state, meta = ckpt.restore(
-        state, step=latest, expected_meta={"architecture": model.name, "dataset": config.dataset}
+        abstract_state(model, tx, config.seed, replicated),
+        step=latest,
+        expected_meta={"architecture": model.name, "dataset": config.dataset},
       )
       log.info(
         "resumed from step %d (epoch %d) in %s", int(state.step), meta["epoch"], ckpt.directory
       )
-      if refresh_every:
-        stored = ckpt.restore_extra("rescaling", log_d, step=latest)
-        if stored is None:  # written with the rescaling off (or before it existed)
-          log.info("checkpoint holds no rescaling D: D = I until the next refresh")
-        else:
-          log_d = stored
+    if refresh_every:
+      log_d = jax.device_put(initial_log_scales(model, state.params), replicated)
+    if latest is not None and refresh_every:
+      stored = ckpt.restore_extra("rescaling", log_d, step=latest)
+      if stored is None:  # written with the rescaling off (or before it existed)
+        log.info("checkpoint holds no rescaling D: D = I until the next refresh")
+      else:
+        log_d = stored
 
     epoch_eval = None
     step = int(state.step)

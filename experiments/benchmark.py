@@ -24,7 +24,6 @@ batch is random and fixed. Power vectors are threaded from step to step as in tr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Callable
@@ -143,11 +142,11 @@ def random_state(
 ) -> train.TrainState:
   """A state shaped like ``train.create_state``'s, made in numpy (nothing is compiled).
 
-  The structure is ``jax.eval_shape`` of ``train.create_state``; params and power vectors
+  The structure is ``train.abstract_state``'s; params and power vectors
   are random (``random_params``, ``random_power``), every other leaf is zero, as in a fresh
   state (step 0, Adam's zero moments and count).
   """
-  shapes = jax.eval_shape(functools.partial(train.create_state, model, tx, seed))
+  shapes = train.abstract_state(model, tx, seed)
   rng = np.random.default_rng(seed)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   return zeros.replace(

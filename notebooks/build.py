@@ -74,7 +74,7 @@ shows the curves (loss, accuracy, mean radius, mean pairwise bound, learning rat
   (
     "code",
     """\
-import functools, os, shutil, tempfile, time
+import os, shutil, tempfile, time
 
 import jax
 import matplotlib.pyplot as plt
@@ -177,8 +177,8 @@ print(sorted(f for f in os.listdir(WORKDIR) if f.startswith("events.out.tfevents
 
 The checkpoint holds the whole `TrainState` (params, optimizer state, power-iteration state,
 step, PRNG key). The restore target fixes the tree structure, shapes, dtypes and shardings:
-`jax.eval_shape` of `train.create_state` gives them without initialising (or compiling)
-anything. (`crmjax.reports.load_run(WORKDIR)` does the same from the config stored in the
+`train.abstract_state` (`jax.eval_shape` of `train.create_state`) gives them without
+initialising (or compiling) anything. (`crmjax.reports.load_run(WORKDIR)` does the same from the config stored in the
 checkpoint.)
 """,
   ),
@@ -188,8 +188,7 @@ checkpoint.)
 model = train.make_model(config)
 tx = train.make_optimizer(config, total_steps=1)  # the state's structure does not depend on the schedule
 replicated, _ = train.make_mesh()
-shapes = jax.eval_shape(functools.partial(train.create_state, model, tx, config.seed))
-target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+target = train.abstract_state(model, tx, config.seed, replicated)
 with checkpoint.Checkpointer(os.path.join(WORKDIR, "checkpoints")) as ckpt:
     state, meta = ckpt.restore(target)  # the latest step
 print(f"restored step {int(state.step)} (epoch {meta['epoch']}) of {meta['architecture']} on {meta['dataset']}")

@@ -118,15 +118,38 @@ def metric_records(workdir) -> list[dict]:
     return [r for r in map(json.loads, f) if "final" not in r]
 
 
-def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path, capsys, caplog):
+def test_abstract_state_is_create_state_without_values():
+  config = _tiny_config()
+  model, tx, rep, _, state = _setup(config)
+  abstract = train.abstract_state(model, tx, 0, rep)
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (a.shape, a.dtype, a.sharding) == (s.shape, s.dtype, s.sharding)
+  assert all(a.sharding is None for a in jax.tree.leaves(train.abstract_state(model, tx, 0)))
+
+
+def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path, capsys, caplog, monkeypatch):
   full = train.train_and_evaluate(_tiny_config(), str(tmp_path / "full"))
   part = str(tmp_path / "part")
   first = train.train_and_evaluate(_tiny_config(stop_after_steps=5), part)
   assert first == {"step": 5, "stopped": True}
   capsys.readouterr()
   caplog.clear()
+
+  # The resume restores into train.abstract_state: create_state is traced (eval_shape), never
+  # run; running it would be a fresh initialisation thrown away.
+  real_create_state, traced = train.create_state, []
+
+  def spy(*args, **kwargs):
+    traced.append(isinstance(jnp.zeros(()), jax.core.Tracer))
+    return real_create_state(*args, **kwargs)
+
+  monkeypatch.setattr(train, "create_state", spy)
   with caplog.at_level("INFO"):
     resumed = train.train_and_evaluate(_tiny_config(), part)
+  monkeypatch.undo()
+  assert traced == [True], f"create_state calls (traced?) on resume: {traced}"
   out = capsys.readouterr().out + caplog.text
   assert resumed["step"] == full["step"] == 8
   for key in ("clean_accuracy", "certified_accuracy", "mean_pairwise_lipschitz"):
