@@ -19,7 +19,9 @@ Steps, each a subprocess with its own time limit inside one overall budget (``--
   CRM steps, CRM/CE ratios, compile times, peak memory);
 * ``depth``: ``experiments.benchmark``'s depth sweep of the bounds alone (L = 4 ... 32);
 * ``train``: the main MNIST command (``experiments/configs/mnist.py``, 20 epochs, the vendored
-  data, no download);
+  data, no download); ``--train-config`` and ``--train-arg`` run another recipe instead, e.g.
+  issue 13's 60-epoch target: ``--steps install,env,train,certify
+  --train-config experiments/configs/mnist_60.py --train-arg=--config.batch_size=32``;
 * ``certify``: ``experiments.certify`` on that run (its latest checkpoint, also when the
   training step ran out of time).
 
@@ -190,10 +192,11 @@ def plan(args, work: Path, out_dir: Path) -> list[Step]:
     py,
     "-m",
     "experiments.mnist",
-    "--config=experiments/configs/mnist.py" + (":smoke" if args.smoke else ""),
+    f"--config={args.train_config}" + (":smoke" if args.smoke else ""),
     f"--workdir={run_dir}",
     "--config.progress_bar=False",
     "--config.download=False",
+    *args.train_arg,
   ]
   certify = [
     py,
@@ -415,7 +418,8 @@ def prepare(wheels: Path) -> int:
   return subprocess.call(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line (``--prepare``, or ``--out`` with ``--steps`` known)."""
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
@@ -432,6 +436,18 @@ def main(argv: list[str] | None = None) -> int:
   )
   p.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of carried wheels")
   p.add_argument(
+    "--train-config",
+    default="experiments/configs/mnist.py",
+    help="the MNIST config the train step runs (default: the main command's)",
+  )
+  p.add_argument(
+    "--train-arg",
+    action="append",
+    default=[],
+    metavar="FLAG",
+    help="an override for the train step, e.g. --train-arg=--config.batch_size=32 (repeatable)",
+  )
+  p.add_argument(
     "--prepare",
     action="store_true",
     help=f"download {', '.join(WHEELS)} into --wheels (needs internet)",
@@ -439,13 +455,20 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
   args = p.parse_args(argv)
   if args.prepare:
-    return prepare(Path(args.wheels))
+    return args
   if not args.out:
     p.error("give --out DIR or set $OUT")
-  selected = args.steps.split(",")
-  unknown = set(selected) - set(STEPS)
+  unknown = set(args.steps.split(",")) - set(STEPS)
   if unknown:
     p.error(f"--steps: unknown {sorted(unknown)}; use some of {list(STEPS)}")
+  return args
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  if args.prepare:
+    return prepare(Path(args.wheels))
+  selected = args.steps.split(",")
 
   t_start = time.monotonic()
   deadline = t_start + args.budget

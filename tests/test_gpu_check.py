@@ -65,6 +65,30 @@ def test_smoke_mode_runs_every_step_and_writes_the_eight_outputs(tmp_path, capsy
   assert log.rstrip().endswith(summary.rstrip())  # printed last: the call's output tail
 
 
+def test_train_config_and_overrides_reach_the_train_command(tmp_path):
+  def train_command(*flags):
+    args = gpu_check.parse_args(["--out", str(tmp_path), *flags])
+    (step,) = [s for s in gpu_check.plan(args, tmp_path, tmp_path) if s.name == "train"]
+    return step.argv
+
+  default = train_command()
+  assert "--config=experiments/configs/mnist.py" in default
+  other = train_command(
+    "--train-config",
+    "experiments/configs/mnist_60.py",
+    "--train-arg=--config.batch_size=32",
+    "--train-arg=--config.seed=1",
+  )
+  assert "--config=experiments/configs/mnist_60.py" in other
+  assert other[-2:] == ["--config.batch_size=32", "--config.seed=1"]
+  assert (
+    other[: other.index("--config=experiments/configs/mnist_60.py")]
+    == default[: default.index("--config=experiments/configs/mnist.py")]
+  )
+  smoke = train_command("--smoke", "--train-config", "experiments/configs/mnist_60.py")
+  assert "--config=experiments/configs/mnist_60.py:smoke" in smoke
+
+
 def test_a_step_past_its_limit_is_stopped_even_if_it_ignores_sigterm():
   code = (
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
