@@ -306,6 +306,9 @@ def _ratio(a, b) -> str:
   return f"{a / b:.2f}x" if a and b else "-"
 
 
+HIDDEN_FLAGS = ("--config.progress_bar", "--config.download")  # not part of the recipe
+
+
 def summarize(steps: list[Step], out_dir: Path, work: Path, wall_s: float) -> str:
   """Markdown: each step's status, then the figures the issue asks for (what exists)."""
   lines = [
@@ -405,7 +408,9 @@ def summarize(steps: list[Step], out_dir: Path, work: Path, wall_s: float) -> st
 
   section("benchmark (experiments.benchmark, batch 512 on the GPU)", bench)
   section("depth sweep", depth)
-  section("MNIST training (experiments/configs/mnist.py)", train)
+  (train_argv,) = [s.argv for s in steps if s.name == "train"]
+  recipe = [a for a in train_argv if a.startswith("--config") and not a.startswith(HIDDEN_FLAGS)]
+  section(f"MNIST training ({' '.join(recipe)})", train)
   section("certification (experiments.certify)", certify)
   return "\n".join(lines) + "\n"
 

@@ -43,6 +43,9 @@ def test_smoke_mode_runs_every_step_and_writes_the_eight_outputs(tmp_path, capsy
   for step in ("env", "bench", "depth", "train", "certify"):
     assert f"| {step} | ok |" in summary, step
   assert "| install | skipped (no wheels" in summary
+  assert "### MNIST training (--config=experiments/configs/mnist.py:smoke --config.model=MLP" in (
+    summary
+  )
 
   bench = json.loads((out / "benchmark.json").read_text())
   assert bench["complete"] and [r["model"] for r in bench["models"]] == ["MLP"]
