@@ -32,7 +32,8 @@ def test_mnist_recipes_differ_only_where_their_docstrings_say():
   train.validate_config(mnist_reference.get_config(), num_devices=1)
   changed = {k for k in ref if ref[k] != main[k]}
   assert changed == {"batch_size", "lr_schedule", "learning_rate", "lr_warmup_epochs"}
-  assert {k for k in main if main[k] != long[k]} == {"num_epochs"} and long["num_epochs"] == 60
+  assert {k for k in main if main[k] != long[k]} == {"num_epochs", "batch_size"}
+  assert (main["batch_size"], long["batch_size"], long["num_epochs"]) == (32, 64, 60)
 
 
 def test_unknown_variant_is_refused():
