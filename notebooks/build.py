@@ -91,9 +91,11 @@ from experiments.configs import mnist as mnist_config
     """\
 ## The configuration
 
-`experiments/configs/mnist.py` holds the paper's settings (t = 5, r0 = 2.2, lambda = 30,
-eps = 1.58, 10 warm-started power iterations per step) with the reference implementation's
-penalty g(r) = -r and learning-rate schedule. Any field can be changed here.
+`experiments/configs/mnist.py` holds the main command's recipe: the paper's settings (t = 5,
+r0 = 2.2, lambda = 30, eps = 1.58, 10 warm-started power iterations per step), the reference
+implementation's penalty g(r) = -r, batch 32 and a one-cycle learning rate (the best measured
+within 20 epochs: 95.78% clean, 60.12% certified at eps = 1.58). The cell below shortens it to
+fit the machine; any field can be changed here.
 """,
   ),
   (
@@ -113,7 +115,6 @@ elif CPU:  # a few minutes on a laptop CPU: enough images and steps to learn vis
     config.train_subset, config.test_subset = 6000, 1000
     config.batch_size, config.num_epochs = 128, 6
     config.train_iters = 2  # warm-started: a couple per step track the bound
-    config.lr_decay_start_epoch = 4  # constant rate, then a decay over the last 2 epochs
     config.sound_eval = False  # certified below with the sound bound
     config.progress_bar = False
     EXACT_MAX_DIM = 512
