@@ -20,6 +20,9 @@ training config rebuilt from the checkpoint's meta) and writes ``<workdir>/certi
 Every point certified at eps (by any sound certificate) that PGD breaks raises
 ``RuntimeError('SOUNDNESS BUG ...')``. Logits and the attack run at the highest matmul
 precision. With ``config.progress`` each long phase shows a tqdm bar or a line (stderr).
+
+``epoch_records`` / ``plot_epoch_curves`` read runs' ``metrics.jsonl`` and draw their test
+curves per epoch side by side (``experiments.epoch_curves``).
 """
 
 from __future__ import annotations
@@ -707,6 +710,76 @@ def plot_curves(
   )
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+# The panels of ``plot_epoch_curves``: a ``metrics.jsonl`` key, its axis title, its scale.
+EPOCH_PANELS = (
+  ("test/certified_accuracy_estimate", "certified accuracy at eps (%, estimate)", 100.0),
+  ("test/clean_accuracy", "clean accuracy (%)", 100.0),
+  ("test/mean_pairwise_lipschitz_estimate", "mean pairwise Lipschitz bound (estimate)", 1.0),
+)
+
+
+def epoch_records(path: str) -> list[dict]:
+  """The per-epoch records of a run's ``metrics.jsonl`` (``summary.MetricWriter``), by epoch.
+
+  A resumed run may log an epoch twice (once per attempt); the last record of each counts.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {path}: give the workdir of a training run (its metrics.jsonl)")
+  by_epoch = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        if "epoch" in record:
+          by_epoch[int(record["epoch"])] = record
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def plot_epoch_curves(
+  runs: dict[str, list[dict]],
+  path: str,
+  *,
+  marks: dict[str, dict[str, float]] | None = None,
+  title: str = "",
+) -> None:
+  """Test curves per epoch as a PNG: one panel per ``EPOCH_PANELS`` metric, one line per run.
+
+  Args:
+    runs: label -> the run's per-epoch records (``epoch_records``); an epoch without a test
+      evaluation (``eval_every_epochs``) has no point.
+    path: the PNG to write.
+    marks: metric key -> {label: value}: horizontal reference lines (targets, other papers),
+      in the panel's units (percent for accuracies).
+    title: the figure's title.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  marks = marks or {}
+  fig = Figure(figsize=(17, 4.3), dpi=100)
+  axes = fig.subplots(1, len(EPOCH_PANELS))
+  styles = (("gray", "--"), ("tab:red", ":"), ("tab:purple", ":"), ("black", "-."))
+  for ax, (key, name, scale) in zip(axes, EPOCH_PANELS, strict=True):
+    for label, records in runs.items():
+      points = [(r["epoch"], scale * r[key]) for r in records if key in r]
+      if points:
+        ax.plot(*zip(*points, strict=True), marker=".", lw=1.5, label=label)
+    lines = [
+      ax.axhline(value, color=styles[i % 4][0], lw=1.2, ls=styles[i % 4][1], label=label)
+      for i, (label, value) in enumerate(marks.get(key, {}).items())
+    ]
+    if scale == 1.0:
+      ax.set_yscale("log")
+    ax.set(title=name, xlabel="epoch")
+    ax.grid(alpha=0.3)
+    if ax is axes[0]:  # the runs' legend, with this panel's marks
+      ax.legend(fontsize=7, loc="lower right")
+    elif lines:
+      ax.legend(handles=lines, fontsize=7, loc="lower right")
+  fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path)
 

@@ -9,6 +9,7 @@ from experiments.configs import (
   certify,
   cifar,
   default,
+  epoch_curves,
   mnist,
   mnist_60,
   mnist_reference,
@@ -52,7 +53,7 @@ def test_residual_config_trains_valid_configs_of_registered_models(variant):
     residual.get_config("huge")
 
 
-@pytest.mark.parametrize("module", [benchmark, bounds, certify, residual, tightness])
+@pytest.mark.parametrize("module", [benchmark, bounds, certify, epoch_curves, residual, tightness])
 def test_every_experiment_config_has_a_smoke_variant_and_refuses_unknown_ones(module):
   assert module.get_config("smoke") != module.get_config("")
   with pytest.raises(ValueError, match=r"unknown variant 'huge': use one of \['', 'smoke'\]"):

@@ -1,0 +1,60 @@
+"""Certified accuracy, clean accuracy and the mean pairwise bound per epoch, runs side by side.
+
+``python -m experiments.epoch_curves --config=experiments/configs/epoch_curves.py`` redraws
+``docs/figures/mnist_epoch_curves.png`` from ``docs/figures/mnist_epoch_curves.json`` (the
+per-epoch test records of the MNIST runs in BUILD_NOTES.md, as ``metrics.jsonl`` logs them);
+``--config.runs="('my run=runs/mnist',)"`` adds your own runs (their ``metrics.jsonl``) beside
+them, ``--config.labels`` keeps only some, ``--config.output`` writes the PNG elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from crmjax import reports, summary
+from experiments import cli
+
+
+def load_runs(c: ml_collections.ConfigDict) -> tuple[dict[str, list[dict]], dict]:
+  """``(label -> per-epoch records, marks)``: the recorded runs, then ``c.runs``, filtered."""
+  recorded = {"runs": {}, "marks": {}}
+  if c.recorded:
+    with open(c.recorded) as f:
+      recorded = json.load(f)
+  runs = dict(recorded["runs"])
+  for spec in c.runs:
+    label, sep, workdir = spec.rpartition("=")
+    if not (sep and label and workdir):
+      raise ValueError(f"--config.runs entry {spec!r}: write it as 'label=workdir'")
+    runs[label] = reports.epoch_records(os.path.join(workdir, summary.METRICS_FILE))
+  if c.labels:
+    unknown = sorted(set(c.labels) - set(runs))
+    if unknown:
+      raise ValueError(f"--config.labels: no run named {unknown}; the runs are {sorted(runs)}")
+    runs = {label: runs[label] for label in c.labels}
+  if not runs:
+    raise ValueError("no runs to draw: give --config.recorded or --config.runs")
+  return runs, recorded.get("marks", {})
+
+
+def main(c: ml_collections.ConfigDict) -> None:
+  runs, marks = load_runs(c)
+  print("| run | epochs | certified (estimate) | clean | mean pairwise L |")
+  print("| --- | --- | --- | --- | --- |")
+  for label, records in runs.items():
+    last = records[-1] if records else {}
+    cells = [
+      f"{100 * last[k]:.2f}%" if k in last else "-"
+      for k in ("test/certified_accuracy_estimate", "test/clean_accuracy")
+    ]
+    lip = last.get("test/mean_pairwise_lipschitz_estimate")
+    print(f"| {label} | {len(records)} | {' | '.join(cells)} | {f'{lip:.4g}' if lip else '-'} |")
+  reports.plot_epoch_curves(runs, c.output, marks=marks, title=c.title)
+  print("wrote", c.output)
+
+
+if __name__ == "__main__":
+  cli.run(main, config_default="experiments/configs/epoch_curves.py")

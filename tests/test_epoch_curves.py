@@ -1,0 +1,93 @@
+"""Per-epoch test curves (``crmjax.reports.epoch_records`` / ``plot_epoch_curves``,
+``experiments.epoch_curves``) and the committed records they redraw."""
+
+import json
+import os
+
+import pytest
+
+from crmjax import reports, summary
+from experiments import epoch_curves
+from experiments.configs import epoch_curves as epoch_curves_config
+from tests.test_cli import _run
+from tests.test_train import ROOT
+
+RECORDED = os.path.join(ROOT, "docs", "figures", "mnist_epoch_curves.json")
+
+
+def _write_metrics(workdir, records):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, summary.METRICS_FILE), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_epoch_records_keep_the_last_record_of_each_epoch_in_epoch_order(tmp_path):
+  first = {"epoch": 2, "step": 8, "test/clean_accuracy": 0.5}
+  resumed = {"epoch": 2, "step": 10, "test/clean_accuracy": 0.6}  # the epoch, logged again
+  _write_metrics(
+    tmp_path,
+    [{"epoch": 1, "step": 5}, first, {"epoch": 3, "step": 15}, resumed, {"final": {"a": 1}}],
+  )
+  records = reports.epoch_records(str(tmp_path / summary.METRICS_FILE))
+  assert [r["epoch"] for r in records] == [1, 2, 3]
+  assert records[1] == resumed
+  with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    reports.epoch_records(str(tmp_path / "nowhere" / summary.METRICS_FILE))
+
+
+def test_load_runs_adds_runs_from_their_workdirs_and_keeps_the_labels_order(tmp_path):
+  _write_metrics(tmp_path / "a", [{"epoch": 1, "test/clean_accuracy": 0.9}])
+  c = epoch_curves_config.get_config()
+  c.recorded, c.runs = RECORDED, (f"mine=x={tmp_path / 'a'}",)  # the last '=' splits
+  runs, marks = epoch_curves.load_runs(c)
+  assert runs["mine=x"] == [{"epoch": 1, "test/clean_accuracy": 0.9}]
+  assert epoch_curves_config.MAIN_RUN in runs and "test/clean_accuracy" in marks
+  c.labels = ("mine=x", epoch_curves_config.MAIN_RUN)
+  runs, marks = epoch_curves.load_runs(c)
+  assert list(runs) == list(c.labels)
+  # 'mine=x' has no certified accuracy or bound: those panels draw the other run alone.
+  reports.plot_epoch_curves(runs, str(tmp_path / "p.png"), marks=marks)
+  assert (tmp_path / "p.png").stat().st_size > 10_000
+  c.labels = ("typo",)
+  with pytest.raises(ValueError, match=r"no run named \['typo'\]"):
+    epoch_curves.load_runs(c)
+  c.labels, c.runs = (), ("no-separator",)
+  with pytest.raises(ValueError, match="'label=workdir'"):
+    epoch_curves.load_runs(c)
+  c.recorded, c.runs = "", ()
+  with pytest.raises(ValueError, match="no runs to draw"):
+    epoch_curves.load_runs(c)
+
+
+def test_recorded_runs_are_per_epoch_test_records_matching_build_notes():
+  with open(RECORDED) as f:
+    recorded = json.load(f)
+  keys = {key for key, _, _ in reports.EPOCH_PANELS}
+  for label, records in recorded["runs"].items():
+    epochs = [r["epoch"] for r in records]
+    assert epochs == sorted(set(epochs)) and epochs[0] >= 1, label
+    for r in records:
+      assert keys <= set(r), (label, r)
+      assert 0 < r["test/certified_accuracy_estimate"] < r["test/clean_accuracy"] <= 1, label
+  # The last epochs against the figures quoted in BUILD_NOTES.md / README.md (rounded there).
+  main = recorded["runs"][epoch_curves_config.MAIN_RUN][-1]
+  assert (main["epoch"], round(100 * main["test/clean_accuracy"], 1)) == (20, 95.8)
+  assert round(100 * main["test/certified_accuracy_estimate"], 1) == 60.6
+  assert recorded["marks"]["test/certified_accuracy_estimate"]["paper, 400 epochs (sound)"] == 63.37
+
+
+def test_the_command_draws_the_smoke_run_and_refuses_a_bad_run_in_one_line(tmp_path):
+  png = tmp_path / "curves.png"
+  config = "--config=experiments/configs/epoch_curves.py:smoke"
+  out = _run("experiments.epoch_curves", config, f"--config.output={png}")
+  assert out.returncode == 0, out.stderr
+  assert f"| {epoch_curves_config.MAIN_RUN} | 20 | 60.60% | 95.80% |" in out.stdout
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  out = _run(
+    "experiments.epoch_curves",
+    config,
+    f"--config.runs=('x={tmp_path / 'none'}',)",
+    "--config.labels=()",
+  )
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: no ")
+  assert "metrics.jsonl" in out.stderr and "Traceback" not in out.stderr
