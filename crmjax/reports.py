@@ -714,11 +714,12 @@ def plot_curves(
   fig.savefig(path)
 
 
-# The panels of ``plot_epoch_curves``: a ``metrics.jsonl`` key, its axis title, its scale.
+# The panels of ``plot_epoch_curves``: a ``metrics.jsonl`` key, its axis title, the factor
+# from the record to the axis, and whether the axis is logarithmic.
 EPOCH_PANELS = (
-  ("test/certified_accuracy_estimate", "certified accuracy at eps (%, estimate)", 100.0),
-  ("test/clean_accuracy", "clean accuracy (%)", 100.0),
-  ("test/mean_pairwise_lipschitz_estimate", "mean pairwise Lipschitz bound (estimate)", 1.0),
+  ("test/certified_accuracy_estimate", "certified accuracy at eps (%, estimate)", 100.0, False),
+  ("test/clean_accuracy", "clean accuracy (%)", 100.0, False),
+  ("test/mean_pairwise_lipschitz_estimate", "mean pairwise Lipschitz bound (estimate)", 1.0, True),
 )
 
 
@@ -762,20 +763,20 @@ def plot_epoch_curves(
   fig = Figure(figsize=(17, 4.3), dpi=100)
   axes = fig.subplots(1, len(EPOCH_PANELS))
   styles = (("gray", "--"), ("tab:red", ":"), ("tab:purple", ":"), ("black", "-."))
-  for ax, (key, name, scale) in zip(axes, EPOCH_PANELS, strict=True):
-    for label, records in runs.items():
-      points = [(r["epoch"], scale * r[key]) for r in records if key in r]
-      if points:
-        ax.plot(*zip(*points, strict=True), marker=".", lw=1.5, label=label)
+  for ax, (key, name, scale, log_axis) in zip(axes, EPOCH_PANELS, strict=True):
+    for i, (label, records) in enumerate(runs.items()):  # one colour per run in every panel
+      epochs = [r["epoch"] for r in records if key in r]
+      values = [scale * r[key] for r in records if key in r]
+      ax.plot(epochs, values, color=f"C{i % 10}", marker=".", lw=1.5, label=label)
     lines = [
       ax.axhline(value, color=styles[i % 4][0], lw=1.2, ls=styles[i % 4][1], label=label)
       for i, (label, value) in enumerate(marks.get(key, {}).items())
     ]
-    if scale == 1.0:
+    if log_axis:
       ax.set_yscale("log")
     ax.set(title=name, xlabel="epoch")
     ax.grid(alpha=0.3)
-    if ax is axes[0]:  # the runs' legend, with this panel's marks
+    if ax is axes[0]:  # every run (one without points here too), with this panel's marks
       ax.legend(fontsize=7, loc="lower right")
     elif lines:
       ax.legend(handles=lines, fontsize=7, loc="lower right")

@@ -26,10 +26,15 @@ def load_runs(c: ml_collections.ConfigDict) -> tuple[dict[str, list[dict]], dict
       recorded = json.load(f)
   runs = dict(recorded["runs"])
   for spec in c.runs:
-    label, sep, workdir = spec.rpartition("=")
+    label, sep, workdir = spec.partition("=")
     if not (sep and label and workdir):
       raise ValueError(f"--config.runs entry {spec!r}: write it as 'label=workdir'")
-    runs[label] = reports.epoch_records(os.path.join(workdir, summary.METRICS_FILE))
+    path = os.path.join(workdir, summary.METRICS_FILE)
+    runs[label] = reports.epoch_records(path)
+    if not any(k.startswith("test/") for r in runs[label] for k in r):
+      raise ValueError(
+        f"{path} has no per-epoch test records: train with --config.eval_every_epochs=1"
+      )
   if c.labels:
     unknown = sorted(set(c.labels) - set(runs))
     if unknown:
@@ -42,7 +47,7 @@ def load_runs(c: ml_collections.ConfigDict) -> tuple[dict[str, list[dict]], dict
 
 def main(c: ml_collections.ConfigDict) -> None:
   runs, marks = load_runs(c)
-  print("| run | epochs | certified (estimate) | clean | mean pairwise L |")
+  print("| run | last epoch | certified (estimate) | clean | mean pairwise L |")
   print("| --- | --- | --- | --- | --- |")
   for label, records in runs.items():
     last = records[-1] if records else {}
@@ -51,7 +56,8 @@ def main(c: ml_collections.ConfigDict) -> None:
       for k in ("test/certified_accuracy_estimate", "test/clean_accuracy")
     ]
     lip = last.get("test/mean_pairwise_lipschitz_estimate")
-    print(f"| {label} | {len(records)} | {' | '.join(cells)} | {f'{lip:.4g}' if lip else '-'} |")
+    cells.append("-" if lip is None else f"{lip:.4g}")
+    print(f"| {label} | {last.get('epoch', '-')} | {' | '.join(cells)} |")
   reports.plot_epoch_curves(runs, c.output, marks=marks, title=c.title)
   print("wrote", c.output)
 

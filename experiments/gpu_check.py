@@ -18,8 +18,8 @@ Steps, each a subprocess with its own time limit inside one overall budget (``--
 * ``bench``: ``experiments.benchmark`` on 4C3F, 6C2F and 8C2F at batch 512 (cross-entropy and
   CRM steps, CRM/CE ratios, compile times, peak memory);
 * ``depth``: ``experiments.benchmark``'s depth sweep of the bounds alone (L = 4 ... 32);
-* ``train``: the main MNIST command (``experiments/configs/mnist.py``, 20 epochs, the vendored
-  data, no download); ``--train-config`` and ``--train-arg`` run another recipe instead, e.g.
+* ``train``: the main MNIST command (``experiments/configs/mnist.py``, 20 epochs at batch 32:
+  1,875 steps per epoch; the vendored data, no download); ``--train-config`` and ``--train-arg`` run another recipe instead, e.g.
   issue 13's 60-epoch target: ``--steps install,env,train,certify
   --train-config experiments/configs/mnist_60.py --train-arg=--config.batch_size=32``;
 * ``certify``: ``experiments.certify`` on that run (its latest checkpoint, also when the
@@ -386,7 +386,8 @@ def summarize(steps: list[Step], out_dir: Path, work: Path, wall_s: float) -> st
     if len(times) > 1:
       rows.append(
         f"epochs 2-{len(times)}: median {statistics.median(times[1:]):.2f} s, "
-        f"min {min(times[1:]):.2f} s (target <= 2 s; reference ~25 s on an H100)"
+        f"min {min(times[1:]):.2f} s at {epochs[0]['step']} steps per epoch "
+        "(target <= 2 s; reference ~25 s on an H100)"
       )
     final = [r["final"] for r in records if "final" in r]
     if final:

@@ -120,7 +120,7 @@ elif CPU:  # a few minutes on a laptop CPU: enough images and steps to learn vis
     EXACT_MAX_DIM = 512
 else:  # a GPU: the full training set
     config = mnist_config.get_config()
-    config.num_epochs = 5
+    config.num_epochs = 5  # at the main recipe's batch 32: 1,875 steps per epoch
     EXACT_MAX_DIM = 1024  # the default of soundness.sound_bound (and of train_and_evaluate)
 
 WORKDIR = tempfile.mkdtemp(prefix="crmjax_quickstart_")  # a fixed path resumes an interrupted run

@@ -31,21 +31,21 @@ def test_epoch_records_keep_the_last_record_of_each_epoch_in_epoch_order(tmp_pat
   records = reports.epoch_records(str(tmp_path / summary.METRICS_FILE))
   assert [r["epoch"] for r in records] == [1, 2, 3]
   assert records[1] == resumed
-  with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+  with pytest.raises(FileNotFoundError, match="give the workdir of a training run"):
     reports.epoch_records(str(tmp_path / "nowhere" / summary.METRICS_FILE))
 
 
 def test_load_runs_adds_runs_from_their_workdirs_and_keeps_the_labels_order(tmp_path):
-  _write_metrics(tmp_path / "a", [{"epoch": 1, "test/clean_accuracy": 0.9}])
+  _write_metrics(tmp_path / "a=1", [{"epoch": 1, "test/clean_accuracy": 0.9}])
   c = epoch_curves_config.get_config()
-  c.recorded, c.runs = RECORDED, (f"mine=x={tmp_path / 'a'}",)  # the last '=' splits
+  c.recorded, c.runs = RECORDED, (f"mine={tmp_path / 'a=1'}",)  # the first '=' splits
   runs, marks = epoch_curves.load_runs(c)
-  assert runs["mine=x"] == [{"epoch": 1, "test/clean_accuracy": 0.9}]
+  assert runs["mine"] == [{"epoch": 1, "test/clean_accuracy": 0.9}]
   assert epoch_curves_config.MAIN_RUN in runs and "test/clean_accuracy" in marks
-  c.labels = ("mine=x", epoch_curves_config.MAIN_RUN)
+  c.labels = ("mine", epoch_curves_config.MAIN_RUN)
   runs, marks = epoch_curves.load_runs(c)
   assert list(runs) == list(c.labels)
-  # 'mine=x' has no certified accuracy or bound: those panels draw the other run alone.
+  # 'mine' has no certified accuracy or bound: those panels draw the other run alone.
   reports.plot_epoch_curves(runs, str(tmp_path / "p.png"), marks=marks)
   assert (tmp_path / "p.png").stat().st_size > 10_000
   c.labels = ("typo",)
@@ -54,25 +54,44 @@ def test_load_runs_adds_runs_from_their_workdirs_and_keeps_the_labels_order(tmp_
   c.labels, c.runs = (), ("no-separator",)
   with pytest.raises(ValueError, match="'label=workdir'"):
     epoch_curves.load_runs(c)
+  _write_metrics(tmp_path / "b", [{"epoch": 1, "train/loss": 0.3}])  # eval_every_epochs=0
+  c.runs = (f"b={tmp_path / 'b'}",)
+  with pytest.raises(ValueError, match="no per-epoch test records: train with"):
+    epoch_curves.load_runs(c)
   c.recorded, c.runs = "", ()
   with pytest.raises(ValueError, match="no runs to draw"):
     epoch_curves.load_runs(c)
 
 
-def test_recorded_runs_are_per_epoch_test_records_matching_build_notes():
+def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
   with open(RECORDED) as f:
     recorded = json.load(f)
-  keys = {key for key, _, _ in reports.EPOCH_PANELS}
+  keys = {panel[0] for panel in reports.EPOCH_PANELS}
   for label, records in recorded["runs"].items():
     epochs = [r["epoch"] for r in records]
     assert epochs == sorted(set(epochs)) and epochs[0] >= 1, label
     for r in records:
       assert keys <= set(r), (label, r)
       assert 0 < r["test/certified_accuracy_estimate"] < r["test/clean_accuracy"] <= 1, label
-  # The last epochs against the figures quoted in BUILD_NOTES.md / README.md (rounded there).
-  main = recorded["runs"][epoch_curves_config.MAIN_RUN][-1]
-  assert (main["epoch"], round(100 * main["test/clean_accuracy"], 1)) == (20, 95.8)
-  assert round(100 * main["test/certified_accuracy_estimate"], 1) == 60.6
+  # Each run's last epoch against the figures BUILD_NOTES.md quotes (rounded there):
+  # (epoch, certified estimate %, clean %, mean pairwise L).
+  last = {
+    label: (
+      r["epoch"],
+      round(100 * r["test/certified_accuracy_estimate"], 1),
+      round(100 * r["test/clean_accuracy"], 1),
+      r["test/mean_pairwise_lipschitz_estimate"],
+    )
+    for label, (*_, r) in recorded["runs"].items()
+  }
+  assert last[epoch_curves_config.MAIN_RUN] == (20, 60.6, 95.8, 11.2)
+  assert sorted(last.values()) == [
+    (20, 51.7, 93.5, 8.1),
+    (20, 54.1, 94.2, 7.4),
+    (20, 57.4, 95.3, 8.6),
+    (20, 60.6, 95.8, 11.2),
+    (60, 61.8, 96.2, 10.0),
+  ]
   assert recorded["marks"]["test/certified_accuracy_estimate"]["paper, 400 epochs (sound)"] == 63.37
 
 
@@ -81,7 +100,7 @@ def test_the_command_draws_the_smoke_run_and_refuses_a_bad_run_in_one_line(tmp_p
   config = "--config=experiments/configs/epoch_curves.py:smoke"
   out = _run("experiments.epoch_curves", config, f"--config.output={png}")
   assert out.returncode == 0, out.stderr
-  assert f"| {epoch_curves_config.MAIN_RUN} | 20 | 60.60% | 95.80% |" in out.stdout
+  assert f"| {epoch_curves_config.MAIN_RUN} | 20 | 60.60% | 95.80% | 11.2 |" in out.stdout
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   out = _run(
     "experiments.epoch_curves",
