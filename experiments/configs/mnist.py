@@ -13,12 +13,12 @@ changes the study of issue 13 measured to certify more per epoch (BUILD_NOTES.md
   the first epoch, then a cosine decay to 1e-5 at the last step, instead of 1e-3 constant
   for 14 epochs and an exponential decay over the last 6.
 
-Measured (BUILD_NOTES.md, 2-core CPU, ~6.5 min per epoch, ~2 h 20 min in all): 95.78% clean,
-60.12% certified at eps = 1.58 with the sound bound (batch 64: 95.30% / 57.10%; batch 128:
-94.22% / 53.91%; batch 256: 93.45% / 51.42%; the reference recipe: 92.48% / 46.73%). The test
-curves of every epoch (clean accuracy, certified accuracy of the estimate) go to metrics.jsonl
-and TensorBoard; the final evaluation certifies with the sound bound. ``mnist_60.py`` is the
-batch-64 recipe over 60 epochs.
+Measured (BUILD_NOTES.md, 2-core CPU, 5.5-6.5 min per epoch, ~2 h in all): 95.78% clean,
+60.12% certified at eps = 1.58 with the sound bound (a second run: 95.77% / 60.41%; batch 64:
+95.30% / 57.10%; batch 128: 94.22% / 53.91%; batch 256: 93.45% / 51.42%; the reference
+recipe: 92.48% / 46.73%). The test curves of every epoch (clean accuracy, certified accuracy
+of the estimate) go to metrics.jsonl and TensorBoard; the final evaluation certifies with the
+sound bound. ``mnist_60.py`` is the batch-64 recipe over 60 epochs.
 
 ``--config=experiments/configs/mnist.py:smoke`` is a seconds-long CPU variant for tests.
 """
