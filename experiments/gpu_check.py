@@ -19,8 +19,8 @@ Steps, each a subprocess with its own time limit inside one overall budget (``--
   CRM steps, CRM/CE ratios, compile times, peak memory);
 * ``depth``: ``experiments.benchmark``'s depth sweep of the bounds alone (L = 4 ... 32);
 * ``train``: the main MNIST command (``experiments/configs/mnist.py``, 20 epochs at batch 32:
-  1,875 steps per epoch; the vendored data, no download); ``--train-config`` and ``--train-arg`` run another recipe instead, e.g.
-  issue 13's 60-epoch target: ``--steps install,env,train,certify
+  1,875 steps per epoch; the vendored data, no download); ``--train-config`` and
+  ``--train-arg`` run another recipe instead, e.g. issue 13's 60-epoch target: ``--steps install,env,train,certify
   --train-config experiments/configs/mnist_60.py --train-arg=--config.batch_size=32``;
 * ``certify``: ``experiments.certify`` on that run (its latest checkpoint, also when the
   training step ran out of time).

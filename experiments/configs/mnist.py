@@ -7,8 +7,8 @@ warm-started power iterations per step, Adam, g(r) = -r, CRM from the first step
 changes the study of issue 13 measured to certify more per epoch (BUILD_NOTES.md):
 
 * batch 32 instead of 512: sixteen times the optimizer steps per epoch (each step also
-  updates the bound), for a longer epoch on a CPU: 355-421 s here against 245-278 s at
-  batch 64 and 181-224 s at batch 128;
+  updates the bound), for a longer epoch on a CPU: 311-468 s here (two runs) against 245-278 s
+  at batch 64 and 181-224 s at batch 128;
 * a one-cycle learning rate (``optax.cosine_onecycle_schedule``): from 8e-5 up to 2e-3 over
   the first epoch, then a cosine decay to 1e-5 at the last step, instead of 1e-3 constant
   for 14 epochs and an exponential decay over the last 6.
