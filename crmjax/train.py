@@ -132,8 +132,29 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     bad("crm.warmup_epochs", config.crm.warmup_epochs, "use an integer >= 0")
   if config.get("init", "flax") not in models.INIT_SCHEMES:
     bad("init", config.init, f"use one of {list(models.INIT_SCHEMES)}")
-  if config.get("lr_schedule", "exponential") not in LR_SCHEDULES:
-    bad("lr_schedule", config.lr_schedule, f"use one of {list(LR_SCHEDULES)}")
+  schedule = config.get("lr_schedule", "exponential")
+  if schedule not in LR_SCHEDULES:
+    bad("lr_schedule", schedule, f"use one of {list(LR_SCHEDULES)}")
+  if not (
+    isinstance(config.get("lr_warmup_epochs", 0), int) and config.get("lr_warmup_epochs", 0) >= 0
+  ):
+    bad("lr_warmup_epochs", config.lr_warmup_epochs, "use an integer number of epochs >= 0")
+  # A setting the chosen schedule never reads is refused rather than silently ignored.
+  if schedule != "exponential" and config.get("lr_decay_start_epoch", 0):
+    bad(
+      "lr_decay_start_epoch",
+      config.lr_decay_start_epoch,
+      f"--config.lr_schedule={schedule} does not read it (its decay starts when the "
+      "--config.lr_warmup_epochs warm-up ends): set --config.lr_decay_start_epoch=0, or use "
+      "--config.lr_schedule=exponential",
+    )
+  if schedule == "exponential" and config.get("lr_warmup_epochs", 0):
+    bad(
+      "lr_warmup_epochs",
+      config.lr_warmup_epochs,
+      "--config.lr_schedule=exponential has no warm-up: set --config.lr_warmup_epochs=0, or use "
+      "--config.lr_schedule=cosine or one_cycle",
+    )
   if not config.get("final_learning_rate", 1.0) > 0:
     bad("final_learning_rate", config.final_learning_rate, "use a positive rate")
   if not config.get("weight_decay", 0.0) >= 0:

@@ -32,7 +32,13 @@ def test_mnist_recipes_differ_only_where_their_docstrings_say():
   ref, main, long = (m.get_config().to_dict() for m in (mnist_reference, mnist, mnist_60))
   train.validate_config(mnist_reference.get_config(), num_devices=1)
   changed = {k for k in ref if ref[k] != main[k]}
-  assert changed == {"batch_size", "lr_schedule", "learning_rate", "lr_warmup_epochs"}
+  assert changed == {
+    "batch_size",
+    "lr_schedule",
+    "learning_rate",
+    "lr_warmup_epochs",
+    "lr_decay_start_epoch",
+  }
   assert {k for k in main if main[k] != long[k]} == {"num_epochs", "batch_size"}
   assert (main["batch_size"], long["batch_size"], long["num_epochs"]) == (32, 64, 60)
 

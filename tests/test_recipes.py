@@ -110,6 +110,37 @@ def test_exponential_schedule_is_unchanged_by_default():
     train.validate_config(_tiny_config(lr_schedule="step"), num_devices=1)
 
 
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
+    (
+      {"lr_schedule": "one_cycle", "lr_decay_start_epoch": 14},
+      r"--config\.lr_decay_start_epoch=14 is invalid: --config\.lr_schedule=one_cycle does not "
+      r"read it .*set --config\.lr_decay_start_epoch=0",
+    ),
+    (
+      {"lr_schedule": "cosine", "lr_decay_start_epoch": 3},
+      r"--config\.lr_decay_start_epoch=3 is invalid: --config\.lr_schedule=cosine does not",
+    ),
+    (
+      {"lr_schedule": "exponential", "lr_warmup_epochs": 1},
+      r"--config\.lr_warmup_epochs=1 is invalid: --config\.lr_schedule=exponential has no "
+      r"warm-up: set --config\.lr_warmup_epochs=0",
+    ),
+    ({"lr_schedule": "cosine", "lr_warmup_epochs": -1}, r"lr_warmup_epochs=-1 is invalid: use an"),
+  ],
+)
+def test_a_schedule_setting_the_schedule_never_reads_is_refused(overrides, match):
+  """Not silently ignored: the one-cycle schedule has no use for the exponential decay's start."""
+  with pytest.raises(ValueError, match=match):
+    train.validate_config(_tiny_config(**overrides), num_devices=1)
+  for ok in (
+    {"lr_schedule": "one_cycle", "lr_warmup_epochs": 2, "lr_decay_start_epoch": 0},
+    {"lr_schedule": "exponential", "lr_warmup_epochs": 0, "lr_decay_start_epoch": 5},
+  ):
+    train.validate_config(_tiny_config(**ok), num_devices=1)
+
+
 def _adam_reference(grads, *, lr, wd=0.0, clip=0.0, p0=1.0, b1=0.9, b2=0.999, eps=1e-8):
   """float64 numpy Adam / AdamW (decoupled decay) with a global-norm clip first."""
   p, m, v = np.float64(p0), 0.0, 0.0
@@ -197,6 +228,7 @@ def test_run_writes_curves_and_tensorboard_events_holding_the_logged_values(tmp_
     init="torch",
     lr_schedule="cosine",
     lr_warmup_epochs=1,
+    lr_decay_start_epoch=0,
     final_learning_rate=1e-5,
   )
   result = train.train_and_evaluate(config, str(tmp_path))
@@ -235,6 +267,7 @@ def test_resume_with_the_new_options_is_bitwise_and_does_not_redo_steps(tmp_path
     init="torch",
     lr_schedule="one_cycle",
     lr_warmup_epochs=1,
+    lr_decay_start_epoch=0,
     weight_decay=1e-3,
     grad_clip_norm=1.0,
     final_learning_rate=1e-5,
@@ -262,7 +295,12 @@ def test_resume_with_the_new_options_is_bitwise_and_does_not_redo_steps(tmp_path
 
 def test_new_options_compile_each_train_step_once(tmp_path, caplog):
   config = _tiny_config(
-    init="torch", lr_schedule="cosine", weight_decay=1e-3, grad_clip_norm=1.0, eval_every_epochs=1
+    init="torch",
+    lr_schedule="cosine",
+    lr_decay_start_epoch=0,
+    weight_decay=1e-3,
+    grad_clip_norm=1.0,
+    eval_every_epochs=1,
   )
   config.crm.normalize = "batch"
   with caplog.at_level("WARNING", logger="jax"), jax.log_compiles():

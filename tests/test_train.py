@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from crmjax import checkpoint, losses, train
-from experiments.configs import mnist
+from experiments.configs import mnist, mnist_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +28,7 @@ def _tiny_config(**overrides):
   c.sound_iters, c.checkpoint_every_steps, c.log_every_steps = 20, 3, 2
   # The reference's schedule (mnist_reference.py), which these tests' values assume.
   c.lr_schedule, c.learning_rate, c.lr_warmup_epochs = "exponential", 1e-3, 0
+  c.lr_decay_start_epoch = mnist_reference.get_config().lr_decay_start_epoch
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -254,6 +255,7 @@ def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
     "--config.train_iters=2",
     "--config.crm.penalty=exp",
     "--config.lr_schedule=exponential",
+    "--config.lr_warmup_epochs=0",
     "--config.learning_rate=1e-3",
     "--config.final_learning_rate=1e-6",
     "--config.lr_decay_start_epoch=0",

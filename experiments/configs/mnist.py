@@ -33,6 +33,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.batch_size = 32
   c.lr_schedule, c.learning_rate, c.lr_warmup_epochs = "one_cycle", 2e-3, 1
   c.final_learning_rate = 1e-5
+  c.lr_decay_start_epoch = 0  # the reference's 14 is read by the exponential schedule only
   if default.check_variant(variant) == "smoke":
     c.train_subset, c.test_subset = 512, 256
     c.batch_size, c.num_epochs = 64, 2
