@@ -130,6 +130,19 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     )
   if config.crm.warmup_epochs < 0:
     bad("crm.warmup_epochs", config.crm.warmup_epochs, "use an integer >= 0")
+  if config.loss == "crm" and config.crm.warmup_epochs >= config.num_epochs:
+    bad(
+      "crm.warmup_epochs",
+      config.crm.warmup_epochs,
+      f"the cross-entropy warm-up would take all --config.num_epochs={config.num_epochs} and "
+      "the CRM penalty never switch on: use fewer warm-up epochs (0: CRM from the first "
+      "step) or --config.loss=ce",
+    )
+  if config.crm.get("ramp_epochs", 0) < 0:
+    bad("crm.ramp_epochs", config.crm.ramp_epochs, "use an integer >= 0 (0: no ramp)")
+  for field in ("r0", "r0_start"):
+    if not config.crm.get(field, 1.0) > 0:
+      bad(f"crm.{field}", config.crm[field], "the target radius must be > 0")
   if config.get("init", "flax") not in models.INIT_SCHEMES:
     bad("init", config.init, f"use one of {list(models.INIT_SCHEMES)}")
   schedule = config.get("lr_schedule", "exponential")
@@ -155,8 +168,22 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       "--config.lr_schedule=exponential has no warm-up: set --config.lr_warmup_epochs=0, or use "
       "--config.lr_schedule=cosine or one_cycle",
     )
+  if schedule != "exponential" and 2 * config.get("lr_warmup_epochs", 0) > config.num_epochs:
+    log.warning(
+      "--config.lr_warmup_epochs=%d is more than half of --config.num_epochs=%d: the %s "
+      "schedule's warm-up is capped at half the run",
+      config.lr_warmup_epochs,
+      config.num_epochs,
+      schedule,
+    )
   if not config.get("final_learning_rate", 1.0) > 0:
     bad("final_learning_rate", config.final_learning_rate, "use a positive rate")
+  if config.get("final_learning_rate", 0.0) > config.learning_rate:
+    bad(
+      "final_learning_rate",
+      config.final_learning_rate,
+      f"the schedules decay to it: use a rate <= --config.learning_rate={config.learning_rate}",
+    )
   if not config.get("weight_decay", 0.0) >= 0:
     bad("weight_decay", config.weight_decay, "use a decay >= 0 (0: plain Adam)")
   if not config.get("grad_clip_norm", 0.0) >= 0:
@@ -167,7 +194,41 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     isinstance(config.get("eval_every_epochs", 0), int) and config.get("eval_every_epochs", 0) >= 0
   ):
     bad("eval_every_epochs", config.eval_every_epochs, "use an integer >= 0 (0: never)")
+  for field, low in (
+    ("log_every_steps", 1),
+    ("checkpoint_every_steps", 1),
+    ("eval_batch_size", 1),
+    ("max_checkpoints", 1),
+    ("train_subset", 0),
+    ("test_subset", 0),
+    ("epoch_eval_subset", 0),
+    ("stop_after_steps", 0),
+  ):
+    v = config.get(field, low)
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+      bad(field, v, f"use an integer >= {low}" + (" (0: off / all)" if low == 0 else ""))
+  _validate_normalize(config, bad)
   _validate_rescaling(config, bad)
+
+
+def _validate_normalize(config, bad) -> None:
+  norm = config.get("normalize") or ()
+  if not norm:
+    return
+  ok = (
+    len(norm) == 2
+    and all(isinstance(v, (tuple, list)) and len(v) >= 1 for v in norm)
+    and len(norm[0]) == len(norm[1])
+    and all(isinstance(x, (int, float)) for v in norm for x in v)
+    and all(sd > 0 for sd in norm[1])
+  )
+  if not ok:
+    bad(
+      "normalize",
+      norm,
+      "use ((mean, ...), (std, ...)) with one value per channel and every std > 0, e.g. "
+      "'((0.1307,), (0.3081,))' for MNIST, or () for none",
+    )
 
 
 def rescaling_every(config: ml_collections.ConfigDict) -> int:
@@ -227,10 +288,14 @@ def learning_rate_schedule(
     ``final_learning_rate`` (``optax.warmup_cosine_decay_schedule``).
   * ``'one_cycle'``: ``optax.cosine_onecycle_schedule`` peaking at ``learning_rate`` after
     ``lr_warmup_epochs`` (from ``learning_rate / 25``), ending at ``final_learning_rate``.
+
+  The warm-up of the last two is capped at half of ``total_steps`` (``validate_config`` warns):
+  with ``pct_start = 1`` optax's one-cycle schedule drops its peak and only decays, so e.g.
+  ``mnist.py`` with ``--config.num_epochs=1`` rises for half the epoch, then decays.
   """
   kind = config.get("lr_schedule", "exponential")
   lr, final = config.learning_rate, config.final_learning_rate
-  warmup = min(int(config.get("lr_warmup_epochs", 0)) * steps_per_epoch, total_steps)
+  warmup = min(int(config.get("lr_warmup_epochs", 0)) * steps_per_epoch, total_steps // 2)
   if kind == "cosine":
     return optax.warmup_cosine_decay_schedule(
       0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=final

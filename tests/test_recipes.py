@@ -102,6 +102,28 @@ def test_one_cycle_schedule_starts_low_peaks_after_warmup_and_ends_at_final():
   np.testing.assert_allclose(mid, [(1e-3 / 25 + 1e-3) / 2, (1e-3 + 1e-6) / 2], rtol=2e-2)
 
 
+@pytest.mark.parametrize("kind", ["one_cycle", "cosine"])
+def test_a_warm_up_as_long_as_the_run_is_capped_at_half_of_it(kind, caplog):
+  """``mnist.py --config.num_epochs=1`` (warm-up 1 epoch): optax's one-cycle with pct_start = 1
+  drops its peak and only decays; capped, the rate peaks at mid-run and ends at the final rate."""
+  c = _tiny_config(
+    learning_rate=1e-3,
+    final_learning_rate=1e-6,
+    lr_schedule=kind,
+    lr_warmup_epochs=1,
+    lr_decay_start_epoch=0,
+    num_epochs=1,
+  )
+  with caplog.at_level("WARNING", logger=train.log.name):
+    train.validate_config(c, num_devices=1)
+  assert "capped at half the run" in caplog.text
+  rates = _rates(c, 10, 10, range(11))
+  assert np.argmax(rates) == 5
+  np.testing.assert_allclose([rates[5], rates[10]], [1e-3, 1e-6], rtol=1e-4)
+  assert all(a < b for a, b in zip(rates[:5], rates[1:6]))
+  assert all(a > b for a, b in zip(rates[5:10], rates[6:]))
+
+
 def test_exponential_schedule_is_unchanged_by_default():
   c = _tiny_config(learning_rate=1e-3, final_learning_rate=1e-5, lr_decay_start_epoch=5)
   got = _rates(c, 100, 10, [0, 49, 50, 75, 100])
@@ -139,6 +161,39 @@ def test_a_schedule_setting_the_schedule_never_reads_is_refused(overrides, match
     {"lr_schedule": "exponential", "lr_warmup_epochs": 0, "lr_decay_start_epoch": 5},
   ):
     train.validate_config(_tiny_config(**ok), num_devices=1)
+
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("log_every_steps", 0, r"--config\.log_every_steps=0 is invalid: use an integer >= 1"),
+    ("checkpoint_every_steps", 0, r"--config\.checkpoint_every_steps=0 is invalid"),
+    ("eval_batch_size", 0, r"--config\.eval_batch_size=0 is invalid: use an integer >= 1"),
+    ("train_subset", -5, r"--config\.train_subset=-5 is invalid: use an integer >= 0"),
+    ("stop_after_steps", -1, r"--config\.stop_after_steps=-1 is invalid"),
+    ("final_learning_rate", 1e-2, r"final_learning_rate=0\.01 is invalid: .* <= --config\.lear"),
+    ("crm.warmup_epochs", 2, r"crm\.warmup_epochs=2 is invalid: the cross-entropy warm-up would "),
+    ("crm.ramp_epochs", -1, r"--config\.crm\.ramp_epochs=-1 is invalid"),
+    ("crm.r0", 0.0, r"--config\.crm\.r0=0\.0 is invalid: the target radius must be > 0"),
+    ("normalize", (0.13, 0.31), r"--config\.normalize=\(0\.13, 0\.31\) is invalid: use \(\(mean"),
+    ("normalize", ((0.13,), (0.0,)), r"--config\.normalize=.* is invalid: .*every std > 0"),
+    ("normalize", ((0.1, 0.2), (0.3,)), r"--config\.normalize=.* is invalid: use \(\(mean"),
+  ],
+)
+def test_settings_that_would_fail_late_or_do_nothing_are_refused_up_front(field, value, match):
+  """Each would otherwise fail deep in training (a division by zero, a TypeError) or quietly
+  change the run (negative subsets dropping points, a rising 'decay', CRM never switched on)."""
+  c = _tiny_config(num_epochs=2)
+  if field == "normalize":
+    c.normalize = value
+  else:
+    group, _, name = field.rpartition(".")
+    (c[group] if group else c)[name] = value
+  with pytest.raises(ValueError, match=match):
+    train.validate_config(c, num_devices=1)
+  ok = _tiny_config(num_epochs=2, normalize=((0.1307,), (0.3081,)))
+  ok.crm.warmup_epochs = 1
+  train.validate_config(ok, num_devices=1)
 
 
 def _adam_reference(grads, *, lr, wd=0.0, clip=0.0, p0=1.0, b1=0.9, b2=0.999, eps=1e-8):

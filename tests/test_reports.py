@@ -169,6 +169,25 @@ def test_missing_checkpoint(tmp_path):
   assert "no checkpoint" in proc.stderr and "experiments.mnist" in proc.stderr
 
 
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("refine_norms", "frobenius", r"--config\.refine_norms='frobenius' is invalid: use one of"),
+    ("sound_estimator", "svd", r"--config\.sound_estimator='svd' is invalid: use one of"),
+    ("pgd_subset", -1, r"--config\.pgd_subset=-1 is invalid: use an integer >= 0"),
+    ("eval_batch_size", 0, r"--config\.eval_batch_size=0 is invalid"),
+    ("failure_prob", 0.0, r"--config\.failure_prob=0\.0 is invalid: use a probability"),
+  ],
+)
+def test_certify_refuses_a_bad_setting_before_reading_the_checkpoint(tmp_path, field, value, match):
+  """Checked first: the message names the field, not a missing run, and nothing is created."""
+  c = certify_config.get_config("smoke")
+  c[field] = value
+  with pytest.raises(ValueError, match=match):
+    reports.certify_run(c, str(tmp_path / "no_run"))
+  assert not (tmp_path / "no_run").exists()
+
+
 # new name -> the name in configs stored before issue 17
 OLD_NAMES = {
   "train_iters": "power_iters",
