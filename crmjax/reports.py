@@ -470,26 +470,24 @@ def validate_certify_config(config: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the field and the fix, before any checkpoint is read: a bad
   choice would otherwise surface only after minutes of bounds."""
 
-  def bad(field, value, fix):
-    raise ValueError(f"--config.{field}={value!r} is invalid: {fix}")
-
+  bad = train.invalid_setting
   if config.sound_estimator not in soundness.ESTIMATORS:
     bad("sound_estimator", config.sound_estimator, f"use one of {list(soundness.ESTIMATORS)}")
   if config.refine_norms not in refinement.NORM_CHOICES:
     bad("refine_norms", config.refine_norms, f"use one of {list(refinement.NORM_CHOICES)}")
-  for field, low in (
-    ("eval_batch_size", 1),
-    ("pgd_batch_size", 1),
-    ("pgd_steps", 1),
-    ("pgd_restarts", 1),
-    ("test_subset", 0),
-    ("pgd_subset", 0),
-    ("sound_iters", 0),
-    ("eval_iters", 1),
-  ):
-    v = config[field]
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-      bad(field, v, f"use an integer >= {low}")
+  train.require_integers(
+    config,
+    {
+      "eval_batch_size": 1,
+      "pgd_batch_size": 1,
+      "pgd_steps": 1,
+      "pgd_restarts": 1,
+      "eval_iters": 1,
+      "test_subset": 0,
+      "pgd_subset": 0,
+      "sound_iters": 0,
+    },
+  )
   if not 0 < config.failure_prob < 1:
     bad("failure_prob", config.failure_prob, "use a probability in (0, 1), e.g. 1e-6")
   if not config.eps >= 0:

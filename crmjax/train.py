@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +77,24 @@ class TrainingDiverged(FloatingPointError):
 # ---------------------------------------------------------------------- construction
 
 
+def invalid_setting(field: str, value: Any, fix: str) -> NoReturn:
+  """Raises the ``ValueError`` of every config check: ``--config.<field>=<value> is invalid:
+  <fix>`` (the experiments' command line prints it and exits with status 2)."""
+  raise ValueError(f"--config.{field}={value!r} is invalid: {fix}")
+
+
+def require_integers(config: ml_collections.ConfigDict, minimums: dict[str, int]) -> None:
+  """``invalid_setting`` for the first field of ``minimums`` (absent fields pass) that is not
+  an integer (bools refused) at least its minimum."""
+  for field, low in minimums.items():
+    v = config.get(field, low)
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+      invalid_setting(field, v, f"use an integer >= {low}")
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   """Raises ``ValueError`` naming the field and the fix for any invalid setting."""
-
-  def bad(field, value, fix):
-    raise ValueError(f"--config.{field}={value!r} is invalid: {fix}")
+  bad = invalid_setting
 
   if config.dataset not in data.KNOWN_DATASETS:
     bad("dataset", config.dataset, f"use one of {list(data.KNOWN_DATASETS)}")
@@ -194,19 +207,19 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     isinstance(config.get("eval_every_epochs", 0), int) and config.get("eval_every_epochs", 0) >= 0
   ):
     bad("eval_every_epochs", config.eval_every_epochs, "use an integer >= 0 (0: never)")
-  for field, low in (
-    ("log_every_steps", 1),
-    ("checkpoint_every_steps", 1),
-    ("eval_batch_size", 1),
-    ("max_checkpoints", 1),
-    ("train_subset", 0),
-    ("test_subset", 0),
-    ("epoch_eval_subset", 0),
-    ("stop_after_steps", 0),
-  ):
-    v = config.get(field, low)
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-      bad(field, v, f"use an integer >= {low}" + (" (0: off / all)" if low == 0 else ""))
+  require_integers(
+    config,
+    {
+      "log_every_steps": 1,
+      "checkpoint_every_steps": 1,
+      "eval_batch_size": 1,
+      "max_checkpoints": 1,
+      "train_subset": 0,
+      "test_subset": 0,
+      "epoch_eval_subset": 0,
+      "stop_after_steps": 0,
+    },
+  )
   _validate_normalize(config, bad)
   _validate_rescaling(config, bad)
 
