@@ -228,10 +228,10 @@ def _validate_normalize(config, bad) -> None:
   norm = config.get("normalize") or ()
   if not norm:
     return
+  channels = data.dataset_info(config.dataset).image_shape[-1]
   ok = (
     len(norm) == 2
-    and all(isinstance(v, (tuple, list)) and len(v) >= 1 for v in norm)
-    and len(norm[0]) == len(norm[1])
+    and all(isinstance(v, (tuple, list)) and len(v) in (1, channels) for v in norm)
     and all(isinstance(x, (int, float)) for v in norm for x in v)
     and all(sd > 0 for sd in norm[1])
   )
@@ -239,8 +239,8 @@ def _validate_normalize(config, bad) -> None:
     bad(
       "normalize",
       norm,
-      "use ((mean, ...), (std, ...)) with one value per channel and every std > 0, e.g. "
-      "'((0.1307,), (0.3081,))' for MNIST, or () for none",
+      f"use ((mean, ...), (std, ...)) with one value or one per channel ({channels} for "
+      f"{config.dataset}) each and every std > 0, e.g. '((0.1307,), (0.3081,))', or () for none",
     )
 
 

@@ -149,7 +149,10 @@ def test_exponential_schedule_is_unchanged_by_default():
       r"--config\.lr_warmup_epochs=1 is invalid: --config\.lr_schedule=exponential has no "
       r"warm-up: set --config\.lr_warmup_epochs=0",
     ),
-    ({"lr_schedule": "cosine", "lr_warmup_epochs": -1}, r"lr_warmup_epochs=-1 is invalid: use an"),
+    (
+      {"lr_schedule": "cosine", "lr_warmup_epochs": -1, "lr_decay_start_epoch": 0},
+      r"lr_warmup_epochs=-1 is invalid: use an",
+    ),
   ],
 )
 def test_a_schedule_setting_the_schedule_never_reads_is_refused(overrides, match):
@@ -177,7 +180,12 @@ def test_a_schedule_setting_the_schedule_never_reads_is_refused(overrides, match
     ("crm.r0", 0.0, r"--config\.crm\.r0=0\.0 is invalid: the target radius must be > 0"),
     ("normalize", (0.13, 0.31), r"--config\.normalize=\(0\.13, 0\.31\) is invalid: use \(\(mean"),
     ("normalize", ((0.13,), (0.0,)), r"--config\.normalize=.* is invalid: .*every std > 0"),
-    ("normalize", ((0.1, 0.2), (0.3,)), r"--config\.normalize=.* is invalid: use \(\(mean"),
+    (
+      "normalize",
+      ((0.1, 0.2), (0.3, 0.4)),
+      r"--config\.normalize=.* one per channel \(1 for mnist",
+    ),
+    ("normalize", ((0.1,), (0.3, 0.4, 0.5)), r"--config\.normalize=.* is invalid: use \(\(mean"),
   ],
 )
 def test_settings_that_would_fail_late_or_do_nothing_are_refused_up_front(field, value, match):

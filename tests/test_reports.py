@@ -179,13 +179,19 @@ def test_missing_checkpoint(tmp_path):
     ("failure_prob", 0.0, r"--config\.failure_prob=0\.0 is invalid: use a probability"),
   ],
 )
-def test_certify_refuses_a_bad_setting_before_reading_the_checkpoint(tmp_path, field, value, match):
-  """Checked first: the message names the field, not a missing run, and nothing is created."""
+def test_certify_refuses_a_bad_setting_before_reading_the_checkpoint(
+  monkeypatch, field, value, match
+):
+  """Checked first: the message names the field, before any checkpoint is opened."""
+
+  def load_run(workdir):
+    raise AssertionError(f"the checkpoint of {workdir} was read before the config was checked")
+
+  monkeypatch.setattr(reports, "load_run", load_run)
   c = certify_config.get_config("smoke")
   c[field] = value
   with pytest.raises(ValueError, match=match):
-    reports.certify_run(c, str(tmp_path / "no_run"))
-  assert not (tmp_path / "no_run").exists()
+    reports.certify_run(c, "runs/any")
 
 
 # new name -> the name in configs stored before issue 17
