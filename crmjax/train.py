@@ -114,12 +114,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       config.batch_size,
       f"it must be divisible by the {num_devices} devices; use a multiple of {num_devices}",
     )
-  if not (isinstance(config.train_iters, int) and config.train_iters >= 1):
-    bad("train_iters", config.train_iters, "use an integer >= 1")
-  if not (isinstance(config.eval_iters, int) and config.eval_iters >= 1):
-    bad("eval_iters", config.eval_iters, "use an integer >= 1")
-  if not (isinstance(config.sound_iters, int) and config.sound_iters >= 1):
-    bad("sound_iters", config.sound_iters, "use an integer >= 1")
+  require_integers(config, {"train_iters": 1, "eval_iters": 1, "sound_iters": 1})
   if not config.eps >= 0:
     bad("eps", config.eps, "the certified radius eps must be >= 0")
   if not config.crm.temperature > 0:
@@ -161,10 +156,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   schedule = config.get("lr_schedule", "exponential")
   if schedule not in LR_SCHEDULES:
     bad("lr_schedule", schedule, f"use one of {list(LR_SCHEDULES)}")
-  if not (
-    isinstance(config.get("lr_warmup_epochs", 0), int) and config.get("lr_warmup_epochs", 0) >= 0
-  ):
-    bad("lr_warmup_epochs", config.lr_warmup_epochs, "use an integer number of epochs >= 0")
+  require_integers(config, {"lr_warmup_epochs": 0})
+  warmup_epochs = config.get("lr_warmup_epochs", 0)
   # A setting the chosen schedule never reads is refused rather than silently ignored.
   if schedule != "exponential" and config.get("lr_decay_start_epoch", 0):
     bad(
@@ -174,18 +167,18 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       "--config.lr_warmup_epochs warm-up ends): set --config.lr_decay_start_epoch=0, or use "
       "--config.lr_schedule=exponential",
     )
-  if schedule == "exponential" and config.get("lr_warmup_epochs", 0):
+  if schedule == "exponential" and warmup_epochs:
     bad(
       "lr_warmup_epochs",
-      config.lr_warmup_epochs,
+      warmup_epochs,
       "--config.lr_schedule=exponential has no warm-up: set --config.lr_warmup_epochs=0, or use "
       "--config.lr_schedule=cosine or one_cycle",
     )
-  if schedule != "exponential" and 2 * config.get("lr_warmup_epochs", 0) > config.num_epochs:
+  if schedule != "exponential" and 2 * warmup_epochs > config.num_epochs:
     log.warning(
       "--config.lr_warmup_epochs=%d is more than half of --config.num_epochs=%d: the %s "
       "schedule's warm-up is capped at half the run",
-      config.lr_warmup_epochs,
+      warmup_epochs,
       config.num_epochs,
       schedule,
     )
