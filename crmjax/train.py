@@ -149,8 +149,15 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   if config.crm.get("ramp_epochs", 0) < 0:
     bad("crm.ramp_epochs", config.crm.ramp_epochs, "use an integer >= 0 (0: no ramp)")
   for field in ("r0", "r0_start"):
-    if not config.crm.get(field, 1.0) > 0:
+    if config.crm.get(field) is not None and not config.crm[field] > 0:
       bad(f"crm.{field}", config.crm[field], "the target radius must be > 0")
+  if config.crm.get("r0_start") is not None and not config.crm.get("ramp_epochs", 0):
+    bad(
+      "crm.r0_start",
+      config.crm.r0_start,
+      "it is where r0's ramp starts, and there is no ramp: set --config.crm.ramp_epochs > 0 "
+      "too, or leave crm.r0_start unset (r0 from the start)",
+    )
   if config.get("init", "flax") not in models.INIT_SCHEMES:
     bad("init", config.init, f"use one of {list(models.INIT_SCHEMES)}")
   schedule = config.get("lr_schedule", "exponential")
@@ -339,16 +346,20 @@ def make_optimizer(
 def penalty_schedules(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> tuple[optax.Schedule, optax.Schedule]:
-  """``lambda(step)`` (0 before the warm-up ends, then constant or a linear ramp) and ``r0(step)``."""
+  """``lambda(step)`` (0 before the warm-up ends, then constant or a linear ramp) and ``r0(step)``
+  (``crm.r0_start`` through the warm-up, then linear to ``crm.r0`` over the ramp; ``crm.r0``
+  throughout when ``crm.r0_start`` is None)."""
   start = config.crm.warmup_epochs * steps_per_epoch
   ramp = max(config.crm.ramp_epochs * steps_per_epoch, 1)
+  r0_start = config.crm.get("r0_start")
+  r0_start = config.crm.r0 if r0_start is None else r0_start
   if config.crm.ramp_epochs:
     lam = optax.linear_schedule(0.0, config.crm.lam, ramp)
-    r0 = optax.linear_schedule(config.crm.r0_start, config.crm.r0, ramp)
+    r0 = optax.linear_schedule(r0_start, config.crm.r0, ramp)
   else:
     lam, r0 = optax.constant_schedule(config.crm.lam), optax.constant_schedule(config.crm.r0)
   lam = optax.join_schedules([optax.constant_schedule(0.0), lam], [start])
-  r0 = optax.join_schedules([optax.constant_schedule(config.crm.r0_start), r0], [start])
+  r0 = optax.join_schedules([optax.constant_schedule(r0_start), r0], [start])
   return lam, r0
 
 

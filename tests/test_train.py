@@ -396,3 +396,9 @@ def test_lambda_and_r0_ramp_after_the_warmup():
   lam_fn, r0_fn = train.penalty_schedules(config, spe)
   assert [float(lam_fn(s)) for s in (9, 10, 50)] == [0.0, 8.0, 8.0]
   assert [float(r0_fn(s)) for s in (9, 10, 50)] == [0.5, 2.5, 2.5]
+  # r0_start unset (the default): r0 throughout, with a ramp of lambda alone too.
+  config.crm.r0_start = None
+  for ramp_epochs in (0, 2):
+    config.crm.ramp_epochs = ramp_epochs
+    _, r0_fn = train.penalty_schedules(config, spe)
+    assert [float(r0_fn(s)) for s in (0, 9, 10, 20, 50)] == [2.5] * 5

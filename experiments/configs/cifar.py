@@ -60,7 +60,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.batch_size, c.train_iters = 512, 5
   c.crm.penalty, c.crm.normalize = "linear", "batch"
   c.crm.temperature, c.crm.lam = 10.0, 30.0  # The reference's t = 5, lambda = 15 (see above).
-  c.crm.r0 = c.crm.r0_start = 0.1  # The reference's r0 = 0.2 in its normalised space.
+  c.crm.r0 = 0.1  # The reference's r0 = 0.2 in its normalised space.
   c.crm.warmup_epochs = 10
   c.num_epochs, c.learning_rate = 400, 1e-3
   c.lr_decay_start_epoch, c.final_learning_rate = 200, 1e-6

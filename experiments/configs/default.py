@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.crm.lam = 30.0
   c.crm.temperature = 5.0
   c.crm.r0 = 2.2
-  c.crm.r0_start = 2.2
+  # Where r0 starts its ramp (crm.ramp_epochs > 0); None: no r0 ramp, r0 from the start.
+  c.crm.r0_start = ml_collections.FieldReference(None, field_type=float)
   c.crm.penalty = "exp"  # g of eq. 8: exp (g(r) = exp(-t r) / t) | linear (g(r) = -r)
   c.crm.warmup_epochs = 5  # plain cross-entropy before the penalty switches on
   c.crm.ramp_epochs = 0  # 0 = constant lambda / r0 after the warm-up, else a linear ramp

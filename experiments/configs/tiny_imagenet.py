@@ -47,7 +47,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.batch_size, c.train_iters = 256, 5
   c.crm.penalty, c.crm.normalize = "linear", "batch"
   c.crm.temperature, c.crm.lam = 12.0, 150.0
-  c.crm.r0 = c.crm.r0_start = 0.2
+  c.crm.r0 = 0.2
   c.crm.warmup_epochs = 10
   c.num_epochs, c.learning_rate = 300, 1e-4
   c.lr_decay_start_epoch, c.final_learning_rate = 100, 1e-7
