@@ -203,6 +203,8 @@ def test_settings_that_would_fail_late_or_do_nothing_are_refused_up_front(field,
   ok = _tiny_config(num_epochs=2, normalize=((0.1307,), (0.3081,)))
   ok.crm.warmup_epochs = 1
   train.validate_config(ok, num_devices=1)
+  ok.crm.r0_start, ok.crm.ramp_epochs = 1.0, 1  # r0_start with its ramp
+  train.validate_config(ok, num_devices=1)
 
 
 def _adam_reference(grads, *, lr, wd=0.0, clip=0.0, p0=1.0, b1=0.9, b2=0.999, eps=1e-8):
