@@ -85,9 +85,14 @@ def invalid_setting(field: str, value: Any, fix: str) -> NoReturn:
 
 def require_integers(config: ml_collections.ConfigDict, minimums: dict[str, int]) -> None:
   """``invalid_setting`` for the first field of ``minimums`` (absent fields pass) that is not
-  an integer (bools refused) at least its minimum."""
+  an integer (bools refused) at least its minimum. A dotted field (``'rescaling.steps'``)
+  names a field of a group."""
   for field, low in minimums.items():
-    v = config.get(field, low)
+    *groups, name = field.split(".")
+    section = config
+    for group in groups:
+      section = section.get(group, {})
+    v = section.get(name, low)
     if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
       invalid_setting(field, v, f"use an integer >= {low}")
 
@@ -270,10 +275,15 @@ def _validate_rescaling(config, bad) -> None:
       every,
       "--config.loss=ce uses no bound: use --config.loss=crm or gloro, or every_steps=0",
     )
-  for field, low in (("steps", 0), ("step_iters", 1), ("warmup_iters", 0), ("final_iters", 1)):
-    v = r.get(field)
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-      bad(f"rescaling.{field}", v, f"use an integer >= {low}")
+  require_integers(
+    config,
+    {
+      "rescaling.steps": 0,
+      "rescaling.step_iters": 1,
+      "rescaling.warmup_iters": 0,
+      "rescaling.final_iters": 1,
+    },
+  )
   if not (isinstance(r.get("learning_rate"), (int, float)) and r.learning_rate > 0):
     bad("rescaling.learning_rate", r.get("learning_rate"), "use a positive Adam step on log D")
 

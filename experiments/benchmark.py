@@ -71,7 +71,6 @@ def train_config(
   c.loss, c.bound, c.bound_mode = "crm", bound, "pairwise"
   c.train_iters, c.batch_size = train_iters, batch_size
   c.crm = config.crm
-  c.eps = config.eps
   return c
 
 

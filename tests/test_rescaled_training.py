@@ -231,6 +231,7 @@ def test_checkpoint_without_rescaling_restores_and_resumes_with_it(tmp_path, cap
     ({"rescaling.steps": -1}, r"--config\.rescaling\.steps=-1 is invalid: use an integer >= 0"),
     ({"rescaling.step_iters": 0}, r"rescaling\.step_iters=0 is invalid: use an integer >= 1"),
     ({"rescaling.final_iters": 0}, r"rescaling\.final_iters=0 is invalid"),
+    ({"rescaling.warmup_iters": True}, r"rescaling\.warmup_iters=True is invalid: use an int"),
     ({"rescaling.learning_rate": 0.0}, r"rescaling\.learning_rate=0\.0 is invalid: use a pos"),
   ],
 )

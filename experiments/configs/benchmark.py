@@ -42,10 +42,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # (at the paper's power iterations and at 0)
 
   # The CRM loss of the training step (the paper's settings; warm-up off so the step
-  # measured is the regularized one).
+  # measured is the regularized one). No eps: the CRM step does not read it.
   c.crm = default.get_config().crm
   c.crm.warmup_epochs = 0
-  c.eps = 1.58
 
   # Depth scaling of the bounds alone: equal-width conv nets of each depth.
   c.depth_sweep = False
