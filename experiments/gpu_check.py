@@ -21,7 +21,7 @@ Steps, each a subprocess with its own time limit inside one overall budget (``--
 * ``train``: the main MNIST command (``experiments/configs/mnist.py``, 20 epochs at batch 32:
   1,875 steps per epoch; the vendored data, no download); ``--train-config`` and
   ``--train-arg`` run another recipe instead, e.g. issue 13's 60-epoch target: ``--steps install,env,train,certify
-  --train-config experiments/configs/mnist_60.py --train-arg=--config.batch_size=32``;
+  --train-config experiments/configs/mnist_60.py``;
 * ``certify``: ``experiments.certify`` on that run (its latest checkpoint, also when the
   training step ran out of time).
 

@@ -92,6 +92,7 @@ def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
     (20, 60.6, 95.8, 11.2),
     (20, 60.8, 95.8, 10.991923332214355),  # session 11's run, its metrics.jsonl unrounded
     (60, 61.8, 96.2, 10.0),
+    (60, 62.5, 96.2, 10.75844955444336),  # the 60-epoch batch-32 run, unrounded
   ]
   assert recorded["marks"]["test/certified_accuracy_estimate"]["paper, 400 epochs (sound)"] == 63.37
 

@@ -18,7 +18,7 @@ Measured (BUILD_NOTES.md, 2-core CPU, 5.5-6.5 min per epoch, ~2 h in all): 95.78
 95.30% / 57.10%; batch 128: 94.22% / 53.91%; batch 256: 93.45% / 51.42%; the reference
 recipe: 92.48% / 46.73%). The test curves of every epoch (clean accuracy, certified accuracy
 of the estimate) go to metrics.jsonl and TensorBoard; the final evaluation certifies with the
-sound bound. ``mnist_60.py`` is the batch-64 recipe over 60 epochs.
+sound bound. ``mnist_60.py`` is this recipe over 60 epochs.
 
 ``--config=experiments/configs/mnist.py:smoke`` is a seconds-long CPU variant for tests.
 """
