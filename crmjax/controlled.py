@@ -23,7 +23,7 @@ by the LMI, and the slope restriction gives ``dphi_i^2 - (alpha + beta) dv_i dph
 
 For convolutions the row sums of ``|W W^T|`` are replaced by the upper bound
 ``(|W| |W|^T q)_i / q_i`` (``|W|`` = the convolution with ``|kernel|``), which keeps the LMI
-valid; ``W^T`` is the exact adjoint (``jax.linear_transpose``) of the convolution.
+valid; ``W^T`` is the exact adjoint (``operators.Adjoint``) of the convolution.
 
 With ``rho = 1`` and ReLU this is the SLL layer ``x - 2 W^T diag(...)^{-1} relu(W x + b)``.
 

@@ -218,10 +218,19 @@ def forward_column(setup: Setup, config) -> dict:
   return measure(fn, (setup.state.params, setup.images), timing.same_args, config)
 
 
-def benchmark_model(name: str, config, devices, *, progress: Callable[[str], None] = print) -> dict:
-  """Every column of one model's row (``None`` where skipped)."""
-  model = paper_model(name, config.datasets[name])
+def model_batches(name: str, config) -> list[int]:
+  """The batches a model is timed at: its batch (``batch_sizes`` or ``batch_size``), then
+  ``small_batch_size`` where set and different."""
   batch = config.batch_sizes[name] or config.batch_size
+  small = config.small_batch_size
+  return [batch] + ([small] if small and small != batch else [])
+
+
+def benchmark_model(
+  name: str, config, devices, *, batch: int, progress: Callable[[str], None] = print
+) -> dict:
+  """Every column of one model's row at one batch (``None`` where skipped)."""
+  model = paper_model(name, config.datasets[name])
   iters = config.train_iters[name]
   if batch % len(devices):
     raise ValueError(
@@ -255,7 +264,7 @@ def benchmark_model(name: str, config, devices, *, progress: Callable[[str], Non
     results[column] = None if column in skip else run()
     if results[column] is not None:
       progress(
-        f"{name} {column}: {results[column]['ms']:.1f} ms "
+        f"{name} (batch {batch}) {column}: {results[column]['ms']:.1f} ms "
         f"(compile {results[column]['compile_s']:.1f} s)"
       )
   ms = {k: (v["ms"] if v else None) for k, v in results.items()}
@@ -350,7 +359,7 @@ def format_compile_table(rows: list[dict]) -> str:
   head = ["model"] + [f"compile s: {HEADERS[c]}" for c in COLUMNS] + ["XLA mem estimate, CRM step"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["model"]] + [
+    cells = [f"{r['model']} (batch {r['batch_size']})"] + [
       "skipped" if r["compile_s"][c] is None else f"{r['compile_s'][c]:.1f}" for c in COLUMNS
     ]
     cells.append(_bytes(r["xla_memory_bytes"]["crm_liplt"]))
@@ -363,7 +372,8 @@ def format_breakdown_table(rows: list[dict]) -> str:
   head = ["model, power iterations"] + [HEADERS[c] for c in cols]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [f"{r['model']}, {r['train_iters']} it"] + [_ms(r["ms"].get(c)) for c in cols]
+    cells = [f"{r['model']} (batch {r['batch_size']}), {r['train_iters']} it"]
+    cells += [_ms(r["ms"].get(c)) for c in cols]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -459,8 +469,10 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict:
     flush=True,
   )
   for name in config.models:
-    result["models"].append(benchmark_model(name, config, devices, progress=progress))
-    _write(result, config.output)
+    for batch in model_batches(name, config):
+      row = benchmark_model(name, config, devices, batch=batch, progress=progress)
+      result["models"].append(row)
+      _write(result, config.output)
   for depth in config.sweep.depths if config.depth_sweep else ():
     result["depth_sweep"].append(sweep_depth(depth, config, progress=progress))
     _write(result, config.output)

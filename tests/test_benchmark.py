@@ -142,3 +142,17 @@ def test_time_steps_threads_outputs_into_the_next_call_and_times_after_warmup():
   assert timing.time_steps(fn, (7,), steps=2, warmup=0) and seen[-2:] == [7, 7]
   with pytest.raises(ValueError, match="steps"):
     timing.time_steps(fn, (0,), steps=0, warmup=0)
+
+
+def test_default_settings_time_the_recipe_batch_too():
+  """The default run times each model at batch 512 and at the MNIST recipe's batch 32 (where
+  the bound is the largest share of a step); the smoke run at its one batch."""
+  from experiments.configs import mnist
+
+  config = benchmark_config.get_config()
+  assert config.small_batch_size == mnist.get_config().batch_size == 32
+  assert benchmark.model_batches("4C3F", config) == [512, 32]
+  assert benchmark.model_batches("6C2F", config) == [512, 32]
+  config.batch_size = 32
+  assert benchmark.model_batches("4C3F", config) == [32]
+  assert benchmark.model_batches("4C3F", benchmark_config.get_config("smoke")) == [64]
