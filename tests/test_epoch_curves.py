@@ -63,7 +63,7 @@ def test_load_runs_adds_runs_from_their_workdirs_and_keeps_the_labels_order(tmp_
     epoch_curves.load_runs(c)
 
 
-def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
+def test_recorded_runs_are_per_epoch_test_records_ending_as_the_results_say():
   with open(RECORDED) as f:
     recorded = json.load(f)
   keys = {panel[0] for panel in reports.EPOCH_PANELS}
