@@ -2,7 +2,7 @@
 
 ``python -m experiments.epoch_curves --config=experiments/configs/epoch_curves.py`` redraws
 ``docs/figures/mnist_epoch_curves.png`` from ``docs/figures/mnist_epoch_curves.json`` (the
-per-epoch test records of the MNIST runs in BUILD_NOTES.md, as ``metrics.jsonl`` logs them);
+per-epoch test records of the MNIST runs in docs/results.md, as ``metrics.jsonl`` logs them);
 ``--config.runs="('my run=runs/mnist',)"`` adds your own runs (their ``metrics.jsonl``) beside
 them, ``--config.labels`` keeps only some, ``--config.output`` writes the PNG elsewhere.
 """

@@ -1,16 +1,16 @@
-"""One call on a GPU machine that measures every GPU target (issue 15).
+"""One call on a GPU machine that measures every GPU target (step times, depth, MNIST run).
 
-  # here, once, with internet: the wheels the GPU image lacks, into .whl/ (git-ignored)
+  # once, with internet: the wheels a bare GPU image lacks, into .whl/ (git-ignored)
   python3 -m experiments.gpu_check --prepare
-  # on the GPU machine, from the repository root, in one call (device tool: carry=[".whl"])
-  python3 -m experiments.gpu_check --out "$OUT"
+  # on the GPU machine, from the repository root (with .whl/ copied beside the code)
+  python3 -m experiments.gpu_check --out results/gpu_check
   # the same steps, tiny, on a CPU (what tests/test_gpu_check.py runs)
   python3 -m experiments.gpu_check --smoke --out /tmp/gpu_check
 
 Steps, each a subprocess with its own time limit inside one overall budget (``--budget``,
-540 s by default, so that a 600 s call always reaches the copy):
+540 s by default, so that a job limited to 10 minutes always reaches the copy):
 
-* ``install``: the carried wheels (``--wheels``, default ``.whl/``) into ``<work>/site``
+* ``install``: the prepared wheels (``--wheels``, default ``.whl/``) into ``<work>/site``
   (``pip install --no-index --no-deps --target``), put first on ``PYTHONPATH`` with the
   repository root (crmjax runs from the tree, nothing is built);
 * ``env``: Python, jax, devices, package versions, ``nvidia-smi``; imports crmjax and the
@@ -20,14 +20,14 @@ Steps, each a subprocess with its own time limit inside one overall budget (``--
 * ``depth``: ``experiments.benchmark``'s depth sweep of the bounds alone (L = 4 ... 32);
 * ``train``: the main MNIST command (``experiments/configs/mnist.py``, 20 epochs at batch 32:
   1,875 steps per epoch; the vendored data, no download); ``--train-config`` and
-  ``--train-arg`` run another recipe instead, e.g. issue 13's 60-epoch target: ``--steps install,env,train,certify
-  --train-config experiments/configs/mnist_60.py``;
+  ``--train-arg`` run another recipe instead, e.g. the 60-epoch recipe: ``--steps
+  install,env,train,certify --train-config experiments/configs/mnist_60.py``;
 * ``certify``: ``experiments.certify`` on that run (its latest checkpoint, also when the
   training step ran out of time).
 
 A step that outlives its limit is stopped (SIGTERM, then SIGKILL) and the next one starts;
-whatever happens, the outputs are copied to ``--out`` (or ``$OUT``), at most 8 files of at
-most 16 MiB (a larger one is gzipped): ``gpu_check.log`` (everything printed),
+whatever happens, the outputs are copied to ``--out``, at most 8 files of at most 16 MiB (a
+larger one is gzipped): ``gpu_check.log`` (everything printed),
 ``summary.md`` (each step's status and the key figures, printed last), ``benchmark.json``,
 ``depth.json``, ``metrics.jsonl``, ``results.json`` (training), ``certify.json`` and
 ``figure1.png``. ``--steps`` runs a subset (e.g. a rerun of ``train,certify``).
@@ -56,8 +56,8 @@ from typing import TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("install", "env", "bench", "depth", "train", "certify")
-# The GPU image's Python packages lack these (see /work/.library/device/KINDS.md): pure-Python
-# wheels, pinned to the versions the CPU suite runs with.
+# A bare GPU image with jax, flax, optax and orbax may lack these: pure-Python wheels, pinned to the
+# versions the CPU suite runs with.
 WHEELS = ("ml-collections==1.1.0", "tensorboardX==2.6.5")
 PIP_DOWNLOAD = [
   "-m",
@@ -78,7 +78,8 @@ PIP_DOWNLOAD = [
 ]
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
-# The reference implementation's PyTorch figures on an H100 (issue 5), batch 512, ms per step.
+# The reference PyTorch implementation's step times on an H100 at batch 512 (ms per step), as
+# reported to us: the figures the CRM/CE targets compare with.
 REFERENCE_H100_MS = {"4C3F": {"ce": 3.35, "crm": 37.4}, "6C2F": {"ce": 3.12, "crm": 25.3}}
 
 ENV_CODE = r"""
@@ -310,7 +311,7 @@ HIDDEN_FLAGS = ("--config.progress_bar", "--config.download")  # not part of the
 
 
 def summarize(steps: list[Step], out_dir: Path, work: Path, wall_s: float) -> str:
-  """Markdown: each step's status, then the figures the issue asks for (what exists)."""
+  """Markdown: each step's status, then the target figures (those whose files exist)."""
   lines = [
     "## gpu_check summary",
     "",
@@ -429,18 +430,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT)")
+  p.add_argument("--out", metavar="DIR", help="output folder (created if missing; required)")
   p.add_argument("--smoke", action="store_true", help="the same steps, tiny, on a CPU")
   p.add_argument(
     "--budget",
     type=float,
     default=540.0,
-    help="seconds for all steps together (default 540: a 600 s call)",
+    help="seconds for all steps together (default 540: fits a 10-minute job)",
   )
   p.add_argument(
     "--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}"
   )
-  p.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of carried wheels")
+  p.add_argument(
+    "--wheels", default=str(ROOT / ".whl"), help="folder of prepared wheels (default: .whl/)"
+  )
   p.add_argument(
     "--train-config",
     default="experiments/configs/mnist.py",
@@ -463,7 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.prepare:
     return args
   if not args.out:
-    p.error("give --out DIR or set $OUT")
+    p.error("give --out DIR: the folder for the outputs")
   unknown = set(args.steps.split(",")) - set(STEPS)
   if unknown:
     p.error(f"--steps: unknown {sorted(unknown)}; use some of {list(STEPS)}")

@@ -35,7 +35,7 @@ def _check_run(result, workdir, config):
   assert result["step"] == config.num_epochs * (config.train_subset // config.batch_size)
   assert 0.0 <= result["certified_accuracy"] <= result["clean_accuracy"] <= 1.0
   assert np.isfinite(result["mean_pairwise_lipschitz"])
-  if config.dataset in ("cifar10", "tiny_imagenet"):  # both radii peers report (issue 14)
+  if config.dataset in ("cifar10", "tiny_imagenet"):  # both radii published results use
     at = result["certified_accuracy_at"]
     assert set(at) == {"0.1412", "0.07059"}, at
     assert at["0.1412"] == result["certified_accuracy"] <= at["0.07059"]

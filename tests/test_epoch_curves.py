@@ -63,7 +63,7 @@ def test_load_runs_adds_runs_from_their_workdirs_and_keeps_the_labels_order(tmp_
     epoch_curves.load_runs(c)
 
 
-def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
+def test_recorded_runs_are_per_epoch_test_records_ending_as_the_results_say():
   with open(RECORDED) as f:
     recorded = json.load(f)
   keys = {panel[0] for panel in reports.EPOCH_PANELS}
@@ -73,7 +73,7 @@ def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
     for r in records:
       assert keys <= set(r), (label, r)
       assert 0 < r["test/certified_accuracy_estimate"] < r["test/clean_accuracy"] <= 1, label
-  # Each run's last epoch against the figures BUILD_NOTES.md quotes (rounded there):
+  # Each run's last epoch against the figures docs/results.md quotes (rounded there):
   # (epoch, certified estimate %, clean %, mean pairwise L).
   last = {
     label: (
@@ -90,7 +90,7 @@ def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
     (20, 54.1, 94.2, 7.4),
     (20, 57.4, 95.3, 8.6),
     (20, 60.6, 95.8, 11.2),
-    (20, 60.8, 95.8, 10.991923332214355),  # session 11's run, its metrics.jsonl unrounded
+    (20, 60.8, 95.8, 10.991923332214355),  # the second run, its metrics.jsonl unrounded
     (60, 61.8, 96.2, 10.0),
     (60, 62.5, 96.2, 10.75844955444336),  # the 60-epoch batch-32 run, unrounded
   ]

@@ -93,6 +93,17 @@ def test_train_config_and_overrides_reach_the_train_command(tmp_path):
   assert "--config=experiments/configs/mnist_60.py:smoke" in smoke
 
 
+def test_the_output_folder_is_named_on_the_command_line(tmp_path, monkeypatch, capsys):
+  """``--out DIR`` is required; no environment variable stands in for it."""
+  monkeypatch.setenv("OUT", str(tmp_path))
+  with pytest.raises(SystemExit) as e:
+    gpu_check.parse_args([])
+  assert e.value.code == 2
+  assert "--out DIR" in capsys.readouterr().err
+  assert gpu_check.parse_args(["--out", str(tmp_path)]).out == str(tmp_path)
+  assert gpu_check.parse_args(["--prepare"]).prepare  # downloads only: no output folder
+
+
 def test_a_step_past_its_limit_is_stopped_even_if_it_ignores_sigterm():
   code = (
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

@@ -142,7 +142,7 @@ def test_refined_liplt_is_sound_and_rescaling_keeps_the_function():
   assert refined < plain  # measured: the AOL rescaling helps this network
 
 
-# ------------------------------------------------------------- optimised scales (issue 8)
+# ---------------------------------------------------------------------- optimised scales
 
 OPT_NETS = {
   "dense": (

@@ -12,8 +12,8 @@ independently of crmjax's bound code:
 1c. on networks whose linear part cancels (``z = P (phi(u) + phi(-u))``, leaky slopes
     ``alpha > 0``: the first term of eq. 19 vanishes and the bound rests on the ``m_j``
     terms), every sound bound (LipLT, naive, LipLT-AOL, LipLT of a random rescaling; l2 and
-    l_inf; every mode) and the l_inf training bound is >= the float64 lower estimate, and
-    issue 12's 1-D counterexample is certified correctly;
+    l_inf; every mode) and the l_inf training bound is >= the float64 lower estimate, and a
+    1-D counterexample whose constant comes from the m_j terms alone is certified correctly;
 2.  a point certified at radius R (``soundness.sound_bound``, pairwise LipLT, l2) keeps its
     label under l2 PGD (``crmjax.attacks.pgd_l2``, multi-targeted, restarts) at eps = R and
     under an exhaustive search of the 2-D disc of radius R, while the same attack at 2R
@@ -653,9 +653,10 @@ def test_sound_bounds_where_eq19_needs_the_m_terms(d, n, m, k, a1, a2, seed, noi
   assert not bad, (layers, seed, noise, bad)
 
 
-# Issue 12's counterexample: z0 = phi(phi(x)) + phi(-phi(x)) = |phi(x)| / 2, z1 = 0.1, with
-# phi = leaky ReLU of slope 0.5: the pairwise constant is exactly 0.5 (x > 0), all of it
-# from the m_j term of eq. 19 (the Hhat products cancel in R Hhat_1 Hhat_0).
+# A counterexample to an earlier l_inf bound (``Block.abs`` gave the wrong slope range):
+# z0 = phi(phi(x)) + phi(-phi(x)) = |phi(x)| / 2, z1 = 0.1, with phi = leaky ReLU of slope 0.5:
+# the pairwise constant is exactly 0.5 (x > 0), all of it from the m_j term of eq. 19 (the Hhat
+# products cancel in R Hhat_1 Hhat_0).
 COUNTER_LAYERS = (
   L.Dense(1),
   L.Act("leaky_relu", 0.5),
@@ -673,7 +674,7 @@ COUNTER_PARAMS = {
 }
 
 
-def test_issue_12_linf_counterexample():
+def test_linf_counterexample_whose_constant_is_all_m_terms():
   net = network.from_layers(COUNTER_LAYERS, COUNTER_PARAMS, (1,))
   f = lambda x: np.asarray(
     L.Sequential(COUNTER_LAYERS).apply(

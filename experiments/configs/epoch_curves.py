@@ -7,7 +7,7 @@ import ml_collections
 
 from experiments.configs import default
 
-MAIN_RUN = "20 ep: batch 32, one-cycle 2e-3 (mnist.py)"
+MAIN_RUN = "mnist.py (batch 32), 20 epochs, 2026-12-02"  # the main command's first run
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

@@ -1,8 +1,9 @@
 """MNIST, 4C3F, CRM over 60 epochs: the main recipe (``mnist.py``, batch 32) with its one-cycle
-schedule stretched to 60 epochs, the best crmjax model measured within 60 epochs (issue 13's
-second target: >= 62% certified at eps = 1.58). Measured (BUILD_NOTES.md, 2-core CPU, ~6.7 h
-over three sessions): 96.21% clean, 62.24% certified at eps = 1.58 with the sound bound.
-At batch 64 (``--config.batch_size=64``, ~4 h here) the same schedule certified 61.54%.
+schedule stretched to 60 epochs, the best crmjax model measured within 60 epochs (the target:
+>= 62% certified at eps = 1.58). Measured (docs/results.md; 2-core CPU, finished 2026-12-03,
+~6.7 h of training, stopped and resumed twice): 96.21% clean, 62.24% certified at eps = 1.58
+with the sound bound. At batch 64 (``--config.batch_size=64``, ~4 h on that CPU) the same
+schedule certified 61.54%.
 
   python -m experiments.mnist --config=experiments/configs/mnist_60.py --workdir=runs/mnist_60
 

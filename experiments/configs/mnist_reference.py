@@ -14,9 +14,10 @@ The paper's settings (t=5, r0=2.2, lambda=30, 10 power iterations, Adam 1e-3, ba
   1e-3 take the mean pairwise bound to ~3e4, from which the penalty never recovered;
 * Flax's default initialisation (``init='flax'``).
 
-Measured (BUILD_NOTES.md): 92.48% clean, 46.73% certified at eps = 1.58 with the sound bound
-of the time (power method); the reference code: 90.83% / 41.85%. ``experiments/configs/mnist.py``
-is the main command's recipe: this one with batch 32 and a one-cycle learning rate.
+Measured (docs/results.md, 2026-11-25): 92.48% clean, 46.73% certified at eps = 1.58 with the
+sound bound of the time (power method); the reference code: 90.83% / 41.85%.
+``experiments/configs/mnist.py`` is the main command's recipe: this one with batch 32 and a
+one-cycle learning rate.
 
   python -m experiments.mnist --config=experiments/configs/mnist_reference.py --workdir=runs/mnist_reference
 """

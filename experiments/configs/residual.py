@@ -1,4 +1,4 @@
-"""Residual networks end to end (issue 8): CRM-train a model with skip connections (H = I in
+"""Residual networks end to end: CRM-train a model with skip connections (H = I in
 paper eq. 17) once with the LipLT bound and once with the naive bound, then certify each
 with both sound bounds.
 
@@ -16,7 +16,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   t = mnist.get_config()
   # The main MNIST recipe (mnist.py: g(r) = -r, one-cycle learning rate), shortened, at the
-  # batch (64) of the runs measured in BUILD_NOTES.md.
+  # batch (64) of the runs measured in docs/results.md.
   t.num_epochs, t.train_subset, t.batch_size = 3, 20000, 64
   t.progress_bar = False
   c.train = t

@@ -15,7 +15,7 @@ certifiedRadiusMaximization --radiusMaximizationRobustLossType softMax
 * **Model, batch, bound**: 8C2F, batch 256, pairwise LipLT, 5 power iterations per step.
 * **Input space**: unlike CIFAR-10, the reference does not normalise Tiny-ImageNet
   (``data/DataLoader.py``), so its radii are [0, 1] pixel-space radii like ours and its
-  t = 12, lambda = 150, r0 = 0.2 carry over unchanged.
+  t = 12, lambda = 150, r0 = 0.2 apply unchanged.
 * **Robust loss**: the ``softMax`` form, ``g = -R_soft`` (``crm.penalty='linear'``) averaged
   over the batch (``crm.normalize='batch'``), on correctly classified points with radius
   below r0; constant lambda and r0.
