@@ -40,7 +40,18 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from crmjax import attacks, certify, checkpoint, data, liplt, models, refinement, soundness, train
+from crmjax import (
+  attacks,
+  certify,
+  checkpoint,
+  config_schema,
+  data,
+  liplt,
+  models,
+  refinement,
+  soundness,
+  train_state,
+)
 
 LOSS_LABELS = {"crm": "CRM", "ce": "standard CE", "gloro": "GloRo"}
 ESTIMATE_KIND = "power-iteration estimate (lower estimate, not guaranteed)"
@@ -58,16 +69,17 @@ class Run:
   Attributes:
     workdir: the run's directory.
     config: its training config (rebuilt from the checkpoint's ``meta['config']``, old
-      field names renamed by ``upgrade_config``).
+      old fields renamed and missing ones filled by
+      ``config_schema.stored_config``).
     model: the classifier.
-    state: the restored ``crmjax.train.TrainState``.
+    state: the restored ``crmjax.train_state.TrainState``.
     meta: the checkpoint's meta dict.
   """
 
   workdir: str
   config: ml_collections.ConfigDict
   model: models.Model
-  state: train.TrainState
+  state: train_state.TrainState
   meta: dict
 
   @property
@@ -76,23 +88,6 @@ class Run:
 
 
 # ------------------------------------------------------------------------- loading
-
-# Training-config fields renamed since checkpoints were first written: old name -> new name.
-RENAMED_CONFIG_KEYS = {
-  "power_iters": "train_iters",
-  "eval_power_iters": "eval_iters",
-  "sound_power_iters": "sound_iters",
-}
-
-
-def upgrade_config(stored: dict) -> dict:
-  """A stored training config (``meta['config']``) with the fields of ``RENAMED_CONFIG_KEYS``
-  under their new names; a new name already present wins. The input is not modified."""
-  config = dict(stored)
-  for old, new in RENAMED_CONFIG_KEYS.items():
-    if old in config:
-      config.setdefault(new, config.pop(old))
-  return config
 
 
 def load_run(workdir: str) -> Run:
@@ -122,13 +117,13 @@ def load_run(workdir: str) -> Run:
         step=step,
         path=ckpt.step_dir(step),
       )
-    config = ml_collections.ConfigDict(upgrade_config(stored["config"]))
-    model = train.make_model(config)
+    config = config_schema.stored_config(stored["config"])
+    model = train_state.make_model(config)
     # The optimizer's state structure does not depend on the schedule length.
-    tx = train.make_optimizer(config, total_steps=1)
-    replicated, _ = train.make_mesh()
+    tx = train_state.make_optimizer(config, total_steps=1)
+    replicated, _ = train_state.make_mesh()
     state, meta = ckpt.restore(
-      train.abstract_state(model, tx, config.seed, replicated),
+      train_state.abstract_state(model, tx, config.seed, replicated),
       step=step,
       expected_meta={"architecture": model.name, "dataset": config.dataset},
     )
@@ -466,34 +461,6 @@ def refined_bound(
 # ------------------------------------------------------------------------- the job
 
 
-def validate_certify_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` naming the field and the fix, before any checkpoint is read: a bad
-  choice would otherwise surface only after minutes of bounds."""
-
-  bad = train.invalid_setting
-  if config.sound_estimator not in soundness.ESTIMATORS:
-    bad("sound_estimator", config.sound_estimator, f"use one of {list(soundness.ESTIMATORS)}")
-  if config.refine_norms not in refinement.NORM_CHOICES:
-    bad("refine_norms", config.refine_norms, f"use one of {list(refinement.NORM_CHOICES)}")
-  train.require_integers(
-    config,
-    {
-      "eval_batch_size": 1,
-      "pgd_batch_size": 1,
-      "pgd_steps": 1,
-      "pgd_restarts": 1,
-      "eval_iters": 1,
-      "test_subset": 0,
-      "pgd_subset": 0,
-      "sound_iters": 0,
-    },
-  )
-  if not 0 < config.failure_prob < 1:
-    bad("failure_prob", config.failure_prob, "use a probability in (0, 1), e.g. 1e-6")
-  if not config.eps >= 0:
-    bad("eps", config.eps, "use a radius >= 0 (0: the training config's eps)")
-
-
 def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Table 1 row, Table 2 and Figure 1 of the run in ``workdir``; see the module docstring.
 
@@ -508,7 +475,7 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     FileNotFoundError: no checkpoint (or no data).
     RuntimeError: a certified point was broken by PGD (a soundness bug).
   """
-  validate_certify_config(config)
+  config_schema.validate_certify_config(config)
   run = load_run(workdir)
   images, labels = load_test(
     run, data_dir=config.data_dir, subset=config.test_subset, download=config.download

@@ -1,4 +1,4 @@
-"""CRM training: train state, one jit-compiled data-parallel step, the resumable loop.
+"""CRM training: one jit-compiled data-parallel step and the resumable loop.
 
 ``train_and_evaluate(config, workdir)`` is the main job: it trains with the loss named by
 ``config.loss`` (``crm``, ``ce`` or ``gloro``), checkpoints with Orbax, resumes from the
@@ -12,7 +12,6 @@ every N steps by ``refinement.refresh_scales`` and fixed in between (``make_refr
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -20,7 +19,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +26,12 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from flax import struct
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from crmjax import (
   certify,
   checkpoint,
+  config_schema,
   data,
   input_pipeline,
   liplt,
@@ -43,314 +40,17 @@ from crmjax import (
   refinement,
   rescaling,
   summary,
+  train_state,
 )
 
-LOSSES = ("crm", "ce", "gloro")
-
 log = logging.getLogger(__name__)
-
-
-@struct.dataclass
-class TrainState:
-  """Everything a training step reads and writes (and a checkpoint holds).
-
-  Attributes:
-    step: global step count (the data position is derived from it).
-    params: the model's params.
-    opt_state: the optax state (it carries the learning-rate schedule count).
-    power: ``crmjax.liplt.PowerState``, the warm-started power-iteration vectors.
-    key: raw ``uint32`` PRNG key data. No step reads it today; it stays so that every
-      checkpoint written so far keeps restoring (a changed state tree would not).
-  """
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  power: liplt.PowerState
-  key: jax.Array
 
 
 class TrainingDiverged(FloatingPointError):
   """The loss became NaN or inf; the last good checkpoint is left untouched."""
 
 
-# ---------------------------------------------------------------------- construction
-
-
-def invalid_setting(field: str, value: Any, fix: str) -> NoReturn:
-  """Raises the ``ValueError`` of every config check: ``--config.<field>=<value> is invalid:
-  <fix>`` (the experiments' command line prints it and exits with status 2)."""
-  raise ValueError(f"--config.{field}={value!r} is invalid: {fix}")
-
-
-def require_integers(config: ml_collections.ConfigDict, minimums: dict[str, int]) -> None:
-  """``invalid_setting`` for the first field of ``minimums`` (absent fields pass) that is not
-  an integer (bools refused) at least its minimum. A dotted field (``'rescaling.steps'``)
-  names a field of a group."""
-  for field, low in minimums.items():
-    *groups, name = field.split(".")
-    section = config
-    for group in groups:
-      section = section.get(group, {})
-    v = section.get(name, low)
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-      invalid_setting(field, v, f"use an integer >= {low}")
-
-
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-  """Raises ``ValueError`` naming the field and the fix for any invalid setting."""
-  bad = invalid_setting
-
-  if config.dataset not in data.KNOWN_DATASETS:
-    bad("dataset", config.dataset, f"use one of {list(data.KNOWN_DATASETS)}")
-  if config.model not in models.ARCHITECTURES:
-    bad("model", config.model, f"use one of {sorted(models.ARCHITECTURES)}")
-  if config.loss not in LOSSES:
-    bad("loss", config.loss, f"use one of {list(LOSSES)}")
-  if config.bound not in liplt.ALL_METHODS:
-    bad("bound", config.bound, f"use one of {list(liplt.ALL_METHODS)}")
-  if config.bound_mode not in liplt.MODES:
-    bad("bound_mode", config.bound_mode, f"use one of {list(liplt.MODES)}")
-  if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
-    bad("batch_size", config.batch_size, "use a positive integer")
-  if config.batch_size % num_devices:
-    bad(
-      "batch_size",
-      config.batch_size,
-      f"it must be divisible by the {num_devices} devices; use a multiple of {num_devices}",
-    )
-  require_integers(config, {"train_iters": 1, "eval_iters": 1, "sound_iters": 1})
-  if not config.eps >= 0:
-    bad("eps", config.eps, "the certified radius eps must be >= 0")
-  if not config.crm.temperature > 0:
-    bad("crm.temperature", config.crm.temperature, "the soft-min temperature t must be > 0")
-  if not config.crm.lam >= 0:
-    bad("crm.lam", config.crm.lam, "lambda must be >= 0")
-  if not config.learning_rate > 0:
-    bad("learning_rate", config.learning_rate, "use a positive learning rate")
-  if not (isinstance(config.num_epochs, int) and config.num_epochs >= 1):
-    bad("num_epochs", config.num_epochs, "use an integer >= 1")
-  if config.crm.get("penalty", "exp") not in losses.PENALTIES:
-    bad("crm.penalty", config.crm.penalty, f"use one of {list(losses.PENALTIES)}")
-  if not (
-    isinstance(config.get("lr_decay_start_epoch", 0), int)
-    and config.get("lr_decay_start_epoch", 0) >= 0
-  ):
-    bad(
-      "lr_decay_start_epoch",
-      config.lr_decay_start_epoch,
-      "use an integer epoch >= 0 (past num_epochs: a constant rate)",
-    )
-  if config.crm.warmup_epochs < 0:
-    bad("crm.warmup_epochs", config.crm.warmup_epochs, "use an integer >= 0")
-  if config.loss == "crm" and config.crm.warmup_epochs >= config.num_epochs:
-    bad(
-      "crm.warmup_epochs",
-      config.crm.warmup_epochs,
-      f"the cross-entropy warm-up would take all --config.num_epochs={config.num_epochs} and "
-      "the CRM penalty never switch on: use fewer warm-up epochs (0: CRM from the first "
-      "step) or --config.loss=ce",
-    )
-  if config.crm.get("ramp_epochs", 0) < 0:
-    bad("crm.ramp_epochs", config.crm.ramp_epochs, "use an integer >= 0 (0: no ramp)")
-  for field in ("r0", "r0_start"):
-    if config.crm.get(field) is not None and not config.crm[field] > 0:
-      bad(f"crm.{field}", config.crm[field], "the target radius must be > 0")
-  if config.crm.get("r0_start") is not None and not config.crm.get("ramp_epochs", 0):
-    bad(
-      "crm.r0_start",
-      config.crm.r0_start,
-      "it is where r0's ramp starts, and there is no ramp: set --config.crm.ramp_epochs > 0 "
-      "too, or leave crm.r0_start unset (r0 from the start)",
-    )
-  if config.get("init", "flax") not in models.INIT_SCHEMES:
-    bad("init", config.init, f"use one of {list(models.INIT_SCHEMES)}")
-  schedule = config.get("lr_schedule", "exponential")
-  if schedule not in LR_SCHEDULES:
-    bad("lr_schedule", schedule, f"use one of {list(LR_SCHEDULES)}")
-  require_integers(config, {"lr_warmup_epochs": 0})
-  warmup_epochs = config.get("lr_warmup_epochs", 0)
-  # A setting the chosen schedule never reads is refused rather than silently ignored.
-  if schedule != "exponential" and config.get("lr_decay_start_epoch", 0):
-    bad(
-      "lr_decay_start_epoch",
-      config.lr_decay_start_epoch,
-      f"--config.lr_schedule={schedule} does not read it (its decay starts when the "
-      "--config.lr_warmup_epochs warm-up ends): set --config.lr_decay_start_epoch=0, or use "
-      "--config.lr_schedule=exponential",
-    )
-  if schedule == "exponential" and warmup_epochs:
-    bad(
-      "lr_warmup_epochs",
-      warmup_epochs,
-      "--config.lr_schedule=exponential has no warm-up: set --config.lr_warmup_epochs=0, or use "
-      "--config.lr_schedule=cosine or one_cycle",
-    )
-  if schedule != "exponential" and 2 * warmup_epochs > config.num_epochs:
-    log.warning(
-      "--config.lr_warmup_epochs=%d is more than half of --config.num_epochs=%d: the %s "
-      "schedule's warm-up is capped at half the run",
-      warmup_epochs,
-      config.num_epochs,
-      schedule,
-    )
-  if not config.get("final_learning_rate", 1.0) > 0:
-    bad("final_learning_rate", config.final_learning_rate, "use a positive rate")
-  if config.get("final_learning_rate", 0.0) > config.learning_rate:
-    bad(
-      "final_learning_rate",
-      config.final_learning_rate,
-      f"the schedules decay to it: use a rate <= --config.learning_rate={config.learning_rate}",
-    )
-  if not config.get("weight_decay", 0.0) >= 0:
-    bad("weight_decay", config.weight_decay, "use a decay >= 0 (0: plain Adam)")
-  if not config.get("grad_clip_norm", 0.0) >= 0:
-    bad("grad_clip_norm", config.grad_clip_norm, "use a norm >= 0 (0: no clipping)")
-  if config.crm.get("normalize", "correct") not in losses.PENALTY_NORMALIZATIONS:
-    bad("crm.normalize", config.crm.normalize, f"use one of {list(losses.PENALTY_NORMALIZATIONS)}")
-  if not (
-    isinstance(config.get("eval_every_epochs", 0), int) and config.get("eval_every_epochs", 0) >= 0
-  ):
-    bad("eval_every_epochs", config.eval_every_epochs, "use an integer >= 0 (0: never)")
-  require_integers(
-    config,
-    {
-      "log_every_steps": 1,
-      "checkpoint_every_steps": 1,
-      "eval_batch_size": 1,
-      "max_checkpoints": 1,
-      "train_subset": 0,
-      "test_subset": 0,
-      "epoch_eval_subset": 0,
-      "stop_after_steps": 0,
-    },
-  )
-  _validate_normalize(config, bad)
-  _validate_rescaling(config, bad)
-
-
-def _validate_normalize(config, bad) -> None:
-  norm = config.get("normalize") or ()
-  if not norm:
-    return
-  channels = data.dataset_info(config.dataset).image_shape[-1]
-  ok = (
-    len(norm) == 2
-    and all(isinstance(v, (tuple, list)) and len(v) in (1, channels) for v in norm)
-    and all(isinstance(x, (int, float)) for v in norm for x in v)
-    and all(sd > 0 for sd in norm[1])
-  )
-  if not ok:
-    bad(
-      "normalize",
-      norm,
-      f"use ((mean, ...), (std, ...)) with one value or one per channel ({channels} for "
-      f"{config.dataset}) each and every std > 0, e.g. '((0.1307,), (0.3081,))', or () for none",
-    )
-
-
-def rescaling_every(config: ml_collections.ConfigDict) -> int:
-  """``config.rescaling.every_steps`` (0 -- off -- for configs without the group)."""
-  return config.get("rescaling", {}).get("every_steps", 0)
-
-
-def _validate_rescaling(config, bad) -> None:
-  every = rescaling_every(config)
-  if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
-    bad("rescaling.every_steps", every, "use an integer >= 0 (0: off, the plain bound)")
-  if not every:
-    return
-  r = config.rescaling
-  if config.bound != "liplt":
-    bad(
-      "bound",
-      config.bound,
-      "--config.rescaling.every_steps > 0 optimises the rescaling of the LipLT bound: use "
-      "--config.bound=liplt (liplt_aol is its fixed AOL rescaling), or "
-      "--config.rescaling.every_steps=0",
-    )
-  if config.loss == "ce":
-    bad(
-      "rescaling.every_steps",
-      every,
-      "--config.loss=ce uses no bound: use --config.loss=crm or gloro, or every_steps=0",
-    )
-  require_integers(
-    config,
-    {
-      "rescaling.steps": 0,
-      "rescaling.step_iters": 1,
-      "rescaling.warmup_iters": 0,
-      "rescaling.final_iters": 1,
-    },
-  )
-  if not (isinstance(r.get("learning_rate"), (int, float)) and r.learning_rate > 0):
-    bad("rescaling.learning_rate", r.get("learning_rate"), "use a positive Adam step on log D")
-
-
-def make_model(config: ml_collections.ConfigDict) -> models.Model:
-  info = data.dataset_info(config.dataset)
-  normalize = tuple(map(tuple, config.normalize)) if config.get("normalize") else None
-  return models.get_model(
-    config.model, input_shape=info.image_shape, num_classes=info.num_classes, normalize=normalize
-  )
-
-
-LR_SCHEDULES = ("exponential", "cosine", "one_cycle")
-
-
-def learning_rate_schedule(
-  config: ml_collections.ConfigDict, total_steps: int, *, steps_per_epoch: int = 1
-) -> optax.Schedule:
-  """The learning rate per step, by ``config.lr_schedule``.
-
-  * ``'exponential'`` (default): ``learning_rate`` until ``lr_decay_start_epoch``, then an
-    exponential decay to ``final_learning_rate`` at ``total_steps`` (the paper's decay when
-    the start is 0; the reference implementation's ``learningRateDecayEpoch`` otherwise).
-  * ``'cosine'``: a linear warm-up from 0 over ``lr_warmup_epochs``, then a cosine decay to
-    ``final_learning_rate`` (``optax.warmup_cosine_decay_schedule``).
-  * ``'one_cycle'``: ``optax.cosine_onecycle_schedule`` peaking at ``learning_rate`` after
-    ``lr_warmup_epochs`` (from ``learning_rate / 25``), ending at ``final_learning_rate``.
-
-  The warm-up of the last two is capped at half of ``total_steps`` (``validate_config`` warns):
-  with ``pct_start = 1`` optax's one-cycle schedule drops its peak and only decays, so e.g.
-  ``mnist.py`` with ``--config.num_epochs=1`` rises for half the epoch, then decays.
-  """
-  kind = config.get("lr_schedule", "exponential")
-  lr, final = config.learning_rate, config.final_learning_rate
-  warmup = min(int(config.get("lr_warmup_epochs", 0)) * steps_per_epoch, total_steps // 2)
-  if kind == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-      0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=final
-    )
-  if kind == "one_cycle":
-    return optax.cosine_onecycle_schedule(
-      max(total_steps, 2),
-      lr,
-      pct_start=max(warmup, 1) / max(total_steps, 2),
-      div_factor=25.0,
-      final_div_factor=lr / 25.0 / final,
-    )
-  start = min(int(config.get("lr_decay_start_epoch", 0)) * steps_per_epoch, total_steps)
-  decay = optax.exponential_decay(
-    lr, transition_steps=max(total_steps - start, 1), decay_rate=final / lr
-  )
-  return optax.join_schedules([optax.constant_schedule(lr), decay], [start])
-
-
-def make_optimizer(
-  config: ml_collections.ConfigDict, total_steps: int, *, steps_per_epoch: int = 1
-) -> optax.GradientTransformation:
-  """Adam (AdamW when ``weight_decay > 0``) with ``learning_rate_schedule``, after an
-  optional global-norm gradient clip (``grad_clip_norm > 0``).
-
-  With neither option the transformation is plain ``optax.adam`` (checkpoints of earlier
-  runs keep restoring).
-  """
-  lr = learning_rate_schedule(config, total_steps, steps_per_epoch=steps_per_epoch)
-  wd, clip = config.get("weight_decay", 0.0), config.get("grad_clip_norm", 0.0)
-  tx = optax.adamw(lr, weight_decay=wd) if wd else optax.adam(lr)
-  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+# ---------------------------------------------------------------------- schedules
 
 
 def penalty_schedules(
@@ -361,7 +61,7 @@ def penalty_schedules(
   throughout when ``crm.r0_start`` is None)."""
   start = config.crm.warmup_epochs * steps_per_epoch
   ramp = max(config.crm.ramp_epochs * steps_per_epoch, 1)
-  r0_start = config.crm.get("r0_start")
+  r0_start = config.crm.r0_start
   r0_start = config.crm.r0 if r0_start is None else r0_start
   if config.crm.ramp_epochs:
     lam = optax.linear_schedule(0.0, config.crm.lam, ramp)
@@ -371,38 +71,6 @@ def penalty_schedules(
   lam = optax.join_schedules([optax.constant_schedule(0.0), lam], [start])
   r0 = optax.join_schedules([optax.constant_schedule(r0_start), r0], [start])
   return lam, r0
-
-
-def create_state(
-  model: models.Model, tx: optax.GradientTransformation, seed: int, *, init: str = "flax"
-) -> TrainState:
-  """A fresh train state; ``init`` is ``models.INIT_SCHEMES`` (``'flax'`` or ``'torch'``).
-
-  The params are drawn in one compiled program (the same values as ``model.init`` op by op,
-  in half the XLA:CPU compile time). ``jax.eval_shape`` of this is a restore target.
-  """
-  k_params, k_power, k_state = jax.random.split(jax.random.key(seed), 3)
-  params = jax.jit(functools.partial(model.init, scheme=init))(k_params)
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    opt_state=tx.init(params),
-    power=liplt.init_state(model.lipnet(params), k_power),
-    key=jax.random.key_data(k_state),
-  )
-
-
-def abstract_state(
-  model: models.Model,
-  tx: optax.GradientTransformation,
-  seed: int,
-  sharding: jax.sharding.Sharding | None = None,
-) -> TrainState:
-  """``create_state``'s structure, shapes and dtypes as ``jax.ShapeDtypeStruct`` leaves, each
-  with ``sharding``: a checkpoint restore target made without initialising or compiling
-  anything (``jax.eval_shape``). The init scheme does not change shapes."""
-  shapes = jax.eval_shape(functools.partial(create_state, model, tx, seed))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def pairwise_bound(
@@ -515,14 +183,14 @@ def make_train_step(
         lam=lam_fn(step),
         temperature=config.crm.temperature,
         r0=r0_fn(step),
-        penalty=losses.PENALTIES[config.crm.get("penalty", "exp")],
-        normalize=config.crm.get("normalize", "correct"),
+        penalty=losses.PENALTIES[config.crm.penalty],
+        normalize=config.crm.normalize,
       )
     K = lip.shape[0]
     aux["lip"] = jnp.sum(lip) / (K * (K - 1))
     return loss, (aux, power)
 
-  def update(state: TrainState, images, labels, log_d):
+  def update(state: train_state.TrainState, images, labels, log_d):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (aux, power)), grads = grad_fn(
       state.params, state.power, images, labels, state.step, log_d
@@ -532,26 +200,17 @@ def make_train_step(
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, power=power)
     return new, {"loss": loss, **aux}
 
-  if regularized and rescaling_every(config):
+  if regularized and config.rescaling.every_steps:
 
-    def train_step(state: TrainState, images, labels, log_d):
+    def train_step(state: train_state.TrainState, images, labels, log_d):
       return update(state, images, labels, log_d)
 
   else:
 
-    def train_step(state: TrainState, images, labels):
+    def train_step(state: train_state.TrainState, images, labels):
       return update(state, images, labels, None)
 
   return train_step
-
-
-def make_mesh(devices=None) -> tuple[NamedSharding, NamedSharding]:
-  """(replicated, batch-sharded) shardings over ``devices`` (default: all; data parallel)."""
-  devices = jax.devices() if devices is None else list(devices)
-  mesh = jax.make_mesh(
-    (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-  )
-  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
 def jit_step(
@@ -592,7 +251,7 @@ def _load(config, split):
     split,
     data_dir=config.data_dir or None,
     download=config.download,
-    download_url=config.get("download_url") or None,
+    download_url=config.download_url or None,
   )
   limit = config.train_subset if split == "train" else config.test_subset
   if limit:
@@ -613,14 +272,14 @@ def _meta(config, model, step, spe):
 
 def make_epoch_eval(
   model: models.Model, config: ml_collections.ConfigDict, test_x, test_y
-) -> Callable[[TrainState], dict]:
+) -> Callable[[train_state.TrainState], dict]:
   """A cheap test evaluation for the per-epoch curves (``eval_every_epochs``).
 
   Clean accuracy and the certified accuracy at ``eps`` with the power-iteration ESTIMATE of
   the pairwise bound (``eval_iters`` warm-started iterations; not a certificate: the
   final evaluation certifies with the sound bound). Compiled once.
   """
-  if config.get("epoch_eval_subset", 0):
+  if config.epoch_eval_subset:
     test_x, test_y = test_x[: config.epoch_eval_subset], test_y[: config.epoch_eval_subset]
 
   @jax.jit
@@ -635,7 +294,7 @@ def make_epoch_eval(
       images = images.astype(jnp.float32) / 255.0
     return model.apply(params, images)
 
-  def evaluate(state: TrainState) -> dict:
+  def evaluate(state: train_state.TrainState) -> dict:
     size = config.eval_batch_size
     logits = np.concatenate(
       [
@@ -690,11 +349,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     The final evaluation metrics.
   """
-  if config.get("distributed"):
+  if config.distributed:
     jax.distributed.initialize()
-  validate_config(config, num_devices=jax.device_count())
+  config_schema.validate_config(config, num_devices=jax.device_count())
   workdir = checkpoint.check_writable(workdir)
-  model = make_model(config)
+  model = train_state.make_model(config)
   train_x, train_y = _load(config, "train")
   test_x, test_y = _load(config, "test")
   spe = input_pipeline.steps_per_epoch(len(train_x), config.batch_size, True)
@@ -705,11 +364,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
   total = spe * config.num_epochs
   warm_epochs = config.crm.warmup_epochs if config.loss == "crm" else 0
-  tx = make_optimizer(config, total, steps_per_epoch=spe)
-  replicated, batch_sharding = make_mesh()
+  tx = train_state.make_optimizer(config, total, steps_per_epoch=spe)
+  replicated, batch_sharding = train_state.make_mesh()
 
   regular = config.loss != "ce"
-  refresh_every = rescaling_every(config)
+  refresh_every = config.rescaling.every_steps
   steps = {
     reg: jit_step(
       make_train_step(model, tx, config, regularized=reg, steps_per_epoch=spe),
@@ -719,7 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     for reg in {False, regular}
   }
-  # The refreshed rescaling (off: refresh_every = 0): log D, outside TrainState (its own
+  # The refreshed rescaling (off: refresh_every = 0): log D, outside train_state.TrainState (its own
   # checkpoint item), refreshed every `refresh_every` steps from the first step using the bound.
   log_d, refresh, first_bound_step = None, None, warm_epochs * spe
   if refresh_every:
@@ -727,11 +386,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   augment = input_pipeline.Augment(
     random_crop_padding=config.augment.crop_padding,
     horizontal_flip=config.augment.flip,
-    rotation_degrees=config.augment.get("rotation_degrees", 0.0),
-    translation=config.augment.get("translation", 0.0),
-    fill=config.augment.get("fill", 0.0),
+    rotation_degrees=config.augment.rotation_degrees,
+    translation=config.augment.translation,
+    fill=config.augment.fill,
   )
-  lr_fn = learning_rate_schedule(config, total, steps_per_epoch=spe)
+  lr_fn = train_state.learning_rate_schedule(config, total, steps_per_epoch=spe)
   lam_fn = penalty_schedules(config, spe)[0] if config.loss == "crm" else None
 
   def schedules(step: int) -> dict:
@@ -744,16 +403,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.max_checkpoints
     ) as ckpt,
-    summary.MetricWriter(workdir, tensorboard=config.get("tensorboard", True)) as writer,
+    summary.MetricWriter(workdir, tensorboard=config.tensorboard) as writer,
   ):
     latest = ckpt.latest_step()
     if latest is None:
       state = jax.device_put(
-        create_state(model, tx, config.seed, init=config.get("init", "flax")), replicated
+        train_state.create_state(model, tx, config.seed, init=config.init), replicated
       )
     else:  # restored into the abstract state: no fresh initialisation to throw away
       state, meta = ckpt.restore(
-        abstract_state(model, tx, config.seed, replicated),
+        train_state.abstract_state(model, tx, config.seed, replicated),
         step=latest,
         expected_meta={"architecture": model.name, "dataset": config.dataset},
       )
@@ -837,7 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "epoch_time_s": time.time() - t0,
           **{f"train/{k}": float(v) / max(count, 1) for k, v in jax.device_get(sums or {}).items()},
         }
-        every = config.get("eval_every_epochs", 0)
+        every = config.eval_every_epochs
         if every and step % spe == 0 and (epoch + 1) % every == 0:
           if epoch_eval is None:
             epoch_eval = make_epoch_eval(model, config, test_x, test_y)
@@ -879,7 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       method=config.bound,
       sound=config.sound_eval,
       sound_iters=config.sound_iters,
-      extra_eps=tuple(config.get("report_eps", ())),
+      extra_eps=tuple(config.report_eps),
     )
     result.update({"step": step, "model": model.name, "dataset": config.dataset})
     with open(os.path.join(workdir, "results.json"), "w") as f:

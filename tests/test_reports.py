@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from crmjax import checkpoint, reports, train
+from crmjax import checkpoint, config_schema, reports, train, train_state
 from experiments.configs import certify as certify_config
 from experiments.configs import mnist
 
@@ -204,7 +204,7 @@ OLD_NAMES = {
 
 def test_upgrade_config_renames_old_keys():
   old = {"model": "MLP", "power_iters": 3, "eval_power_iters": 7, "sound_power_iters": 50}
-  assert reports.upgrade_config(old) == {
+  assert config_schema.upgrade_config(old) == {
     "model": "MLP",
     "train_iters": 3,
     "eval_iters": 7,
@@ -212,16 +212,16 @@ def test_upgrade_config_renames_old_keys():
   }
   assert "power_iters" in old  # not modified
   new = {"train_iters": 3, "eval_iters": 7, "sound_iters": 50}
-  assert reports.upgrade_config(new) == new
-  assert reports.upgrade_config({"power_iters": 1, "train_iters": 2}) == {"train_iters": 2}
+  assert config_schema.upgrade_config(new) == new
+  assert config_schema.upgrade_config({"power_iters": 1, "train_iters": 2}) == {"train_iters": 2}
 
 
 def test_load_run_of_a_checkpoint_with_old_config_names(tmp_path):
   """A checkpoint whose meta['config'] has the names before issue 17 loads with the new ones."""
   c = mnist.get_config("smoke")
   c.model = "MLP"
-  model = train.make_model(c)
-  state = train.create_state(model, train.make_optimizer(c, total_steps=1), c.seed)
+  model = train_state.make_model(c)
+  state = train_state.create_state(model, train_state.make_optimizer(c, total_steps=1), c.seed)
   stored = json.loads(c.to_json_best_effort())
   for new, old in OLD_NAMES.items():
     stored[old] = stored.pop(new)

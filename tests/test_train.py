@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from crmjax import checkpoint, losses, train
+from crmjax import checkpoint, config_schema, losses, train, train_state
 from experiments.configs import mnist, mnist_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +43,10 @@ def _batch(n=32, seed=0):
 
 
 def _setup(config, devices=None):
-  model = train.make_model(config)
-  tx = train.make_optimizer(config, 100)
-  rep, bat = train.make_mesh(devices)
-  state = jax.device_put(train.create_state(model, tx, 0), rep)
+  model = train_state.make_model(config)
+  tx = train_state.make_optimizer(config, 100)
+  rep, bat = train_state.make_mesh(devices)
+  state = jax.device_put(train_state.create_state(model, tx, 0), rep)
   return model, tx, rep, bat, state
 
 
@@ -122,12 +122,12 @@ def metric_records(workdir) -> list[dict]:
 def test_abstract_state_is_create_state_without_values():
   config = _tiny_config()
   model, tx, rep, _, state = _setup(config)
-  abstract = train.abstract_state(model, tx, 0, rep)
+  abstract = train_state.abstract_state(model, tx, 0, rep)
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
   for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
     assert isinstance(a, jax.ShapeDtypeStruct)
     assert (a.shape, a.dtype, a.sharding) == (s.shape, s.dtype, s.sharding)
-  assert all(a.sharding is None for a in jax.tree.leaves(train.abstract_state(model, tx, 0)))
+  assert all(a.sharding is None for a in jax.tree.leaves(train_state.abstract_state(model, tx, 0)))
 
 
 def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path, capsys, caplog, monkeypatch):
@@ -138,15 +138,15 @@ def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path, capsys, caplo
   capsys.readouterr()
   caplog.clear()
 
-  # The resume restores into train.abstract_state: create_state is traced (eval_shape), never
-  # run; running it would be a fresh initialisation thrown away.
-  real_create_state, traced = train.create_state, []
+  # The resume restores into train_state.abstract_state: create_state is traced (eval_shape),
+  # never run; running it would be a fresh initialisation thrown away.
+  real_create_state, traced = train_state.create_state, []
 
   def spy(*args, **kwargs):
     traced.append(isinstance(jnp.zeros(()), jax.core.Tracer))
     return real_create_state(*args, **kwargs)
 
-  monkeypatch.setattr(train, "create_state", spy)
+  monkeypatch.setattr(train_state, "create_state", spy)
   with caplog.at_level("INFO"):
     resumed = train.train_and_evaluate(_tiny_config(), part)
   monkeypatch.undo()
@@ -280,7 +280,7 @@ def test_learning_rate_is_constant_until_the_decay_epoch_then_decays_exponential
     (10, [1e-3, 1e-3, 1e-3]),
   ):
     config.lr_decay_start_epoch = start  # 10 steps per epoch, 100 steps
-    tx = train.make_optimizer(config, 100, steps_per_epoch=10)
+    tx = train_state.make_optimizer(config, 100, steps_per_epoch=10)
     params, grads = {"w": jnp.zeros(())}, {"w": jnp.ones(())}
     state, got = tx.init(params), []
     for step in range(101):
@@ -294,7 +294,7 @@ def test_crm_step_with_the_aol_rescaled_liplt_bound():
   """``config.bound='liplt_aol'`` (LipLT of the AOL-rescaled network, same PowerState) trains."""
   config = _tiny_config(bound="liplt_aol")
   config.crm.warmup_epochs = 0
-  train.validate_config(config, num_devices=1)
+  config_schema.validate_config(config, num_devices=1)
   model, tx, rep, bat, state = _setup(config, jax.devices()[:1])
   step = train.jit_step(
     train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
@@ -326,10 +326,10 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   config.crm.penalty, config.crm.temperature = "exp", 1.0
   config.crm.r0 = config.crm.r0_start = 1e3  # every correct point penalised
   lr, spe, at_step, lam = 0.1, 10, 4, 2.0  # 4 steps into a 10-step ramp: lam = 0.4 * 5
-  model = train.make_model(config)
+  model = train_state.make_model(config)
   tx = optax.sgd(lr)
-  rep, bat = train.make_mesh(jax.devices()[:1])
-  state = train.create_state(model, tx, 0).replace(step=jnp.asarray(at_step, jnp.int32))
+  rep, bat = train_state.make_mesh(jax.devices()[:1])
+  state = train_state.create_state(model, tx, 0).replace(step=jnp.asarray(at_step, jnp.int32))
   state = jax.device_put(state, rep)
   p0, power = jax.tree.map(np.array, (state.params, state.power))  # the step donates them
   x, _ = _batch(32, seed=3)
