@@ -39,6 +39,7 @@ from crmjax import (
   models,
   refinement,
   rescaling,
+  soundness,
   summary,
   train_state,
 )
@@ -536,8 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch_size=config.eval_batch_size,
       eval_iters=config.eval_iters,
       method=config.bound,
-      sound=config.sound_eval,
-      sound_iters=config.sound_iters,
+      sound=soundness.SoundSettings(iterations=config.sound_iters) if config.sound_eval else None,
       extra_eps=tuple(config.report_eps),
     )
     result.update({"step": step, "model": model.name, "dataset": config.dataset})

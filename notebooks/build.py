@@ -179,7 +179,7 @@ print(sorted(f for f in os.listdir(WORKDIR) if f.startswith("events.out.tfevents
 The checkpoint holds the whole `TrainState` (params, optimizer state, power-iteration state,
 step, PRNG key). The restore target fixes the tree structure, shapes, dtypes and shardings:
 `train_state.abstract_state` (`jax.eval_shape` of `train_state.create_state`) gives them without
-initialising (or compiling) anything. (`crmjax.reports.load_run(WORKDIR)` does the same from the config stored in the
+initialising (or compiling) anything. (`crmjax.runs.load_run(WORKDIR)` does the same from the config stored in the
 checkpoint.)
 """,
   ),

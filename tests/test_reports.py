@@ -13,7 +13,16 @@ import sys
 import numpy as np
 import pytest
 
-from crmjax import checkpoint, config_schema, reports, train, train_state
+from crmjax import (
+  attacks,
+  checkpoint,
+  config_schema,
+  report_text,
+  reports,
+  runs,
+  train,
+  train_state,
+)
 from experiments.configs import certify as certify_config
 from experiments.configs import mnist
 
@@ -115,15 +124,15 @@ def test_certificates_every_way(results, capsys):
   # Lanczos (40 steps) is tighter than the power method (100 iterations) at equal failure
   assert c["sound_lanczos"]["mean_pairwise"] < c["sound_power"]["mean_pairwise"]
   assert c["sound_lanczos"]["max_rel_err"] < c["sound_power"]["max_rel_err"]
-  text = reports.format_certificates(results)
-  for label in reports.CERTIFICATE_LABELS.values():
+  text = report_text.format_certificates(results)
+  for label in report_text.CERTIFICATE_LABELS.values():
     assert label in text
   assert "key 1234" in text and "at other radii" in text
 
 
 def test_pgd_attack_runs_at_highest_precision(workdir):
-  run = reports.load_run(workdir)
-  attack = reports.pgd_attack(run.model, run.state.params, eps=0.1, num_steps=2, num_restarts=1)
+  run = runs.load_run(workdir)
+  attack = attacks.pgd_attack(run.model, run.state.params, eps=0.1, num_steps=2, num_restarts=1)
   x, y = np.zeros((2, 28, 28, 1), np.float32), np.zeros(2, np.int32)
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -187,7 +196,7 @@ def test_certify_refuses_a_bad_setting_before_reading_the_checkpoint(
   def load_run(workdir):
     raise AssertionError(f"the checkpoint of {workdir} was read before the config was checked")
 
-  monkeypatch.setattr(reports, "load_run", load_run)
+  monkeypatch.setattr(runs, "load_run", load_run)
   c = certify_config.get_config("smoke")
   c[field] = value
   with pytest.raises(ValueError, match=match):
@@ -228,7 +237,7 @@ def test_load_run_of_a_checkpoint_with_old_config_names(tmp_path):
   meta = {"architecture": model.name, "dataset": c.dataset, "step": 1, "epoch": 0}
   with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
     ckpt.save(1, state, {**meta, "step_in_epoch": 1, "config": stored})
-  run = reports.load_run(str(tmp_path))
+  run = runs.load_run(str(tmp_path))
   for new, old in OLD_NAMES.items():
     assert run.config[new] == c[new] and old not in run.config, new
   assert reports._sound_iters(certify_config.get_config(), run) == c.sound_iters
