@@ -6,7 +6,7 @@
       --config.depth_sweep=True --config.models="()"
 
 For each model, on random images and labels, with the real training step
-(``crmjax.train.make_train_step`` + ``jit_step``, data parallel over every device): the median
+(``crmjax.train_step.make_train_step`` + ``jit_step``, data parallel over every device): the median
 ms per step after warm-up of the cross-entropy step, the CRM step with the pairwise LipLT
 bound at the paper's power iterations and at 1 warm-started iteration, the CRM step with the
 naive bound, and the LipLT bound alone (forward); compile time apart. ``depth_sweep`` adds
@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from crmjax import data, liplt, models, train, train_state
+from crmjax import data, liplt, models, train_state, train_step
 from crmjax import layers as L
 from experiments import cli, timing
 from experiments.configs import benchmark as benchmark_config
@@ -179,8 +179,10 @@ def _advance_power(args, out):
 def step_column(setup: Setup, config, *, regularized: bool, bound: str, train_iters: int) -> dict:
   """Times ``jit_step(make_train_step(...))`` from the initial state on the fixed batch."""
   tc = train_config(config, bound=bound, train_iters=train_iters, batch_size=setup.images.shape[0])
-  step = train.jit_step(
-    train.make_train_step(setup.model, setup.tx, tc, regularized=regularized, steps_per_epoch=1000),
+  step = train_step.jit_step(
+    train_step.make_train_step(
+      setup.model, setup.tx, tc, regularized=regularized, steps_per_epoch=1000
+    ),
     setup.replicated,
     setup.batch_sharding,
   )

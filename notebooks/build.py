@@ -780,7 +780,7 @@ assert err < 1e-4
 The imported model is an ordinary crmjax model: `model.lipnet(params)` is its eq. 17 form,
 `sound_bound` gives guaranteed pairwise bounds, `certify.radii_of` the certified radii. A
 random-features network was not trained for robustness, so its radii are small; fine-tune it
-with the CRM loss (`crmjax.train.make_train_step` accepts any `Model`) to grow them.
+with the CRM loss (`crmjax.train_step.make_train_step` accepts any `Model`) to grow them.
 """,
   ),
   (

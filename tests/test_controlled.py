@@ -8,7 +8,7 @@ import pytest
 
 from crmjax import controlled as C
 from crmjax import layers as L
-from crmjax import liplt, models, network, train, train_state
+from crmjax import liplt, models, network, train_state, train_step
 from crmjax import operators as ops
 from experiments.configs import mnist
 from tests import reference as ref
@@ -427,9 +427,9 @@ def test_ctrlconv_crm_train_step_runs_under_jit():
   rep, bat = train_state.make_mesh(jax.devices()[:1])
   state = jax.device_put(state, rep)
   fn = chex.assert_max_traces(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
   )
-  step = train.jit_step(fn, rep, bat)
+  step = train_step.jit_step(fn, rep, bat)
   rng = np.random.default_rng(0)
   for _ in range(3):
     x = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)

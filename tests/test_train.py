@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from crmjax import checkpoint, config_schema, losses, train, train_state
+from crmjax import checkpoint, config_schema, losses, train, train_state, train_step
 from experiments.configs import mnist, mnist_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +55,8 @@ def test_one_crm_step_lowers_the_loss_on_a_fixed_batch():
   config.crm.warmup_epochs = 0
   config.crm.penalty = "exp"  # positive for every penalised point (linear: -R_soft, any sign)
   model, tx, rep, bat, state = _setup(config)
-  step = train.jit_step(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
+  step = train_step.jit_step(
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
   )
   x, y = _batch()
   losses = []
@@ -76,8 +76,8 @@ def test_sharded_step_on_8_devices_equals_single_device_step():
   out = []
   for devices in (jax.devices()[:1], jax.devices()):
     model, tx, rep, bat, state = _setup(config, devices)
-    step = train.jit_step(
-      train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
+    step = train_step.jit_step(
+      train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
     )
     state, m = step(state, x, y)
     state, m = step(state, x, y)
@@ -92,9 +92,9 @@ def test_no_recompilation_after_the_first_step():
   config = _tiny_config()
   model, tx, rep, bat, state = _setup(config)
   fn = chex.assert_max_traces(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
   )
-  step = train.jit_step(fn, rep, bat)
+  step = train_step.jit_step(fn, rep, bat)
   for seed in range(3):
     state, _ = step(state, *_batch(seed=seed))
 
@@ -296,8 +296,8 @@ def test_crm_step_with_the_aol_rescaled_liplt_bound():
   config.crm.warmup_epochs = 0
   config_schema.validate_config(config, num_devices=1)
   model, tx, rep, bat, state = _setup(config, jax.devices()[:1])
-  step = train.jit_step(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
+  step = train_step.jit_step(
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
   )
   x, y = _batch()
   for _ in range(2):
@@ -334,8 +334,8 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   p0, power = jax.tree.map(np.array, (state.params, state.power))  # the step donates them
   x, _ = _batch(32, seed=3)
   y = jnp.argmax(model.apply(p0, x), axis=1)  # every point correct, so penalised
-  step = train.jit_step(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=spe), rep, bat
+  step = train_step.jit_step(
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=spe), rep, bat
   )
   new, m = step(state, x, y)
   assert all(np.isfinite(float(v)) for v in m.values()), m
@@ -346,7 +346,7 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   @jax.jit
   def reference(p):
     lip, vjp = jax.vjp(
-      lambda p: train.pairwise_bound(
+      lambda p: train_step.pairwise_bound(
         model, p, power, method=config.bound, mode=mode, num_iters=config.train_iters
       )[0],
       p,
@@ -384,7 +384,7 @@ def test_lambda_and_r0_ramp_after_the_warmup():
   config.crm.warmup_epochs, config.crm.ramp_epochs = 1, 2
   config.crm.lam, config.crm.r0_start, config.crm.r0 = 8.0, 0.5, 2.5
   spe = 10  # steps per epoch: warm-up = steps 0-9, ramp = steps 10-30
-  lam_fn, r0_fn = train.penalty_schedules(config, spe)
+  lam_fn, r0_fn = train_step.penalty_schedules(config, spe)
   for s in (0, 5, 9, 10, 15, 20, 25, 30, 31, 100):
     frac = min(max(s - 10, 0) / 20, 1.0)
     want_lam = 0.0 if s < 10 else 8.0 * frac
@@ -393,12 +393,12 @@ def test_lambda_and_r0_ramp_after_the_warmup():
     np.testing.assert_allclose(float(r0_fn(s)), want_r0, rtol=1e-6, err_msg=s)
   # Without a ramp: constant lam / r0 from the end of the warm-up.
   config.crm.ramp_epochs = 0
-  lam_fn, r0_fn = train.penalty_schedules(config, spe)
+  lam_fn, r0_fn = train_step.penalty_schedules(config, spe)
   assert [float(lam_fn(s)) for s in (9, 10, 50)] == [0.0, 8.0, 8.0]
   assert [float(r0_fn(s)) for s in (9, 10, 50)] == [0.5, 2.5, 2.5]
   # r0_start unset (the default): r0 throughout, with a ramp of lambda alone too.
   config.crm.r0_start = None
   for ramp_epochs in (0, 2):
     config.crm.ramp_epochs = ramp_epochs
-    _, r0_fn = train.penalty_schedules(config, spe)
+    _, r0_fn = train_step.penalty_schedules(config, spe)
     assert [float(r0_fn(s)) for s in (0, 9, 10, 20, 50)] == [2.5] * 5
