@@ -111,8 +111,8 @@ def random_params(shapes, rng: np.random.Generator):
   """LeCun-normal kernels and zero biases of the given shapes (numpy: no PRNG compiles).
 
   The step's speed does not depend on the values; ``jax.random`` initialisation would
-  spend seconds compiling on a CPU (``train_state.create_state`` of 4C3F: ~15 CPU-s on the 2-core
-  CPU, mostly threefry's compile for the kernels' shapes; this: under 1 s).
+  spend seconds compiling on a CPU (``train_state.create_state`` of 4C3F: ~15 CPU-seconds on two
+  cores, mostly threefry's compile for the kernels' shapes; this: under 1 s).
   """
 
   def leaf(s):

@@ -1,4 +1,4 @@
-"""Residual networks trained and certified end to end, naive vs LipLT (issue 8).
+"""Residual networks trained and certified end to end, naive vs LipLT.
 
   python -m experiments.residual --config=experiments/configs/residual.py [--workdir=runs/residual]
 

@@ -90,7 +90,7 @@ def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
     (20, 54.1, 94.2, 7.4),
     (20, 57.4, 95.3, 8.6),
     (20, 60.6, 95.8, 11.2),
-    (20, 60.8, 95.8, 10.991923332214355),  # session 11's run, its metrics.jsonl unrounded
+    (20, 60.8, 95.8, 10.991923332214355),  # the batch-32 run made again, unrounded
     (60, 61.8, 96.2, 10.0),
     (60, 62.5, 96.2, 10.75844955444336),  # the 60-epoch batch-32 run, unrounded
   ]

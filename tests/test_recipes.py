@@ -1,5 +1,5 @@
-"""Training-recipe options (issue 13): init scheme, learning-rate schedules, AdamW, clipping,
-penalty normalisation, per-epoch test curves, and TensorBoard events (issue 17)."""
+"""Training-recipe options: init scheme, learning-rate schedules, AdamW, clipping, penalty
+normalisation, per-epoch test curves, and TensorBoard events."""
 
 import json
 import math

@@ -203,7 +203,7 @@ def test_certify_refuses_a_bad_setting_before_reading_the_checkpoint(
     reports.certify_run(c, "runs/any")
 
 
-# new name -> the name in configs stored before issue 17
+# new name -> the name in configs stored before the iteration counts were renamed
 OLD_NAMES = {
   "train_iters": "power_iters",
   "eval_iters": "eval_power_iters",
@@ -226,7 +226,7 @@ def test_upgrade_config_renames_old_keys():
 
 
 def test_load_run_of_a_checkpoint_with_old_config_names(tmp_path):
-  """A checkpoint whose meta['config'] has the names before issue 17 loads with the new ones."""
+  """A checkpoint whose meta['config'] has the old names loads with the new ones."""
   c = mnist.get_config("smoke")
   c.model = "MLP"
   model = train_state.make_model(c)

@@ -1,4 +1,4 @@
-"""Training with the bound of the rescaled network, D refreshed every N steps (issue 13):
+"""Training with the bound of the rescaled network, D refreshed every N steps:
 ``config.rescaling``, ``refinement.refresh_scales``, ``train_step.make_refresh``."""
 
 import logging

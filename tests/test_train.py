@@ -237,7 +237,7 @@ def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
   The certificate uses the sound bound (every MLP norm is exact). The paper's exponential g
   and decay to 1e-6 after a 2-epoch warm-up: in 6 short epochs they trade less accuracy than
   the 20-epoch defaults (linear g, no warm-up: 86.6% clean here). Measured here: 90.9%
-  clean, 1.2% certified, ~35 s on the 2-core CPU.
+  clean, 1.2% certified, ~35 s on two CPU cores.
   """
   cmd = [
     sys.executable,
