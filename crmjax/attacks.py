@@ -13,12 +13,17 @@ hyperparameters ``num_steps``, ``num_restarts``, ``loss`` and ``schedule`` are
 Python values that fix the traced program, while ``eps``, ``step_size``,
 ``clip_min`` and ``clip_max`` may be traced.
 
+:func:`pgd_success` runs the margin-loss attack of a model over a test split in batches
+(the check of the certification report, ``crmjax.reports``).
+
 Shapes: ``B`` is the batch size, ``K`` the number of classes and ``...`` the
 per-example input shape (e.g. ``(28, 28, 1)``).
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -26,6 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
+
+from crmjax import models
 
 __all__ = [
   "PGDResult",
@@ -35,6 +43,8 @@ __all__ = [
   "certificate_violations",
   "check_certificates",
   "raise_on_violation",
+  "pgd_attack",
+  "pgd_success",
 ]
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -369,3 +379,70 @@ def raise_on_violation(certified: ArrayLike, success: ArrayLike, *, context: str
     if context:
       msg += f" ({context})"
     raise RuntimeError(msg)
+
+
+def pgd_attack(model: models.Model, params, *, eps: float, num_steps: int, num_restarts: int):
+  """Jitted ``(x, y, key) -> success`` of l2 PGD (margin loss), traced at the highest matmul
+  precision (as the logits of the certificates it checks)."""
+  logits_fn = functools.partial(model.apply, params)
+
+  def attack_fn(x, y, k):
+    with jax.default_matmul_precision("highest"):
+      return pgd_l2(
+        logits_fn,
+        x,
+        y,
+        key=k,
+        eps=eps,
+        num_steps=num_steps,
+        num_restarts=num_restarts,
+        loss="margin",
+      ).success
+
+  return jax.jit(attack_fn)
+
+
+def pgd_success(
+  model: models.Model,
+  params,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  eps: float,
+  num_steps: int,
+  num_restarts: int,
+  batch_size: int,
+  seed: int,
+  progress: bool = False,
+) -> np.ndarray:
+  """Whether l2 PGD (margin loss) breaks each point at ``eps``.
+
+  The logits of the attack are computed at the highest matmul precision (as the logits of
+  the certificates it checks).
+
+  Args:
+    images: uint8 ``(N, H, W, C)``; attacked in [0, 1] pixel space.
+    labels: ``(N,)``.
+    progress: a tqdm bar over the batches (stderr).
+
+  Returns:
+    ``(N,)`` bool; misclassified points count as broken.
+  """
+  attack = pgd_attack(model, params, eps=eps, num_steps=num_steps, num_restarts=num_restarts)
+  key, out = jax.random.key(seed), []
+  for i in tqdm.trange(
+    0,
+    len(images),
+    batch_size,
+    desc="PGD",
+    unit=" batches",
+    disable=not progress,
+    file=sys.stderr,
+    leave=False,
+  ):
+    x = images[i : i + batch_size].astype(np.float32) / np.float32(255)
+    y, n = labels[i : i + batch_size], len(labels[i : i + batch_size])
+    pad = batch_size - n if len(images) > batch_size else 0  # one compiled shape
+    x, y = np.pad(x, [(0, pad)] + [(0, 0)] * 3), np.pad(y, (0, pad))
+    out.append(np.asarray(attack(x, y, jax.random.fold_in(key, i)))[:n])
+  return np.concatenate(out) if out else np.zeros(0, bool)

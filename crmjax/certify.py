@@ -90,13 +90,7 @@ def evaluate(
   batch_size: int = 1000,
   eval_iters: int = 100,
   method: str = "liplt",
-  sound: bool = True,
-  sound_iters: int = soundness.NUM_ITERS,
-  estimator: str = "lanczos",
-  key: int | jax.Array | None = None,
-  failure_prob: float = 1e-6,
-  exact_max_dim: int = soundness.EXACT_MAX_DIM,
-  progress: bool = False,
+  sound: soundness.SoundSettings | None = soundness.DEFAULT_SETTINGS,
 ) -> dict:
   """Clean accuracy, certified accuracy at ``eps`` (and ``extra_eps``), mean pairwise bound.
 
@@ -106,18 +100,14 @@ def evaluate(
     images, labels: the test split (uint8 images in pixel space).
     eps: l2 radius in [0, 1] pixel space (``certified_accuracy``).
     extra_eps: more radii reported in ``certified_accuracy_at`` (e.g. 36/255 and 18/255).
+    batch_size: test points per forward pass.
     eval_iters: power iterations from the warm state for the estimate.
     method: ``'liplt'``, ``'naive'`` or ``'liplt_aol'`` (``liplt.ALL_METHODS``).
-    sound: also compute the guaranteed bound (``crmjax.soundness``) and certify with it.
-    sound_iters: Lanczos steps (or power iterations) of the sound bound's probabilistic norms.
-    estimator: ``'lanczos'`` or ``'power'`` (``soundness.sound_bounds``).
-    key: seed of the sound bound's random starts (``None``: OS entropy; recorded).
-    failure_prob: the sound bound's total failure probability.
-    exact_max_dim: the sound bound's largest exactly materialised operator side.
-    progress: tqdm progress bars of the sound bound (stderr).
+    sound: how to compute the guaranteed bound (``crmjax.soundness``) that certifies;
+      ``None``: certify with the estimate only.
 
   Returns:
-    A JSON-ready dict. ``certified_accuracy`` uses the sound bound when ``sound`` is set
+    A JSON-ready dict. ``certified_accuracy`` uses the sound bound when ``sound`` is given
     (``bound_kind`` says which bound was used); ``certified_accuracy_at`` maps
     ``eps_key(e)`` to the certified accuracy at ``e`` for ``eps`` and every ``extra_eps``;
     with ``sound``, ``bound_details`` states the method, estimator, failure probability,
@@ -142,19 +132,10 @@ def evaluate(
     "estimate_certified_accuracy": certified_accuracy(radii_of(logits, labels, est), eps),
   }
   lip, kind = est, "power-iteration estimate (not guaranteed)"
-  if sound:
+  if sound is not None:
     t0 = time.perf_counter()
     lip, info = soundness.sound_bound(
-      net,
-      method=method,
-      mode="pairwise",
-      warm=power,
-      num_iters=sound_iters,
-      estimator=estimator,
-      key=key,
-      failure_prob=failure_prob,
-      exact_max_dim=exact_max_dim,
-      progress=progress,
+      net, method=method, mode="pairwise", warm=power, settings=sound
     )
     info["seconds"] = time.perf_counter() - t0
     kind = info["kind"]

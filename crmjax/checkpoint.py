@@ -14,16 +14,9 @@ A checkpoint step holds two items:
  They are separate items, not part of ``"state"``, so the state's tree -- and every
  checkpoint written before the item existed -- is unchanged.
 
-Failure modes are turned into actionable errors instead of raw Orbax /
-TensorStore tracebacks:
-
-* :class:`CheckpointMismatchError` -- the checkpoint was written for another
- model (tree structure, array shape/dtype or ``meta["architecture"]``
- differ from what the caller restores into);
-* :class:`CorruptCheckpointError` -- files of a step are truncated, garbage,
- missing, or the step was never committed;
-* :func:`check_writable` -- fail fast at start-up if the workdir cannot be
- created/written or is (nearly) full.
+Failure modes are turned into actionable errors instead of raw Orbax / TensorStore
+tracebacks (``crmjax.checkpoint_checks``: :class:`CheckpointMismatchError`,
+:class:`CorruptCheckpointError`, :func:`check_writable`).
 
 Orbax behaviour relied on (orbax-checkpoint 0.12.x, verified empirically):
 
@@ -47,15 +40,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+
+from crmjax import checkpoint_checks as checks
+from crmjax.checkpoint_checks import (
+  DEFAULT_MIN_FREE_BYTES,
+  CheckpointError,
+  CheckpointMismatchError,
+  CorruptCheckpointError,
+  check_writable,
+)
 
 __all__ = [
   "CheckpointError",
@@ -71,178 +70,10 @@ logger = logging.getLogger(__name__)
 
 PyTree = Any
 
-#: Default minimum free space demanded by :func:`check_writable` (100 MiB).
-DEFAULT_MIN_FREE_BYTES: int = 100 * 1024 * 1024
-
 _STATE = "state"
 _META = "meta"
 #: Optional pytree items a step may hold next to ``"state"`` (``Checkpointer.restore_extra``).
 EXTRA_ITEMS: tuple[str, ...] = ("rescaling",)
-# Written by Orbax into every step directory just before the atomic rename
-# (orbax.checkpoint._src.path.atomicity_types.COMMIT_SUCCESS_FILE).
-_COMMIT_FILE = "commit_success.txt"
-_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
-_MISMATCH_FIX = "use a fresh --workdir, or the config that wrote this checkpoint"
-
-
-class CheckpointError(Exception):
-  """Base class of the checkpoint errors raised by this module."""
-
-
-class CheckpointMismatchError(CheckpointError, ValueError):
-  """The checkpoint does not fit the state (or metadata) it is restored into."""
-
-  def __init__(self, message: str, *, step: int, directory: str, path: str | None = None):
-    super().__init__(message)
-    self.step = step
-    self.directory = directory
-    self.path = path
-
-
-class CorruptCheckpointError(CheckpointError, RuntimeError):
-  """A checkpoint step is unreadable: truncated, garbage, missing or uncommitted files."""
-
-  def __init__(self, message: str, *, step: int, path: str):
-    super().__init__(message)
-    self.step = step
-    self.path = path
-
-
-# ----------------------------------------------------------------------------
-# Start-up checks
-# ----------------------------------------------------------------------------
-
-
-def check_writable(
-  directory: str | os.PathLike[str],
-  *,
-  min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
-) -> str:
-  """Fail fast if ``directory`` cannot hold checkpoints.
-
-  Creates ``directory`` (with parents) if needed, writes and deletes a small
-  probe file in it and checks the free space of its file system.
-
-  Args:
-   directory: the checkpoint / work directory.
-   min_free_bytes: minimum free space required on its file system.
-
-  Returns:
-   The absolute path of ``directory``.
-
-  Raises:
-   OSError: with a message naming the directory and the fix, if it cannot be
-    created, is not writable, or has less than ``min_free_bytes`` free.
-  """
-  path = os.path.abspath(os.fspath(directory))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise NotADirectoryError(
-      f"Checkpoint directory {path!r} exists but is not a directory. Pass another --workdir."
-    )
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise OSError(
-      e.errno,
-      f"Cannot create checkpoint directory {path!r}: {e.strerror or e}. "
-      "Pass a --workdir you can write to.",
-    ) from e
-  try:
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".crmjax_write_probe_") as f:
-      f.write(b"ok")
-      f.flush()
-  except OSError as e:
-    raise OSError(
-      e.errno,
-      f"Checkpoint directory {path!r} is not writable: {e.strerror or e}. "
-      "Fix its permissions or pass a --workdir you can write to.",
-    ) from e
-  free = shutil.disk_usage(path).free
-  if free < min_free_bytes:
-    raise OSError(
-      f"Only {free / 2**20:.1f} MiB free on the file system of checkpoint directory "
-      f"{path!r}; at least {min_free_bytes / 2**20:.1f} MiB are required. "
-      "Free some space or pass a --workdir on another disk."
-    )
-  return path
-
-
-# ----------------------------------------------------------------------------
-# Tree comparison helpers
-# ----------------------------------------------------------------------------
-
-
-def _key_str(k: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _leaf_specs(tree: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
-  """Maps normalised key paths to ``(shape, dtype-or-None)``.
-
-  Paths are normalised so that a flax dataclass field ``.params`` and the
-  dict key ``['params']`` Orbax stores it under compare equal.
-  """
-  out = {}
-  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    shape = getattr(leaf, "shape", None)
-    if shape is None:
-      shape = np.shape(leaf)
-    dtype = getattr(leaf, "dtype", None)
-    out[tuple(_key_str(k) for k in kp)] = (tuple(shape), _norm_dtype(dtype))
-  return out
-
-
-def _norm_dtype(dtype: Any) -> Any:
-  if dtype is None:
-    return None
-  try:
-    return np.dtype(dtype)
-  except TypeError:  # e.g. jax extended dtypes such as typed PRNG keys
-    return str(dtype)
-
-
-def _fmt_path(p: tuple[str, ...]) -> str:
-  return "/".join(p) if p else "<root>"
-
-
-def _first_mismatch(
-  ckpt: Mapping[tuple[str, ...], tuple[tuple[int, ...], Any]],
-  target: Mapping[tuple[str, ...], tuple[tuple[int, ...], Any]],
-) -> tuple[str, int] | None:
-  """Returns (description of the first mismatch, number of mismatches) or None."""
-  problems = []
-  # Target order first (params before opt_state), then checkpoint-only leaves.
-  for p in list(target) + sorted(set(ckpt) - set(target)):
-    if p not in ckpt:
-      problems.append(f"{_fmt_path(p)} is in the target state but not in the checkpoint")
-    elif p not in target:
-      problems.append(f"{_fmt_path(p)} is in the checkpoint but not in the target state")
-    else:
-      (cs, cd), (ts, td) = ckpt[p], target[p]
-      if cs != ts:
-        problems.append(
-          f"{_fmt_path(p)} has shape {cs} in the checkpoint but {ts} in the target state"
-        )
-      elif cd is not None and td is not None and cd != td:
-        problems.append(
-          f"{_fmt_path(p)} has dtype {cd} in the checkpoint but {td} in the target state"
-        )
-  if not problems:
-    return None
-  return problems[0], len(problems)
-
-
-def _to_abstract(x: Any) -> Any:
-  """Abstract restore target of one leaf: ShapeDtypeStruct carrying its sharding."""
-  return ocp.utils.to_shape_dtype_struct(x)
-
-
-# ----------------------------------------------------------------------------
-# Checkpointer
-# ----------------------------------------------------------------------------
 
 
 class Checkpointer:
@@ -307,21 +138,9 @@ class Checkpointer:
     """Directory of ``step`` (whether or not it exists)."""
     return os.path.join(self._directory, str(step))
 
-  def _is_committed(self, step: int) -> bool:
-    d = self.step_dir(step)
-    if not os.path.isdir(d):
-      return False
-    if os.path.exists(os.path.join(d, _COMMIT_FILE)):
-      return True
-    try:
-      with open(os.path.join(d, _STEP_METADATA_FILE), encoding="utf-8") as f:
-        return json.load(f).get("commit_timestamp_nsecs") is not None
-    except (OSError, ValueError, AttributeError):
-      return False
-
   def all_steps(self) -> list[int]:
     """Sorted steps with a fully committed checkpoint (interrupted writes excluded)."""
-    return sorted(s for s in self._manager.all_steps() if self._is_committed(s))
+    return sorted(s for s in self._manager.all_steps() if checks.is_committed(self.step_dir(s)))
 
   def latest_step(self) -> int | None:
     """Latest fully committed step, or ``None`` if there is none."""
@@ -391,38 +210,11 @@ class Checkpointer:
 
   # -- restore -------------------------------------------------------------
 
-  def _corrupt(
-    self, step: int, what: str, cause: BaseException | None = None
-  ) -> CorruptCheckpointError:
-    d = self.step_dir(step)
-    detail = (
-      f": {type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
-      if cause
-      else ""
-    )
-    return CorruptCheckpointError(
-      f"Checkpoint step {step} at {d} is corrupt or incomplete ({what}{detail}). "
-      f"Fix: delete the directory {d} (training then resumes from the previous step), "
-      "or pass an earlier step to restore.",
-      step=step,
-      path=d,
-    )
+  def _corrupt(self, step: int, what: str, cause: BaseException | None = None):
+    return checks.corrupt_error(step, self.step_dir(step), what, cause)
 
-  def _mismatch(
-    self, step: int, problem: str, n: int, meta: Mapping[str, Any] | None
-  ) -> CheckpointMismatchError:
-    arch = ""
-    if meta and "architecture" in meta:
-      arch = f" (checkpoint architecture: {meta['architecture']!r})"
-    more = f" [{n - 1} more mismatching leaves]" if n > 1 else ""
-    return CheckpointMismatchError(
-      f"Checkpoint step {step} in {self._directory}{arch} does not match the state being "
-      f"restored: {problem}{more}. It was probably written by another architecture or "
-      f"config. Fix: {_MISMATCH_FIX}.",
-      step=step,
-      directory=self._directory,
-      path=problem.split(" ", 1)[0],
-    )
+  def _mismatch(self, step: int, problem: str, n: int, meta: Mapping[str, Any] | None):
+    return checks.mismatch_error(self._directory, step, problem, n, meta)
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON meta of ``step`` (default: the latest committed step), no state read.
@@ -445,7 +237,7 @@ class Checkpointer:
         f"Checkpoint step {step} does not exist in {self._directory}; "
         f"available steps: {self.all_steps()}."
       )
-    if not self._is_committed(step):
+    if not checks.is_committed(self.step_dir(step)):
       raise self._corrupt(step, "the write was interrupted: no commit marker")
     if step not in self._manager.all_steps():
       self._manager.reload()  # written by another process after we opened
@@ -486,16 +278,7 @@ class Checkpointer:
      CorruptCheckpointError: the step is unreadable or was never committed.
     """
     step, meta = self._read_meta(step)
-    for k, v in (expected_meta or {}).items():
-      if meta.get(k) != v:
-        raise CheckpointMismatchError(
-          f"Checkpoint step {step} in {self._directory} has meta[{k!r}] = "
-          f"{meta.get(k)!r}, but {v!r} was expected. Fix: {_MISMATCH_FIX}.",
-          step=step,
-          directory=self._directory,
-          path=f"meta/{k}",
-        )
-
+    checks.check_expected_meta(meta, expected_meta, step=step, directory=self._directory)
     return self._restore_tree(step, _STATE, target_state, meta), meta
 
   def restore_extra(self, name: str, target: PyTree, *, step: int | None = None) -> PyTree | None:
@@ -517,7 +300,6 @@ class Checkpointer:
   ) -> PyTree:
     """Steps 2-4 of :meth:`restore` for one pytree item."""
     # 2. Compare the stored array metadata with the target before reading data.
-    target_specs = _leaf_specs(target_state)
     try:
       item_md = self._manager.item_metadata(step)[item]
     except Exception as e:  # noqa: BLE001
@@ -530,12 +312,12 @@ class Checkpointer:
         self._directory,
       )
     else:
-      mm = _first_mismatch(_leaf_specs(ckpt_tree), target_specs)
+      mm = checks.first_mismatch(checks.leaf_specs(ckpt_tree), checks.leaf_specs(target_state))
       if mm is not None:
         raise self._mismatch(step, *mm, meta)
 
     # 3. Read the arrays into the target's structure and shardings.
-    abstract = jax.tree.map(_to_abstract, target_state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     try:
       state = self._manager.restore(
         step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
@@ -551,17 +333,7 @@ class Checkpointer:
       raise self._corrupt(step, f"cannot read item {item!r}", e) from e
 
     # 4. Post-check: the result must have exactly the target's layout.
-    if jax.tree.structure(state) != jax.tree.structure(target_state):
-      raise self._mismatch(
-        step,
-        f"<root> restored tree structure {jax.tree.structure(state)} differs from the "
-        f"target's {jax.tree.structure(target_state)}",
-        1,
-        meta,
-      )
-    mm = _first_mismatch(_leaf_specs(state), target_specs)
-    if mm is not None:
-      raise self._mismatch(step, *mm, meta)
+    checks.check_restored(state, target_state, step=step, directory=self._directory, meta=meta)
     return state
 
   # -- lifecycle -------------------------------------------------------------

@@ -16,20 +16,18 @@
    files), checked against their published checksums and unpacked atomically into
    ``data_dir`` (else ``$CRMJAX_DATA_DIR``, else the cache) by :mod:`crmjax.download`.
 
-Otherwise a :class:`FileNotFoundError` explains every way to provide the data. Batching and
-augmentation live in :mod:`crmjax.input_pipeline`.
+Otherwise a :class:`FileNotFoundError` explains every way to provide the data. This module
+owns the order of the sources, the directories searched, downloading and the one check of
+what was read (:func:`_validated`); :mod:`crmjax.tfds_source` reads through TFDS and
+:mod:`crmjax.dataset_files` reads the distribution files. Batching and augmentation live in
+:mod:`crmjax.input_pipeline`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
-import gzip
-import importlib.util
 import logging
 import os
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from crmjax import dataset_files, tfds_source
 from crmjax import download as download_lib
 
 __all__ = [
@@ -47,7 +46,6 @@ __all__ = [
   "cache_dir",
   "dataset_info",
   "load_split",
-  "read_idx",
 ]
 
 log = logging.getLogger(__name__)
@@ -311,7 +309,7 @@ def _local_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
 
 def _load_local(name: str, split: str, dirs: list[Path]) -> tuple[np.ndarray, np.ndarray] | None:
   for root in dirs:
-    result = _LOCAL_LOADERS[name](root, split)
+    result = dataset_files.LOADERS[name](root, split)
     if result is not None:
       log.info("Loaded %s/%s from local files under %s", name, split, root)
       return _validated(name, *result, source=root)
@@ -328,7 +326,7 @@ def _download(
 ) -> tuple[np.ndarray, np.ndarray]:
   """Downloads ``name`` (TFDS if it can prepare it, else the distribution files)."""
   dist = _DISTRIBUTIONS[name]
-  if mirror is None and _tfds_can_prepare(name):
+  if mirror is None and tfds_source.can_prepare(name):
     download_lib.probe(dist.remotes[0])  # No network: fail now, not inside TFDS's retries.
     _say(
       f"{name}: no local copy; preparing it with TFDS (tfds.data_source(...,"
@@ -372,7 +370,7 @@ def _download(
     mirror=mirror,
     progress=progress,
   )
-  result = _LOCAL_LOADERS[name](target, split)
+  result = dataset_files.LOADERS[name](target, split)
   if result is None:
     raise download_lib.DownloadError(
       f"the downloaded files under {target} do not hold the {split} split of {name}"
@@ -412,13 +410,13 @@ def _missing_message(
     "Put the standard distribution files under a directory <dir> and pass it as"
     f" --config.data_dir or set ${DATA_DIR_ENV}=<dir>. Expected layout: {_LAYOUTS[name]}.",
   ]
-  tfds_name = _TFDS_NAMES[name]
+  tfds_name = tfds_source.TFDS_NAMES[name]
   if tfds_name is None:
     fixes.append("(TFDS has no builder for this dataset, so it cannot prepare it.)")
   else:
     fixes.append(
       "Prepare it with TFDS on a machine with internet:"
-      f" `tfds.data_source({tfds_name!r}, split={_tfds_split(name, split)!r},"
+      f" `tfds.data_source({tfds_name!r}, split={tfds_source.tfds_split(name, split)!r},"
       " data_dir=..., download=True)`, then pass that TFDS data dir as --config.data_dir"
       " (or use the default ~/tensorflow_datasets / $TFDS_DATA_DIR)."
     )
@@ -452,305 +450,9 @@ def _validated(
   return images, labels
 
 
-# --- TFDS -------------------------------------------------------------------
-
-# TFDS builder names; None means "no TFDS builder", skip TFDS.
-_TFDS_NAMES: dict[str, str | None] = {
-  "mnist": "mnist",
-  "cifar10": "cifar10",
-  "tiny_imagenet": None,
-}
-_TFDS_CHUNK = 1024
-
-
-def _tfds_split(name: str, split: str) -> str:
-  del name  # Both TFDS builders we use call their splits train/test.
-  return split
-
-
-def _tfds_data_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
-  if data_dir is not None:
-    return [Path(data_dir).expanduser()]
-  return [Path(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()]
-
-
-def _tfds_prepared_on_disk(tfds_name: str, data_dir: str | os.PathLike[str] | None) -> bool:
-  """Whether some ``<tfds dir>/<name>/[<config>/]<version>/dataset_info.json`` exists."""
-  for root in _tfds_data_dirs(data_dir):
-    base = root / tfds_name
-    if base.is_dir() and (
-      any(base.glob("*/dataset_info.json")) or any(base.glob("*/*/dataset_info.json"))
-    ):
-      return True
-  return False
-
-
-def _tfds_can_prepare(name: str) -> bool:
-  """TFDS has a builder and TensorFlow (which its preparation needs) is installed."""
-  return (
-    _TFDS_NAMES[name] is not None
-    and importlib.util.find_spec("tensorflow") is not None
-    and importlib.util.find_spec("tensorflow_datasets") is not None
-  )
-
-
-class _DropTfdsChatter(logging.Filter):
-  """Drops TFDS's INFO / WARNING records (e.g. "Variant folder ... has no dataset_info.json")."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (
-      record.levelno <= logging.WARNING and "tensorflow_datasets" in (record.pathname or "")
-    )
-
-
-@contextlib.contextmanager
-def _quiet_tfds():
-  logger = logging.getLogger("absl")  # TFDS logs through absl.logging.
-  chatter = _DropTfdsChatter()
-  logger.addFilter(chatter)
-  try:
-    yield
-  finally:
-    logger.removeFilter(chatter)
-
-
 def _load_tfds(
-  name: str,
-  split: str,
-  *,
-  data_dir: str | os.PathLike[str] | None,
-  download: bool,
+  name: str, split: str, *, data_dir: str | os.PathLike[str] | None, download: bool
 ) -> tuple[np.ndarray, np.ndarray] | None:
-  """Reads a split through ``tfds.data_source``; None if unavailable.
-
-  Without ``download``, TFDS is asked only when a prepared copy exists on disk or the
-  caller has already imported ``tensorflow_datasets`` (e.g. ``tfds.testing.mock_data``):
-  otherwise importing it costs time and prints warnings about folders that do not exist.
-  """
-  tfds_name = _TFDS_NAMES[name]
-  if tfds_name is None:
-    return None
-  if (
-    not download
-    and sys.modules.get("tensorflow_datasets") is None
-    and not _tfds_prepared_on_disk(tfds_name, data_dir)
-  ):
-    return None
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    log.info("tensorflow_datasets is not installed; skipping TFDS")
-    return None
-  # Errors TFDS raises when a dataset is not prepared (locally) in a
-  # random-access format: unknown builder, empty split list (KeyError),
-  # TFRecord-only preparation (NotImplementedError), missing files.
-  not_found = (
-    tfds.core.DatasetNotFoundError,
-    KeyError,
-    NotImplementedError,
-    FileNotFoundError,
-    AssertionError,
-  )
-  try:
-    with contextlib.nullcontext() if download else _quiet_tfds():
-      source = tfds.data_source(
-        tfds_name,
-        split=_tfds_split(name, split),
-        data_dir=None if data_dir is None else os.fspath(data_dir),
-        download=download,
-      )
-  except not_found as e:
-    if download:
-      raise
-    log.info("TFDS %s/%s unavailable: %s", tfds_name, split, str(e)[:200])
-    return None
-  images, labels = _read_data_source(source)
-  log.info("Loaded %s/%s from TFDS (%d examples)", name, split, len(labels))
-  return _validated(name, images, labels, source="TFDS")
-
-
-def _read_data_source(source: Any) -> tuple[np.ndarray, np.ndarray]:
-  """Materialises a TFDS data source of {'image', 'label'} records."""
-  n = len(source)
-  if n == 0:
-    raise ValueError("TFDS data source is empty")
-  first = source[0]
-  images = np.empty((n, *np.shape(first["image"])), np.uint8)
-  labels = np.empty((n,), np.int32)
-  for start in range(0, n, _TFDS_CHUNK):
-    keys = list(range(start, min(start + _TFDS_CHUNK, n)))
-    try:
-      records = source.__getitems__(keys)  # Batched read (ArrayRecord).
-    except TypeError:
-      # `tfds.testing.mock_data` patches the reader with a function that
-      # does not accept batched keys; fall back to per-record reads.
-      records = [source[k] for k in keys]
-    for k, record in zip(keys, records):
-      images[k] = record["image"]
-      labels[k] = record["label"]
-  return images, labels
-
-
-# --- MNIST (IDX) ------------------------------------------------------------
-
-_IDX_DTYPES = {
-  0x08: np.dtype(np.uint8),
-  0x09: np.dtype(np.int8),
-  0x0B: np.dtype(">i2"),
-  0x0C: np.dtype(">i4"),
-  0x0D: np.dtype(">f4"),
-  0x0E: np.dtype(">f8"),
-}
-
-
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-  """Parses an IDX file (optionally gzip-compressed, by a ``.gz`` suffix).
-
-  Raises:
-    ValueError: naming the file, if it is truncated, corrupt or not IDX.
-  """
-  path = Path(path)
-  try:
-    if path.suffix == ".gz":
-      with gzip.open(path, "rb") as f:
-        raw = f.read()
-    else:
-      raw = path.read_bytes()
-  except (EOFError, gzip.BadGzipFile, OSError) as e:
-    if isinstance(e, FileNotFoundError):
-      raise
-    raise ValueError(f"Corrupt or truncated IDX file {path}: {e}") from e
-
-  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise ValueError(f"{path} is not an IDX file (bad magic number)")
-  dtype = _IDX_DTYPES[raw[2]]
-  ndim = raw[3]
-  header = 4 + 4 * ndim
-  if ndim == 0 or len(raw) < header:
-    raise ValueError(f"Corrupt or truncated IDX header in {path}")
-  dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
-  expected = header + int(np.prod(dims)) * dtype.itemsize
-  if len(raw) != expected:
-    raise ValueError(
-      f"Corrupt or truncated IDX file {path}: header says dims {dims}"
-      f" ({expected} bytes) but the file has {len(raw)} bytes"
-    )
-  data = np.frombuffer(raw, dtype, offset=header).reshape(dims)
-  return data.astype(dtype.newbyteorder("="), copy=True)
-
-
-def _find_idx(root: Path, stem: str) -> Path | None:
-  for folder in (root / "mnist", root):
-    for fname in (stem + ".gz", stem):
-      if (folder / fname).is_file():
-        return folder / fname
-  return None
-
-
-def _load_mnist_local(root: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-  prefix = "train" if split == "train" else "t10k"
-  image_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
-  label_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
-  if image_path is None or label_path is None:
-    return None
-  images = read_idx(image_path)
-  labels = read_idx(label_path)
-  if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-    raise ValueError(
-      f"MNIST files {image_path} / {label_path} have incompatible shapes"
-      f" {images.shape} / {labels.shape}"
-    )
-  return images[..., None].astype(np.uint8), labels
-
-
-# --- CIFAR-10 (python pickles) ----------------------------------------------
-
-
-def _load_cifar10_local(root: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-  folder = root / "cifar-10-batches-py"
-  names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-  paths = [folder / n for n in names]
-  if not all(p.is_file() for p in paths):
-    return None
-  images, labels = [], []
-  for p in paths:
-    try:
-      with open(p, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-      data = np.asarray(_get(batch, "data"), np.uint8)
-      batch_labels = np.asarray(_get(batch, "labels"), np.int32)
-      images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
-      raise ValueError(f"Corrupt CIFAR-10 batch file {p}: {e!r}") from e
-    if len(batch_labels) != len(images[-1]):
-      raise ValueError(f"Corrupt CIFAR-10 batch file {p}: length mismatch")
-    labels.append(batch_labels)
-  return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
-
-
-def _get(d: dict[Any, Any], key: str) -> Any:
-  return d[key.encode()] if key.encode() in d else d[key]
-
-
-# --- Tiny-ImageNet (JPEG folders) ---------------------------------------------
-
-_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-
-
-def _load_tiny_imagenet_local(root: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-  folder = root / "tiny-imagenet-200"
-  wnids_file = folder / "wnids.txt"
-  if not wnids_file.is_file():
-    return None
-  wnids = sorted(w.strip() for w in wnids_file.read_text().split() if w.strip())
-  index = {w: i for i, w in enumerate(wnids)}
-
-  files: list[Path] = []
-  labels: list[int] = []
-  if split == "train":
-    for wnid in wnids:
-      image_dir = folder / "train" / wnid / "images"
-      if not image_dir.is_dir():
-        return None
-      for p in sorted(image_dir.iterdir()):
-        if p.suffix.lower() in _IMAGE_SUFFIXES:
-          files.append(p)
-          labels.append(index[wnid])
-  else:
-    annotations = folder / "val" / "val_annotations.txt"
-    if not annotations.is_file():
-      return None
-    for line in annotations.read_text().splitlines():
-      fields = line.split("\t")
-      if not line.strip():
-        continue
-      if len(fields) < 2 or fields[1] not in index:
-        raise ValueError(f"Bad line in {annotations}: {line!r}")
-      files.append(folder / "val" / "images" / fields[0])
-      labels.append(index[fields[1]])
-
-  images = np.empty((len(files), 64, 64, 3), np.uint8)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-    for i, image in enumerate(pool.map(_read_rgb64, files)):
-      images[i] = image
-  return images, np.asarray(labels, np.int32)
-
-
-def _read_rgb64(path: Path) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  try:
-    with Image.open(path) as im:
-      image = np.asarray(im.convert("RGB"))
-  except OSError as e:  # Includes PIL.UnidentifiedImageError, missing files.
-    raise ValueError(f"Cannot read Tiny-ImageNet image {path}: {e}") from e
-  if image.shape != (64, 64, 3):
-    raise ValueError(f"{path}: expected a 64x64 image, got {image.shape}")
-  return image
-
-
-_LOCAL_LOADERS = {
-  "mnist": _load_mnist_local,
-  "cifar10": _load_cifar10_local,
-  "tiny_imagenet": _load_tiny_imagenet_local,
-}
+  """The split read through TFDS (``tfds_source.load``), validated; None if unavailable."""
+  result = tfds_source.load(name, split, data_dir=data_dir, download=download)
+  return None if result is None else _validated(name, *result, source="TFDS")

@@ -78,6 +78,7 @@ the margin.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import secrets
@@ -110,6 +111,33 @@ _EAGER_MAX = 1 << 16
 LANCZOS_MEMORY = 1 << 30  # bytes of float64 Krylov bases held at once (operators are grouped)
 
 Spec = tuple[Callable, tuple, tuple]  # (fn, in_shape, out_shape) of a linear operator
+
+
+@dataclasses.dataclass(frozen=True)
+class SoundSettings:
+  """How a sound bound computes the norms it cannot materialise: one value, passed whole
+  (``sound_bounds(..., settings=...)``, ``crmjax.certify.evaluate``, the report).
+
+  Attributes:
+    estimator: ``'lanczos'`` or ``'power'`` (``ESTIMATORS``).
+    iterations: Lanczos steps (or power iterations) per operator too large to materialise.
+    key: seed of the random starts: an int, a ``jax.random`` key, or ``None`` for fresh
+      operating-system entropy per bound (``info['key']`` records the int used).
+    failure_probability: total probability that some probabilistic norm is not an upper
+      bound.
+    exact_size: largest smaller-side dimension materialised exactly.
+    progress: tqdm progress bars (stderr) over the exact norms and the Lanczos steps.
+  """
+
+  estimator: str = "lanczos"
+  iterations: int = NUM_ITERS
+  key: int | jax.Array | None = None
+  failure_probability: float = 1e-6
+  exact_size: int = EXACT_MAX_DIM
+  progress: bool = False
+
+
+DEFAULT_SETTINGS = SoundSettings()
 
 
 def interior_operator(net: LipNet, t: int, e: int):
@@ -540,7 +568,8 @@ def sound_bound(
     mode: ``'pairwise'`` ``(K, K)``, ``'per_class'`` ``(K,)`` or ``'global'`` ``()``.
     norm: ``'l2'`` or ``'linf'``.
     **kwargs: ``scales``, ``warm``, ``key``, ``estimator``, ``num_iters``, ``failure_prob``,
-      ``exact_max_dim``, ``margin``, ``progress`` of ``sound_bounds``.
+      ``exact_max_dim``, ``margin``, ``progress``, ``exact_cache``, ``settings`` of
+      ``sound_bounds``.
 
   Returns:
     ``(bound, info)``; ``info['kind']`` says whether the bound is deterministic or holds
@@ -567,6 +596,7 @@ def sound_bounds(
   margin: float = 1e-4,
   progress: bool = False,
   exact_cache: dict | None = None,
+  settings: SoundSettings | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
   """``sound_bound`` for several modes at once (the operator norms are computed once).
 
@@ -588,6 +618,8 @@ def sound_bounds(
     exact_cache: a dict to share exact norms between calls (e.g. the same network bounded
       with two estimators); entries are keyed by a SHA-256 fingerprint of the (rescaled)
       network's arrays and structure, so a cache shared across networks stays correct.
+    settings: when given, its fields replace ``key``, ``estimator``, ``num_iters``,
+      ``failure_prob``, ``exact_max_dim`` and ``progress``.
 
   Returns:
     ``({mode: bound}, info)``; ``info`` holds ``kind``, ``method``, ``norm``, ``estimator``,
@@ -596,6 +628,10 @@ def sound_bounds(
     eq. 19 table (``interior_norms``, ``interior_bounds``) or naive ``layer_norms``, and
     ``rescaling`` (``'none'``, ``'aol'`` or ``'given'``).
   """
+  if settings is not None:
+    key, estimator, num_iters = settings.key, settings.estimator, settings.iterations
+    failure_prob, exact_max_dim = settings.failure_probability, settings.exact_size
+    progress = settings.progress
   for mode in modes:
     liplt._check(method, mode, norm)  # pylint: disable=protected-access
   if estimator not in ESTIMATORS:

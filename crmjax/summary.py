@@ -4,6 +4,7 @@
 a final one; the record a script reads back) and writes the same scalars as TensorBoard event
 files in ``<workdir>`` (``tensorboard --logdir <workdir>``, or ``%tensorboard`` in a notebook)
 through ``tensorboardX``, which needs no TensorFlow. Only process 0 writes (multi-host runs).
+``epoch_records(path)`` reads the per-epoch records of a ``metrics.jsonl`` back.
 """
 
 from __future__ import annotations
@@ -62,3 +63,20 @@ class MetricWriter:
 
   def __exit__(self, *exc: object) -> None:
     self.close()
+
+
+def epoch_records(path: str) -> list[dict]:
+  """The per-epoch records of a run's ``metrics.jsonl`` (``MetricWriter``), by epoch.
+
+  A resumed run may log an epoch twice (once per attempt); the last record of each counts.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {path}: give the workdir of a training run (its metrics.jsonl)")
+  by_epoch = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        if "epoch" in record:
+          by_epoch[int(record["epoch"])] = record
+  return [by_epoch[e] for e in sorted(by_epoch)]

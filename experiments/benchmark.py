@@ -6,7 +6,7 @@
       --config.depth_sweep=True --config.models="()"
 
 For each model, on random images and labels, with the real training step
-(``crmjax.train.make_train_step`` + ``jit_step``, data parallel over every device): the median
+(``crmjax.train_step.make_train_step`` + ``jit_step``, data parallel over every device): the median
 ms per step after warm-up of the cross-entropy step, the CRM step with the pairwise LipLT
 bound at the paper's power iterations and at 1 warm-started iteration, the CRM step with the
 naive bound, and the LipLT bound alone (forward); compile time apart. ``depth_sweep`` adds
@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from crmjax import data, liplt, models, train
+from crmjax import data, liplt, models, train_state, train_step
 from crmjax import layers as L
 from experiments import cli, timing
 from experiments.configs import benchmark as benchmark_config
@@ -100,7 +100,7 @@ class Setup:
 
   model: models.Model
   tx: optax.GradientTransformation
-  state: train.TrainState  # replicated; copied per column (the step donates it)
+  state: train_state.TrainState  # replicated; copied per column (the step donates it)
   images: jax.Array
   labels: jax.Array
   replicated: Any
@@ -111,8 +111,8 @@ def random_params(shapes, rng: np.random.Generator):
   """LeCun-normal kernels and zero biases of the given shapes (numpy: no PRNG compiles).
 
   The step's speed does not depend on the values; ``jax.random`` initialisation would
-  spend seconds compiling on a CPU (``train.create_state`` of 4C3F: ~15 CPU-s on the 2-core
-  CPU, mostly threefry's compile for the kernels' shapes; this: under 1 s).
+  spend seconds compiling on a CPU (``train_state.create_state`` of 4C3F: ~15 CPU-seconds on two
+  cores, mostly threefry's compile for the kernels' shapes; this: under 1 s).
   """
 
   def leaf(s):
@@ -138,14 +138,14 @@ def random_power(shapes, rng: np.random.Generator) -> liplt.PowerState:
 
 def random_state(
   model: models.Model, tx: optax.GradientTransformation, seed: int
-) -> train.TrainState:
-  """A state shaped like ``train.create_state``'s, made in numpy (nothing is compiled).
+) -> train_state.TrainState:
+  """A state shaped like ``train_state.create_state``'s, made in numpy (nothing is compiled).
 
-  The structure is ``train.abstract_state``'s; params and power vectors
+  The structure is ``train_state.abstract_state``'s; params and power vectors
   are random (``random_params``, ``random_power``), every other leaf is zero, as in a fresh
   state (step 0, Adam's zero moments and count).
   """
-  shapes = train.abstract_state(model, tx, seed)
+  shapes = train_state.abstract_state(model, tx, seed)
   rng = np.random.default_rng(seed)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   return zeros.replace(
@@ -155,10 +155,10 @@ def random_state(
 
 def make_setup(model: models.Model, config, devices, *, batch_size: int) -> Setup:
   """A replicated ``random_state`` and a sharded random batch."""
-  tx = train.make_optimizer(
+  tx = train_state.make_optimizer(
     train_config(config, bound="liplt", train_iters=1, batch_size=batch_size), 1000
   )
-  replicated, batch_sharding = train.make_mesh(devices)
+  replicated, batch_sharding = train_state.make_mesh(devices)
   state = jax.device_put(random_state(model, tx, config.seed), replicated)
   x, y = random_batch(model, batch_size, config.seed, batch_sharding)
   return Setup(model, tx, state, x, y, replicated, batch_sharding)
@@ -179,8 +179,10 @@ def _advance_power(args, out):
 def step_column(setup: Setup, config, *, regularized: bool, bound: str, train_iters: int) -> dict:
   """Times ``jit_step(make_train_step(...))`` from the initial state on the fixed batch."""
   tc = train_config(config, bound=bound, train_iters=train_iters, batch_size=setup.images.shape[0])
-  step = train.jit_step(
-    train.make_train_step(setup.model, setup.tx, tc, regularized=regularized, steps_per_epoch=1000),
+  step = train_step.jit_step(
+    train_step.make_train_step(
+      setup.model, setup.tx, tc, regularized=regularized, steps_per_epoch=1000
+    ),
     setup.replicated,
     setup.batch_sharding,
   )

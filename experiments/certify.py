@@ -14,17 +14,17 @@ time, failure probability and key; ``--config.key=<int>`` reproduces a report's 
 
 import ml_collections
 
-from crmjax import reports
+from crmjax import report_text, reports
 from experiments import cli
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   results = reports.certify_run(config, workdir)
-  print(reports.format_table1(results))
+  print(report_text.format_table1(results))
   print()
-  print(reports.format_certificates(results))
+  print(report_text.format_certificates(results))
   print()
-  print(reports.format_table2(results))
+  print(report_text.format_table2(results))
   check = results["soundness_check"]
   print(
     f"\nsoundness check: {check['points_attacked']} points attacked, "

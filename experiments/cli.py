@@ -25,7 +25,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from crmjax import checkpoint, reports, train
+from crmjax import checkpoint, config_schema, train
 
 # What a user can fix from the message alone (the messages name the fix).
 ERRORS: tuple[type[BaseException], ...] = (
@@ -60,7 +60,7 @@ def run(
   workdir_help: str | None = None,
   workdir_default: str | None = None,
   errors: tuple[type[BaseException], ...] = ERRORS,
-  renamed: Mapping[str, str] = reports.RENAMED_CONFIG_KEYS,
+  renamed: Mapping[str, str] = config_schema.RENAMED_CONFIG_KEYS,
 ) -> None:
   """Parses the command line and calls ``main(config)`` or ``main(config, workdir)``.
 

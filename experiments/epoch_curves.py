@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from crmjax import reports, summary
+from crmjax import plots, summary
 from experiments import cli
 
 
@@ -30,7 +30,7 @@ def load_runs(c: ml_collections.ConfigDict) -> tuple[dict[str, list[dict]], dict
     if not (sep and label and workdir):
       raise ValueError(f"--config.runs entry {spec!r}: write it as 'label=workdir'")
     path = os.path.join(workdir, summary.METRICS_FILE)
-    runs[label] = reports.epoch_records(path)
+    runs[label] = summary.epoch_records(path)
     if not any(k.startswith("test/") for r in runs[label] for k in r):
       raise ValueError(
         f"{path} has no per-epoch test records: train with --config.eval_every_epochs=1"
@@ -58,7 +58,7 @@ def main(c: ml_collections.ConfigDict) -> None:
     lip = last.get("test/mean_pairwise_lipschitz_estimate")
     cells.append("-" if lip is None else f"{lip:.4g}")
     print(f"| {label} | {last.get('epoch', '-')} | {' | '.join(cells)} |")
-  reports.plot_epoch_curves(runs, c.output, marks=marks, title=c.title)
+  plots.plot_epoch_curves(runs, c.output, marks=marks, title=c.title)
   print("wrote", c.output)
 
 

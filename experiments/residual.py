@@ -20,7 +20,7 @@ import os
 
 import ml_collections
 
-from crmjax import certify, reports, train
+from crmjax import certify, runs, soundness, train
 from experiments import cli
 
 
@@ -32,8 +32,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     tc.model, tc.bound = model, trained_with
     sub = os.path.join(workdir, model, trained_with)
     train.train_and_evaluate(tc, sub)
-    r = reports.load_run(sub)
-    images, labels = reports.load_test(r, subset=tc.test_subset)
+    r = runs.load_run(sub)
+    images, labels = runs.load_test(r, subset=tc.test_subset)
     for method in config.certify_bounds:
       res = certify.evaluate(
         r.model,
@@ -45,8 +45,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         batch_size=tc.eval_batch_size,
         eval_iters=tc.eval_iters,
         method=method,
-        sound=True,
-        sound_iters=tc.sound_iters,
+        sound=soundness.SoundSettings(iterations=tc.sound_iters),
       )
       rows.append(
         {

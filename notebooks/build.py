@@ -80,7 +80,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from crmjax import certify, checkpoint, data, soundness, train
+from crmjax import certify, checkpoint, data, soundness, train, train_state
 from experiments.configs import mnist as mnist_config
 
 """
@@ -178,18 +178,18 @@ print(sorted(f for f in os.listdir(WORKDIR) if f.startswith("events.out.tfevents
 
 The checkpoint holds the whole `TrainState` (params, optimizer state, power-iteration state,
 step, PRNG key). The restore target fixes the tree structure, shapes, dtypes and shardings:
-`train.abstract_state` (`jax.eval_shape` of `train.create_state`) gives them without
-initialising (or compiling) anything. (`crmjax.reports.load_run(WORKDIR)` does the same from the config stored in the
+`train_state.abstract_state` (`jax.eval_shape` of `train_state.create_state`) gives them without
+initialising (or compiling) anything. (`crmjax.runs.load_run(WORKDIR)` does the same from the config stored in the
 checkpoint.)
 """,
   ),
   (
     "code",
     """\
-model = train.make_model(config)
-tx = train.make_optimizer(config, total_steps=1)  # the state's structure does not depend on the schedule
-replicated, _ = train.make_mesh()
-target = train.abstract_state(model, tx, config.seed, replicated)
+model = train_state.make_model(config)
+tx = train_state.make_optimizer(config, total_steps=1)  # the state's structure does not depend on the schedule
+replicated, _ = train_state.make_mesh()
+target = train_state.abstract_state(model, tx, config.seed, replicated)
 with checkpoint.Checkpointer(os.path.join(WORKDIR, "checkpoints")) as ckpt:
     state, meta = ckpt.restore(target)  # the latest step
 print(f"restored step {int(state.step)} (epoch {meta['epoch']}) of {meta['architecture']} on {meta['dataset']}")
@@ -780,7 +780,7 @@ assert err < 1e-4
 The imported model is an ordinary crmjax model: `model.lipnet(params)` is its eq. 17 form,
 `sound_bound` gives guaranteed pairwise bounds, `certify.radii_of` the certified radii. A
 random-features network was not trained for robustness, so its radii are small; fine-tune it
-with the CRM loss (`crmjax.train.make_train_step` accepts any `Model`) to grow them.
+with the CRM loss (`crmjax.train_step.make_train_step` accepts any `Model`) to grow them.
 """,
   ),
   (

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from crmjax import train_state
 from experiments import benchmark, timing
 from experiments.configs import benchmark as benchmark_config
 
@@ -83,15 +84,14 @@ def test_unknown_model_or_column_is_a_clear_error(tmp_path):
 
 
 def test_random_state_is_shaped_like_create_state_with_fresh_optimizer_state():
-  from crmjax import train
 
   model = benchmark.paper_model("MLP")
   config = benchmark_config.get_config()
-  tx = train.make_optimizer(
+  tx = train_state.make_optimizer(
     benchmark.train_config(config, bound="liplt", train_iters=1, batch_size=8), 10
   )
   state = benchmark.random_state(model, tx, 0)
-  want = jax.eval_shape(lambda: train.create_state(model, tx, 0))
+  want = jax.eval_shape(lambda: train_state.create_state(model, tx, 0))
   assert jax.tree.structure(state) == jax.tree.structure(want)
   for got, ref in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
     assert got.shape == ref.shape and got.dtype == ref.dtype

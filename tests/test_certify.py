@@ -14,6 +14,7 @@
 (The failure probabilities and the Lanczos algorithm: ``test_lanczos.py``.)
 """
 
+import dataclasses
 import json
 import math
 
@@ -507,8 +508,7 @@ def test_evaluate(method):
     batch_size=3,
     eval_iters=5,
     method=method,
-    sound=True,
-    sound_iters=200,
+    sound=soundness.SoundSettings(iterations=200),
     extra_eps=(0.005, 0.01, 0.02),
   )
   assert KEYS | {"bound_details"} == set(out)
@@ -547,7 +547,7 @@ def test_evaluate(method):
     batch_size=4,
     eval_iters=5,
     method=method,
-    sound=False,
+    sound=None,
   )
   assert set(out) == KEYS
   assert out["bound_kind"] == "power-iteration estimate (not guaranteed)"
@@ -558,14 +558,16 @@ def test_evaluate(method):
 def test_evaluate_probabilistic_bound_states_key_and_reproduces():
   model, params, images, labels, _ = _tiny_model()
   power = _init_state(model.lipnet(params), 1)
-  kw = dict(eps=0.01, batch_size=7, eval_iters=5, sound_iters=30, exact_max_dim=1)
-  out = certify.evaluate(model, params, power, images, labels, **kw)
+  kw = dict(eps=0.01, batch_size=7, eval_iters=5)
+  sound = soundness.SoundSettings(iterations=30, exact_size=1)
+  out = certify.evaluate(model, params, power, images, labels, sound=sound, **kw)
   d = out["bound_details"]
   assert d["estimator"] == "lanczos" and d["num_iters"] == 30 and d["exact_norms"] == 0
   assert d["probabilistic_norms"] == 1 and d["failure_probability"] == 1e-6
   assert out["bound_kind"] == "upper bound with probability >= 0.999999"
   assert isinstance(d["key"], int) and d["key"] >= 0
-  again = certify.evaluate(model, params, power, images, labels, key=d["key"], **kw)
+  sound = dataclasses.replace(sound, key=d["key"])
+  again = certify.evaluate(model, params, power, images, labels, sound=sound, **kw)
   assert again["mean_pairwise_lipschitz"] == out["mean_pairwise_lipschitz"]
   assert again["bound_details"]["norms"] == d["norms"]
   json.dumps(out)  # JSON-ready

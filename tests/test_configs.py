@@ -1,8 +1,10 @@
 """Every experiment config (and its smoke variant) passes the training config checks."""
 
+import json
+
 import pytest
 
-from crmjax import liplt, models, train
+from crmjax import config_schema, liplt, models
 from experiments.configs import (
   benchmark,
   bounds,
@@ -23,14 +25,14 @@ from experiments.configs import (
 @pytest.mark.parametrize("variant", ["", "smoke"])
 def test_configs_validate(module, variant):
   config = module.get_config(variant)
-  train.validate_config(config, num_devices=1)
+  config_schema.validate_config(config, num_devices=1)
   if variant == "smoke":
     assert config.num_epochs <= 2 and config.train_subset > 0
 
 
 def test_mnist_recipes_differ_only_where_their_docstrings_say():
   ref, main, long = (m.get_config().to_dict() for m in (mnist_reference, mnist, mnist_60))
-  train.validate_config(mnist_reference.get_config(), num_devices=1)
+  config_schema.validate_config(mnist_reference.get_config(), num_devices=1)
   changed = {k for k in ref if ref[k] != main[k]}
   assert changed == {
     "batch_size",
@@ -52,7 +54,7 @@ def test_unknown_variant_is_refused():
 @pytest.mark.parametrize("variant", ["", "smoke"])
 def test_residual_config_trains_valid_configs_of_registered_models(variant):
   config = residual.get_config(variant)
-  train.validate_config(config.train, num_devices=1)
+  config_schema.validate_config(config.train, num_devices=1)
   assert set(config.models) <= set(models.ARCHITECTURES)
   assert set(config.train_bounds) <= set(liplt.ALL_METHODS)
   with pytest.raises(ValueError, match="unknown variant"):
@@ -71,3 +73,25 @@ def test_check_variant_returns_known_variants_and_names_them_otherwise():
   assert default.check_variant("tiny", ("", "tiny")) == "tiny"
   with pytest.raises(ValueError, match=r"use one of \['', 'tiny'\]"):
     default.check_variant("smoke", ("", "tiny"))
+
+
+def test_stored_config_fills_the_fields_added_since_with_their_former_behaviour():
+  current = json.loads(mnist.get_config("smoke").to_json_best_effort())
+  old = json.loads(json.dumps(current))
+  for field in config_schema.ADDED_FIELDS:
+    *groups, name = field.split(".")
+    section = old
+    for group in groups:
+      section = section[group]
+    del section[name]
+  del old["rescaling"]  # a group added since, whole
+  config = config_schema.stored_config(old)
+  for field, value in config_schema.ADDED_FIELDS.items():
+    section = config
+    for part in field.split(".")[:-1]:
+      section = section[part]
+    assert section[field.split(".")[-1]] == value, field
+  assert "rescaling" not in old and "init" not in old  # the input is not modified
+  config_schema.validate_config(config, num_devices=1)
+  # Fields present are kept, a whole current config comes back unchanged.
+  assert config_schema.stored_config(current).to_dict() == current

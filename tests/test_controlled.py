@@ -8,7 +8,7 @@ import pytest
 
 from crmjax import controlled as C
 from crmjax import layers as L
-from crmjax import liplt, models, network, train
+from crmjax import liplt, models, network, train_state, train_step
 from crmjax import operators as ops
 from experiments.configs import mnist
 from tests import reference as ref
@@ -414,9 +414,9 @@ def test_ctrlconv_crm_train_step_runs_under_jit():
   config = mnist.get_config("smoke")
   config.model, config.crm.warmup_epochs, config.train_iters = "CtrlConv", 0, 1
   model = _small_ctrlconv()
-  tx = train.make_optimizer(config, 100)
+  tx = train_state.make_optimizer(config, 100)
   params = _spec_params(model.layers, model.input_shape, 0, dtype=np.float32)
-  state = train.TrainState(
+  state = train_state.TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     opt_state=tx.init(params),
@@ -424,12 +424,12 @@ def test_ctrlconv_crm_train_step_runs_under_jit():
     key=jax.random.key_data(jax.random.key(0)),
   )
   before = jax.tree.map(np.array, params)  # the step donates the state's buffers
-  rep, bat = train.make_mesh(jax.devices()[:1])
+  rep, bat = train_state.make_mesh(jax.devices()[:1])
   state = jax.device_put(state, rep)
   fn = chex.assert_max_traces(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
   )
-  step = train.jit_step(fn, rep, bat)
+  step = train_step.jit_step(fn, rep, bat)
   rng = np.random.default_rng(0)
   for _ in range(3):
     x = jnp.asarray(rng.random((16, 28, 28, 1)), jnp.float32)

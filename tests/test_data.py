@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from crmjax import data
+from crmjax import data, dataset_files, tfds_source
 from tests import fake_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,17 +163,17 @@ def test_idx_parsing_errors(tmp_path):
 
   path = tmp_path / "ok-idx2-ubyte.gz"
   path.write_bytes(fake_datasets.idx_gz(good))
-  np.testing.assert_array_equal(data.read_idx(path), good)
+  np.testing.assert_array_equal(dataset_files.read_idx(path), good)
 
   short = tmp_path / "short-idx2-ubyte.gz"  # Valid gzip, too few bytes.
   short.write_bytes(gzip.compress(header + good.tobytes()[:-1]))
   with pytest.raises(ValueError, match="truncated.*short-idx2-ubyte.gz"):
-    data.read_idx(short)
+    dataset_files.read_idx(short)
 
   magic = tmp_path / "magic-idx2-ubyte"
   magic.write_bytes(b"\x12\x34\x08\x02" + header[4:] + good.tobytes())
   with pytest.raises(ValueError, match="magic-idx2-ubyte.*magic"):
-    data.read_idx(magic)
+    dataset_files.read_idx(magic)
 
 
 def test_wrong_shapes_or_labels_are_refused_naming_the_files(tmp_path, monkeypatch):
@@ -247,7 +247,7 @@ def test_tfds_data_source_reader_matches_records(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=4):
     source = tfds.data_source("mnist", split="test", data_dir=tmp_path)
-    images, labels = data._read_data_source(source)
+    images, labels = tfds_source.read_data_source(source)
     for i in range(4):
       np.testing.assert_array_equal(images[i], source[i]["image"])
       assert labels[i] == source[i]["label"]
@@ -299,7 +299,7 @@ def test_runs_without_tensorflow_datasets_installed(tmp_path, monkeypatch):
   written = fake_datasets.write_cifar(tmp_path, np.random.default_rng(3))
   images, _ = data.load_split("cifar10", "test", data_dir=tmp_path)
   np.testing.assert_array_equal(images, written["test_batch"][0])
-  assert not data._tfds_can_prepare("cifar10")
+  assert not tfds_source.can_prepare("cifar10")
 
 
 # --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from crmjax import data
+from crmjax import data, tfds_source
 from crmjax import download as download_lib
 from tests import fake_datasets
 
@@ -82,7 +82,7 @@ def _isolated(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   monkeypatch.setattr(data, "_VENDORED_DATA_DIR", tmp_path / "no-vendored")
   # TFDS's own downloader would go to the real URLs: only the TFDS tests below enable it.
-  monkeypatch.setattr(data, "_tfds_can_prepare", lambda name: False)
+  monkeypatch.setattr(tfds_source, "can_prepare", lambda name: False)
   # Any remote left unpatched points at a closed loopback port, never at the internet.
   closed = _closed_port_url()
   for name, dist in list(data._DISTRIBUTIONS.items()):
@@ -366,7 +366,7 @@ def _fake_tfds(monkeypatch, prepare):
     return prepare(name, split)
 
   monkeypatch.setattr(tfds, "data_source", data_source)
-  monkeypatch.setattr(data, "_tfds_can_prepare", lambda name: name != "tiny_imagenet")
+  monkeypatch.setattr(tfds_source, "can_prepare", lambda name: name != "tiny_imagenet")
   return calls
 
 

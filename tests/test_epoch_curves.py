@@ -1,4 +1,4 @@
-"""Per-epoch test curves (``crmjax.reports.epoch_records`` / ``plot_epoch_curves``,
+"""Per-epoch test curves (``crmjax.summary.epoch_records`` / ``crmjax.plots.plot_epoch_curves``,
 ``experiments.epoch_curves``) and the committed records they redraw."""
 
 import json
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from crmjax import reports, summary
+from crmjax import plots, summary
 from experiments import epoch_curves
 from experiments.configs import epoch_curves as epoch_curves_config
 from tests.test_cli import _run
@@ -28,11 +28,11 @@ def test_epoch_records_keep_the_last_record_of_each_epoch_in_epoch_order(tmp_pat
     tmp_path,
     [{"epoch": 1, "step": 5}, first, {"epoch": 3, "step": 15}, resumed, {"final": {"a": 1}}],
   )
-  records = reports.epoch_records(str(tmp_path / summary.METRICS_FILE))
+  records = summary.epoch_records(str(tmp_path / summary.METRICS_FILE))
   assert [r["epoch"] for r in records] == [1, 2, 3]
   assert records[1] == resumed
   with pytest.raises(FileNotFoundError, match="give the workdir of a training run"):
-    reports.epoch_records(str(tmp_path / "nowhere" / summary.METRICS_FILE))
+    summary.epoch_records(str(tmp_path / "nowhere" / summary.METRICS_FILE))
 
 
 def test_load_runs_adds_runs_from_their_workdirs_and_keeps_the_labels_order(tmp_path):
@@ -46,7 +46,7 @@ def test_load_runs_adds_runs_from_their_workdirs_and_keeps_the_labels_order(tmp_
   runs, marks = epoch_curves.load_runs(c)
   assert list(runs) == list(c.labels)
   # 'mine' has no certified accuracy or bound: those panels draw the other run alone.
-  reports.plot_epoch_curves(runs, str(tmp_path / "p.png"), marks=marks)
+  plots.plot_epoch_curves(runs, str(tmp_path / "p.png"), marks=marks)
   assert (tmp_path / "p.png").stat().st_size > 10_000
   c.labels = ("typo",)
   with pytest.raises(ValueError, match=r"no run named \['typo'\]"):
@@ -63,17 +63,17 @@ def test_load_runs_adds_runs_from_their_workdirs_and_keeps_the_labels_order(tmp_
     epoch_curves.load_runs(c)
 
 
-def test_recorded_runs_are_per_epoch_test_records_ending_as_the_results_say():
+def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
   with open(RECORDED) as f:
     recorded = json.load(f)
-  keys = {panel[0] for panel in reports.EPOCH_PANELS}
+  keys = {panel[0] for panel in plots.EPOCH_PANELS}
   for label, records in recorded["runs"].items():
     epochs = [r["epoch"] for r in records]
     assert epochs == sorted(set(epochs)) and epochs[0] >= 1, label
     for r in records:
       assert keys <= set(r), (label, r)
       assert 0 < r["test/certified_accuracy_estimate"] < r["test/clean_accuracy"] <= 1, label
-  # Each run's last epoch against the figures docs/results.md quotes (rounded there):
+  # Each run's last epoch against the figures BUILD_NOTES.md quotes (rounded there):
   # (epoch, certified estimate %, clean %, mean pairwise L).
   last = {
     label: (
@@ -90,7 +90,7 @@ def test_recorded_runs_are_per_epoch_test_records_ending_as_the_results_say():
     (20, 54.1, 94.2, 7.4),
     (20, 57.4, 95.3, 8.6),
     (20, 60.6, 95.8, 11.2),
-    (20, 60.8, 95.8, 10.991923332214355),  # the second run, its metrics.jsonl unrounded
+    (20, 60.8, 95.8, 10.991923332214355),  # the batch-32 run made again, unrounded
     (60, 61.8, 96.2, 10.0),
     (60, 62.5, 96.2, 10.75844955444336),  # the 60-epoch batch-32 run, unrounded
   ]

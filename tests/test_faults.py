@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crmjax import checkpoint, train
+from crmjax import checkpoint, train, train_step
 from tests.conftest import QUICK_COMPILE
 from tests.test_train import ROOT, _setup, _tiny_config
 
@@ -100,7 +100,7 @@ def test_sigkill_then_rerun_finishes_with_bitwise_the_same_params(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_untouched_last_checkpoint(tmp_path, monkeypatch):
-  real = train.make_train_step
+  real = train_step.make_train_step
 
   def poisoned(*args, **kwargs):
     step_fn = real(*args, **kwargs)
@@ -115,7 +115,7 @@ def test_nan_loss_stops_with_step_and_untouched_last_checkpoint(tmp_path, monkey
 
     return wrapped
 
-  monkeypatch.setattr(train, "make_train_step", poisoned)
+  monkeypatch.setattr(train_step, "make_train_step", poisoned)
   config = _tiny_config(checkpoint_every_steps=2, log_every_steps=1)
   work = str(tmp_path / "nan")
   with pytest.raises(train.TrainingDiverged, match=r"step 5.*last good checkpoint is step 4"):

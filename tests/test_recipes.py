@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crmjax import checkpoint, losses, models, train
+from crmjax import checkpoint, config_schema, losses, models, train, train_state
 from tests import test_train
 
 
@@ -63,14 +63,14 @@ def test_torch_init_reaches_nested_residual_params_and_refuses_unknown_schemes()
   with pytest.raises(ValueError, match="unknown init scheme 'xavier'"):
     model.init(jax.random.key(0), scheme="xavier")
   with pytest.raises(ValueError, match="--config.init='xavier' is invalid"):
-    train.validate_config(_tiny_config(init="xavier"), num_devices=1)
+    config_schema.validate_config(_tiny_config(init="xavier"), num_devices=1)
 
 
 # ------------------------------------------------------------------- learning-rate schedules
 
 
 def _rates(config, total, spe, steps):
-  fn = train.learning_rate_schedule(config, total, steps_per_epoch=spe)
+  fn = train_state.learning_rate_schedule(config, total, steps_per_epoch=spe)
   return [float(fn(s)) for s in steps]
 
 
@@ -115,7 +115,7 @@ def test_a_warm_up_as_long_as_the_run_is_capped_at_half_of_it(kind, caplog):
     num_epochs=1,
   )
   with caplog.at_level("WARNING", logger=train.log.name):
-    train.validate_config(c, num_devices=1)
+    config_schema.validate_config(c, num_devices=1)
   assert "capped at half the run" in caplog.text
   rates = _rates(c, 10, 10, range(11))
   assert np.argmax(rates) == 5
@@ -129,7 +129,7 @@ def test_exponential_schedule_is_unchanged_by_default():
   got = _rates(c, 100, 10, [0, 49, 50, 75, 100])
   np.testing.assert_allclose(got, [1e-3, 1e-3, 1e-3, 1e-3 * 1e-2**0.5, 1e-5], rtol=1e-5)
   with pytest.raises(ValueError, match="--config.lr_schedule='step' is invalid"):
-    train.validate_config(_tiny_config(lr_schedule="step"), num_devices=1)
+    config_schema.validate_config(_tiny_config(lr_schedule="step"), num_devices=1)
 
 
 @pytest.mark.parametrize(
@@ -158,12 +158,12 @@ def test_exponential_schedule_is_unchanged_by_default():
 def test_a_schedule_setting_the_schedule_never_reads_is_refused(overrides, match):
   """Not silently ignored: the one-cycle schedule has no use for the exponential decay's start."""
   with pytest.raises(ValueError, match=match):
-    train.validate_config(_tiny_config(**overrides), num_devices=1)
+    config_schema.validate_config(_tiny_config(**overrides), num_devices=1)
   for ok in (
     {"lr_schedule": "one_cycle", "lr_warmup_epochs": 2, "lr_decay_start_epoch": 0},
     {"lr_schedule": "exponential", "lr_warmup_epochs": 0, "lr_decay_start_epoch": 5},
   ):
-    train.validate_config(_tiny_config(**ok), num_devices=1)
+    config_schema.validate_config(_tiny_config(**ok), num_devices=1)
 
 
 @pytest.mark.parametrize(
@@ -199,12 +199,12 @@ def test_settings_that_would_fail_late_or_do_nothing_are_refused_up_front(field,
     group, _, name = field.rpartition(".")
     (c[group] if group else c)[name] = value
   with pytest.raises(ValueError, match=match):
-    train.validate_config(c, num_devices=1)
+    config_schema.validate_config(c, num_devices=1)
   ok = _tiny_config(num_epochs=2, normalize=((0.1307,), (0.3081,)))
   ok.crm.warmup_epochs = 1
-  train.validate_config(ok, num_devices=1)
+  config_schema.validate_config(ok, num_devices=1)
   ok.crm.r0_start, ok.crm.ramp_epochs = 1.0, 1  # r0_start with its ramp
-  train.validate_config(ok, num_devices=1)
+  config_schema.validate_config(ok, num_devices=1)
 
 
 def _adam_reference(grads, *, lr, wd=0.0, clip=0.0, p0=1.0, b1=0.9, b2=0.999, eps=1e-8):
@@ -225,7 +225,7 @@ def test_optimizer_matches_a_float64_adamw_with_clipping(wd, clip):
   c = _tiny_config(
     learning_rate=1e-2, final_learning_rate=1e-2, weight_decay=wd, grad_clip_norm=clip
   )
-  tx = train.make_optimizer(c, 10)
+  tx = train_state.make_optimizer(c, 10)
   grads = [4.0, 0.1, -2.0, 0.3]
   params = {"w": jnp.ones((), jnp.float32)}
   state = tx.init(params)
@@ -316,7 +316,7 @@ def test_run_writes_curves_and_tensorboard_events_holding_the_logged_values(tmp_
     [v for _, v in tb["test/clean_accuracy"]], [r["test/clean_accuracy"] for r in epochs], rtol=1e-6
   )
   # Per log step: the learning rate is the schedule's, lambda the configured constant.
-  lr_fn = train.learning_rate_schedule(config, 8, steps_per_epoch=4)
+  lr_fn = train_state.learning_rate_schedule(config, 8, steps_per_epoch=4)
   for step, value in tb["train/learning_rate"]:
     np.testing.assert_allclose(value, float(lr_fn(step - 1)), rtol=1e-6)
   assert {v for _, v in tb["train/lambda"]} == {config.crm.lam}
@@ -348,9 +348,9 @@ def test_resume_with_the_new_options_is_bitwise_and_does_not_redo_steps(tmp_path
 
   def final_state(workdir):
     config = _tiny_config(**opts)
-    model = train.make_model(config)
-    tx = train.make_optimizer(config, 8, steps_per_epoch=4)
-    state = train.create_state(model, tx, 0, init="torch")
+    model = train_state.make_model(config)
+    tx = train_state.make_optimizer(config, 8, steps_per_epoch=4)
+    state = train_state.create_state(model, tx, 0, init="torch")
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
       state, meta = ckpt.restore(state)
     assert meta["step"] == 8

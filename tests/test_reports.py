@@ -13,7 +13,16 @@ import sys
 import numpy as np
 import pytest
 
-from crmjax import checkpoint, reports, train
+from crmjax import (
+  attacks,
+  checkpoint,
+  config_schema,
+  report_text,
+  reports,
+  runs,
+  train,
+  train_state,
+)
 from experiments.configs import certify as certify_config
 from experiments.configs import mnist
 
@@ -115,15 +124,15 @@ def test_certificates_every_way(results, capsys):
   # Lanczos (40 steps) is tighter than the power method (100 iterations) at equal failure
   assert c["sound_lanczos"]["mean_pairwise"] < c["sound_power"]["mean_pairwise"]
   assert c["sound_lanczos"]["max_rel_err"] < c["sound_power"]["max_rel_err"]
-  text = reports.format_certificates(results)
-  for label in reports.CERTIFICATE_LABELS.values():
+  text = report_text.format_certificates(results)
+  for label in report_text.CERTIFICATE_LABELS.values():
     assert label in text
   assert "key 1234" in text and "at other radii" in text
 
 
 def test_pgd_attack_runs_at_highest_precision(workdir):
-  run = reports.load_run(workdir)
-  attack = reports.pgd_attack(run.model, run.state.params, eps=0.1, num_steps=2, num_restarts=1)
+  run = runs.load_run(workdir)
+  attack = attacks.pgd_attack(run.model, run.state.params, eps=0.1, num_steps=2, num_restarts=1)
   x, y = np.zeros((2, 28, 28, 1), np.float32), np.zeros(2, np.int32)
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -187,14 +196,14 @@ def test_certify_refuses_a_bad_setting_before_reading_the_checkpoint(
   def load_run(workdir):
     raise AssertionError(f"the checkpoint of {workdir} was read before the config was checked")
 
-  monkeypatch.setattr(reports, "load_run", load_run)
+  monkeypatch.setattr(runs, "load_run", load_run)
   c = certify_config.get_config("smoke")
   c[field] = value
   with pytest.raises(ValueError, match=match):
     reports.certify_run(c, "runs/any")
 
 
-# new name -> the name in configs stored before the renaming
+# new name -> the name in configs stored before the iteration counts were renamed
 OLD_NAMES = {
   "train_iters": "power_iters",
   "eval_iters": "eval_power_iters",
@@ -204,7 +213,7 @@ OLD_NAMES = {
 
 def test_upgrade_config_renames_old_keys():
   old = {"model": "MLP", "power_iters": 3, "eval_power_iters": 7, "sound_power_iters": 50}
-  assert reports.upgrade_config(old) == {
+  assert config_schema.upgrade_config(old) == {
     "model": "MLP",
     "train_iters": 3,
     "eval_iters": 7,
@@ -212,23 +221,23 @@ def test_upgrade_config_renames_old_keys():
   }
   assert "power_iters" in old  # not modified
   new = {"train_iters": 3, "eval_iters": 7, "sound_iters": 50}
-  assert reports.upgrade_config(new) == new
-  assert reports.upgrade_config({"power_iters": 1, "train_iters": 2}) == {"train_iters": 2}
+  assert config_schema.upgrade_config(new) == new
+  assert config_schema.upgrade_config({"power_iters": 1, "train_iters": 2}) == {"train_iters": 2}
 
 
 def test_load_run_of_a_checkpoint_with_old_config_names(tmp_path):
-  """A checkpoint whose meta['config'] has the names before the renaming loads with the new ones."""
+  """A checkpoint whose meta['config'] has the old names loads with the new ones."""
   c = mnist.get_config("smoke")
   c.model = "MLP"
-  model = train.make_model(c)
-  state = train.create_state(model, train.make_optimizer(c, total_steps=1), c.seed)
+  model = train_state.make_model(c)
+  state = train_state.create_state(model, train_state.make_optimizer(c, total_steps=1), c.seed)
   stored = json.loads(c.to_json_best_effort())
   for new, old in OLD_NAMES.items():
     stored[old] = stored.pop(new)
   meta = {"architecture": model.name, "dataset": c.dataset, "step": 1, "epoch": 0}
   with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
     ckpt.save(1, state, {**meta, "step_in_epoch": 1, "config": stored})
-  run = reports.load_run(str(tmp_path))
+  run = runs.load_run(str(tmp_path))
   for new, old in OLD_NAMES.items():
     assert run.config[new] == c[new] and old not in run.config, new
   assert reports._sound_iters(certify_config.get_config(), run) == c.sound_iters

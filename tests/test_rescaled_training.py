@@ -1,5 +1,5 @@
 """Training with the bound of the rescaled network, D refreshed every N steps:
-``config.rescaling``, ``refinement.refresh_scales``, ``train.make_refresh``."""
+``config.rescaling``, ``refinement.refresh_scales``, ``train_step.make_refresh``."""
 
 import logging
 import os
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crmjax import checkpoint, models, train
+from crmjax import checkpoint, config_schema, models, train, train_state, train_step
 from tests import reference as ref
 from tests import test_recipes
 from tests.test_refinement import _mean_pairwise, _pairwise_lower, _rescaled_blocks
@@ -46,8 +46,8 @@ def _stored(workdir, step, like):
 
 
 def _log_d_like(config):
-  model = train.make_model(config)
-  return train.initial_log_scales(model, model.init(jax.random.key(0)))
+  model = train_state.make_model(config)
+  return train_step.initial_log_scales(model, model.init(jax.random.key(0)))
 
 
 def test_refreshed_bound_is_eq19_of_the_rescaled_net_sound_and_below_plain_liplt():
@@ -58,22 +58,24 @@ def test_refreshed_bound_is_eq19_of_the_rescaled_net_sound_and_below_plain_liplt
   model = models.Model("tiny", models.mlp(num_classes=4, hidden=(12, 10)), (3, 3, 1))
   config = _config(every=2)
   config.rescaling.update(steps=20, step_iters=2, final_iters=50, learning_rate=0.01)
-  rep, bat = train.make_mesh(jax.devices()[:1])
-  tx = train.make_optimizer(config, 100)
-  state = jax.device_put(train.create_state(model, tx, 0, init="torch"), rep)
-  step = train.jit_step(
+  rep, bat = train_state.make_mesh(jax.devices()[:1])
+  tx = train_state.make_optimizer(config, 100)
+  state = jax.device_put(train_state.create_state(model, tx, 0, init="torch"), rep)
+  step = train_step.jit_step(
     chex.assert_max_traces(
-      train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=4), n=1
+      train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=4), n=1
     ),
     rep,
     bat,
     rescaled=True,
   )
-  refresh = train.jit_refresh(chex.assert_max_traces(train.make_refresh(model, config), n=1), rep)
+  refresh = train_step.jit_refresh(
+    chex.assert_max_traces(train_step.make_refresh(model, config), n=1), rep
+  )
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((8, 3, 3, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 4, 8), jnp.int32)
-  log_d = jax.device_put(train.initial_log_scales(model, state.params), rep)  # as the loop
+  log_d = jax.device_put(train_step.initial_log_scales(model, state.params), rep)  # as the loop
   for i in range(2):  # two refreshes, two steps: one trace each
     params = jax.device_get(state.params)  # the step donates the state
     log_d, power, info = refresh(state.params, state.power, log_d)
@@ -154,7 +156,7 @@ def test_d_changes_only_at_refresh_steps_and_each_function_compiles_once(warmup_
     assert value <= plain
   # The refresh at 7 changed D unless it kept the previous one (candidate 0).
   assert same(ds[8], ds[7]) == (tb["rescaling/chosen"][1][1] == 0)
-  assert [train.refreshes_at(s, every=3, first=4) for s in range(9)] == [
+  assert [train_step.refreshes_at(s, every=3, first=4) for s in range(9)] == [
     False,
     False,
     False,
@@ -168,9 +170,9 @@ def test_d_changes_only_at_refresh_steps_and_each_function_compiles_once(warmup_
 
 
 def _final(workdir, config):
-  model = train.make_model(config)
-  tx = train.make_optimizer(config, 8, steps_per_epoch=4)
-  state = train.create_state(model, tx, 0)
+  model = train_state.make_model(config)
+  tx = train_state.make_optimizer(config, 8, steps_per_epoch=4)
+  state = train_state.create_state(model, tx, 0)
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     state, meta = ckpt.restore(state)
   assert meta["step"] == 8
@@ -241,7 +243,7 @@ def test_invalid_rescaling_config_is_refused_with_the_field_and_the_fix(setting,
     group, _, name = field.rpartition(".")
     (config[group] if group else config)[name] = value
   with pytest.raises(ValueError, match=match):
-    train.validate_config(config, num_devices=1)
+    config_schema.validate_config(config, num_devices=1)
   # Off (the default), the other rescaling settings and the bound are not constrained.
   config.rescaling.every_steps = 0
-  train.validate_config(config, num_devices=1)
+  config_schema.validate_config(config, num_devices=1)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from crmjax import checkpoint, losses, train
+from crmjax import checkpoint, config_schema, losses, train, train_state, train_step
 from experiments.configs import mnist, mnist_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +43,10 @@ def _batch(n=32, seed=0):
 
 
 def _setup(config, devices=None):
-  model = train.make_model(config)
-  tx = train.make_optimizer(config, 100)
-  rep, bat = train.make_mesh(devices)
-  state = jax.device_put(train.create_state(model, tx, 0), rep)
+  model = train_state.make_model(config)
+  tx = train_state.make_optimizer(config, 100)
+  rep, bat = train_state.make_mesh(devices)
+  state = jax.device_put(train_state.create_state(model, tx, 0), rep)
   return model, tx, rep, bat, state
 
 
@@ -55,8 +55,8 @@ def test_one_crm_step_lowers_the_loss_on_a_fixed_batch():
   config.crm.warmup_epochs = 0
   config.crm.penalty = "exp"  # positive for every penalised point (linear: -R_soft, any sign)
   model, tx, rep, bat, state = _setup(config)
-  step = train.jit_step(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
+  step = train_step.jit_step(
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
   )
   x, y = _batch()
   losses = []
@@ -76,8 +76,8 @@ def test_sharded_step_on_8_devices_equals_single_device_step():
   out = []
   for devices in (jax.devices()[:1], jax.devices()):
     model, tx, rep, bat, state = _setup(config, devices)
-    step = train.jit_step(
-      train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
+    step = train_step.jit_step(
+      train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
     )
     state, m = step(state, x, y)
     state, m = step(state, x, y)
@@ -92,9 +92,9 @@ def test_no_recompilation_after_the_first_step():
   config = _tiny_config()
   model, tx, rep, bat, state = _setup(config)
   fn = chex.assert_max_traces(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), n=1
   )
-  step = train.jit_step(fn, rep, bat)
+  step = train_step.jit_step(fn, rep, bat)
   for seed in range(3):
     state, _ = step(state, *_batch(seed=seed))
 
@@ -122,12 +122,12 @@ def metric_records(workdir) -> list[dict]:
 def test_abstract_state_is_create_state_without_values():
   config = _tiny_config()
   model, tx, rep, _, state = _setup(config)
-  abstract = train.abstract_state(model, tx, 0, rep)
+  abstract = train_state.abstract_state(model, tx, 0, rep)
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
   for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
     assert isinstance(a, jax.ShapeDtypeStruct)
     assert (a.shape, a.dtype, a.sharding) == (s.shape, s.dtype, s.sharding)
-  assert all(a.sharding is None for a in jax.tree.leaves(train.abstract_state(model, tx, 0)))
+  assert all(a.sharding is None for a in jax.tree.leaves(train_state.abstract_state(model, tx, 0)))
 
 
 def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path, capsys, caplog, monkeypatch):
@@ -138,15 +138,15 @@ def test_resume_after_stop_gives_bitwise_the_same_params(tmp_path, capsys, caplo
   capsys.readouterr()
   caplog.clear()
 
-  # The resume restores into train.abstract_state: create_state is traced (eval_shape), never
-  # run; running it would be a fresh initialisation thrown away.
-  real_create_state, traced = train.create_state, []
+  # The resume restores into train_state.abstract_state: create_state is traced (eval_shape),
+  # never run; running it would be a fresh initialisation thrown away.
+  real_create_state, traced = train_state.create_state, []
 
   def spy(*args, **kwargs):
     traced.append(isinstance(jnp.zeros(()), jax.core.Tracer))
     return real_create_state(*args, **kwargs)
 
-  monkeypatch.setattr(train, "create_state", spy)
+  monkeypatch.setattr(train_state, "create_state", spy)
   with caplog.at_level("INFO"):
     resumed = train.train_and_evaluate(_tiny_config(), part)
   monkeypatch.undo()
@@ -237,7 +237,7 @@ def test_short_real_mnist_run_is_accurate_and_certifies(tmp_path):
   The certificate uses the sound bound (every MLP norm is exact). The paper's exponential g
   and decay to 1e-6 after a 2-epoch warm-up: in 6 short epochs they trade less accuracy than
   the 20-epoch defaults (linear g, no warm-up: 86.6% clean here). Measured here: 90.9%
-  clean, 1.2% certified, ~35 s on the 2-core CPU.
+  clean, 1.2% certified, ~35 s on two CPU cores.
   """
   cmd = [
     sys.executable,
@@ -280,7 +280,7 @@ def test_learning_rate_is_constant_until_the_decay_epoch_then_decays_exponential
     (10, [1e-3, 1e-3, 1e-3]),
   ):
     config.lr_decay_start_epoch = start  # 10 steps per epoch, 100 steps
-    tx = train.make_optimizer(config, 100, steps_per_epoch=10)
+    tx = train_state.make_optimizer(config, 100, steps_per_epoch=10)
     params, grads = {"w": jnp.zeros(())}, {"w": jnp.ones(())}
     state, got = tx.init(params), []
     for step in range(101):
@@ -294,10 +294,10 @@ def test_crm_step_with_the_aol_rescaled_liplt_bound():
   """``config.bound='liplt_aol'`` (LipLT of the AOL-rescaled network, same PowerState) trains."""
   config = _tiny_config(bound="liplt_aol")
   config.crm.warmup_epochs = 0
-  train.validate_config(config, num_devices=1)
+  config_schema.validate_config(config, num_devices=1)
   model, tx, rep, bat, state = _setup(config, jax.devices()[:1])
-  step = train.jit_step(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
+  step = train_step.jit_step(
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=10), rep, bat
   )
   x, y = _batch()
   for _ in range(2):
@@ -326,16 +326,16 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   config.crm.penalty, config.crm.temperature = "exp", 1.0
   config.crm.r0 = config.crm.r0_start = 1e3  # every correct point penalised
   lr, spe, at_step, lam = 0.1, 10, 4, 2.0  # 4 steps into a 10-step ramp: lam = 0.4 * 5
-  model = train.make_model(config)
+  model = train_state.make_model(config)
   tx = optax.sgd(lr)
-  rep, bat = train.make_mesh(jax.devices()[:1])
-  state = train.create_state(model, tx, 0).replace(step=jnp.asarray(at_step, jnp.int32))
+  rep, bat = train_state.make_mesh(jax.devices()[:1])
+  state = train_state.create_state(model, tx, 0).replace(step=jnp.asarray(at_step, jnp.int32))
   state = jax.device_put(state, rep)
   p0, power = jax.tree.map(np.array, (state.params, state.power))  # the step donates them
   x, _ = _batch(32, seed=3)
   y = jnp.argmax(model.apply(p0, x), axis=1)  # every point correct, so penalised
-  step = train.jit_step(
-    train.make_train_step(model, tx, config, regularized=True, steps_per_epoch=spe), rep, bat
+  step = train_step.jit_step(
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=spe), rep, bat
   )
   new, m = step(state, x, y)
   assert all(np.isfinite(float(v)) for v in m.values()), m
@@ -346,7 +346,7 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   @jax.jit
   def reference(p):
     lip, vjp = jax.vjp(
-      lambda p: train.pairwise_bound(
+      lambda p: train_step.pairwise_bound(
         model, p, power, method=config.bound, mode=mode, num_iters=config.train_iters
       )[0],
       p,
@@ -384,7 +384,7 @@ def test_lambda_and_r0_ramp_after_the_warmup():
   config.crm.warmup_epochs, config.crm.ramp_epochs = 1, 2
   config.crm.lam, config.crm.r0_start, config.crm.r0 = 8.0, 0.5, 2.5
   spe = 10  # steps per epoch: warm-up = steps 0-9, ramp = steps 10-30
-  lam_fn, r0_fn = train.penalty_schedules(config, spe)
+  lam_fn, r0_fn = train_step.penalty_schedules(config, spe)
   for s in (0, 5, 9, 10, 15, 20, 25, 30, 31, 100):
     frac = min(max(s - 10, 0) / 20, 1.0)
     want_lam = 0.0 if s < 10 else 8.0 * frac
@@ -393,12 +393,12 @@ def test_lambda_and_r0_ramp_after_the_warmup():
     np.testing.assert_allclose(float(r0_fn(s)), want_r0, rtol=1e-6, err_msg=s)
   # Without a ramp: constant lam / r0 from the end of the warm-up.
   config.crm.ramp_epochs = 0
-  lam_fn, r0_fn = train.penalty_schedules(config, spe)
+  lam_fn, r0_fn = train_step.penalty_schedules(config, spe)
   assert [float(lam_fn(s)) for s in (9, 10, 50)] == [0.0, 8.0, 8.0]
   assert [float(r0_fn(s)) for s in (9, 10, 50)] == [0.5, 2.5, 2.5]
   # r0_start unset (the default): r0 throughout, with a ramp of lambda alone too.
   config.crm.r0_start = None
   for ramp_epochs in (0, 2):
     config.crm.ramp_epochs = ramp_epochs
-    _, r0_fn = train.penalty_schedules(config, spe)
+    _, r0_fn = train_step.penalty_schedules(config, spe)
     assert [float(r0_fn(s)) for s in (0, 9, 10, 20, 50)] == [2.5] * 5

@@ -1,0 +1,196 @@
+"""The CRM train step: the loss with its Lipschitz bound, and the refreshed rescaling.
+
+``make_train_step`` is the pure step ``(state, images, labels) -> (state, metrics)`` that
+``jit_step`` compiles data parallel; ``crmjax.train`` runs it in the resumable loop.
+
+With ``config.rescaling.every_steps = N > 0`` the loss's bound is LipLT (eq. 19) of the
+rescaled network ``rescaling.rescale(net, D)``, with positive diagonal scales ``D`` (one per
+neuron; any ``D > 0`` keeps the bound valid, paper Theorem 3.2's refinement) re-optimised
+every N steps by ``refinement.refresh_scales`` and fixed in between (``make_refresh``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding
+
+from crmjax import liplt, losses, models, refinement, rescaling, train_state
+
+# ---------------------------------------------------------------------- schedules
+
+
+def penalty_schedules(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> tuple[optax.Schedule, optax.Schedule]:
+  """``lambda(step)`` (0 before the warm-up ends, then constant or a linear ramp) and ``r0(step)``
+  (``crm.r0_start`` through the warm-up, then linear to ``crm.r0`` over the ramp; ``crm.r0``
+  throughout when ``crm.r0_start`` is None)."""
+  start = config.crm.warmup_epochs * steps_per_epoch
+  ramp = max(config.crm.ramp_epochs * steps_per_epoch, 1)
+  r0_start = config.crm.r0_start
+  r0_start = config.crm.r0 if r0_start is None else r0_start
+  if config.crm.ramp_epochs:
+    lam = optax.linear_schedule(0.0, config.crm.lam, ramp)
+    r0 = optax.linear_schedule(r0_start, config.crm.r0, ramp)
+  else:
+    lam, r0 = optax.constant_schedule(config.crm.lam), optax.constant_schedule(config.crm.r0)
+  lam = optax.join_schedules([optax.constant_schedule(0.0), lam], [start])
+  r0 = optax.join_schedules([optax.constant_schedule(r0_start), r0], [start])
+  return lam, r0
+
+
+def pairwise_bound(
+  model: models.Model,
+  params,
+  power: liplt.PowerState,
+  *,
+  method: str,
+  mode: str,
+  num_iters: int,
+  scales: Sequence[jax.Array] | None = None,
+) -> tuple[jax.Array, liplt.PowerState]:
+  """The ``(K, K)`` pairwise Lipschitz matrix of the model's logits (any bound mode).
+
+  ``scales``: positive diagonal rescalings ``D`` (one array per block, its ``phi_shape``):
+  the bound is then that of ``rescaling.rescale(net, D)``, a valid bound of the model for
+  every ``D > 0`` (Theorem 3.3 of the rescaled network); no gradient reaches ``D``.
+  """
+  net = model.lipnet(params)
+  if scales is not None:
+    net = rescaling.rescale(net, [jax.lax.stop_gradient(d) for d in scales])
+  bound, power = liplt.lipschitz_bound(net, power, method=method, mode=mode, num_iters=num_iters)
+  return liplt.as_pairwise(bound, mode=mode, num_classes=model.num_classes), power
+
+
+# ------------------------------------------------------------ the refreshed rescaling
+
+
+def initial_log_scales(model: models.Model, params) -> list[jax.Array]:
+  """``log D = 0`` (``D = I``: the plain bound) per block: the rescaling before the first
+  refresh (which starts from the better of it and AOL, ``refinement.refresh_scales``)."""
+  return refinement.unit_log_scales(model.lipnet(params))
+
+
+def make_refresh(model: models.Model, config: ml_collections.ConfigDict) -> Callable:
+  """The pure refresh ``(params, power, log_d) -> (log_d, power, info)`` of the rescaling.
+
+  ``refinement.refresh_scales`` of ``model.lipnet(params)`` with the ``config.rescaling``
+  settings and the training ``bound_mode`` as objective: ``steps`` Adam steps on ``log D``
+  warm-started from the current ``log_d`` and the training ``PowerState``; returns the new
+  ``log D`` (same tree and dtypes: the train step does not recompile) and the power state
+  converged for it, which the following train steps continue from.
+  """
+  r = config.rescaling
+  settings = {k: r[k] for k in ("learning_rate", "steps", "warmup_iters", "final_iters")}
+
+  def refresh_scales(params, power, log_d):
+    net = model.lipnet(params)
+    return refinement.refresh_scales(
+      net, log_d, power, mode=config.bound_mode, num_iters=r.step_iters, **settings
+    )
+
+  return refresh_scales
+
+
+def jit_refresh(refresh_fn: Callable, replicated: NamedSharding) -> Callable:
+  return jax.jit(refresh_fn, in_shardings=replicated, out_shardings=replicated)
+
+
+def refreshes_at(step: int, *, every: int, first: int) -> bool:
+  """Whether ``D`` is refreshed before ``step``: every ``every`` steps from ``first``, the
+  first step whose loss uses the bound (after the CRM warm-up)."""
+  return every > 0 and step >= first and (step - first) % every == 0
+
+
+# ------------------------------------------------------------------------ the step
+
+
+def make_train_step(
+  model: models.Model,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  *,
+  regularized: bool,
+  steps_per_epoch: int,
+) -> Callable:
+  """The pure train step ``(state, images, labels) -> (state, metrics)``.
+
+  ``regularized=False`` is plain cross-entropy (the CRM warm-up, and the ``ce`` loss);
+  otherwise the configured CRM or GloRo loss with the configured bound, whose power
+  iteration advances ``config.train_iters`` warm-started steps. Regularised with
+  ``config.rescaling.every_steps > 0``, the step is ``(state, images, labels, log_d) ->
+  (state, metrics)``: the bound is that of ``rescale(net, exp(log_d))``, ``log_d`` fixed
+  (no gradient; ``make_refresh`` updates it).
+  """
+  lam_fn, r0_fn = penalty_schedules(config, steps_per_epoch)
+
+  def loss_fn(params, power, images, labels, step, log_d=None):
+    logits = model.apply(params, images)
+    if not regularized:
+      correct = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+      ce = losses.cross_entropy(logits, labels)
+      return ce, ({"ce": ce, "accuracy": correct}, power)
+    lip, power = pairwise_bound(
+      model,
+      params,
+      power,
+      method=config.bound,
+      mode=config.bound_mode,
+      num_iters=config.train_iters,
+      scales=None if log_d is None else [jnp.exp(l) for l in log_d],
+    )
+    if config.loss == "gloro":
+      loss, aux = losses.gloro_loss(logits, labels, lip, eps=config.eps)
+    else:
+      loss, aux = losses.crm_loss(
+        logits,
+        labels,
+        lip,
+        lam=lam_fn(step),
+        temperature=config.crm.temperature,
+        r0=r0_fn(step),
+        penalty=losses.PENALTIES[config.crm.penalty],
+        normalize=config.crm.normalize,
+      )
+    K = lip.shape[0]
+    aux["lip"] = jnp.sum(lip) / (K * (K - 1))
+    return loss, (aux, power)
+
+  def update(state: train_state.TrainState, images, labels, log_d):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (aux, power)), grads = grad_fn(
+      state.params, state.power, images, labels, state.step, log_d
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, power=power)
+    return new, {"loss": loss, **aux}
+
+  if regularized and config.rescaling.every_steps:
+
+    def train_step(state: train_state.TrainState, images, labels, log_d):
+      return update(state, images, labels, log_d)
+
+  else:
+
+    def train_step(state: train_state.TrainState, images, labels):
+      return update(state, images, labels, None)
+
+  return train_step
+
+
+def jit_step(
+  step_fn: Callable, replicated: NamedSharding, batch: NamedSharding, *, rescaled: bool = False
+) -> Callable:
+  """``step_fn`` jitted; ``rescaled``: it takes the replicated ``log_d`` as a 4th argument."""
+  return jax.jit(
+    step_fn,
+    in_shardings=(replicated, batch, batch) + ((replicated,) if rescaled else ()),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
