@@ -63,7 +63,7 @@ def test_load_runs_adds_runs_from_their_workdirs_and_keeps_the_labels_order(tmp_
     epoch_curves.load_runs(c)
 
 
-def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
+def test_recorded_runs_are_per_epoch_test_records_ending_as_the_results_say():
   with open(RECORDED) as f:
     recorded = json.load(f)
   keys = {panel[0] for panel in plots.EPOCH_PANELS}
@@ -73,7 +73,7 @@ def test_recorded_runs_are_per_epoch_test_records_ending_as_build_notes_says():
     for r in records:
       assert keys <= set(r), (label, r)
       assert 0 < r["test/certified_accuracy_estimate"] < r["test/clean_accuracy"] <= 1, label
-  # Each run's last epoch against the figures BUILD_NOTES.md quotes (rounded there):
+  # Each run's last epoch against the figures docs/results.md quotes (rounded there):
   # (epoch, certified estimate %, clean %, mean pairwise L).
   last = {
     label: (

@@ -38,7 +38,7 @@ def test_notebook_runs(name, monkeypatch):
   monkeypatch.setenv("CRMJAX_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  if name == "lipschitz_bounds.ipynb":  # compile-bound: 112 -> 48 CPU-s (BUILD_NOTES.md)
+  if name == "lipschitz_bounds.ipynb":  # compile-bound: 112 -> 48 CPU-s (docs/results.md)
     for k, v in QUICK_COMPILE.items():
       monkeypatch.setenv(k, v)
   nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
