@@ -98,9 +98,9 @@ from crmjax.network import LipNet
 LANCZOS_CONSTANT = 1.648  # Kuczynski & Wozniakowski 1992, the Lanczos failure bound
 POWER_CONSTANT = 0.824  # the same paper, the power-method failure bound
 ESTIMATORS = ("lanczos", "power")
-# Defaults chosen by measurement on a 2-core CPU (docs/results.md, "The sound bound's defaults"): Lanczos costs about
-# one product with A^T A per step (milliseconds for 4C3F) plus the float64
-# reorthogonalisation; an exact norm costs a float64 Gram of n_small^2 n_large flops and an
+# Defaults chosen by measurement on a 2-core CPU (docs/results.md, "Bounds of networks at
+# initialisation"): Lanczos costs about one product with A^T A per step (milliseconds for
+# 4C3F) plus the float64 reorthogonalisation; an exact norm costs a float64 Gram of n_small^2 n_large flops and an
 # eigendecomposition of n_small^3.
 EXACT_MAX_DIM = 1024
 NUM_ITERS = 1000
