@@ -42,7 +42,14 @@ from experiments.configs import benchmark as benchmark_config
 from experiments.configs import default
 
 COLUMNS = ("ce", "crm_liplt", "crm_liplt_1it", "crm_naive", "liplt_bound")
-BREAKDOWN = ("ce_forward", "liplt_bound_grad", "liplt_bound_grad_0it")
+BREAKDOWN = (
+  "ce_forward",
+  "liplt_bound_grad",
+  "liplt_bound_grad_0it",
+  "table_grad",
+  "rows_grad",
+  "power_iters",
+)
 HEADERS = {
   "ce": "cross-entropy step",
   "crm_liplt": "CRM step, LipLT",
@@ -52,6 +59,9 @@ HEADERS = {
   "ce_forward": "model forward",
   "liplt_bound_grad": "LipLT bound fwd+bwd",
   "liplt_bound_grad_0it": "LipLT bound fwd+bwd, 0 it",
+  "table_grad": "eq. 19 table fwd+bwd",
+  "rows_grad": "class rows fwd+bwd",
+  "power_iters": "power iterations alone",
 }
 
 
@@ -215,6 +225,30 @@ def bound_grad_column(setup: Setup, config, *, train_iters: int) -> dict:
   return measure(fn, (setup.state.params, _copy(setup.state.power)), _advance_power, config)
 
 
+def part_column(setup: Setup, config, *, part: str, train_iters: int) -> dict:
+  """One part of the bound, jitted alone: ``'table_grad'``, the eq. 19 table (one sweep of
+  every interior operator, ``liplt.table_sweep``) forward + backward; ``'rows_grad'``, the exact
+  class rows and their norms (``liplt.readout_bound``) forward + backward; ``'power_iters'``,
+  ``train_iters`` power iterations (no gradient)."""
+  model = setup.model
+
+  def table(params, power):
+    outs = liplt.table_sweep(model.lipnet(params), power.liplt)
+    return sum(jnp.sum(jnp.linalg.norm(o.reshape(len(o), -1), axis=1)) for o in outs)
+
+  def rows(params, power):
+    net = model.lipnet(params)
+    return jnp.sum(liplt.readout_bound(net, jnp.ones(len(net.blocks))))
+
+  def iterate(params, power):
+    fn = lambda u: liplt.table_sweep(model.lipnet(params), u)
+    return liplt.power_iterate(fn, power.liplt, train_iters)
+
+  fn = {"table_grad": jax.grad(table), "rows_grad": jax.grad(rows), "power_iters": iterate}[part]
+  args = (setup.state.params, _copy(setup.state.power))
+  return measure(jax.jit(fn), args, timing.same_args, config)
+
+
 def forward_column(setup: Setup, config) -> dict:
   fn = jax.jit(setup.model.apply)
   return measure(fn, (setup.state.params, setup.images), timing.same_args, config)
@@ -261,6 +295,8 @@ def benchmark_model(
         "liplt_bound_grad_0it": lambda: bound_grad_column(setup, config, train_iters=0),
       }
     )
+  for part in ("table_grad", "rows_grad", "power_iters") if config.breakdown else ():
+    runs[part] = lambda part=part: part_column(setup, config, part=part, train_iters=iters)
   results = {}
   for column, run in runs.items():
     results[column] = None if column in skip else run()

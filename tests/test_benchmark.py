@@ -156,3 +156,13 @@ def test_default_settings_time_the_recipe_batch_too():
   config.batch_size = 32
   assert benchmark.model_batches("4C3F", config) == [32]
   assert benchmark.model_batches("4C3F", benchmark_config.get_config("smoke")) == [64]
+
+
+def test_breakdown_times_each_part_of_the_bound(tmp_path, capsys):
+  config = _tiny_config(tmp_path / "bench.json", breakdown=True, depth_sweep=False)
+  (row,) = benchmark.run_benchmark(config)["models"]
+  for column in benchmark.BREAKDOWN:
+    assert row["ms"][column] > 0, column
+  out = capsys.readouterr().out
+  for column in benchmark.BREAKDOWN[1:]:
+    assert benchmark.HEADERS[column] in out
