@@ -284,17 +284,17 @@ _POOL_ARGS = ("inputs", "window_shape", "strides", "padding", "count_include_pad
 
 def _avg_pool_spec(fn: functools.partial, shape: Shape, where: str) -> L.AvgPool:
   """``L.AvgPool`` of ``functools.partial(nnx.avg_pool, window_shape, strides, padding, ..)``."""
-  kwargs = dict(zip(_POOL_ARGS[1:], fn.args)) | dict(fn.keywords)
-  unknown = set(kwargs) - set(_POOL_ARGS[1:])
-  if unknown or "window_shape" not in kwargs:
+  kwargs = dict(fn.keywords)
+  if fn.args or set(kwargs) - set(_POOL_ARGS[1:]) or "window_shape" not in kwargs:
     raise ValueError(
-      f"{where}: read average pooling as functools.partial(nnx.avg_pool, window_shape=(kh, "
-      f"kw), strides=(sh, sw), padding=.., count_include_pad=..); got {fn!r}"
+      f"{where}: give average pooling's settings by keyword (its first argument is the "
+      "input): functools.partial(nnx.avg_pool, window_shape=(kh, kw), strides=(sh, sw), "
+      f"padding=.., count_include_pad=..); got {fn!r}"
     )
   if len(shape) != 3:
     raise ValueError(f"{where}: average pooling needs an (H, W, C) input, got shape {shape}")
   window = _pair(kwargs["window_shape"], "window_shape", where)
-  strides = _pair(kwargs.get("strides") or window, "strides", where)
+  strides = _pair(kwargs.get("strides"), "strides", where)  # Flax's default: 1
   pads = _conv_pads(kwargs.get("padding", "VALID"), shape[:2], window, strides, where)
   spec = L.AvgPool(window, strides, pads, bool(kwargs.get("count_include_pad", True)))
   spec.operator({}, shape)  # raises for an empty output

@@ -358,6 +358,12 @@ def _errors():
       r"layers\[1\]: max pooling is not of the form H x \+ G phi\(W x\).*average pooling",
     ),
     (
+      "avg_pool_positional",
+      nnx.Sequential(conv(2, 3), functools.partial(nnx.avg_pool, (2, 2)), flat, lin(27, K)),
+      img,
+      r"give average pooling's settings by keyword",
+    ),
+    (
       "avg_pool_without_window",
       nnx.Sequential(conv(2, 3), nnx.avg_pool, flat, lin(27, K)),
       img,
@@ -565,3 +571,28 @@ def test_bound_is_differentiable_in_the_batchnorm_scale():
   grads = nnx.grad(mean_bound)(model)
   g_scale = np.asarray(grads.layers[1].scale[...])
   assert np.all(np.isfinite(g_scale)) and np.abs(g_scale).max() > 0
+
+
+@pytest.mark.parametrize(
+  "pool",
+  [
+    functools.partial(nnx.avg_pool, window_shape=(3, 3), strides=(2, 2), padding="SAME"),
+    functools.partial(
+      nnx.avg_pool,
+      window_shape=(2, 3),
+      strides=(1, 2),
+      padding=((1, 0), (0, 1)),
+      count_include_pad=False,
+    ),
+    functools.partial(nnx.avg_pool, window_shape=(2, 2)),  # strides default to 1 in Flax
+  ],
+  ids=["same", "exclude_pad", "default_strides"],
+)
+def test_average_pooling_settings_are_read_exactly(pool):
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 7, 8, 2)))
+  with jax.enable_x64(True):
+    x = x.astype(jnp.float64)
+    spec, out = nnx_bridge.function_spec(pool, (7, 8, 2), "pool")
+    assert isinstance(spec, L.AvgPool)
+    np.testing.assert_allclose(spec.operator({}, (7, 8, 2))(x), pool(x), rtol=1e-12)
+    assert out == pool(x).shape[1:]
