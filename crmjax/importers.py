@@ -8,7 +8,9 @@ ReLU, ..., linear" pattern, is inferred from the array shapes plus ``conv_stride
 ``{'layer_i': {'kernel', 'bias'}}``: train, attack or certify it like any crmjax model
 (``crmjax.certify.certified_radii(model, params, images, labels)``). BatchNorm (its running
 statistics), average pooling and Dropout import as ``crmjax.layers.BatchNorm``,
-``AvgPool`` / ``GlobalAvgPool`` and ``Dropout`` (``import_torch_sequential``).
+``AvgPool`` / ``GlobalAvgPool`` and ``Dropout`` (``import_torch_sequential``). With torch at
+hand, ``import_torch_module(model, input_shape=...)`` reads the architecture of an
+``nn.Sequential`` from its modules (``layers_from_torch``) and the arrays from its state dict.
 
 Layouts (PyTorch -> crmjax):
 
@@ -55,8 +57,10 @@ __all__ = [
   "conv_kernel",
   "dense_kernel",
   "group_parameters",
+  "import_torch_module",
   "import_torch_sequential",
   "infer_layers",
+  "layers_from_torch",
   "load_state_dict",
 ]
 
@@ -575,3 +579,124 @@ def import_torch_sequential(
     raise ValueError("layers= must end with the Dense layer giving the logits")
   params = _convert(layers, groups, input_shape)
   return models.Model(name, layers, input_shape), params
+
+
+# --------------------------------------------------------------------------- torch modules
+
+_NOT_EQ17 = "is not of the form H x + G phi(W x) of eq. 17, so LipLT cannot bound it"
+_TORCH_ERRORS = {
+  "MaxPool2d": "max pooling " + _NOT_EQ17 + "; use AvgPool2d or a strided Conv2d and fine-tune",
+  "AdaptiveMaxPool2d": "max pooling " + _NOT_EQ17 + "; use AdaptiveAvgPool2d((1, 1))",
+  "LayerNorm": "LayerNorm divides by a statistic of its input: it " + _NOT_EQ17,
+  "GroupNorm": "GroupNorm divides by a statistic of its input: it " + _NOT_EQ17,
+  "InstanceNorm2d": "InstanceNorm divides by a statistic of its input: it " + _NOT_EQ17,
+  "MultiheadAttention": "attention multiplies inputs with each other: it " + _NOT_EQ17,
+}
+_TORCH_ACTS = {"ReLU": L.Act(), "Tanh": L.Act("tanh"), "Sigmoid": L.Act("sigmoid")}
+
+
+def _square(value, what: str, where: str) -> int:
+  v = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+  if len(v) != 2 or v[0] != v[1]:
+    raise ValueError(f"{where}: {what}={value} is not square; only square settings import")
+  return int(v[0])
+
+
+def _torch_conv(m, where: str) -> L.Conv:
+  if m.groups != 1 or _square(m.dilation, "dilation", where) != 1:
+    raise ValueError(f"{where}: grouped or dilated convolutions are not supported")
+  if m.padding_mode != "zeros":
+    raise ValueError(f"{where}: padding_mode={m.padding_mode!r}: only zero padding imports")
+  k = _square(m.kernel_size, "kernel_size", where)
+  if isinstance(m.padding, str):
+    if m.padding == "same" and k % 2 == 0:
+      raise ValueError(f"{where}: padding='same' with an even kernel pads asymmetrically")
+    pad = 0 if m.padding == "valid" else k // 2
+  else:
+    pad = _square(m.padding, "padding", where)
+  stride = _square(m.stride, "stride", where)
+  return L.Conv(int(m.out_channels), k, stride=stride, padding=pad, use_bias=m.bias is not None)
+
+
+def _torch_layer(m, where: str):
+  """The crmjax spec of one PyTorch module (duck-typed by class name), ``None`` to drop it."""
+  kind = type(m).__name__
+  if kind in _TORCH_ERRORS:
+    raise ValueError(f"{where}: {_TORCH_ERRORS[kind]}")
+  if kind in ("Dropout", "Dropout1d", "Dropout2d", "Identity"):
+    return None
+  if kind in _TORCH_ACTS:
+    return _TORCH_ACTS[kind]
+  if kind == "LeakyReLU":
+    return L.Act("leaky_relu", negative_slope=float(m.negative_slope))
+  if kind == "Conv2d":
+    return _torch_conv(m, where)
+  if kind == "Linear":
+    return L.Dense(int(m.out_features), use_bias=m.bias is not None)
+  if kind in ("BatchNorm1d", "BatchNorm2d"):
+    if not m.track_running_stats:
+      raise ValueError(
+        f"{where}: BatchNorm without running statistics normalises every batch by itself; "
+        "it has no fixed evaluation map"
+      )
+    return L.BatchNorm(float(m.eps))
+  if kind == "AvgPool2d":
+    if m.ceil_mode or m.divisor_override is not None:
+      raise ValueError(f"{where}: AvgPool2d with ceil_mode or divisor_override is not supported")
+    stride = m.stride if m.stride is not None else m.kernel_size
+    return L.AvgPool(m.kernel_size, stride, m.padding, bool(m.count_include_pad))
+  if kind == "AdaptiveAvgPool2d":
+    if m.output_size not in (1, (1, 1), [1, 1]):
+      raise ValueError(f"{where}: AdaptiveAvgPool2d({m.output_size}): only (1, 1) imports")
+    return L.GlobalAvgPool()
+  if kind == "Flatten":
+    if m.start_dim != 1 or m.end_dim != -1:
+      raise ValueError(f"{where}: Flatten(start_dim=1, end_dim=-1) only")
+    return L.Flatten()
+  raise ValueError(
+    f"{where}: {kind} is not supported. Supported: Sequential, Conv2d, Linear, BatchNorm1d/2d, "
+    "AvgPool2d, AdaptiveAvgPool2d((1, 1)), Flatten, Dropout, ReLU, LeakyReLU, Tanh, Sigmoid; "
+    "or pass layers= (crmjax.layers specs) to import_torch_sequential"
+  )
+
+
+def layers_from_torch(module: Any, where: str = "model") -> tuple:
+  """crmjax layer specs of a PyTorch ``nn.Sequential`` (nested ones are flattened).
+
+  Reads each module's settings (strides, paddings, eps, pool sizes) by class name and
+  attributes, so torch itself is not imported here. ``GlobalAvgPool`` stands for
+  ``AdaptiveAvgPool2d((1, 1))`` (its flatten follows as usual); Dropout is left out.
+
+  Raises:
+    ValueError: a module that is not of the eq. 17 form (max pooling, LayerNorm, attention)
+      or not readable, naming it (``model[i]``) and what to do.
+  """
+  out = []
+  for i, m in enumerate(module.children()):
+    here = f"{where}[{i}]"
+    if type(m).__name__ == "Sequential":
+      out.extend(layers_from_torch(m, here))
+      continue
+    spec = _torch_layer(m, here)
+    if spec is not None:
+      out.append(spec)
+  return tuple(out)
+
+
+def import_torch_module(
+  module: Any,
+  *,
+  input_shape: tuple[int, ...],
+  normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+  name: str = "imported",
+) -> tuple[models.Model, Params]:
+  """``import_torch_sequential(module.state_dict(), layers=layers_from_torch(module))``.
+
+  One call for a PyTorch ``nn.Sequential`` (e.g. ``Conv2d, BatchNorm2d, ReLU, AvgPool2d,
+  Dropout, ..., Flatten, Linear``): the architecture is read from the modules, the arrays
+  (BatchNorm's running statistics included) from the state dict, in registration order.
+  """
+  layers = layers_from_torch(module)
+  return import_torch_sequential(
+    module.state_dict(), input_shape=input_shape, layers=layers, normalize=normalize, name=name
+  )

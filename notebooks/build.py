@@ -861,7 +861,10 @@ from crmjax import layers as L
 model.eval()                                        # BatchNorm on its running statistics
 radii, bound, info = certify.certified_radii(*nnx_bridge.to_model(model, (28, 28, 1)), images, labels)
 
-# PyTorch: Conv2d, BatchNorm2d, ReLU, AvgPool2d(2), Dropout, Flatten, Linear (a state dict + specs)
+# PyTorch: an nn.Sequential of Conv2d, BatchNorm2d, ReLU, AvgPool2d, Dropout, Flatten, Linear ...
+model, params = importers.import_torch_module(torch_model, input_shape=(28, 28, 1))
+radii, bound, info = certify.certified_radii(model, params, images, labels)
+# ... or a saved state dict plus the architecture as crmjax layer specs
 layers = (L.Conv(16, 3, stride=1, padding=1), L.BatchNorm(), L.Act(), L.AvgPool(2), L.Dropout(),
           L.Flatten(), L.Dense(10))
 model, params = importers.import_torch_sequential(importers.load_state_dict("model.pth"),

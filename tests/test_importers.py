@@ -581,3 +581,89 @@ def test_batchnorm_import_errors():
   specs = (L.Conv(2, 3, 1, 1), L.Flatten(), L.BatchNorm(), L.Dense(K))
   with pytest.raises(ValueError, match=r"BatchNorm1d right after flattening"):
     importers.import_torch_sequential(flat_bn, input_shape=INPUT_HWC, layers=specs)
+
+
+# --------------------------------------------------------------------------- torch modules
+
+
+def _fake(kind, **attrs):
+  """A stand-in for a torch module: its class name and the attributes torch gives it."""
+  obj = type(kind, (), {})()
+  obj.__dict__.update(attrs)
+  return obj
+
+
+class Sequential:
+  """A stand-in for ``torch.nn.Sequential``: ``children()`` and a numpy ``state_dict()``."""
+
+  def __init__(self, *mods, sd=None):
+    self.mods, self.sd = mods, sd
+
+  def children(self):
+    return iter(self.mods)
+
+  def state_dict(self):
+    return self.sd
+
+
+def _conv(i, o, k, s, p, bias=True, **kw):
+  attrs = dict(in_channels=i, out_channels=o, kernel_size=(k, k), stride=(s, s), padding=(p, p))
+  attrs.update(dilation=(1, 1), groups=1, padding_mode="zeros", bias=0 if bias else None)
+  return _fake("Conv2d", **{**attrs, **kw})
+
+
+def _bn_modules(sd):
+  bn = lambda kind, c, eps=1e-5: _fake(kind, num_features=c, eps=eps, track_running_stats=True)
+  return Sequential(
+    _conv(1, 4, 3, 1, 1),
+    bn("BatchNorm2d", 4),
+    _fake("ReLU"),
+    _fake(
+      "AvgPool2d",
+      kernel_size=2,
+      stride=None,
+      padding=0,
+      ceil_mode=False,
+      count_include_pad=True,
+      divisor_override=None,
+    ),
+    _fake("Dropout", p=0.5),
+    Sequential(_conv(4, 6, 3, 1, 1), bn("BatchNorm2d", 6, 1e-3), _fake("ReLU")),  # nested
+    _fake("AdaptiveAvgPool2d", output_size=(1, 1)),
+    _fake("Flatten", start_dim=1, end_dim=-1),
+    _fake("Linear", in_features=6, out_features=8, bias=0),
+    bn("BatchNorm1d", 8),
+    _fake("ReLU"),
+    _fake("Dropout", p=0.5),
+    _fake("Linear", in_features=8, out_features=K, bias=0),
+    sd=sd,
+  )
+
+
+def test_torch_module_is_read_into_layer_specs_and_imported():
+  sd = _bn_state_dict(BN_NET, seed=14)
+  module = _bn_modules(sd)
+  assert importers.layers_from_torch(module) == tuple(
+    l for l in BN_SPECS if not isinstance(l, L.Dropout)
+  )
+  model, params = importers.import_torch_module(module, input_shape=INPUT_HWC)
+  x = np.random.default_rng(15).uniform(size=(4, 1, 8, 8))
+  want, _ = torch_forward(sd, BN_NET, x)
+  np.testing.assert_allclose(_logits(model, params, x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "module, match",
+  [
+    (_fake("MaxPool2d", kernel_size=2), r"model\[0\]: max pooling is not of the form"),
+    (_fake("LayerNorm"), r"LayerNorm divides by a statistic"),
+    (_conv(1, 2, 3, 1, 1, padding_mode="reflect"), r"padding_mode='reflect'"),
+    (_conv(1, 2, 3, 1, 1, kernel_size=(3, 1)), r"kernel_size=\(3, 1\) is not square"),
+    (_fake("BatchNorm2d", eps=1e-5, track_running_stats=False), r"without running statistics"),
+    (_fake("GELU"), r"GELU is not supported.*layers="),
+  ],
+  ids=["max_pool", "layer_norm", "reflect", "rectangular", "no_stats", "gelu"],
+)
+def test_torch_modules_that_do_not_fit_raise(module, match):
+  with pytest.raises(ValueError, match=match):
+    importers.layers_from_torch(Sequential(module))

@@ -223,3 +223,21 @@ def test_layer_specs_that_do_not_fit_raise():
     net.lipnet({"layer_2": {"kernel": jnp.zeros((1, 2))}})
   with pytest.raises(ValueError, match=r"\(H, W, C\)"):
     network.from_layers((L.GlobalAvgPool(), L.Dense(2)), {"layer_1": {}}, (4,))
+
+
+def test_lanczos_and_rescaled_bounds_handle_the_new_operators():
+  """Lanczos (jax.vjp through pooling and BatchNorm) agrees with the exact norms, and the
+  AOL-rescaled bound (|A| and jax.linear_transpose of the operators) stays above gradients."""
+  model, params = _params(seed=3)
+  net = model.lipnet(params)
+  exact, info = soundness.sound_bound(net)
+  assert info["probabilistic_norms"] == 0
+  lanczos, info = soundness.sound_bound(net, exact_max_dim=8, num_iters=200, key=0)
+  assert info["probabilistic_norms"] > 0
+  assert np.all(lanczos >= exact * (1 - 1e-6))
+  np.testing.assert_allclose(lanczos, exact, rtol=0.05)
+  aol, info = soundness.sound_bound(net, method="liplt_aol")
+  assert info["rescaling"] == "aol"
+  xs = jax.random.normal(jax.random.key(7), (64, *SHAPE))
+  pair = _sampled_pair_norms(functools.partial(model.apply, params), xs)
+  assert np.all(pair <= aol)
