@@ -216,10 +216,11 @@ def batchnorm_affine(*, mean, var, epsilon: float, gamma=None, beta=None) -> dic
   """The ``BatchNorm`` params ``{'scale', 'bias'}`` of running statistics (shapes ``(C,)``).
 
   ``scale = gamma / sqrt(var + epsilon)``, ``bias = beta - mean * scale`` (``gamma = 1``,
-  ``beta = 0`` when absent). Pure ``jnp``: differentiable in ``gamma`` and ``beta``.
+  ``beta = 0`` when absent). Pure ``jnp``: differentiable in ``gamma`` and ``beta``, and
+  traceable (inside ``jit`` the variance is not checked).
   """
   var = jnp.asarray(var)
-  if bool(jnp.any(var + epsilon <= 0)):
+  if not isinstance(var, jax.core.Tracer) and np.any(np.asarray(var) + epsilon <= 0):
     raise ValueError("BatchNorm running variance + epsilon must be positive")
   scale = jax.lax.rsqrt(var + epsilon)
   if gamma is not None:

@@ -507,6 +507,10 @@ def _init_bn(seed=0, dtype=jnp.float32):
       else:
         value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
       v.set_value(jnp.asarray(value, dtype))
+    elif isinstance(v, nnx.RngKey):  # the Dropout layers' random state
+      v.set_value(jax.random.key(0))
+    elif isinstance(v, nnx.RngCount):
+      v.set_value(jnp.zeros(v.shape, jnp.uint32))
   model.eval()
   return model
 
@@ -568,7 +572,7 @@ def test_bound_is_differentiable_in_the_batchnorm_scale():
     )
     return jnp.sum(lip)
 
-  grads = nnx.grad(mean_bound)(model)
+  grads = nnx.jit(nnx.grad(mean_bound))(model)  # the running statistics are traced too
   g_scale = np.asarray(grads.layers[1].scale[...])
   assert np.all(np.isfinite(g_scale)) and np.abs(g_scale).max() > 0
 
