@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crmjax import attacks, certify, linen_bridge, network, soundness
+from crmjax import attacks, certify, linen_bridge, liplt, network, soundness
 from crmjax import layers as L
 
 K = 3
@@ -211,3 +211,21 @@ def test_models_that_do_not_fit_raise_clear_errors(case):
       linen_bridge.to_layers(model, variables, SHAPE)
   with pytest.raises(ValueError, match=r"variables must be what model.init returns"):
     linen_bridge.to_layers(STEPS, {"Conv_0": {}}, SHAPE)
+
+
+def test_bound_is_differentiable_under_jit_in_the_linen_variables():
+  module = _sequential()
+  variables = _variables(module, seed=6)
+
+  @jax.jit
+  def bound_and_grad(variables):
+    def total(v):
+      net = linen_bridge.to_lipnet(module, v, SHAPE)
+      lip, _ = liplt.liplt_bound(net, liplt.init_state(net, jax.random.key(0)), num_iters=3)
+      return jnp.sum(lip)
+
+    return jax.value_and_grad(total)(variables)
+
+  value, grads = bound_and_grad(variables)
+  g = np.asarray(grads["params"]["layers_1"]["scale"])  # the first BatchNorm's gamma
+  assert np.isfinite(float(value)) and np.all(np.isfinite(g)) and np.abs(g).max() > 0
