@@ -1,11 +1,16 @@
-"""Bring your own model: import a PyTorch sequential conv/linear ReLU network's weights.
+"""Bring your own model: import a PyTorch sequential conv/linear network's weights.
 
 A PyTorch ``state_dict`` holds arrays only (no strides, paddings or activations), so the
 architecture comes from crmjax layer specs (``layers=``, e.g.
 ``crmjax.models.four_c_three_f()``) or, for the plain "conv, ReLU, ..., flatten, linear,
 ReLU, ..., linear" pattern, is inferred from the array shapes plus ``conv_strides`` /
 ``conv_paddings``. The result is a ``crmjax.models.Model`` and its params
-``{'layer_i': {'kernel', 'bias'}}``: train, attack or certify it like any crmjax model.
+``{'layer_i': {'kernel', 'bias'}}``: train, attack or certify it like any crmjax model
+(``crmjax.certify.certified_radii(model, params, images, labels)``). BatchNorm (its running
+statistics), average pooling and Dropout import as ``crmjax.layers.BatchNorm``,
+``AvgPool`` / ``GlobalAvgPool`` and ``Dropout`` (``import_torch_sequential``). With torch at
+hand, ``import_torch_module(model, input_shape=...)`` reads the architecture of an
+``nn.Sequential`` from its modules (``layers_from_torch``) and the arrays from its state dict.
 
 Layouts (PyTorch -> crmjax):
 
@@ -52,15 +57,18 @@ __all__ = [
   "conv_kernel",
   "dense_kernel",
   "group_parameters",
+  "import_torch_module",
   "import_torch_sequential",
   "infer_layers",
+  "layers_from_torch",
   "load_state_dict",
 ]
 
 Params = dict[str, dict[str, Any]]
 Groups = list[tuple[str, dict[str, np.ndarray]]]
 
-_LEAVES = ("weight", "bias")
+_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_BN_STATS = ("running_mean", "running_var")
 _TORCH_FIX = (
   "Either `pip install torch`, or convert the checkpoint to .npz where torch is "
   "installed (numpy is enough to read that):\n"
@@ -167,9 +175,12 @@ def group_parameters(state_dict: Mapping[str, Any], order: Sequence[str] | None 
   ``linear.3`` after ``linear.1`` whatever the dict order. Use ``order`` where this rule
   does not give the forward order (e.g. ``fc.weight`` registered before ``conv.weight``).
 
+  BatchNorm's ``running_mean`` / ``running_var`` belong to its layer like ``weight`` and
+  ``bias``; its ``num_batches_tracked`` counter is dropped.
+
   Raises:
-    ValueError: a name that is not ``*.weight`` / ``*.bias`` (e.g. BatchNorm's
-      ``running_mean``), or an ``order`` that does not match the state dict.
+    ValueError: a name that is not ``*.weight`` / ``*.bias`` / a BatchNorm statistic, or an
+      ``order`` that does not match the state dict.
   """
   layers: dict[str, dict[str, np.ndarray]] = {}
   for name, value in state_dict.items():
@@ -177,10 +188,11 @@ def group_parameters(state_dict: Mapping[str, Any], order: Sequence[str] | None 
     if leaf not in _LEAVES:
       raise ValueError(
         f"state dict entry {name!r}: only '<layer>.weight' and '<layer>.bias' of "
-        "Conv2d / Linear layers can be imported. BatchNorm (running_mean, ...) must be "
-        "folded into the preceding conv/linear layer first; drop buffers the forward "
-        "pass does not use."
+        "Conv2d / Linear layers and BatchNorm's weight, bias, running_mean and running_var "
+        "can be imported; drop buffers the forward pass does not use."
       )
+    if leaf == "num_batches_tracked":  # BatchNorm's step counter: not used at evaluation
+      continue
     layers.setdefault(prefix, {})[leaf] = np.asarray(_to_numpy(value))
   if order is not None:
     order = list(order)
@@ -260,14 +272,16 @@ def infer_layers(
 ) -> tuple:
   """Layer specs for ``conv, ReLU, ..., conv, ReLU, flatten, linear, ReLU, ..., linear``.
 
-  A 4-D weight is a ``Conv`` (square kernels only), a 2-D one a ``Dense``; ``Act()`` (ReLU)
-  goes between consecutive weight layers, ``Flatten()`` before the first dense layer that
+  A 4-D weight is a ``Conv`` (square kernels only), a 2-D one a ``Dense``, a layer with
+  ``running_mean`` a ``BatchNorm`` (``eps = 1e-5``, PyTorch's default) right after the
+  preceding layer; ``Act()`` (ReLU) goes between consecutive conv / linear layers (after
+  their BatchNorm), ``Flatten()`` before the first dense layer that
   sees an ``(H, W, C)`` map. Strides and paddings are not in a state dict: ``conv_strides``
   and ``conv_paddings`` (one int per conv, or one int for all) say what they are; if only
   one is given the other defaults to stride 1 / padding ``kernel_size // 2`` ("same" for
   odd kernels). With neither (and any conv), this raises: pass ``layers=`` instead.
   """
-  kinds = [np.ndim(g.get("weight")) for _, g in groups]
+  kinds = ["bn" if "running_mean" in g else np.ndim(g.get("weight")) for _, g in groups]
   n_conv = sum(k == 4 for k in kinds)
   if n_conv and conv_strides is None and conv_paddings is None:
     convs = [p for (p, _), k in zip(groups, kinds) if k == 4]
@@ -283,6 +297,9 @@ def infer_layers(
   spatial = len(input_shape) == 3
   j = 0
   for (prefix, g), kind in zip(groups, kinds):
+    if kind == "bn":
+      out.append(L.BatchNorm())
+      continue
     if "weight" not in g:
       raise ValueError(
         f"layer {prefix!r}: missing array {prefix + '.weight'!r} "
@@ -333,19 +350,30 @@ def _convert(layers: tuple, groups: Groups, input_shape: tuple[int, ...]) -> Par
   shape = tuple(input_shape)
   flattened_from: tuple[int, int, int] | None = None
   queue = list(groups)
-  n_weight_layers = sum(isinstance(l, (L.Conv, L.Dense)) for l in layers)
+  n_weight_layers = sum(isinstance(l, (L.Conv, L.Dense, L.BatchNorm)) for l in layers)
   for i, layer in enumerate(layers):
     where = f"layer_{i} {_spec_str(layer)}"
-    if isinstance(layer, (L.Act, L.Normalize)):
+    if isinstance(layer, (L.Act, L.Normalize, L.Dropout)):
       continue
     if isinstance(layer, L.Flatten):
       flattened_from = shape if len(shape) == 3 else None
       shape = (int(np.prod(shape)),)
       continue
+    if isinstance(layer, (L.AvgPool, L.GlobalAvgPool)):
+      shape = tuple(layer.operator({}, shape).out_shape)
+      continue
+    if isinstance(layer, L.BatchNorm):
+      if not queue:
+        raise ValueError(
+          f"{where}: missing BatchNorm arrays: all {len(groups)} layers of the state dict are "
+          "used up. Fix: pass the layers= of the model that wrote the state dict"
+        )
+      params[f"layer_{i}"] = _batchnorm(layer, *queue.pop(0), shape, flattened_from, where)
+      continue
     if not isinstance(layer, (L.Conv, L.Dense)):
       raise ValueError(
-        f"{where}: only Conv, Dense, Flatten, Normalize and Act layers can be "
-        "imported from a sequential PyTorch model"
+        f"{where}: only Conv, Dense, BatchNorm, AvgPool, GlobalAvgPool, Dropout, Flatten, "
+        "Normalize and Act layers can be imported from a sequential PyTorch model"
       )
     if isinstance(layer, L.Conv):
       if len(shape) != 3:
@@ -378,6 +406,11 @@ def _convert(layers: tuple, groups: Groups, input_shape: tuple[int, ...]) -> Par
       )
     prefix, g = queue.pop(0)
     wname, bname = f"{prefix}.weight".lstrip("."), f"{prefix}.bias".lstrip(".")
+    if "running_mean" in g:
+      raise ValueError(
+        f"{where}: the state dict's layer {prefix!r} is a BatchNorm (it has running_mean); "
+        "add L.BatchNorm() to layers= where the PyTorch model has it"
+      )
     if "weight" not in g:
       raise ValueError(
         f"{where}: missing array {wname!r} (shape {expected} {layout}); the "
@@ -429,6 +462,47 @@ def _convert(layers: tuple, groups: Groups, input_shape: tuple[int, ...]) -> Par
   return params
 
 
+def _batchnorm(
+  layer: L.BatchNorm,
+  prefix: str,
+  g: dict[str, np.ndarray],
+  shape: tuple[int, ...],
+  flattened_from: tuple[int, int, int] | None,
+  where: str,
+) -> dict[str, Any]:
+  """``{'scale', 'bias'}`` (float32) of a PyTorch ``BatchNorm1d`` / ``BatchNorm2d`` layer."""
+  c = shape[-1]
+  missing = [leaf for leaf in _BN_STATS if leaf not in g]
+  if missing:
+    raise ValueError(
+      f"{where}: the state dict's layer {prefix!r} ({sorted(g)}) is not a BatchNorm: it lacks "
+      f"{missing}. Fix: make layers= match the PyTorch model, or pass order="
+    )
+  if flattened_from is not None:
+    raise ValueError(
+      f"{where}: a BatchNorm1d right after flattening an {flattened_from} map normalises "
+      "PyTorch's (C, H, W)-ordered features; not supported: put a Dense between them, or "
+      "normalise the map before flattening"
+    )
+  for leaf, v in g.items():
+    if tuple(np.shape(v)) != (c,):
+      raise ValueError(
+        f"{where}: array '{prefix}.{leaf}' has shape {tuple(np.shape(v))}, expected {(c,)} "
+        f"(one per channel of the {shape} input)"
+      )
+  with np.errstate(all="ignore"):
+    var = np.asarray(g["running_var"], np.float64)
+    if not np.all(var + layer.epsilon > 0):
+      raise ValueError(f"{where}: '{prefix}.running_var' + eps must be positive")
+    scale = 1.0 / np.sqrt(var + layer.epsilon)
+  if "weight" in g:
+    scale = scale * np.asarray(g["weight"], np.float64)
+  bias = -np.asarray(g["running_mean"], np.float64) * scale
+  if "bias" in g:
+    bias = bias + np.asarray(g["bias"], np.float64)
+  return {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+
+
 def import_torch_sequential(
   state_dict: Mapping[str, Any],
   *,
@@ -444,7 +518,13 @@ def import_torch_sequential(
 
   The PyTorch model is ``nn.Sequential``-like: ``Conv2d`` / ``Linear`` layers with ReLU
   (or, via ``layers=``, any ``crmjax.layers.Act``) between them and one flatten between the
-  last conv and the first linear layer.
+  last conv and the first linear layer. In evaluation mode (``model.eval()``) its
+  ``BatchNorm1d`` / ``BatchNorm2d`` (``L.BatchNorm(eps)``: the running statistics become a
+  per-channel affine map), ``AvgPool2d`` (``L.AvgPool(kernel_size, stride, padding,
+  count_include_pad)``), ``AdaptiveAvgPool2d((1, 1))`` + flatten (``L.GlobalAvgPool()``)
+  and ``Dropout`` (``L.Dropout()``, the identity, or left out) are of the eq. 17 form;
+  ``MaxPool2d``, ``LayerNorm`` and attention are not. Pooling and dropout hold no arrays:
+  describe them in ``layers=``.
 
   Args:
     state_dict: ``{name: array}`` in PyTorch layout, e.g. ``model.state_dict()`` or
@@ -472,7 +552,7 @@ def import_torch_sequential(
 
   Raises:
     ValueError: a missing, extra or mis-shaped array (naming the layer, the expected and
-      the found shape, and the fix), unsupported entries (BatchNorm buffers, non-square
+      the found shape, and the fix), unsupported entries (unknown buffers, non-square
       kernels), or convs without ``layers=`` / ``conv_strides`` / ``conv_paddings``.
   """
   input_shape = tuple(int(d) for d in input_shape)
@@ -499,3 +579,124 @@ def import_torch_sequential(
     raise ValueError("layers= must end with the Dense layer giving the logits")
   params = _convert(layers, groups, input_shape)
   return models.Model(name, layers, input_shape), params
+
+
+# --------------------------------------------------------------------------- torch modules
+
+_NOT_EQ17 = "is not of the form H x + G phi(W x) of eq. 17, so LipLT cannot bound it"
+_TORCH_ERRORS = {
+  "MaxPool2d": "max pooling " + _NOT_EQ17 + "; use AvgPool2d or a strided Conv2d and fine-tune",
+  "AdaptiveMaxPool2d": "max pooling " + _NOT_EQ17 + "; use AdaptiveAvgPool2d((1, 1))",
+  "LayerNorm": "LayerNorm divides by a statistic of its input: it " + _NOT_EQ17,
+  "GroupNorm": "GroupNorm divides by a statistic of its input: it " + _NOT_EQ17,
+  "InstanceNorm2d": "InstanceNorm divides by a statistic of its input: it " + _NOT_EQ17,
+  "MultiheadAttention": "attention multiplies inputs with each other: it " + _NOT_EQ17,
+}
+_TORCH_ACTS = {"ReLU": L.Act(), "Tanh": L.Act("tanh"), "Sigmoid": L.Act("sigmoid")}
+
+
+def _square(value, what: str, where: str) -> int:
+  v = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+  if len(v) != 2 or v[0] != v[1]:
+    raise ValueError(f"{where}: {what}={value} is not square; only square settings import")
+  return int(v[0])
+
+
+def _torch_conv(m, where: str) -> L.Conv:
+  if m.groups != 1 or _square(m.dilation, "dilation", where) != 1:
+    raise ValueError(f"{where}: grouped or dilated convolutions are not supported")
+  if m.padding_mode != "zeros":
+    raise ValueError(f"{where}: padding_mode={m.padding_mode!r}: only zero padding imports")
+  k = _square(m.kernel_size, "kernel_size", where)
+  if isinstance(m.padding, str):
+    if m.padding == "same" and k % 2 == 0:
+      raise ValueError(f"{where}: padding='same' with an even kernel pads asymmetrically")
+    pad = 0 if m.padding == "valid" else k // 2
+  else:
+    pad = _square(m.padding, "padding", where)
+  stride = _square(m.stride, "stride", where)
+  return L.Conv(int(m.out_channels), k, stride=stride, padding=pad, use_bias=m.bias is not None)
+
+
+def _torch_layer(m, where: str):
+  """The crmjax spec of one PyTorch module (duck-typed by class name), ``None`` to drop it."""
+  kind = type(m).__name__
+  if kind in _TORCH_ERRORS:
+    raise ValueError(f"{where}: {_TORCH_ERRORS[kind]}")
+  if kind in ("Dropout", "Dropout1d", "Dropout2d", "Identity"):
+    return None
+  if kind in _TORCH_ACTS:
+    return _TORCH_ACTS[kind]
+  if kind == "LeakyReLU":
+    return L.Act("leaky_relu", negative_slope=float(m.negative_slope))
+  if kind == "Conv2d":
+    return _torch_conv(m, where)
+  if kind == "Linear":
+    return L.Dense(int(m.out_features), use_bias=m.bias is not None)
+  if kind in ("BatchNorm1d", "BatchNorm2d"):
+    if not m.track_running_stats:
+      raise ValueError(
+        f"{where}: BatchNorm without running statistics normalises every batch by itself; "
+        "it has no fixed evaluation map"
+      )
+    return L.BatchNorm(float(m.eps))
+  if kind == "AvgPool2d":
+    if m.ceil_mode or m.divisor_override is not None:
+      raise ValueError(f"{where}: AvgPool2d with ceil_mode or divisor_override is not supported")
+    stride = m.stride if m.stride is not None else m.kernel_size
+    return L.AvgPool(m.kernel_size, stride, m.padding, bool(m.count_include_pad))
+  if kind == "AdaptiveAvgPool2d":
+    if m.output_size not in (1, (1, 1), [1, 1]):
+      raise ValueError(f"{where}: AdaptiveAvgPool2d({m.output_size}): only (1, 1) imports")
+    return L.GlobalAvgPool()
+  if kind == "Flatten":
+    if m.start_dim != 1 or m.end_dim != -1:
+      raise ValueError(f"{where}: Flatten(start_dim=1, end_dim=-1) only")
+    return L.Flatten()
+  raise ValueError(
+    f"{where}: {kind} is not supported. Supported: Sequential, Conv2d, Linear, BatchNorm1d/2d, "
+    "AvgPool2d, AdaptiveAvgPool2d((1, 1)), Flatten, Dropout, ReLU, LeakyReLU, Tanh, Sigmoid; "
+    "or pass layers= (crmjax.layers specs) to import_torch_sequential"
+  )
+
+
+def layers_from_torch(module: Any, where: str = "model") -> tuple:
+  """crmjax layer specs of a PyTorch ``nn.Sequential`` (nested ones are flattened).
+
+  Reads each module's settings (strides, paddings, eps, pool sizes) by class name and
+  attributes, so torch itself is not imported here. ``GlobalAvgPool`` stands for
+  ``AdaptiveAvgPool2d((1, 1))`` (its flatten follows as usual); Dropout is left out.
+
+  Raises:
+    ValueError: a module that is not of the eq. 17 form (max pooling, LayerNorm, attention)
+      or not readable, naming it (``model[i]``) and what to do.
+  """
+  out = []
+  for i, m in enumerate(module.children()):
+    here = f"{where}[{i}]"
+    if type(m).__name__ == "Sequential":
+      out.extend(layers_from_torch(m, here))
+      continue
+    spec = _torch_layer(m, here)
+    if spec is not None:
+      out.append(spec)
+  return tuple(out)
+
+
+def import_torch_module(
+  module: Any,
+  *,
+  input_shape: tuple[int, ...],
+  normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+  name: str = "imported",
+) -> tuple[models.Model, Params]:
+  """``import_torch_sequential(module.state_dict(), layers=layers_from_torch(module))``.
+
+  One call for a PyTorch ``nn.Sequential`` (e.g. ``Conv2d, BatchNorm2d, ReLU, AvgPool2d,
+  Dropout, ..., Flatten, Linear``): the architecture is read from the modules, the arrays
+  (BatchNorm's running statistics included) from the state dict, in registration order.
+  """
+  layers = layers_from_torch(module)
+  return import_torch_sequential(
+    module.state_dict(), input_shape=input_shape, layers=layers, normalize=normalize, name=name
+  )

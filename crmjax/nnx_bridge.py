@@ -24,7 +24,20 @@ What the converter reads (anything else raises a ``ValueError`` that says so):
   ``(B, H * W * C)`` in row-major order, e.g. ``lambda x: x.reshape(x.shape[0], -1)``
   (checked on a random input);
 * a residual block ``Residual(*fns)``: ``x -> x + fns(x)`` (``H = I`` in eq. 17) whose branch
-  is linear layers, exactly one activation, linear layers, with output shape = input shape.
+  is linear layers, exactly one activation, linear layers, with output shape = input shape;
+* ``nnx.BatchNorm`` in evaluation mode (``model.eval()``, i.e. ``use_running_average=True``):
+  the per-channel affine map of its running statistics, ``crmjax.layers.BatchNorm``
+  (``fold_batchnorm=True`` folds it into a directly preceding conv / linear layer);
+* average pooling: ``functools.partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))``
+  (any window, strides, zero padding, ``count_include_pad``) and the global mean
+  ``GlobalAvgPool()`` (or a function computing ``x.mean(axis=(1, 2))``, checked on a random
+  input);
+* ``nnx.Dropout``: the identity at evaluation, left out.
+
+The converted network is the model's evaluation-mode network; the certificates of
+``crmjax.certify.certified_radii(*to_model(model, shape), images, labels)`` are computed from
+its own logits. Max pooling, LayerNorm / RMSNorm / GroupNorm and attention are not of the eq.
+17 form and raise (the message says what to use instead).
 
 Example::
 
@@ -61,10 +74,20 @@ import numpy as np
 from flax import nnx
 
 from crmjax import layers as L
-from crmjax import network
+from crmjax import models, network
 from crmjax import operators as ops
 
-__all__ = ["Activation", "Flatten", "GeneralConv", "Residual", "to_layers", "to_lipnet"]
+__all__ = [
+  "Activation",
+  "Flatten",
+  "GeneralConv",
+  "GlobalAvgPool",
+  "Residual",
+  "function_spec",
+  "to_layers",
+  "to_lipnet",
+  "to_model",
+]
 
 Shape = tuple[int, ...]
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -76,9 +99,27 @@ _SUPPORTED = (
   "activations nnx.relu, nnx.leaky_relu (functools.partial(nnx.leaky_relu, "
   "negative_slope=s)), nnx.tanh, nnx.sigmoid, nnx.relu6, nnx.hard_tanh, nnx.softplus. "
   "Wrap any other slope-restricted activation as crmjax.nnx_bridge.Activation(fn, "
-  "slopes=(alpha, beta)) with alpha <= fn' <= beta; fold BatchNorm into the preceding "
-  "layer and remove Dropout before converting, or describe the network with "
-  "crmjax.layers specs."
+  "slopes=(alpha, beta)) with alpha <= fn' <= beta; nnx.BatchNorm (model.eval()), "
+  "functools.partial(nnx.avg_pool, window_shape=.., strides=..), "
+  "crmjax.nnx_bridge.GlobalAvgPool(), nnx.Dropout (left out). Or describe the network "
+  "with crmjax.layers specs."
+)
+_NOT_EQ17 = (
+  "is not of the form H x + G phi(W x) of eq. 17 (not linear between slope-restricted "
+  "activations), so LipLT cannot bound it"
+)
+_MAX_POOL_FIX = (
+  "max pooling " + _NOT_EQ17 + ". Replace it by average pooling "
+  "(functools.partial(nnx.avg_pool, window_shape=.., strides=..)) or a strided convolution "
+  "and fine-tune the model (e.g. with the CRM loss)"
+)
+_NORM_FIX = (
+  "{name} divides by a statistic of its own input: it " + _NOT_EQ17 + ". Use BatchNorm "
+  "(fixed running statistics at evaluation) or no normalisation, and retrain"
+)
+_ATTENTION_FIX = (
+  "{name} (attention) multiplies inputs with each other: it " + _NOT_EQ17 + "; "
+  "crmjax certifies convolutional and dense networks"
 )
 
 
@@ -115,6 +156,14 @@ class Flatten:
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x.reshape((x.shape[0], -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalAvgPool:
+  """The spatial mean ``(B, H, W, C) -> (B, C)`` (as ``crmjax.layers.GlobalAvgPool``)."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x.mean(axis=(1, 2))
 
 
 class Residual(nnx.Module):
@@ -205,15 +254,89 @@ def _activation(fn: Any) -> L.Act | None:
   return None
 
 
-def _is_flatten(fn: Callable, shape: Shape) -> bool:
-  """Whether ``fn`` maps a random ``(2, *shape)`` input to its row-major ``(2, -1)`` flatten."""
+def _probe(fn: Callable, shape: Shape) -> tuple[np.ndarray, np.ndarray | None]:
+  """A random ``(2, *shape)`` input and ``fn`` of it (``None`` if ``fn`` fails on it)."""
   x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
   try:
     with jax.ensure_compile_time_eval():
-      y = np.asarray(fn(jnp.asarray(x)))
-  except Exception:  # pylint: disable=broad-except  # any failure: not a flatten
+      return x, np.asarray(fn(jnp.asarray(x)))
+  except Exception:  # pylint: disable=broad-except  # any failure: not this function
+    return x, None
+
+
+def _is_flatten(fn: Callable, shape: Shape) -> bool:
+  """Whether ``fn`` maps a random ``(2, *shape)`` input to its row-major ``(2, -1)`` flatten."""
+  x, y = _probe(fn, shape)
+  return y is not None and y.shape == (2, math.prod(shape)) and np.array_equal(y, x.reshape(2, -1))
+
+
+def _is_global_mean(fn: Callable, shape: Shape) -> bool:
+  """Whether ``fn`` maps a random ``(2, H, W, C)`` input to its spatial mean ``(2, C)``."""
+  if len(shape) != 3:
     return False
-  return y.shape == (2, math.prod(shape)) and np.array_equal(y, x.reshape(2, -1))
+  x, y = _probe(fn, shape)
+  want = x.astype(np.float64).mean(axis=(1, 2))
+  return y is not None and y.shape == want.shape and np.allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+_POOL_ARGS = ("inputs", "window_shape", "strides", "padding", "count_include_pad")
+
+
+def _avg_pool_spec(fn: functools.partial, shape: Shape, where: str) -> L.AvgPool:
+  """``L.AvgPool`` of ``functools.partial(nnx.avg_pool, window_shape, strides, padding, ..)``."""
+  kwargs = dict(fn.keywords)
+  if fn.args or set(kwargs) - set(_POOL_ARGS[1:]) or "window_shape" not in kwargs:
+    raise ValueError(
+      f"{where}: give average pooling's settings by keyword (its first argument is the "
+      "input): functools.partial(nnx.avg_pool, window_shape=(kh, kw), strides=(sh, sw), "
+      f"padding=.., count_include_pad=..); got {fn!r}"
+    )
+  if len(shape) != 3:
+    raise ValueError(f"{where}: average pooling needs an (H, W, C) input, got shape {shape}")
+  window = _pair(kwargs["window_shape"], "window_shape", where)
+  strides = _pair(kwargs.get("strides"), "strides", where)  # Flax's default: 1
+  pads = _conv_pads(kwargs.get("padding", "VALID"), shape[:2], window, strides, where)
+  spec = L.AvgPool(window, strides, pads, bool(kwargs.get("count_include_pad", True)))
+  spec.operator({}, shape)  # raises for an empty output
+  return spec
+
+
+def function_spec(f: Any, shape: Shape, where: str) -> tuple[Any, Shape]:
+  """The layer spec and output shape of a parameter-free function of a Flax model.
+
+  Reads the activations and ``Activation`` of the module docstring, ``Flatten`` (or any
+  row-major flatten), average pooling (``functools.partial(avg_pool, ..)``),
+  ``GlobalAvgPool`` (or any spatial mean). ``flax.linen`` and ``flax.nnx`` share these
+  functions. Raises a ``ValueError`` naming ``where`` for max pooling and unknown functions.
+  """
+  spec = _activation(f)
+  if spec is not None:
+    return spec, tuple(shape)
+  if isinstance(f, Flatten):
+    return L.Flatten(), (math.prod(shape),)
+  if isinstance(f, GlobalAvgPool) or (callable(f) and _is_global_mean(f, shape)):
+    if len(shape) != 3:
+      raise ValueError(f"{where}: GlobalAvgPool needs an (H, W, C) input, got shape {shape}")
+    return L.GlobalAvgPool(), (shape[-1],)
+  base = f.func if isinstance(f, functools.partial) else f
+  if base is nn.avg_pool and isinstance(f, functools.partial):
+    spec = _avg_pool_spec(f, shape, where)
+    return spec, tuple(spec.operator({}, shape).out_shape)
+  if base is nn.avg_pool:
+    raise ValueError(
+      f"{where}: give average pooling its window, functools.partial(nnx.avg_pool, "
+      "window_shape=(2, 2), strides=(2, 2))"
+    )
+  if base is nn.max_pool or "max_pool" in getattr(base, "__name__", ""):
+    raise ValueError(f"{where}: " + _MAX_POOL_FIX)
+  if callable(f) and _is_flatten(f, shape):
+    return L.Flatten(), (math.prod(shape),)
+  name = getattr(f, "__name__", None) or type(f).__name__
+  raise ValueError(
+    f"{where}: unknown function {name!r}: neither a known activation (slope "
+    "bounds unknown), a flatten nor average pooling (a lambda around nnx.avg_pool cannot be "
+    "read: write functools.partial(nnx.avg_pool, window_shape=.., strides=..)). " + _SUPPORTED
+  )
 
 
 # --------------------------------------------------------------------------- conversion
@@ -339,6 +462,8 @@ def _convert_residual(block: Residual, shape: Shape, where: str):
         "G phi(W x) (eq. 17); put the blocks one after the other"
       )
     spec, p, s = _convert_one(f, s, path)
+    if spec is None:
+      continue
     if p:
       params[f"layer_{len(specs)}"] = p
     specs.append(spec)
@@ -349,7 +474,7 @@ def _convert_residual(block: Residual, shape: Shape, where: str):
       f"linear layers (x + G phi(W x), paper eq. 17); it has {len(acts)}. Split "
       "a longer branch into several Residual blocks"
     )
-  if any(isinstance(sp, L.Flatten) for sp in specs):
+  if any(isinstance(sp, (L.Flatten, L.GlobalAvgPool)) for sp in specs):
     raise ValueError(
       f"{where}: a Residual branch cannot flatten (its output must have the input's shape)"
     )
@@ -358,6 +483,49 @@ def _convert_residual(block: Residual, shape: Shape, where: str):
       f"{where}: the Residual branch maps {shape} to {s}; x + branch(x) needs equal shapes"
     )
   return L.Residual(tuple(specs)), params, tuple(shape)
+
+
+def _convert_batchnorm(bn: nnx.BatchNorm, shape: Shape, where: str):
+  if not bn.use_running_average:
+    raise ValueError(
+      f"{where}: nnx.BatchNorm in training mode normalises with the statistics of each batch, "
+      "which is not a fixed map; call model.eval() before converting (the certificate is "
+      "for the evaluation-mode network, BatchNorm with its running statistics). To fine-tune "
+      "with the bound, train in model.eval() mode: the BatchNorm scale and bias still train"
+    )
+  if bn.axis not in (-1, len(shape)):
+    raise ValueError(f"{where}: nnx.BatchNorm(axis={bn.axis}): only the last (channel) axis")
+  if shape[-1] != bn.num_features:
+    raise ValueError(
+      f"{where}: nnx.BatchNorm has num_features={bn.num_features} but its input has shape {shape}"
+    )
+  params = L.batchnorm_affine(
+    mean=bn.mean[...],
+    var=bn.var[...],
+    epsilon=float(bn.epsilon),
+    gamma=bn.scale[...] if bn.use_scale else None,
+    beta=bn.bias[...] if bn.use_bias else None,
+  )
+  return L.BatchNorm(float(bn.epsilon)), params, tuple(shape)
+
+
+_NOT_READABLE = {
+  "LayerNorm": _NORM_FIX,
+  "RMSNorm": _NORM_FIX,
+  "GroupNorm": _NORM_FIX,
+  "InstanceNorm": _NORM_FIX,
+  "MultiHeadAttention": _ATTENTION_FIX,
+  "MultiHeadDotProductAttention": _ATTENTION_FIX,
+  "SelfAttention": _ATTENTION_FIX,
+}
+
+
+def not_eq17_error(f: Any, where: str) -> ValueError | None:
+  """The error for a normalisation or attention layer (by class name), else ``None``."""
+  for cls in type(f).__mro__:
+    if cls.__name__ in _NOT_READABLE:
+      return ValueError(f"{where}: " + _NOT_READABLE[cls.__name__].format(name=cls.__name__))
+  return None
 
 
 def _is(f: Any, cls: type) -> bool:
@@ -374,38 +542,41 @@ def _convert_one(f: Any, shape: Shape, where: str):
     return _convert_linear(f, shape, where)
   if _is(f, Residual):
     return _convert_residual(f, shape, where)
-  if isinstance(f, Flatten):
-    return L.Flatten(), {}, (math.prod(shape),)
+  if _is(f, nnx.BatchNorm):
+    return _convert_batchnorm(f, shape, where)
+  if _is(f, nnx.Dropout):
+    return None, {}, tuple(shape)  # the identity at evaluation
   if isinstance(f, nnx.Module):
+    error = not_eq17_error(f, where)
+    if error is not None:
+      raise error
     raise ValueError(
       f"{where}: {type(f).__name__} is not supported (its __call__ cannot be "
       "read; a trainable-slope nnx.PReLU has no fixed slope bounds: use "
       "functools.partial(nnx.leaky_relu, negative_slope=s)). " + _SUPPORTED
     )
-  spec = _activation(f)
-  if spec is not None:
-    return spec, {}, tuple(shape)
-  if callable(f) and _is_flatten(f, shape):
-    return L.Flatten(), {}, (math.prod(shape),)
-  name = getattr(f, "__name__", None) or type(f).__name__
-  raise ValueError(
-    f"{where}: unknown function {name!r}: neither a known activation (slope "
-    "bounds unknown) nor a flatten. " + _SUPPORTED
-  )
+  spec, out = function_spec(f, shape, where)
+  return spec, {}, out
 
 
-def to_layers(model: nnx.Sequential, input_shape: Shape) -> tuple[tuple, dict[str, Any]]:
-  """The crmjax layer specs and params of an NNX model.
+def to_layers(
+  model: nnx.Sequential, input_shape: Shape, *, fold_batchnorm: bool = False
+) -> tuple[tuple, dict[str, Any]]:
+  """The crmjax layer specs and params of an NNX model (its evaluation-mode network).
 
   Args:
     model: an ``nnx.Sequential`` of the layers listed in the module docstring.
     input_shape: one example's shape without the batch axis: ``(H, W, C)`` or ``(D,)``.
+    fold_batchnorm: fold each ``nnx.BatchNorm`` that directly follows an ``nnx.Conv`` /
+      ``nnx.Linear`` into it (``crmjax.layers.fold_batchnorm``); the same function and
+      bounds, one operator fewer.
 
   Returns:
     ``(layers, params)``: ``crmjax.layers`` specs (``L.Conv`` where a convolution is square
     and symmetric, else ``GeneralConv``; ``L.Dense``, ``L.Flatten``, ``L.Act``,
-    ``L.Residual``) and ``{'layer_i': {'kernel', 'bias'}}`` holding the NNX variables'
-    values (not copies: differentiable under ``nnx.grad``). ``layers.Sequential(layers)
+    ``L.Residual``, ``L.BatchNorm``, ``L.AvgPool``, ``L.GlobalAvgPool``; ``nnx.Dropout`` is
+    left out) and ``{'layer_i': {'kernel', 'bias'}}`` (``{'scale', 'bias'}`` of a
+    BatchNorm) computed from the NNX variables' values (differentiable under ``nnx.grad``). ``layers.Sequential(layers)
     .apply({'params': params}, x)`` equals ``model(x)``; ``models.Model(name, layers,
     input_shape)`` is a crmjax model for training, attacks and certification.
 
@@ -425,6 +596,8 @@ def to_layers(model: nnx.Sequential, input_shape: Shape) -> tuple[tuple, dict[st
   specs, params = [], {}
   for path, f in _flat_children(model, "model"):
     spec, p, shape = _convert_one(f, shape, path)
+    if spec is None:
+      continue
     if p:
       params[f"layer_{len(specs)}"] = p
     specs.append(spec)
@@ -433,10 +606,27 @@ def to_layers(model: nnx.Sequential, input_shape: Shape) -> tuple[tuple, dict[st
       "the model must end with the nnx.Linear layer giving the logits "
       f"(got {type(specs[-1]).__name__ if specs else 'no layers'})"
     )
+  if fold_batchnorm:
+    return L.fold_batchnorm(tuple(specs), params)
   return tuple(specs), params
 
 
-def to_lipnet(model: nnx.Sequential, input_shape: Shape) -> network.LipNet:
+def to_model(
+  model: nnx.Sequential, input_shape: Shape, *, fold_batchnorm: bool = False, name: str = "nnx"
+) -> tuple[models.Model, dict[str, Any]]:
+  """A crmjax ``Model`` and params computing ``model``'s evaluation-mode logits.
+
+  ``crmjax.certify.certified_radii(*to_model(model, shape), images, labels)`` certifies the
+  NNX model: logits and bound both come from the converted network. Args as ``to_layers``.
+  """
+  shape = tuple(int(d) for d in input_shape)
+  layers, params = to_layers(model, shape, fold_batchnorm=fold_batchnorm)
+  return models.Model(name, layers, shape), params
+
+
+def to_lipnet(
+  model: nnx.Sequential, input_shape: Shape, *, fold_batchnorm: bool = False
+) -> network.LipNet:
   """The eq. 17 form of an NNX model: ``network.from_layers(*to_layers(model, input_shape))``.
 
   Pure in the model's parameters: call it inside the loss (``nnx.value_and_grad``,
@@ -450,5 +640,5 @@ def to_lipnet(model: nnx.Sequential, input_shape: Shape) -> network.LipNet:
   Returns:
     The ``network.LipNet`` for ``crmjax.liplt`` and ``crmjax.soundness``.
   """
-  layers, params = to_layers(model, input_shape)
+  layers, params = to_layers(model, input_shape, fold_batchnorm=fold_batchnorm)
   return network.from_layers(layers, params, tuple(int(d) for d in input_shape))

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 Shape = tuple[int, ...]
@@ -297,3 +298,82 @@ def is_isometry(op: Operator) -> bool:
   if isinstance(op, Adjoint):
     return is_isometry(op.op)
   return isinstance(op, (Identity, Reshape))
+
+
+def _window_counts(n: int, k: int, s: int, pads: tuple[int, int]) -> np.ndarray:
+  """How many of the ``k`` taps of each output position of a 1-D window lie inside ``[0, n)``."""
+  out = (n + pads[0] + pads[1] - k) // s + 1
+  start = np.arange(out) * s - pads[0]
+  return (np.minimum(start + k, n) - np.maximum(start, 0)).astype(np.float64)
+
+
+@struct.dataclass
+class AvgPool:
+  """2-D average pooling of an ``(H, W, C)`` map: a fixed linear operator (no arrays).
+
+  ``y[i, j, c] = sum_{a < kh, b < kw} x[i sh + a - pt, j sw + b - pl, c] / d[i, j]`` with zero
+  padding ``((pt, pb), (pl, pr))``; ``d = kh kw`` (``count_include_pad``, as in
+  ``flax.linen.avg_pool`` and ``torch.nn.AvgPool2d`` by default) or the number of taps inside
+  the image. Its matrix is non-negative, so ``abs()`` is itself; its l2 norm is ``1 /
+  sqrt(kh kw)`` for non-overlapping windows (stride = window, no padding): the rows are
+  disjoint with norm ``sqrt(kh kw) / (kh kw)``. Overlapping windows are left to the bounds'
+  norm computations, like any operator. The transpose (``jax.linear_transpose``) spreads each
+  output back over its window.
+  """
+
+  in_shape: Shape = struct.field(pytree_node=False)
+  window: tuple[int, int] = struct.field(pytree_node=False)
+  strides: tuple[int, int] = struct.field(pytree_node=False)
+  padding: tuple[tuple[int, int], tuple[int, int]] = struct.field(
+    pytree_node=False, default=((0, 0), (0, 0))
+  )
+  count_include_pad: bool = struct.field(pytree_node=False, default=True)
+
+  @property
+  def out_shape(self) -> Shape:
+    h, w, c = self.in_shape
+    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = self.window, self.strides, self.padding
+    return ((h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, c)
+
+  def divisor(self) -> np.ndarray:
+    """``d`` of shape ``(H', W', 1)`` (float64): the number each window sum is divided by."""
+    h, w, _ = self.in_shape
+    (kh, kw), (sh, sw), (ph, pw) = self.window, self.strides, self.padding
+    if self.count_include_pad:
+      return np.full(self.out_shape[:2] + (1,), float(kh * kw))
+    rows, cols = _window_counts(h, kh, sh, ph), _window_counts(w, kw, sw, pw)
+    return (rows[:, None] * cols[None, :])[..., None]
+
+  def __call__(self, x):
+    def pool(z):
+      sums = jax.lax.reduce_window(
+        z,
+        np.zeros((), z.dtype),  # a constant 0 with lax.add: the differentiable window sum
+        jax.lax.add,
+        (1, *self.window, 1),
+        (1, *self.strides, 1),
+        ((0, 0), *self.padding, (0, 0)),
+      )
+      return sums / jnp.asarray(self.divisor(), z.dtype)
+
+    return _batched(pool, x, self.in_shape, 3)
+
+  def abs(self):
+    return self
+
+
+@struct.dataclass
+class GlobalAvgPool:
+  """The mean over the spatial axes, ``(H, W, C) -> (C,)``: l2 norm ``1 / sqrt(H W)``, l_inf 1."""
+
+  in_shape: Shape = struct.field(pytree_node=False)
+
+  @property
+  def out_shape(self) -> Shape:
+    return (self.in_shape[-1],)
+
+  def __call__(self, x):
+    return _batched(lambda z: z.mean(axis=(1, 2)), x, self.in_shape, 1)
+
+  def abs(self):
+    return self

@@ -31,9 +31,42 @@ def conv_matrix(kernel, in_shape, stride, pad):
   return M.reshape(oh * ow * co, h * w * c), (oh, ow, co)
 
 
+def avg_pool_matrix(in_shape, window, strides, pads, count_include_pad=True):
+  """The (out, in) matrix of 2-D average pooling with zero padding ``((t, b), (l, r))``."""
+  h, w, c = in_shape
+  (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = window, strides, pads
+  oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  M = np.zeros((oh, ow, c, h, w, c))
+  for i, j in itertools.product(range(oh), range(ow)):
+    taps = [
+      (i * sh + a - pt, j * sw + b - pl)
+      for a, b in itertools.product(range(kh), range(kw))
+      if 0 <= i * sh + a - pt < h and 0 <= j * sw + b - pl < w
+    ]
+    d = kh * kw if count_include_pad else len(taps)
+    for y, x in taps:
+      M[i, j, :, y, x, :] += np.eye(c) / d
+  return M.reshape(oh * ow * c, h * w * c), (oh, ow, c)
+
+
 def layer_matrix(layer, params, shape):
+  if isinstance(layer, L.Conv) and not isinstance(layer.kernel_size, int):
+    raise TypeError(f"{layer}: the reference builds square, symmetric convolutions only")
   if isinstance(layer, L.Conv):
     return conv_matrix(params["kernel"], shape, layer.stride, layer.padding)
+  if isinstance(layer, L.BatchNorm):
+    s = np.broadcast_to(np.asarray(params["scale"], np.float64), shape).ravel()
+    return np.diag(s), shape
+  if isinstance(layer, L.AvgPool):
+    return avg_pool_matrix(
+      shape, layer.window, layer.strides, layer.padding, layer.count_include_pad
+    )
+  if isinstance(layer, L.GlobalAvgPool):
+    h, w, c = shape
+    return np.tile(np.eye(c), (1, h * w)) / (h * w), (c,)
+  if isinstance(layer, L.Dropout):
+    n = int(np.prod(shape))
+    return np.eye(n), shape
   if isinstance(layer, L.Dense):
     k = np.asarray(params["kernel"], np.float64)
     return k.T, (k.shape[1],)

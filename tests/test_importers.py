@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from crmjax import importers, liplt, models
+from crmjax import attacks, certify, importers, liplt, models, soundness
 from crmjax import layers as L
 
 # The small net: input 8x8x1; conv 4 3x3 s1 p1, ReLU, conv 4 4x4 s2 p1, ReLU, flatten,
@@ -76,6 +76,25 @@ def torch_conv2d(x, w, b, stride, pad):
   return out if b is None else out + b[None, :, None, None]
 
 
+BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def torch_avg_pool2d(x, k, stride, pad, count_include_pad):
+  """PyTorch ``F.avg_pool2d`` (floor mode): x (N, C, H, W) -> (N, C, H', W')."""
+  n, c, h, w = x.shape
+  oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+  out = np.zeros((n, c, oh, ow))
+  for i in range(oh):
+    for j in range(ow):
+      y0, x0 = i * stride - pad, j * stride - pad
+      ys = slice(max(y0, 0), min(y0 + k, h))
+      xs = slice(max(x0, 0), min(x0 + k, w))
+      total = x[:, :, ys, xs].sum(axis=(2, 3))
+      count = k * k if count_include_pad else (ys.stop - ys.start) * (xs.stop - xs.start)
+      out[:, :, i, j] = total / count
+  return out
+
+
 def torch_forward(sd, net, x_nchw, masks=None, bias=True):
   """The PyTorch logits (float64); ``masks`` given: ReLU replaced by those fixed 0/1 masks."""
   x = np.asarray(x_nchw, np.float64)
@@ -91,6 +110,17 @@ def torch_forward(sd, net, x_nchw, masks=None, bias=True):
       x = x.reshape(x.shape[0], -1)  # (C, H, W) order
     elif op[0] == "normalize":
       x = (x - op[1][None, :, None, None]) / op[2][None, :, None, None]
+    elif op[0] == "bn":  # BatchNorm1d / 2d in eval mode: running statistics, over axis 1
+      shape = (1, -1) + (1,) * (x.ndim - 2)
+      p = {k: np.asarray(sd[f"{op[1]}.{k}"], np.float64).reshape(shape) for k in BN_KEYS}
+      x = (x - (p["running_mean"] if bias else 0.0)) / np.sqrt(p["running_var"] + op[2])
+      x = x * p["weight"] + (p["bias"] if bias else 0.0)
+    elif op[0] == "avgpool":
+      x = torch_avg_pool2d(x, *op[1:])
+    elif op[0] == "adaptive_avg_1x1":
+      x = x.mean(axis=(2, 3), keepdims=True)
+    elif op[0] == "dropout":  # eval mode: the identity
+      pass
     else:  # relu
       m = (x > 0).astype(np.float64) if masks is None else masks[k]
       found.append(m)
@@ -361,8 +391,12 @@ def test_extra_array_errors():
   with pytest.raises(ValueError, match=r"layer_0 Conv.*extra array '0.bias'.*use_bias=True"):
     importers.import_torch_sequential(sd, input_shape=INPUT_HWC, layers=no_bias_spec)
   bn = dict(sd, **{"1.running_mean": np.zeros(4)})
-  with pytest.raises(ValueError, match=r"'1.running_mean'.*BatchNorm"):
+  with pytest.raises(ValueError, match=r"layer '1' is a BatchNorm.*add L.BatchNorm\(\)"):
     importers.import_torch_sequential(bn, input_shape=INPUT_HWC, layers=SPECS)
+  with pytest.raises(ValueError, match=r"'1.momentum'.*BatchNorm's weight, bias, running_mean"):
+    importers.import_torch_sequential(
+      dict(sd, **{"1.momentum": np.zeros(1)}), input_shape=INPUT_HWC, layers=SPECS
+    )
 
 
 def test_convs_without_layers_ask_for_layers():
@@ -379,3 +413,257 @@ def test_convs_without_layers_ask_for_layers():
   # conv_paddings alone: strides default to 1 (so the flattened size no longer fits).
   with pytest.raises(ValueError, match=r"'5.weight' has shape \(16, 64\), expected \(16, 196\)"):
     importers.import_torch_sequential(small_state_dict(), input_shape=INPUT_HWC, conv_paddings=1)
+
+
+# --------------------------------------------------------------------------- BatchNorm & co.
+
+# Conv2d(1, 4, 3, 1, 1), BatchNorm2d(4), ReLU, AvgPool2d(2), Dropout, Conv2d(4, 6, 3, 1, 1),
+# BatchNorm2d(6, eps=1e-3), ReLU, AdaptiveAvgPool2d((1, 1)), Flatten, Linear(6, 8),
+# BatchNorm1d(8), ReLU, Dropout, Linear(8, K).
+BN_NET = (
+  ("conv", "0", 1, 1),
+  ("bn", "1", 1e-5),
+  ("relu",),
+  ("avgpool", 2, 2, 0, True),
+  ("dropout",),
+  ("conv", "5", 1, 1),
+  ("bn", "6", 1e-3),
+  ("relu",),
+  ("adaptive_avg_1x1",),
+  ("flatten",),
+  ("linear", "10"),
+  ("bn", "11", 1e-5),
+  ("relu",),
+  ("dropout",),
+  ("linear", "14"),
+)
+BN_SPECS = (
+  L.Conv(4, 3, 1, 1),
+  L.BatchNorm(),
+  L.Act(),
+  L.AvgPool(2),
+  L.Dropout(0.5),
+  L.Conv(6, 3, 1, 1),
+  L.BatchNorm(1e-3),
+  L.Act(),
+  L.GlobalAvgPool(),
+  L.Flatten(),
+  L.Dense(8),
+  L.BatchNorm(),
+  L.Act(),
+  L.Dropout(0.5),
+  L.Dense(K),
+)
+# Conv2d(1, 3, 3, 1, 1), BatchNorm2d(3), ReLU, AvgPool2d(3, 2, 1, count_include_pad=False),
+# Flatten (a (C, H, W) flatten after pooling), Linear(48, 8), ReLU, Linear(8, K).
+POOL_NET = (
+  ("conv", "0", 1, 1),
+  ("bn", "1", 1e-5),
+  ("relu",),
+  ("avgpool", 3, 2, 1, False),
+  ("flatten",),
+  ("linear", "5"),
+  ("relu",),
+  ("linear", "7"),
+)
+POOL_SPECS = (
+  L.Conv(3, 3, 1, 1),
+  L.BatchNorm(),
+  L.Act(),
+  L.AvgPool(3, strides=2, padding=1, count_include_pad=False),
+  L.Flatten(),
+  L.Dense(8),
+  L.Act(),
+  L.Dense(K),
+)
+
+
+def _bn(rng, c):
+  gamma = rng.uniform(0.5, 2.0, c) * np.where(np.arange(c) == 0, -1, 1)
+  return {
+    "weight": gamma,
+    "bias": 0.1 * rng.normal(size=c),
+    "running_mean": 0.3 * rng.normal(size=c),
+    "running_var": rng.uniform(0.2, 2.0, c),
+    "num_batches_tracked": np.array(1000),  # read and dropped
+  }
+
+
+def _bn_state_dict(net, seed):
+  """Random PyTorch-layout arrays for ``BN_NET`` / ``POOL_NET``."""
+  rng = np.random.default_rng(seed)
+  if net is BN_NET:  # ints: a BatchNorm's channels
+    shapes = {"0": (4, 1, 3, 3), "1": 4, "5": (6, 4, 3, 3), "6": 6, "10": (8, 6), "11": 8}
+    shapes["14"] = (K, 8)
+  else:
+    shapes = {"0": (3, 1, 3, 3), "1": 3, "5": (8, 48), "7": (K, 8)}
+  sd = {}
+  for prefix, shape in shapes.items():
+    if isinstance(shape, int):
+      sd.update({f"{prefix}.{k}": v for k, v in _bn(rng, shape).items()})
+    else:
+      sd[f"{prefix}.weight"] = _rand(rng, *shape)
+      sd[f"{prefix}.bias"] = 0.1 * rng.normal(size=shape[0])
+  return sd
+
+
+@pytest.mark.parametrize("name", ["bn_gap", "pool_flatten"])
+def test_batchnorm_pooling_dropout_logits_jacobians_and_bound(name):
+  net, specs = (BN_NET, BN_SPECS) if name == "bn_gap" else (POOL_NET, POOL_SPECS)
+  sd = _bn_state_dict(net, seed=7)
+  model, params = importers.import_torch_sequential(sd, input_shape=INPUT_HWC, layers=specs)
+  assert params["layer_1"]["scale"].shape == (specs[0].features,)
+  x = np.random.default_rng(8).uniform(size=(6, 1, 8, 8))
+  want, _ = torch_forward(sd, net, x)
+  np.testing.assert_allclose(_logits(model, params, x), want, rtol=1e-4, atol=1e-5)
+  bound, _ = soundness.sound_bound(model.lipnet(params))
+  jacs = np.stack([torch_jacobian(sd, net, xi) for xi in x])  # (N, K, C*H*W), CHW order
+  pair = np.linalg.norm(jacs[:, :, None] - jacs[:, None, :], axis=-1).max(0)
+  assert np.all(pair <= bound)
+  # Not a trivial lower estimate (global pooling averages away most of each ReLU pattern's
+  # gradient, which products of norms cannot see: the sampled norms are 1/65 of the bound).
+  assert pair.max() > 0.01 * bound.max()
+
+
+def test_imported_batchnorm_model_certificates_survive_pgd():
+  sd = _bn_state_dict(BN_NET, seed=9)
+  model, params = importers.import_torch_sequential(sd, input_shape=INPUT_HWC, layers=BN_SPECS)
+  x = np.random.default_rng(10).uniform(size=(32, 8, 8, 1)).astype(np.float32)
+  logits_fn = lambda u: model.apply(params, u)
+  labels = np.asarray(logits_fn(x).argmax(1))
+  radii, _, info = certify.certified_radii(model, params, x, labels)
+  assert np.all(radii > 0) and info["kind"] == "guaranteed upper bound"
+  res = attacks.pgd_l2(
+    logits_fn,
+    x,
+    labels,
+    key=jax.random.key(0),
+    eps=0.999 * radii,
+    num_steps=30,
+    num_restarts=2,
+    loss="multitarget",
+    clip_min=-np.inf,
+    clip_max=np.inf,
+  )
+  attacks.raise_on_violation(np.ones(len(x), bool), np.asarray(res.success))
+
+
+def test_batchnorm_is_inferred_from_running_statistics():
+  rng = np.random.default_rng(11)
+  sd = {"0.weight": _rand(rng, 4, 1, 3, 3), "0.bias": np.zeros(4)}
+  sd.update({f"1.{k}": v for k, v in _bn(rng, 4).items()})
+  sd.update({"4.weight": _rand(rng, K, 4 * 8 * 8), "4.bias": np.zeros(K)})
+  model, params = importers.import_torch_sequential(
+    sd, input_shape=INPUT_HWC, conv_strides=1, conv_paddings=1
+  )
+  assert model.layers == (L.Conv(4, 3, 1, 1), L.BatchNorm(), L.Act(), L.Flatten(), L.Dense(K))
+  net = (("conv", "0", 1, 1), ("bn", "1", 1e-5), ("relu",), ("flatten",), ("linear", "4"))
+  x = rng.uniform(size=(3, 1, 8, 8))
+  want, _ = torch_forward(sd, net, x)
+  np.testing.assert_allclose(_logits(model, params, x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_import_errors():
+  sd = _bn_state_dict(BN_NET, seed=12)
+  no_var = {k: v for k, v in sd.items() if k != "6.running_var"}
+  with pytest.raises(ValueError, match=r"layer_6 BatchNorm.*lacks \['running_var'\]"):
+    importers.import_torch_sequential(no_var, input_shape=INPUT_HWC, layers=BN_SPECS)
+  wrong = dict(sd, **{"1.running_mean": np.zeros(5)})
+  with pytest.raises(ValueError, match=r"'1.running_mean' has shape \(5,\), expected \(4,\)"):
+    importers.import_torch_sequential(wrong, input_shape=INPUT_HWC, layers=BN_SPECS)
+  no_bn = tuple(l for l in BN_SPECS if not isinstance(l, L.BatchNorm))
+  with pytest.raises(ValueError, match=r"layer '1' is a BatchNorm.*add L.BatchNorm\(\)"):
+    importers.import_torch_sequential(sd, input_shape=INPUT_HWC, layers=no_bn)
+  rng = np.random.default_rng(13)
+  flat_bn = {"0.weight": _rand(rng, 2, 1, 3, 3), "0.bias": np.zeros(2)}
+  flat_bn.update({f"2.{k}": v for k, v in _bn(rng, 128).items()})
+  flat_bn.update({"3.weight": _rand(rng, K, 128), "3.bias": np.zeros(K)})
+  specs = (L.Conv(2, 3, 1, 1), L.Flatten(), L.BatchNorm(), L.Dense(K))
+  with pytest.raises(ValueError, match=r"BatchNorm1d right after flattening"):
+    importers.import_torch_sequential(flat_bn, input_shape=INPUT_HWC, layers=specs)
+
+
+# --------------------------------------------------------------------------- torch modules
+
+
+def _fake(kind, **attrs):
+  """A stand-in for a torch module: its class name and the attributes torch gives it."""
+  obj = type(kind, (), {})()
+  obj.__dict__.update(attrs)
+  return obj
+
+
+class Sequential:
+  """A stand-in for ``torch.nn.Sequential``: ``children()`` and a numpy ``state_dict()``."""
+
+  def __init__(self, *mods, sd=None):
+    self.mods, self.sd = mods, sd
+
+  def children(self):
+    return iter(self.mods)
+
+  def state_dict(self):
+    return self.sd
+
+
+def _conv(i, o, k, s, p, bias=True, **kw):
+  attrs = dict(in_channels=i, out_channels=o, kernel_size=(k, k), stride=(s, s), padding=(p, p))
+  attrs.update(dilation=(1, 1), groups=1, padding_mode="zeros", bias=0 if bias else None)
+  return _fake("Conv2d", **{**attrs, **kw})
+
+
+def _bn_modules(sd):
+  bn = lambda kind, c, eps=1e-5: _fake(kind, num_features=c, eps=eps, track_running_stats=True)
+  return Sequential(
+    _conv(1, 4, 3, 1, 1),
+    bn("BatchNorm2d", 4),
+    _fake("ReLU"),
+    _fake(
+      "AvgPool2d",
+      kernel_size=2,
+      stride=None,
+      padding=0,
+      ceil_mode=False,
+      count_include_pad=True,
+      divisor_override=None,
+    ),
+    _fake("Dropout", p=0.5),
+    Sequential(_conv(4, 6, 3, 1, 1), bn("BatchNorm2d", 6, 1e-3), _fake("ReLU")),  # nested
+    _fake("AdaptiveAvgPool2d", output_size=(1, 1)),
+    _fake("Flatten", start_dim=1, end_dim=-1),
+    _fake("Linear", in_features=6, out_features=8, bias=0),
+    bn("BatchNorm1d", 8),
+    _fake("ReLU"),
+    _fake("Dropout", p=0.5),
+    _fake("Linear", in_features=8, out_features=K, bias=0),
+    sd=sd,
+  )
+
+
+def test_torch_module_is_read_into_layer_specs_and_imported():
+  sd = _bn_state_dict(BN_NET, seed=14)
+  module = _bn_modules(sd)
+  assert importers.layers_from_torch(module) == tuple(
+    l for l in BN_SPECS if not isinstance(l, L.Dropout)
+  )
+  model, params = importers.import_torch_module(module, input_shape=INPUT_HWC)
+  x = np.random.default_rng(15).uniform(size=(4, 1, 8, 8))
+  want, _ = torch_forward(sd, BN_NET, x)
+  np.testing.assert_allclose(_logits(model, params, x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "module, match",
+  [
+    (_fake("MaxPool2d", kernel_size=2), r"model\[0\]: max pooling is not of the form"),
+    (_fake("LayerNorm"), r"LayerNorm divides by a statistic"),
+    (_conv(1, 2, 3, 1, 1, padding_mode="reflect"), r"padding_mode='reflect'"),
+    (_conv(1, 2, 3, 1, 1, kernel_size=(3, 1)), r"kernel_size=\(3, 1\) is not square"),
+    (_fake("BatchNorm2d", eps=1e-5, track_running_stats=False), r"without running statistics"),
+    (_fake("GELU"), r"GELU is not supported.*layers="),
+  ],
+  ids=["max_pool", "layer_norm", "reflect", "rectangular", "no_stats", "gelu"],
+)
+def test_torch_modules_that_do_not_fit_raise(module, match):
+  with pytest.raises(ValueError, match=match):
+    importers.layers_from_torch(Sequential(module))

@@ -14,8 +14,8 @@ import optax
 import pytest
 from flax import nnx
 
+from crmjax import attacks, certify, liplt, losses, network, nnx_bridge, soundness
 from crmjax import layers as L
-from crmjax import liplt, losses, network, nnx_bridge, soundness
 from tests import reference as ref
 
 K = 4
@@ -344,16 +344,42 @@ def _errors():
   img = (6, 6, 2)
   return [
     (
-      "batchnorm",
+      "batchnorm_training_mode",
       nnx.Sequential(lin(3, 3), nnx.BatchNorm(3, rngs=r), lin(3, K)),
       (3,),
-      r"layers\[1\]: BatchNorm is not supported.*Supported:.*fold BatchNorm",
+      r"layers\[1\]: nnx.BatchNorm in training mode.*call model.eval\(\)",
     ),
     (
-      "dropout",
-      nnx.Sequential(lin(3, 3), nnx.Dropout(0.5, rngs=r), lin(3, K)),
+      "max_pool",
+      nnx.Sequential(
+        conv(2, 3), functools.partial(nnx.max_pool, window_shape=(2, 2)), flat, lin(27, K)
+      ),
+      img,
+      r"layers\[1\]: max pooling is not of the form H x \+ G phi\(W x\).*average pooling",
+    ),
+    (
+      "avg_pool_positional",
+      nnx.Sequential(conv(2, 3), functools.partial(nnx.avg_pool, (2, 2)), flat, lin(27, K)),
+      img,
+      r"give average pooling's settings by keyword",
+    ),
+    (
+      "avg_pool_without_window",
+      nnx.Sequential(conv(2, 3), nnx.avg_pool, flat, lin(27, K)),
+      img,
+      r"give average pooling its window",
+    ),
+    (
+      "layer_norm",
+      nnx.Sequential(lin(3, 3), nnx.LayerNorm(3, rngs=r), lin(3, K)),
       (3,),
-      r"Dropout is not supported.*remove Dropout",
+      r"LayerNorm divides by a statistic of its own input.*Use BatchNorm",
+    ),
+    (
+      "attention",
+      nnx.Sequential(nnx.MultiHeadAttention(1, 3, decode=False, rngs=r), lin(3, K)),
+      (3,),
+      r"MultiHeadAttention \(attention\) multiplies inputs",
     ),
     (
       "gelu",
@@ -436,3 +462,141 @@ def test_unsupported_models_raise_clear_errors(case):
   _, model, shape, match = case
   with pytest.raises(ValueError, match=match):
     nnx_bridge.to_lipnet(model, shape)
+
+
+# --------------------------------------------------------------------------- BatchNorm & co.
+
+
+def _bn_model(r):
+  """BatchNorm after a conv, after a ReLU and after a linear layer; average pooling, a
+  'SAME' stride-2 conv, the global mean, Dropout: (8, 8, 1) -> (4, 4, 3) -> (2, 2, 4) -> 4."""
+  return nnx.Sequential(
+    nnx.Conv(1, 3, (3, 3), rngs=r),
+    nnx.BatchNorm(3, rngs=r),
+    nnx.relu,
+    functools.partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2)),
+    nnx.Dropout(0.5, rngs=r),
+    nnx.Conv(3, 4, (3, 3), strides=2, rngs=r),
+    nnx.relu,
+    nnx.BatchNorm(4, rngs=r),
+    lambda x: x.mean(axis=(1, 2)),  # read as the global average pooling
+    nnx.Linear(4, 5, rngs=r),
+    nnx.BatchNorm(5, epsilon=1e-3, rngs=r),
+    nnx.relu,
+    nnx.Dropout(0.2, rngs=r),
+    nnx.Linear(5, K, rngs=r),
+  )
+
+
+BN_SHAPE = (8, 8, 1)
+
+
+def _init_bn(seed=0, dtype=jnp.float32):
+  """``_bn_model`` with numpy-drawn params and running statistics, in evaluation mode."""
+  model = nnx.eval_shape(lambda: _bn_model(nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  for path, v in nnx.iter_graph(model):
+    if isinstance(v, (nnx.Param, nnx.BatchStat)):
+      shape = v.shape
+      if path[-1] == "var":
+        value = rng.uniform(0.2, 2.0, shape)
+      elif path[-1] == "scale":
+        value = rng.uniform(0.5, 2.0, shape) * np.where(np.arange(shape[0]) == 0, -1, 1)
+      elif len(shape) == 1:
+        value = 0.1 * rng.standard_normal(shape)
+      else:
+        value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+      v.set_value(jnp.asarray(value, dtype))
+    elif isinstance(v, nnx.RngKey):  # the Dropout layers' random state
+      v.set_value(jax.random.key(0))
+    elif isinstance(v, nnx.RngCount):
+      v.set_value(jnp.zeros(v.shape, jnp.uint32))
+  model.eval()
+  return model
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_batchnorm_pooling_dropout_forward_pass_in_float64(fold):
+  with jax.enable_x64(True):
+    model = _init_bn(dtype=jnp.float64)
+    layers, params = nnx_bridge.to_layers(model, BN_SHAPE, fold_batchnorm=fold)
+    kinds = [type(l).__name__ for l in layers]
+    assert kinds.count("BatchNorm") == (1 if fold else 3) and "Dropout" not in kinds
+    assert kinds.count("AvgPool") == 1 and kinds.count("GlobalAvgPool") == 1
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, *BN_SHAPE)))
+    ours = L.Sequential(layers).apply({"params": params}, x)
+    assert ours.dtype == jnp.float64
+    np.testing.assert_allclose(ours, model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_model_bound_gradients_and_pgd():
+  model = _init_bn(seed=3)
+  composed = nnx_bridge.to_lipnet(model, BN_SHAPE)
+  folded = nnx_bridge.to_lipnet(model, BN_SHAPE, fold_batchnorm=True)
+  bound, _ = soundness.sound_bound(composed)
+  np.testing.assert_allclose(soundness.sound_bound(folded)[0], bound, rtol=1e-5)
+  xs = jax.random.normal(jax.random.key(4), (64, *BN_SHAPE))
+  jac = np.asarray(jax.vmap(jax.jacrev(lambda x: model(x[None])[0]))(xs), np.float64)
+  jac = jac.reshape(len(xs), K, -1)
+  pair = np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1).max(0)
+  assert np.all(pair <= bound) and pair.max() > 0.05 * bound.max()
+  # One call certifies the NNX model; its own logits (eval mode) attacked inside the radii.
+  crm_model, params = nnx_bridge.to_model(model, BN_SHAPE)
+  labels = np.asarray(model(xs).argmax(1))
+  radii, lip, _ = certify.certified_radii(crm_model, params, np.asarray(xs), labels)
+  np.testing.assert_allclose(lip, bound, rtol=1e-6)
+  assert np.all(radii > 0)
+  res = attacks.pgd_l2(
+    model,
+    xs,
+    labels,
+    key=jax.random.key(5),
+    eps=0.999 * radii,
+    num_steps=30,
+    num_restarts=2,
+    loss="multitarget",
+    clip_min=-np.inf,
+    clip_max=np.inf,
+  )
+  attacks.raise_on_violation(np.ones(len(xs), bool), np.asarray(res.success))
+
+
+def test_bound_is_differentiable_in_the_batchnorm_scale():
+  model = _init_bn(seed=4)
+
+  def mean_bound(m):
+    lip, _ = liplt.liplt_bound(
+      nnx_bridge.to_lipnet(m, BN_SHAPE),
+      liplt.init_state(nnx_bridge.to_lipnet(m, BN_SHAPE), jax.random.key(0)),
+      num_iters=3,
+    )
+    return jnp.sum(lip)
+
+  grads = nnx.jit(nnx.grad(mean_bound))(model)  # the running statistics are traced too
+  g_scale = np.asarray(grads.layers[1].scale[...])
+  assert np.all(np.isfinite(g_scale)) and np.abs(g_scale).max() > 0
+
+
+@pytest.mark.parametrize(
+  "pool",
+  [
+    functools.partial(nnx.avg_pool, window_shape=(3, 3), strides=(2, 2), padding="SAME"),
+    functools.partial(
+      nnx.avg_pool,
+      window_shape=(2, 3),
+      strides=(1, 2),
+      padding=((1, 0), (0, 1)),
+      count_include_pad=False,
+    ),
+    functools.partial(nnx.avg_pool, window_shape=(2, 2)),  # strides default to 1 in Flax
+  ],
+  ids=["same", "exclude_pad", "default_strides"],
+)
+def test_average_pooling_settings_are_read_exactly(pool):
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 7, 8, 2)))
+  with jax.enable_x64(True):
+    x = x.astype(jnp.float64)
+    spec, out = nnx_bridge.function_spec(pool, (7, 8, 2), "pool")
+    assert isinstance(spec, L.AvgPool)
+    np.testing.assert_allclose(spec.operator({}, (7, 8, 2))(x), pool(x), rtol=1e-12)
+    assert out == pool(x).shape[1:]
