@@ -162,7 +162,7 @@ def certified_radii(
   *,
   method: str = "liplt",
   batch_size: int = 1000,
-  **bound_kwargs,
+  sound: soundness.SoundSettings = soundness.DEFAULT_SETTINGS,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
   """Sound certified l2 radii (eq. 5) of any crmjax model, e.g. one converted from Flax
   (``crmjax.nnx_bridge.to_model``, ``crmjax.linen_bridge.to_model``) or PyTorch
@@ -180,15 +180,14 @@ def certified_radii(
     labels: ``(N,)`` integer classes.
     method: ``'liplt'``, ``'naive'`` or ``'liplt_aol'`` (``soundness.sound_bound``).
     batch_size: logits batch size.
-    **bound_kwargs: passed to ``soundness.sound_bound`` (``key``, ``num_iters``,
-      ``failure_prob``, ...).
+    sound: the sound bound's settings (estimator, iterations, key, failure probability).
 
   Returns:
     ``(radii (N,), bound (K, K), info)``: ``info`` of the sound bound plus ``logits``.
   """
   logits = batched_logits(model, params, np.asarray(images), batch_size=batch_size)
   lip, info = soundness.sound_bound(
-    model.lipnet(params), method=method, mode="pairwise", **bound_kwargs
+    model.lipnet(params), method=method, mode="pairwise", settings=sound
   )
   info["logits"] = logits
   return radii_of(logits, np.asarray(labels), lip), np.asarray(lip), info
