@@ -9,7 +9,8 @@ the loop-transformed form of paper eq. 17, so no model needs hand-written bound 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -313,6 +314,41 @@ class Dropout:
   def operator(self, params, in_shape: Shape) -> ops.Operator:
     del params
     return ops.Identity(tuple(in_shape))
+
+
+def sequential_specs(
+  converted: Sequence[tuple[Any, dict]], *, logits_layer: str, fold: bool = False
+) -> tuple[tuple, dict]:
+  """The ``(layers, params)`` of ``Sequential`` from converted steps, for the converters.
+
+  Args:
+    converted: ``(spec, params)`` per step of the source model, in order; a ``None`` spec
+      (a step that is the identity at inference, e.g. Dropout) is dropped.
+    logits_layer: the source framework's name of the dense layer that must come last (for
+      the error message).
+    fold: fold each BatchNorm into the conv / dense layer before it (``fold_batchnorm``).
+
+  Returns:
+    ``(layers, {'layer_i': params})`` with ``i`` the index of each layer with params.
+
+  Raises:
+    ValueError: if the last layer is not a ``Dense`` (the logits).
+  """
+  specs, params = [], {}
+  for spec, p in converted:
+    if spec is None:
+      continue
+    if p:
+      params[f"layer_{len(specs)}"] = p
+    specs.append(spec)
+  if not specs or not isinstance(specs[-1], Dense):
+    raise ValueError(
+      f"the model must end with the {logits_layer} layer giving the logits "
+      f"(got {type(specs[-1]).__name__ if specs else 'no layers'})"
+    )
+  if fold:
+    return fold_batchnorm(tuple(specs), params)
+  return tuple(specs), params
 
 
 def fold_batchnorm(layers: tuple, params: dict) -> tuple[tuple, dict]:

@@ -593,22 +593,11 @@ def to_layers(
   shape = tuple(int(d) for d in input_shape)
   if len(shape) not in (1, 3):
     raise ValueError(f"input_shape must be (H, W, C) or (D,) without the batch axis, got {shape}")
-  specs, params = [], {}
+  converted = []
   for path, f in _flat_children(model, "model"):
     spec, p, shape = _convert_one(f, shape, path)
-    if spec is None:
-      continue
-    if p:
-      params[f"layer_{len(specs)}"] = p
-    specs.append(spec)
-  if not specs or not isinstance(specs[-1], L.Dense):
-    raise ValueError(
-      "the model must end with the nnx.Linear layer giving the logits "
-      f"(got {type(specs[-1]).__name__ if specs else 'no layers'})"
-    )
-  if fold_batchnorm:
-    return L.fold_batchnorm(tuple(specs), params)
-  return tuple(specs), params
+    converted.append((spec, p))
+  return L.sequential_specs(converted, logits_layer="nnx.Linear", fold=fold_batchnorm)
 
 
 def to_model(

@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from crmjax import attacks, certify, importers, liplt, models, soundness
+from crmjax import certify, importers, liplt, models, soundness
 from crmjax import layers as L
+from tests.certificate_checks import assert_pgd_breaks_no_certificate
 
 # The small net: input 8x8x1; conv 4 3x3 s1 p1, ReLU, conv 4 4x4 s2 p1, ReLU, flatten,
 # linear 16, ReLU, linear 10.  As (kind, state-dict prefix, stride, padding):
@@ -533,19 +534,7 @@ def test_imported_batchnorm_model_certificates_survive_pgd():
   labels = np.asarray(logits_fn(x).argmax(1))
   radii, _, info = certify.certified_radii(model, params, x, labels)
   assert np.all(radii > 0) and info["kind"] == "guaranteed upper bound"
-  res = attacks.pgd_l2(
-    logits_fn,
-    x,
-    labels,
-    key=jax.random.key(0),
-    eps=0.999 * radii,
-    num_steps=30,
-    num_restarts=2,
-    loss="multitarget",
-    clip_min=-np.inf,
-    clip_max=np.inf,
-  )
-  attacks.raise_on_violation(np.ones(len(x), bool), np.asarray(res.success))
+  assert_pgd_breaks_no_certificate(logits_fn, x, labels, radii, seed=0)
 
 
 def test_batchnorm_is_inferred_from_running_statistics():

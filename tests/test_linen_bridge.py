@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crmjax import attacks, certify, linen_bridge, liplt, network, soundness
+from crmjax import certify, linen_bridge, liplt, network, soundness
 from crmjax import layers as L
+from tests.certificate_checks import assert_pgd_breaks_no_certificate
 
 K = 3
 SHAPE = (8, 8, 1)
@@ -153,19 +154,7 @@ def test_certified_points_of_a_linen_model_survive_pgd():
   pair = np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1).max(0)
   assert np.all(pair <= lip) and pair.max() > 0.05 * lip.max()
   assert np.all(radii > 0) and info["probabilistic_norms"] == 0
-  res = attacks.pgd_l2(
-    logits_fn,
-    xs,
-    labels,
-    key=jax.random.key(5),
-    eps=0.999 * radii,
-    num_steps=30,
-    num_restarts=2,
-    loss="multitarget",
-    clip_min=-np.inf,
-    clip_max=np.inf,
-  )
-  attacks.raise_on_violation(np.ones(len(xs), bool), np.asarray(res.success))
+  assert_pgd_breaks_no_certificate(logits_fn, xs, labels, radii, seed=5)
 
 
 def _error_cases():
