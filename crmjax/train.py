@@ -691,7 +691,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The final evaluation metrics.
   """
   if config.get("distributed"):
-    jax.distributed.initialize()
+    jax.distributed.initialize(
+      config.get("coordinator_address") or None,
+      config.get("num_processes") or None,
+      None if config.get("process_id", -1) < 0 else config.process_id,
+    )
   validate_config(config, num_devices=jax.device_count())
   workdir = checkpoint.check_writable(workdir)
   model = make_model(config)
