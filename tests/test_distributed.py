@@ -9,10 +9,10 @@ in two. Runs (``tests/distributed_worker.py``, a subprocess each), 4 steps per e
 * the pair: steps 0-4 (stop), which one process then resumes to step 8;
 * the pair resumes a copy of the reference cut back to its step-4 checkpoint, to step 8.
 
-The pair's step-4 parameters are those of the one process; both cross resumes end with the
-reference's step-8 parameters: a checkpoint written by the pair restores in one process, and
-the reverse. Each process of the pair loads the whole split and feeds its half of each
-global batch (``make_array_from_process_local_data``).
+The pair's step-4 parameters are bitwise those of the one process; both cross resumes end with
+the reference's step-8 parameters (bitwise): a checkpoint written by the pair restores in one
+process, and the reverse. Each process of the pair loads the whole split and feeds its half of
+each global batch (``make_array_from_process_local_data``).
 """
 
 import os
