@@ -526,7 +526,7 @@ def main(argv=None) -> int:
       )
       r = rows[-1]
       print(
-        f"{r['name']:32s} {r['result']:18s} {r['seconds']:5d} s  {r['message'][:160]}", flush=True
+        f"{r['name']:40s} {r['result']:18s} {r['seconds']:5d} s  {r['message'][:160]}", flush=True
       )
   finally:
     shutil.rmtree(work, ignore_errors=True)
