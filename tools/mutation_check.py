@@ -10,7 +10,7 @@ directory once, and each mutation is applied to the copy and undone after its ru
 Usage (from the repo root; ``tools/`` lies outside pytest's test paths)::
 
   python tools/mutation_check.py --list              # the mutations and whether they apply
-  python tools/mutation_check.py                     # all (~15-30 min on a 2-core CPU)
+  python tools/mutation_check.py                     # all: ~30 min on a busy 2-core CPU
   python tools/mutation_check.py --only losses-count-zero,attacks-restart-at-x
   nice -n 10 python tools/mutation_check.py > /tmp/mutation.log 2>&1 &
 
