@@ -54,6 +54,9 @@ ADDED_FIELDS: Mapping[str, Any] = {
   "augment.translation": 0.0,
   "augment.fill": 0.0,
   "rescaling.every_steps": 0,  # off: the group's other fields are read only when on
+  "coordinator_address": "",  # the multi-host settings: JAX's own detection
+  "num_processes": 0,
+  "process_id": -1,
 }
 
 log = logging.getLogger(__name__)

@@ -326,6 +326,16 @@ class _Lanczos:
     self.beta.append(b)
     self.q[j + 1] = self._unit(w)
 
+  def orthogonality(self) -> float:
+    """``max |Q Q^T - I|`` of the ``k`` basis vectors: the loss of orthogonality (float64).
+
+    The failure bound (module docstring) holds for the Ritz values of the exact Krylov space;
+    an unorthogonal basis (Lanczos without reorthogonalisation: Paige's ghost copies of
+    converged Ritz values) voids it. One BLAS product of ``k^2 n`` flops.
+    """
+    q = self.q[: self.k]
+    return float(np.abs(q @ q.T - np.eye(self.k)).max())
+
   def ritz(self) -> tuple[float, np.ndarray]:
     """The largest eigenvalue of ``T_k`` and its Ritz vector (unit, float64)."""
     if self.k == 1:
@@ -367,8 +377,9 @@ def lanczos_norms(
 
   Returns:
     Per operator ``{'sigma': sqrt(estimate), 'ritz': largest Ritz value, 'rayleigh':
-    Rayleigh quotient of its Ritz vector, 'n': order of A, 'steps': k}``; the estimate is
-    ``max(ritz, rayleigh)``, a value that ``rel_err`` bounds from below (theorem).
+    Rayleigh quotient of its Ritz vector, 'n': order of A, 'steps': k, 'orthogonality':
+    max |Q Q^T - I| of the Krylov basis}``; the estimate is ``max(ritz, rayleigh)``, a value
+    that ``rel_err`` bounds from below (theorem).
   """
   seed = seed_of(key)
   specs = list(specs)
@@ -414,6 +425,7 @@ def lanczos_norms(
           "rayleigh": rayleigh,
           "n": r.n,
           "steps": r.k,
+          "orthogonality": r.orthogonality(),
         }
   return res
 

@@ -439,7 +439,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The final evaluation metrics.
   """
   if config.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(
+      config.coordinator_address or None,
+      config.num_processes or None,
+      None if config.process_id < 0 else config.process_id,
+    )
   config_schema.validate_config(config, num_devices=jax.device_count())
   workdir = checkpoint.check_writable(workdir)
   job = _make_job(config)

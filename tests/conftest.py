@@ -21,21 +21,31 @@ os.environ.setdefault(
 # starves that pool: every thread blocks (launches waiting on the per-device in-flight
 # semaphore or on their execution) while the all-reduce's last participants wait for a thread,
 # until XLA's 40 s rendezvous timeout aborts the process ("Fatal Python error: Aborted" at
-# the training loop; stop 20's CI then ran into its 90-minute limit). Reproduced within 1-10
-# runs of the sharded CIFAR smoke training (tests/xla_cpu_deadlock_repro.py); a pool of 4x the
+# the training loop; CI then ran into its 90-minute limit). Reproduced within 1-10
+# runs of the sharded CIFAR smoke training (tools/xla_cpu_deadlock_repro.py); a pool of 4x the
 # devices (PJRT_NPROC, read by XLA's DefaultThreadPoolSize) ran 120/120 (BUILD_NOTES.md).
 os.environ.setdefault("PJRT_NPROC", "32")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CRMJAX_DOWNLOAD_URL", "http://127.0.0.1:9/")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="crmjax_test_cache_")
-# One persistent XLA compilation cache for the whole run: made by the pytest process that
-# starts first and inherited (environment) by the xdist workers, the subprocess experiments
-# and the notebook kernels, so a program that several processes compile (the smoke runs'
-# train steps, a rerun after SIGKILL) compiles once. Quick compiles take under a second, so
-# every entry is kept. Measured: test_faults.py 73 -> 61 CPU-s alone.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="crmjax_test_xla_cache_")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# A persistent XLA compilation cache, one folder per pytest process: the process that starts
+# first makes a root folder (or takes $JAX_COMPILATION_CACHE_DIR as it) and passes it on in
+# the environment; each xdist worker (PYTEST_XDIST_WORKER) caches in its own subfolder, which
+# the subprocess experiments and notebook kernels that its tests start inherit, so a program
+# that a test's processes compile one after the other (the smoke runs' train steps, a rerun
+# after SIGKILL) compiles once. Not one folder for all workers: JAX writes entries unlocked,
+# and a worker that read another's half-written entry warned "Error reading persistent
+# compilation cache entry ... incomplete or truncated stream". Quick compiles take under a
+# second, so every entry is kept. Measured: test_faults.py 73 -> 61 CPU-s alone.
+if "CRMJAX_TEST_XLA_CACHE_ROOT" not in os.environ:
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ["CRMJAX_TEST_XLA_CACHE_ROOT"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  else:
+    os.environ["CRMJAX_TEST_XLA_CACHE_ROOT"] = tempfile.mkdtemp(prefix="crmjax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["CRMJAX_TEST_XLA_CACHE_ROOT"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+  os.environ["CRMJAX_TEST_XLA_CACHE_ROOT"], os.environ.get("PYTEST_XDIST_WORKER", "main")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

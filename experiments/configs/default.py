@@ -80,6 +80,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.stop_after_steps = 0  # > 0: checkpoint and exit after this many steps (preemptible jobs)
   c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  # With distributed: the coordinator "host:port", the number of processes and this one's
+  # index; ''/0/-1 leave them to JAX (a SLURM, Open MPI or TPU cluster, $JAX_COORDINATOR_ADDRESS).
+  c.coordinator_address = ""
+  c.num_processes = 0
+  c.process_id = -1
   return c
 
 

@@ -1,11 +1,11 @@
 """Reproducer of XLA:CPU's thread-pool deadlock under sharded training (not a pytest file).
 
 The CIFAR-10 smoke run of ``tests/test_dataset_configs.py`` (MLP, tfds mock data, 8 virtual
-CPU devices, one all-reduce per step), in a loop in one process. On the 2-core machine of
-BUILD_NOTES.md, "Session 7":
+CPU devices, one all-reduce per step), in a loop in one process, from the repo root. On a
+2-core CPU (BUILD_NOTES.md):
 
-  PJRT_NPROC=8 python -m tests.xla_cpu_deadlock_repro 40   # hangs within 1-10 runs
-  PJRT_NPROC=32 python -m tests.xla_cpu_deadlock_repro 40  # what tests/conftest.py sets: 40/40
+  PJRT_NPROC=8 python -m tools.xla_cpu_deadlock_repro 40   # hangs within 1-10 runs
+  PJRT_NPROC=32 python -m tools.xla_cpu_deadlock_repro 40  # what tests/conftest.py sets: 40/40
 
 A hang shows as XLA's "waiting for `all reduce RendezvousKey...` for 20 seconds" warnings,
 then "Fatal Python error: Aborted" after 40 s; the Python stacks are dumped after 120 s.

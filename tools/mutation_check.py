@@ -7,12 +7,12 @@ they pass: a survivor is a test that cannot see the bug it is named for. The wor
 is never touched: the tracked and untracked (not ignored) files are copied to a temporary
 directory once, and each mutation is applied to the copy and undone after its run.
 
-Usage (from the repo root; not collected by pytest, the name does not start with test_)::
+Usage (from the repo root; ``tools/`` lies outside pytest's test paths)::
 
-  python tests/mutation_check.py --list              # the mutations and whether they apply
-  python tests/mutation_check.py                     # all (~15-30 min on a 2-core CPU)
-  python tests/mutation_check.py --only losses-count-zero,attacks-restart-at-x
-  nice -n 10 python tests/mutation_check.py > /tmp/mutation.log 2>&1 &
+  python tools/mutation_check.py --list              # the mutations and whether they apply
+  python tools/mutation_check.py                     # all: ~30 min on a busy 2-core CPU
+  python tools/mutation_check.py --only losses-count-zero,attacks-restart-at-x
+  nice -n 10 python tools/mutation_check.py > /tmp/mutation.log 2>&1 &
 
 Options: ``--keep-going`` runs every selected test instead of stopping at the first
 failure (slower; shows which tests see each bug), ``--no-baseline`` skips running each
@@ -21,9 +21,12 @@ pre-existing failure as a kill), ``--timeout`` bounds each pytest run (seconds; 
 counts as killed, reported as such), ``--out`` keeps the per-mutation pytest logs and
 ``report.md`` / ``report.json`` there.
 
-A mutation whose ``old`` text no longer occurs exactly once in its file is reported
-``n/a``: the code moved on, update the entry (nothing is guessed). Exit status: 0 when no
-mutation survived, 1 otherwise (2 on a baseline failure).
+Every entry's ``old`` text must occur exactly once in its file, or nothing runs: the check
+stops with an error naming the entry, the file, the pattern and how often it occurs (the
+code moved on: re-point the entry at today's code; nothing is guessed, and no row of the
+audit is silently dropped). ``--list`` shows the entries and fails the same way. Exit
+status: 0 when no mutation survived, 1 otherwise, 2 on an entry that does not apply or a
+baseline failure.
 """
 
 from __future__ import annotations
@@ -45,25 +48,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclasses.dataclass(frozen=True)
 class Mutation:
-  """``old`` -> ``new`` in ``path`` (exactly one occurrence); ``tests``: pytest arguments.
-
-  ``old`` / ``new`` may be tuples of alternatives (the same bug in successive versions of
-  the code, e.g. a renamed variable): the first ``old`` found exactly once is replaced by
-  the ``new`` at the same position.
-  """
+  """``old`` -> ``new`` in ``path`` (``old`` occurs exactly once); ``tests``: pytest arguments."""
 
   name: str
   path: str
-  old: str | tuple[str, ...]
-  new: str | tuple[str, ...]
+  old: str
+  new: str
   tests: tuple[str, ...]
-  why: str  # the bug it stands for; "issue 16: ..." for the rows of the audit table
+  why: str  # the bug it stands for
 
-  def edits(self) -> list[tuple[str, str]]:
-    olds = (self.old,) if isinstance(self.old, str) else self.old
-    news = (self.new,) if isinstance(self.new, str) else self.new
-    assert len(olds) == len(news), self.name
-    return list(zip(olds, news))
+  def problem(self, root: str) -> str | None:
+    """Why the entry does not apply to the tree at ``root`` (None: it applies)."""
+    path = os.path.join(root, self.path)
+    if not os.path.isfile(path):
+      return f"mutation {self.name!r}: file {self.path} does not exist"
+    with open(path) as f:
+      count = f.read().count(self.old)
+    if count == 1:
+      return None
+    return (
+      f"mutation {self.name!r}: its pattern occurs {count} times in {self.path}, not once;"
+      f" re-point the entry in tools/mutation_check.py at today's code. Pattern: {self.old!r}"
+    )
 
 
 SOUND_PROB = (
@@ -73,64 +79,68 @@ SOUND_PROB = (
   "-k",
   "probabilistic or kw or rel_err or power or lanczos",
 )
+# Test-split images through the training augmentation (pixel space -> [0, 1] -> pixel space).
+AUGMENTED = (
+  "np.rint(input_pipeline.augment_batch({x}.astype(np.float32) / 255, augment={a},"
+  " rng=np.random.default_rng(0)) * 255).astype(np.uint8)"
+)
+EVAL_SPLIT = ("tests/test_eval_split.py",)
 TRAIN_BOUND = (  # the end of the CRM bound in the loss
   "      scales=None if log_d is None else [jnp.exp(l) for l in log_d],\n    )\n"
 )
 
 MUTATIONS = [
-  # ------------------------------------------------------- issue 16's audit table
+  # ------------------------------------------------------------------ the audit table
   Mutation(
     "losses-count-zero",
     "crmjax/losses.py",
     "jnp.maximum(jnp.sum(correct), 1)",
     "jnp.sum(correct)",
     ("tests/test_losses.py::test_crm_loss_all_misclassified_has_zero_penalty",),
-    "issue 16: max(1, #correct) -> #correct (0 / 0 = NaN on an all-wrong batch)",
+    "max(1, #correct) -> #correct (0 / 0 = NaN on an all-wrong batch)",
   ),
-  # soundness.py is being reworked (power method -> Lanczos, eps -> rel_err): both
-  # spellings are listed; the tests are selected by keyword in both test files.
   Mutation(
     "soundness-no-kw-inflation",
     "crmjax/soundness.py",
-    ("sigma / math.sqrt(1.0 - err)", "sigma / math.sqrt(1.0 - eps)"),
-    ("sigma", "sigma"),
+    "sigma / math.sqrt(1.0 - err)",
+    "sigma",
     SOUND_PROB,
-    "issue 16: the probabilistic norm not inflated by 1 / sqrt(1 - eps)",
+    "the probabilistic norm not inflated by 1 / sqrt(1 - eps)",
   ),
   Mutation(
     "soundness-kw-constant",
     "crmjax/soundness.py",
-    ("POWER_CONSTANT = 0.824", "KW_CONSTANT = 0.824"),
-    ("POWER_CONSTANT = 0.00824", "KW_CONSTANT = 0.00824"),
+    "POWER_CONSTANT = 0.824",
+    "POWER_CONSTANT = 0.00824",
     SOUND_PROB,
-    "issue 16: the Kuczynski-Wozniakowski (power method) constant 100x too small",
+    "the Kuczynski-Wozniakowski (power method) constant 100x too small",
   ),
   Mutation(
     "train-restore-skipped",
     "crmjax/train.py",
-    "if ckpt.latest_step() is not None:",
-    "if ckpt.latest_step() is not None and print('WARNING: checkpoint ignored'):",
+    "  latest = ckpt.latest_step()\n",
+    "  latest = None  # print('WARNING: checkpoint ignored')\n",
     (
       "tests/test_train.py::test_resume_after_stop_gives_bitwise_the_same_params",
       "tests/test_faults.py::test_sigkill_then_rerun_finishes_with_bitwise_the_same_params",
     ),
-    "issue 16: the restore branch disabled (only a warning shows)",
+    "the restore branch disabled (the run starts over)",
   ),
   Mutation(
     "data-mnist-labels-rolled",
-    "crmjax/data.py",
+    "crmjax/dataset_files.py",
     "return images[..., None].astype(np.uint8), labels",
     "return images[..., None].astype(np.uint8), np.roll(labels, 1)",
     ("tests/test_data.py", "-k", "vendored_mnist or mnist_files_directly"),
-    "issue 16: MNIST labels off by one position",
+    "MNIST labels off by one position",
   ),
   Mutation(
     "data-mnist-images-transposed",
-    "crmjax/data.py",
+    "crmjax/dataset_files.py",
     "return images[..., None].astype(np.uint8), labels",
     "return images.transpose(0, 2, 1)[..., None].astype(np.uint8), labels",
     ("tests/test_data.py", "-k", "vendored_mnist or mnist_files_directly"),
-    "issue 16: MNIST images transposed",
+    "MNIST images transposed",
   ),
   Mutation(
     "attacks-restart-at-x",
@@ -138,15 +148,15 @@ MUTATIONS = [
     "delta0 = jnp.where(restart_idx == 0, jnp.zeros_like(x), _uniform_in_ball(k, x, eps))",
     "delta0 = jnp.zeros_like(x)",
     ("tests/test_attacks.py", "-k", "deterministic or restart"),
-    "issue 16: every random restart starts at x",
+    "every random restart starts at x",
   ),
   Mutation(
     "train-stop-gradient-bound",
-    "crmjax/train.py",
+    "crmjax/train_step.py",
     TRAIN_BOUND,
     TRAIN_BOUND + "    lip = jax.lax.stop_gradient(lip)\n",
     ("tests/test_train.py::test_crm_step_gradient_reaches_the_params_through_the_bound",),
-    "issue 16: stop_gradient on the Lipschitz bound inside the CRM loss",
+    "stop_gradient on the Lipschitz bound inside the CRM loss",
   ),
   Mutation(
     "liplt-bound-x0.9",
@@ -154,7 +164,7 @@ MUTATIONS = [
     "return readout_bound(net, m, mode=mode, norm=norm), state",
     "return 0.9 * readout_bound(net, m, mode=mode, norm=norm), state",
     ("tests/test_liplt.py::test_bounds_exceed_gradient_norms",),
-    "issue 16: the LipLT bound scaled by 0.9",
+    "the LipLT bound scaled by 0.9",
   ),
   Mutation(
     "soundness-bound-x0.9",
@@ -162,7 +172,7 @@ MUTATIONS = [
     "np.asarray(b, np.float64) * inflate",
     "np.asarray(b, np.float64) * inflate * 0.9",
     ("tests/test_certify.py", "-k", "brute_force or sampled_gradient"),
-    "issue 16: the sound bound scaled by 0.9",
+    "the sound bound scaled by 0.9",
   ),
   Mutation(
     "losses-lip-transposed",
@@ -170,7 +180,7 @@ MUTATIONS = [
     "lip_y = lip[labels]",
     "lip_y = lip.T[labels]",
     ("tests/test_losses.py::test_certified_radius_is_zero_on_ties_and_uses_row_of_label",),
-    "issue 16: the radius reads column y of the bound (L_iy) instead of row y",
+    "the radius reads column y of the bound (L_iy) instead of row y",
   ),
   # --------------------------------------------- further plausible bugs, core modules
   Mutation(
@@ -255,7 +265,7 @@ MUTATIONS = [
   ),
   Mutation(
     "train-ramp-ignored",
-    "crmjax/train.py",
+    "crmjax/train_step.py",
     "lam = optax.linear_schedule(0.0, config.crm.lam, ramp)",
     "lam = optax.constant_schedule(config.crm.lam)",
     ("tests/test_train.py", "-k", "ramp or reaches"),
@@ -268,6 +278,52 @@ MUTATIONS = [
     "step_fn = steps[regular]",
     ("tests/test_train.py", "-k", "compiles_each"),
     "the CE warm-up epochs run the CRM step",
+  ),
+  Mutation(
+    "soundness-lanczos-constant",
+    "crmjax/soundness.py",
+    "LANCZOS_CONSTANT = 1.648",
+    "LANCZOS_CONSTANT = 0.01648",
+    SOUND_PROB,
+    "the Kuczynski-Wozniakowski Lanczos constant 100x too small",
+  ),
+  Mutation(
+    "soundness-lanczos-no-reorthogonalisation",
+    "crmjax/soundness.py",
+    "    w = self._orthogonalise(w, j)\n    b = _norm(w)",
+    "    b = _norm(w)",
+    ("tests/test_lanczos.py",),
+    "Lanczos without full reorthogonalisation (the basis loses orthogonality after ~30 steps)",
+  ),
+  Mutation(
+    "train-eval-augmented-test-split",
+    "crmjax/train.py",
+    '    test=_load(config, "test"),\n',
+    "    test=(lambda t: ("
+    + AUGMENTED.format(x="t[0]", a="input_pipeline.Augment(random_crop_padding=2)")
+    + ', t[1]))(_load(config, "test")),\n',
+    EVAL_SPLIT,
+    "the per-epoch and final evaluations fed augmented test images",
+  ),
+  Mutation(
+    "train-epoch-eval-augmented",
+    "crmjax/train.py",
+    "np.asarray(epoch_logits(state.params, test_x[i : i + size]))",
+    "np.asarray(epoch_logits(state.params, input_pipeline.augment_batch(test_x[i : i + size]"
+    ".astype(np.float32) / 255, augment=input_pipeline.Augment(random_crop_padding=2),"
+    " rng=np.random.default_rng(0))))",
+    EVAL_SPLIT,
+    "the per-epoch evaluation crops its test batches at random",
+  ),
+  Mutation(
+    "reports-certify-augmented",
+    "crmjax/runs.py",
+    "  return images, np.asarray(labels, np.int32)\n",
+    "  from crmjax import input_pipeline\n\n  images = "
+    + AUGMENTED.format(x="images", a="input_pipeline.Augment(random_crop_padding=2)")
+    + "\n  return images, np.asarray(labels, np.int32)\n",
+    EVAL_SPLIT,
+    "experiments.certify's report reads an augmented test split",
   ),
   Mutation(
     "soundness-no-float32-margin",
@@ -356,19 +412,19 @@ def _pytest(
   return "not run", f"pytest rc={rc}: " + (text.strip().splitlines()[-1] if text.strip() else "")
 
 
-def _apply(copy: str, m: Mutation) -> str | None:
-  """The original text of the file, after writing the mutated one; None if it doesn't apply."""
+def _apply(copy: str, m: Mutation) -> str:
+  """The original text of the file, after writing the mutated one (the entry must apply)."""
   path = os.path.join(copy, m.path)
-  if not os.path.isfile(path):
-    return None
   with open(path) as f:
     text = f.read()
-  for old, new in m.edits():
-    if text.count(old) == 1:
-      with open(path, "w") as f:
-        f.write(text.replace(old, new))
-      return text
-  return None
+  with open(path, "w") as f:
+    f.write(text.replace(m.old, m.new))
+  return text
+
+
+def _problems(root: str, chosen: list[Mutation]) -> list[str]:
+  """One line per entry that does not apply to the tree at ``root``."""
+  return [p for p in (m.problem(root) for m in chosen) if p is not None]
 
 
 def main(argv=None) -> int:
@@ -392,13 +448,15 @@ def main(argv=None) -> int:
     if unknown:
       parser.error(f"unknown mutation(s) {unknown}; see --list")
     chosen = [m for m in MUTATIONS if m.name in names]
+  problems = _problems(ROOT, chosen)
   if args.list:
     for m in chosen:
-      with open(os.path.join(ROOT, m.path)) as f:
-        text = f.read()
-      ok = any(text.count(old) == 1 for old, _ in m.edits())
-      print(f"{m.name:32s} {'applies' if ok else 'n/a    '} {m.path:22s} {m.why}")
-    return 0
+      ok = m.problem(ROOT) is None
+      print(f"{m.name:40s} {'applies' if ok else 'ERROR  '} {m.path:22s} {m.why}")
+  for p in problems:
+    print(f"ERROR: {p}", file=sys.stderr)
+  if problems or args.list:
+    return 2 if problems else 0
 
   # SIGTERM (kill PID): unwind, so the running pytest is killed and the copy removed.
   def terminated(*_):
@@ -439,57 +497,46 @@ def main(argv=None) -> int:
     for m in chosen:
       t0 = time.time()
       original = _apply(work, m)
-      if original is None:
-        rows.append(
-          {
-            "name": m.name,
-            "result": "n/a",
-            "why": m.why,
-            "message": f"old text not found exactly once in {m.path}: update the mutation",
-            "seconds": 0,
-          }
+      try:
+        outcome, msg = _pytest(
+          work,
+          m.tests,
+          args.timeout,
+          os.path.join(out, f"{m.name}.log"),
+          keep_going=args.keep_going,
         )
-      else:
-        try:
-          outcome, msg = _pytest(
-            work,
-            m.tests,
-            args.timeout,
-            os.path.join(out, f"{m.name}.log"),
-            keep_going=args.keep_going,
-          )
-        finally:
-          with open(os.path.join(work, m.path), "w") as f:
-            f.write(original)
-        result = {
-          "passed": "survived",
-          "failed": "killed",
-          "timeout": "killed (timeout)",
-          "not run": "not run",
-        }[outcome]
-        rows.append(
-          {
-            "name": m.name,
-            "result": result,
-            "why": m.why,
-            "message": msg[:400],
-            "tests": " ".join(m.tests),
-            "seconds": round(time.time() - t0),
-          }
-        )
+      finally:
+        with open(os.path.join(work, m.path), "w") as f:
+          f.write(original)
+      result = {
+        "passed": "survived",
+        "failed": "killed",
+        "timeout": "killed (timeout)",
+        "not run": "not run",
+      }[outcome]
+      rows.append(
+        {
+          "name": m.name,
+          "result": result,
+          "why": m.why,
+          "message": msg[:400],
+          "tests": " ".join(m.tests),
+          "seconds": round(time.time() - t0),
+        }
+      )
       r = rows[-1]
       print(
-        f"{r['name']:32s} {r['result']:18s} {r['seconds']:5d} s  {r['message'][:160]}", flush=True
+        f"{r['name']:40s} {r['result']:18s} {r['seconds']:5d} s  {r['message'][:160]}", flush=True
       )
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
-  applied = [r for r in rows if r["result"] not in ("n/a", "not run")]
+  applied = [r for r in rows if r["result"] != "not run"]
   killed = [r for r in applied if r["result"].startswith("killed")]
   summary = (
     f"killed {len(killed)} of {len(applied)} applicable mutations"
     f" ({100.0 * len(killed) / max(len(applied), 1):.0f}%);"
-    f" {len(rows) - len(applied)} n/a or not run"
+    f" {len(rows) - len(applied)} not run"
   )
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump({"summary": summary, "rows": rows}, f, indent=1)
@@ -502,7 +549,7 @@ def main(argv=None) -> int:
       msg = re.sub(r"\s+", " ", r["message"]).replace("|", "\\|")[:200]
       f.write(f"| {r['name']} | {r['result']} | {r['seconds']} | {r['why']} | {msg} |\n")
   print(summary + f"\nreport: {os.path.join(out, 'report.md')}")
-  return 0 if len(killed) == len(applied) else 1
+  return 0 if len(killed) == len(rows) else 1
 
 
 if __name__ == "__main__":
