@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import pytest
 
-from crmjax import checkpoint, train
+from crmjax import checkpoint, train_state
 from tests.distributed_worker import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,11 +74,13 @@ def _run(workdir, stop_after: int, num_processes: int, cache_root) -> list[str]:
 
 def _params(workdir, step: int):
   config = tiny_config()
-  model = train.make_model(config)
-  tx = train.make_optimizer(config, 8, steps_per_epoch=4)
-  replicated, _ = train.make_mesh()
+  model = train_state.make_model(config)
+  tx = train_state.make_optimizer(config, 8, steps_per_epoch=4)
+  replicated, _ = train_state.make_mesh()
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-    state, meta = ckpt.restore(train.abstract_state(model, tx, config.seed, replicated), step=step)
+    state, meta = ckpt.restore(
+      train_state.abstract_state(model, tx, config.seed, replicated), step=step
+    )
   assert meta["step"] == step
   return jax.device_get(state)
 
