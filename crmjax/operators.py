@@ -317,7 +317,7 @@ class AvgPool:
   the image. Its matrix is non-negative, so ``abs()`` is itself; its l2 norm is ``1 /
   sqrt(kh kw)`` for non-overlapping windows (stride = window, no padding): the rows are
   disjoint with norm ``sqrt(kh kw) / (kh kw)``. Overlapping windows are left to the bounds'
-  norm computations, like any operator. The transpose (``jax.linear_transpose``) spreads each
+  norm computations, like any operator. The transpose (``Adjoint``, its VJP) spreads each
   output back over its window.
   """
 

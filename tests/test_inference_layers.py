@@ -36,7 +36,7 @@ def test_avg_pool_operator_is_its_matrix(name):
     x = rng.standard_normal((3, *in_shape))
     y = rng.standard_normal((3, *out_shape))
     np.testing.assert_allclose(np.asarray(op(x)).reshape(3, -1), x.reshape(3, -1) @ M.T, atol=1e-12)
-    adj = np.asarray(ops.Adjoint(op)(y)).reshape(3, -1)  # jax.linear_transpose
+    adj = np.asarray(ops.Adjoint(op)(y)).reshape(3, -1)  # the VJP of the operator
     np.testing.assert_allclose(adj, y.reshape(3, -1) @ M, atol=1e-12)
     np.testing.assert_allclose(
       np.asarray(op.abs()(x)).reshape(3, -1), x.reshape(3, -1) @ np.abs(M).T, atol=1e-12
@@ -227,7 +227,7 @@ def test_layer_specs_that_do_not_fit_raise():
 
 def test_lanczos_and_rescaled_bounds_handle_the_new_operators():
   """Lanczos (jax.vjp through pooling and BatchNorm) agrees with the exact norms, and the
-  AOL-rescaled bound (|A| and jax.linear_transpose of the operators) stays above gradients."""
+  AOL-rescaled bound (|A| and the transposes of the operators) stays above gradients."""
   model, params = _params(seed=3)
   net = model.lipnet(params)
   exact, info = soundness.sound_bound(net)
