@@ -68,6 +68,12 @@ def _conv(x, kernel, strides, padding):
   return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
 
 
+def _transpose(g, kernel, x_shape, strides, padding):
+  """The adjoint of ``_conv(., kernel)`` at ``g`` (the vjp at zero: the forward is dead code)."""
+  _, vjp = jax.vjp(lambda x: _conv(x, kernel, strides, padding), jnp.zeros(x_shape, g.dtype))
+  return vjp(g)[0]
+
+
 def _kernel_grad(x, g, kernel, strides, padding):
   """d<g, conv(x, k)>/dk: the forward convolution's kernel gradient (fast on every backend)."""
   _, vjp = jax.vjp(lambda k: _conv(x, k, strides, padding), jnp.zeros_like(kernel))
@@ -96,12 +102,11 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv2d_transpose(g, kernel, x_shape, strides, padding):
   """The exact adjoint of ``conv2d(., kernel)`` applied to ``g``; ``x_shape``: its output shape."""
-  _, vjp = jax.vjp(lambda x: _conv(x, kernel, strides, padding), jnp.zeros(x_shape, g.dtype))
-  return vjp(g)[0]
+  return _transpose(g, kernel, x_shape, strides, padding)
 
 
 def _conv2d_transpose_fwd(g, kernel, x_shape, strides, padding):
-  return conv2d_transpose(g, kernel, x_shape, strides, padding), (g, kernel)
+  return _transpose(g, kernel, x_shape, strides, padding), (g, kernel)
 
 
 def _conv2d_transpose_bwd(x_shape, strides, padding, res, h):
