@@ -57,6 +57,8 @@ ADDED_FIELDS: Mapping[str, Any] = {
   "coordinator_address": "",  # the multi-host settings: JAX's own detection
   "num_processes": 0,
   "process_id": -1,
+  "train_solver": "power",
+  "ema_decay": 0.0,
 }
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,7 @@ def _validate_choices(config) -> None:
   _require_choice("loss", config.loss, LOSSES)
   _require_choice("bound", config.bound, liplt.ALL_METHODS)
   _require_choice("bound_mode", config.bound_mode, liplt.MODES)
+  _require_choice("train_solver", config.train_solver, tuple(liplt.SOLVERS))
 
 
 def _validate_sizes(config, num_devices: int) -> None:
@@ -239,6 +242,8 @@ def _validate_schedule(config) -> None:
     bad("weight_decay", config.weight_decay, "use a decay >= 0 (0: plain Adam)")
   if not config.grad_clip_norm >= 0:
     bad("grad_clip_norm", config.grad_clip_norm, "use a norm >= 0 (0: no clipping)")
+  if not 0 <= config.ema_decay < 1:
+    bad("ema_decay", config.ema_decay, "use a decay in [0, 1), e.g. 0.999 (0: no average)")
   _require_choice("crm.normalize", config.crm.normalize, losses.PENALTY_NORMALIZATIONS)
   every = config.eval_every_epochs
   if not (isinstance(every, int) and every >= 0):

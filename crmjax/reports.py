@@ -354,7 +354,7 @@ def attack_check(
   _phase(f"PGD on {n} points ({steps} steps x {restarts} restarts)", config.progress)
   broken = attacks.pgd_success(
     run.model,
-    run.state.params,
+    run.params,
     images[:n],
     labels[:n],
     eps=eps,
@@ -420,10 +420,10 @@ def compare_run(
       f"{other.config.dataset} run, {run.workdir} is {run.config.dataset}"
     )
   logits = certify.batched_logits(
-    other.model, other.state.params, images, batch_size=config.eval_batch_size
+    other.model, other.params, images, batch_size=config.eval_batch_size
   )
   bound, info = soundness.sound_bound(
-    other.model.lipnet(other.state.params),
+    other.model.lipnet(other.params),
     method="liplt",
     mode="pairwise",
     warm=other.state.power,
@@ -502,11 +502,9 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   eps = float(config.eps or run.config.eps)
   sound, cache = sound_settings(config, run), {}  # exact norms shared by the bounds of one net
-  net, power = run.model.lipnet(run.state.params), run.state.power
+  net, power = run.model.lipnet(run.params), run.state.power
   _phase(f"logits of {len(labels)} test points", config.progress)
-  logits = certify.batched_logits(
-    run.model, run.state.params, images, batch_size=config.eval_batch_size
-  )
+  logits = certify.batched_logits(run.model, run.params, images, batch_size=config.eval_batch_size)
   lip = lipschitz_table(
     net,
     power,

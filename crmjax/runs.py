@@ -43,6 +43,12 @@ class Run:
   meta: dict
 
   @property
+  def params(self):
+    """The params evaluated and certified: the moving average where the run kept one
+    (``train_state.eval_params``), else the trained params."""
+    return train_state.eval_params(self.state)
+
+  @property
   def label(self) -> str:
     """The run's loss as the figures name it (``LOSS_LABELS``)."""
     return LOSS_LABELS.get(self.config.loss, self.config.loss)

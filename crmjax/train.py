@@ -118,14 +118,11 @@ def make_epoch_eval(
     return model.apply(params, images)
 
   def evaluate(state: train_state.TrainState) -> dict:
-    size = config.eval_batch_size
+    size, params = config.eval_batch_size, train_state.eval_params(state)
     logits = np.concatenate(
-      [
-        np.asarray(epoch_logits(state.params, test_x[i : i + size]))
-        for i in range(0, len(test_x), size)
-      ]
+      [np.asarray(epoch_logits(params, test_x[i : i + size])) for i in range(0, len(test_x), size)]
     )
-    lip = np.asarray(epoch_bound(state.params, state.power))
+    lip = np.asarray(epoch_bound(params, state.power))
     radii = certify.radii_of(logits, test_y, lip)
     return {
       "test/clean_accuracy": float((logits.argmax(1) == test_y).mean()),
@@ -404,7 +401,7 @@ def final_evaluation(job: _Job, state, step: int, workdir: str, writer) -> dict:
   sound = soundness.SoundSettings(iterations=config.sound_iters) if config.sound_eval else None
   result = certify.evaluate(
     job.model,
-    state.params,
+    train_state.eval_params(state),
     state.power,
     *job.test,
     eps=config.eps,

@@ -8,7 +8,7 @@ the same way, so a checkpoint restores into exactly the tree that wrote it.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,15 +97,55 @@ def make_optimizer(
   config: ml_collections.ConfigDict, total_steps: int, *, steps_per_epoch: int = 1
 ) -> optax.GradientTransformation:
   """Adam (AdamW when ``weight_decay > 0``) with ``learning_rate_schedule``, after an
-  optional global-norm gradient clip (``grad_clip_norm > 0``).
+  optional global-norm gradient clip (``grad_clip_norm > 0``), followed by ``params_ema``
+  when ``ema_decay > 0``.
 
-  With neither option the transformation is plain ``optax.adam`` (checkpoints of earlier
-  runs keep restoring).
+  With no option the transformation is plain ``optax.adam`` (checkpoints of earlier runs
+  keep restoring).
   """
   lr = learning_rate_schedule(config, total_steps, steps_per_epoch=steps_per_epoch)
   wd, clip = config.weight_decay, config.grad_clip_norm
   tx = optax.adamw(lr, weight_decay=wd) if wd else optax.adam(lr)
-  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+  tx = optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+  return optax.chain(tx, params_ema(decay=config.ema_decay)) if config.ema_decay else tx
+
+
+class ParamsEMAState(NamedTuple):
+  """``params_ema``'s state: the moving average of the params (their tree)."""
+
+  params_ema: Any
+
+
+def params_ema(*, decay: float) -> optax.GradientTransformation:
+  """An exponential moving average of the params, kept in the optimizer state.
+
+  The last transformation of a chain: it passes the updates through unchanged and sets
+  ``ema <- decay * ema + (1 - decay) * (params + updates)``, the average of the params each
+  step leaves (``optax.incremental_update``; starts at the initial params, so needs no
+  bias correction). Polyak & Juditsky (1992); the weights evaluated and certified where the
+  training config sets ``ema_decay`` (``eval_params``).
+
+  Args:
+    decay: the average's decay per step, in ``[0, 1)``.
+  """
+
+  def init_fn(params):
+    return ParamsEMAState(params_ema=jax.tree.map(jnp.array, params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("params_ema needs the params: call update(updates, state, params)")
+    new = optax.apply_updates(params, updates)
+    return updates, ParamsEMAState(optax.incremental_update(new, state.params_ema, 1.0 - decay))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def eval_params(state: TrainState) -> Any:
+  """The params to evaluate and certify: the moving average where the optimizer keeps one
+  (``params_ema``), else the params."""
+  ema = optax.tree_utils.tree_get(state.opt_state, "params_ema")
+  return state.params if ema is None else ema
 
 
 def create_state(

@@ -52,6 +52,7 @@ def pairwise_bound(
   method: str,
   mode: str,
   num_iters: int,
+  solver: str = "power",
   scales: Sequence[jax.Array] | None = None,
 ) -> tuple[jax.Array, liplt.PowerState]:
   """The ``(K, K)`` pairwise Lipschitz matrix of the model's logits (any bound mode).
@@ -63,7 +64,9 @@ def pairwise_bound(
   net = model.lipnet(params)
   if scales is not None:
     net = rescaling.rescale(net, [jax.lax.stop_gradient(d) for d in scales])
-  bound, power = liplt.lipschitz_bound(net, power, method=method, mode=mode, num_iters=num_iters)
+  bound, power = liplt.lipschitz_bound(
+    net, power, method=method, mode=mode, num_iters=num_iters, solver=solver
+  )
   return liplt.as_pairwise(bound, mode=mode, num_classes=model.num_classes), power
 
 
@@ -121,8 +124,9 @@ def make_train_step(
   """The pure train step ``(state, images, labels) -> (state, metrics)``.
 
   ``regularized=False`` is plain cross-entropy (the CRM warm-up, and the ``ce`` loss);
-  otherwise the configured CRM or GloRo loss with the configured bound, whose power
-  iteration advances ``config.train_iters`` warm-started steps. Regularised with
+  otherwise the configured CRM or GloRo loss with the configured bound, whose iteration
+  (``config.train_solver``: power or Lanczos) advances ``config.train_iters`` warm-started
+  steps. Regularised with
   ``config.rescaling.every_steps > 0``, the step is ``(state, images, labels, log_d) ->
   (state, metrics)``: the bound is that of ``rescale(net, exp(log_d))``, ``log_d`` fixed
   (no gradient; ``make_refresh`` updates it).
@@ -142,6 +146,7 @@ def make_train_step(
       method=config.bound,
       mode=config.bound_mode,
       num_iters=config.train_iters,
+      solver=config.train_solver,
       scales=None if log_d is None else [jnp.exp(l) for l in log_d],
     )
     if config.loss == "gloro":

@@ -74,12 +74,17 @@ def measure(fn: Callable, args: tuple, advance: Callable, config) -> dict:
 
 
 def train_config(
-  config: ml_collections.ConfigDict, *, bound: str, train_iters: int, batch_size: int
+  config: ml_collections.ConfigDict,
+  *,
+  bound: str,
+  train_iters: int,
+  batch_size: int,
+  solver: str = "power",
 ) -> ml_collections.ConfigDict:
   """The training config of one CRM column (the paper's CRM settings, no warm-up)."""
   c = default.get_config()
   c.loss, c.bound, c.bound_mode = "crm", bound, "pairwise"
-  c.train_iters, c.batch_size = train_iters, batch_size
+  c.train_iters, c.batch_size, c.train_solver = train_iters, batch_size, solver
   c.crm = config.crm
   return c
 
@@ -186,9 +191,12 @@ def _advance_power(args, out):
   return (args[0], out[1])
 
 
-def step_column(setup: Setup, config, *, regularized: bool, bound: str, train_iters: int) -> dict:
+def step_column(
+  setup: Setup, config, *, regularized: bool, bound: str, train_iters: int, solver: str = "power"
+) -> dict:
   """Times ``jit_step(make_train_step(...))`` from the initial state on the fixed batch."""
-  tc = train_config(config, bound=bound, train_iters=train_iters, batch_size=setup.images.shape[0])
+  batch = setup.images.shape[0]
+  tc = train_config(config, bound=bound, train_iters=train_iters, batch_size=batch, solver=solver)
   step = train_step.jit_step(
     train_step.make_train_step(
       setup.model, setup.tx, tc, regularized=regularized, steps_per_epoch=1000
@@ -199,18 +207,19 @@ def step_column(setup: Setup, config, *, regularized: bool, bound: str, train_it
   return measure(step, (_copy(setup.state), setup.images, setup.labels), _advance_state, config)
 
 
-def bound_column(setup: Setup, config, *, train_iters: int) -> dict:
+def bound_column(setup: Setup, config, *, train_iters: int, solver: str = "power") -> dict:
   """Times the pairwise LipLT bound alone (forward, power vectors threaded)."""
   model = setup.model
 
   @jax.jit
   def fn(params, power):
-    return liplt.liplt_bound(model.lipnet(params), power, mode="pairwise", num_iters=train_iters)
+    net = model.lipnet(params)
+    return liplt.liplt_bound(net, power, num_iters=train_iters, solver=solver)
 
   return measure(fn, (setup.state.params, _copy(setup.state.power)), _advance_power, config)
 
 
-def bound_grad_column(setup: Setup, config, *, train_iters: int) -> dict:
+def bound_grad_column(setup: Setup, config, *, train_iters: int, solver: str = "power") -> dict:
   """The bound's forward + backward as inside the CRM step (``sum(L_ij)`` wrt params).
 
   With ``train_iters=0`` it is the table sweep, the class rows and their backward alone.
@@ -218,18 +227,21 @@ def bound_grad_column(setup: Setup, config, *, train_iters: int) -> dict:
   model = setup.model
 
   def loss(params, power):
-    bound, power = liplt.liplt_bound(model.lipnet(params), power, num_iters=train_iters)
+    net = model.lipnet(params)
+    bound, power = liplt.liplt_bound(net, power, num_iters=train_iters, solver=solver)
     return jnp.sum(bound), power
 
   fn = jax.jit(jax.grad(loss, has_aux=True))
   return measure(fn, (setup.state.params, _copy(setup.state.power)), _advance_power, config)
 
 
-def part_column(setup: Setup, config, *, part: str, train_iters: int) -> dict:
+def part_column(
+  setup: Setup, config, *, part: str, train_iters: int, solver: str = "power"
+) -> dict:
   """One part of the bound, jitted alone: ``'table_grad'``, the eq. 19 table (one sweep of
   every interior operator, ``liplt.table_sweep``) forward + backward; ``'rows_grad'``, the exact
   class rows and their norms (``liplt.readout_bound``) forward + backward; ``'power_iters'``,
-  ``train_iters`` power iterations (no gradient)."""
+  ``train_iters`` iterations of ``solver`` (no gradient)."""
   model = setup.model
 
   def table(params, power):
@@ -242,7 +254,7 @@ def part_column(setup: Setup, config, *, part: str, train_iters: int) -> dict:
 
   def iterate(params, power):
     fn = lambda u: liplt.table_sweep(model.lipnet(params), u)
-    return liplt.power_iterate(fn, power.liplt, train_iters)
+    return liplt.SOLVERS[solver](fn, power.liplt, train_iters)
 
   fn = {"table_grad": jax.grad(table), "rows_grad": jax.grad(rows), "power_iters": iterate}[part]
   args = (setup.state.params, _copy(setup.state.power))
@@ -267,7 +279,7 @@ def benchmark_model(
 ) -> dict:
   """Every column of one model's row at one batch (``None`` where skipped)."""
   model = paper_model(name, config.datasets[name])
-  iters = config.train_iters[name]
+  iters, solver = config.train_iters[name], config.train_solvers[name]
   if batch % len(devices):
     raise ValueError(
       f"--config.batch_size={batch} ({name}) must be divisible by the {len(devices)} devices"
@@ -277,26 +289,30 @@ def benchmark_model(
   runs = {
     "ce": lambda: step_column(setup, config, regularized=False, bound="liplt", train_iters=iters),
     "crm_liplt": lambda: step_column(
-      setup, config, regularized=True, bound="liplt", train_iters=iters
+      setup, config, regularized=True, bound="liplt", train_iters=iters, solver=solver
     ),
     "crm_liplt_1it": lambda: step_column(
       setup, config, regularized=True, bound="liplt", train_iters=1
     ),
     "crm_naive": lambda: step_column(
-      setup, config, regularized=True, bound="naive", train_iters=iters
+      setup, config, regularized=True, bound="naive", train_iters=iters, solver=solver
     ),
-    "liplt_bound": lambda: bound_column(setup, config, train_iters=iters),
+    "liplt_bound": lambda: bound_column(setup, config, train_iters=iters, solver=solver),
   }
   if config.breakdown:
     runs.update(
       {
         "ce_forward": lambda: forward_column(setup, config),
-        "liplt_bound_grad": lambda: bound_grad_column(setup, config, train_iters=iters),
+        "liplt_bound_grad": lambda: bound_grad_column(
+          setup, config, train_iters=iters, solver=solver
+        ),
         "liplt_bound_grad_0it": lambda: bound_grad_column(setup, config, train_iters=0),
       }
     )
   for part in ("table_grad", "rows_grad", "power_iters") if config.breakdown else ():
-    runs[part] = lambda part=part: part_column(setup, config, part=part, train_iters=iters)
+    runs[part] = lambda part=part: part_column(
+      setup, config, part=part, train_iters=iters, solver=solver
+    )
   results = {}
   for column, run in runs.items():
     results[column] = None if column in skip else run()
@@ -313,6 +329,7 @@ def benchmark_model(
     "num_classes": model.num_classes,
     "batch_size": batch,
     "train_iters": iters,
+    "train_solver": solver,
     "ms": ms,
     "compile_s": {k: (v["compile_s"] if v else None) for k, v in results.items()},
     "steps_ms": {k: (v["steps_ms"] if v else None) for k, v in results.items()},
@@ -384,7 +401,9 @@ def format_model_table(rows: list[dict]) -> str:
   )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [f"{r['model']} (batch {r['batch_size']}), {r['train_iters']} it"]
+    cells = [
+      f"{r['model']} (batch {r['batch_size']}), {r['train_iters']} {r.get('train_solver', 'power')} it"
+    ]
     cells += [_ms(r["ms"][c]) for c in COLUMNS]
     cells.append("n/a" if r["crm_ce_ratio"] is None else f"{r['crm_ce_ratio']:.2f}x")
     cells.append("n/a" if r["samples_per_s_crm"] is None else f"{r['samples_per_s_crm']:.0f}")
@@ -410,7 +429,9 @@ def format_breakdown_table(rows: list[dict]) -> str:
   head = ["model, power iterations"] + [HEADERS[c] for c in cols]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [f"{r['model']} (batch {r['batch_size']}), {r['train_iters']} it"]
+    cells = [
+      f"{r['model']} (batch {r['batch_size']}), {r['train_iters']} {r.get('train_solver', 'power')} it"
+    ]
     cells += [_ms(r["ms"].get(c)) for c in cols]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

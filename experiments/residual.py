@@ -37,7 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     for method in config.certify_bounds:
       res = certify.evaluate(
         r.model,
-        r.state.params,
+        r.params,
         r.state.power,
         images,
         labels,

@@ -109,8 +109,9 @@ def test_models_take_their_shapes_from_their_dataset():
   from experiments.configs import cifar, mnist, tiny_imagenet
 
   for config in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config()):
-    assert benchmark_config.MODELS[config.model] == (config.dataset, config.train_iters)
-  for name, (dataset, _) in benchmark_config.MODELS.items():
+    want = (config.dataset, config.train_iters, config.train_solver)
+    assert benchmark_config.MODELS[config.model] == want
+  for name, (dataset, *_) in benchmark_config.MODELS.items():
     model, info = benchmark.paper_model(name), data.dataset_info(dataset)
     assert model.input_shape == info.image_shape and model.num_classes == info.num_classes
 

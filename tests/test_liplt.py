@@ -419,3 +419,107 @@ def test_errors_are_clear():
     models.get_model("VGG", input_shape=(28, 28, 1), num_classes=10)
   with pytest.raises(ValueError, match="end with a linear layer"):
     network.from_layers((L.Dense(3), L.Act()), {"layer_0": {"kernel": jnp.ones((2, 3))}}, (2,))
+
+
+# ------------------------------------------------------------ the Lanczos iteration
+
+
+def _matrices(seed, rows=3, m=12, n=9, gap=0.02):
+  """Random ``(rows, m, n)`` matrices whose two top singular values are ``1`` and ``1 - gap``."""
+  rng = np.random.default_rng(seed)
+  mats = []
+  for _ in range(rows):
+    u, _ = np.linalg.qr(rng.normal(size=(m, m)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    s = np.concatenate([[1.0, 1.0 - gap], rng.uniform(0.1, 0.9, n - 2)])
+    mats.append(u[:, :n] * s @ v.T)
+  return np.stack(mats)
+
+
+def _krylov_reference(M, u, k):
+  """float64: the top Ritz vector of span(u .. (M^T M)^{k-1} u), then one power step."""
+  A = M.T @ M
+  basis = [u / np.linalg.norm(u)]
+  for _ in range(k - 1):
+    basis.append(A @ basis[-1])
+  Q, _ = np.linalg.qr(np.stack(basis, 1))
+  w, V = np.linalg.eigh(Q.T @ A @ Q)
+  v = A @ (Q @ V[:, -1])
+  return v / np.linalg.norm(v)
+
+
+def _rows_fn(M):
+  return lambda us: (jnp.einsum("rij,rj->ri", jnp.asarray(M, jnp.float32), us[0]),)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6])
+def test_lanczos_iterate_is_the_ritz_vector_of_the_krylov_space(k):
+  M = _matrices(0)
+  u = np.random.default_rng(1).normal(size=(3, 9))
+  (got,) = jax.jit(liplt.lanczos_iterate, static_argnums=(0, 2))(
+    _rows_fn(M), (jnp.asarray(u, jnp.float32),), k
+  )
+  for r in range(3):
+    want = _krylov_reference(M[r], u[r], k)
+    assert abs(np.dot(np.asarray(got[r], np.float64), want)) > 1 - 1e-5, (k, r)
+  if k == 1:  # one power iteration
+    (power,) = liplt.power_iterate(_rows_fn(M), (jnp.asarray(u, jnp.float32),), 1)
+    np.testing.assert_allclose(got, power, rtol=1e-5, atol=1e-6)
+
+
+def test_lanczos_estimate_between_power_and_the_exact_norm():
+  M = _matrices(2, rows=4, m=30, n=25, gap=0.01)
+  exact = np.linalg.norm(M, 2, axis=(1, 2))
+  u = jnp.asarray(np.random.default_rng(3).normal(size=(4, 25)), jnp.float32)
+  fn = _rows_fn(M)
+
+  def estimate(v):
+    return np.linalg.norm(np.einsum("rij,rj->ri", M, np.asarray(v, np.float64)), axis=1)
+
+  for k in (2, 3, 5, 8):
+    (lz,) = liplt.lanczos_iterate(fn, (u,), k)
+    (pw,) = liplt.power_iterate(fn, (u,), k)
+    assert np.all(estimate(lz) <= exact * (1 + 1e-6))
+    assert np.all(estimate(lz) >= estimate(pw) * (1 - 1e-6)), k
+  # and strictly closer: k Lanczos steps beat 2k power iterations here
+  (lz,) = liplt.lanczos_iterate(fn, (u,), 8)
+  (pw,) = liplt.power_iterate(fn, (u,), 16)
+  err_lz, err_pw = exact - estimate(lz), exact - estimate(pw)
+  assert np.all(err_lz <= err_pw + 1e-6) and np.sum(err_lz) < 0.5 * np.sum(err_pw)
+
+
+def test_lanczos_iterate_on_an_exhausted_krylov_space():
+  # Operators of input dimension 2 and of rank 1, with 6 steps: the space ends early.
+  rng = np.random.default_rng(4)
+  M = np.stack([rng.normal(size=(5, 2)), np.outer(rng.normal(size=5), rng.normal(size=2))])
+  u = jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)
+  (got,) = liplt.lanczos_iterate(_rows_fn(M), (u,), 6)
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+  est = np.linalg.norm(np.einsum("rij,rj->ri", M, np.asarray(got, np.float64)), axis=1)
+  np.testing.assert_allclose(est, np.linalg.norm(M, 2, axis=(1, 2)), rtol=1e-5)
+  # a converged start stays put
+  (again,) = liplt.lanczos_iterate(_rows_fn(M), (got,), 3)
+  np.testing.assert_allclose(np.abs(np.sum(again * got, axis=1)), 1.0, rtol=1e-5)
+
+
+@pytest.mark.optimized
+def test_lanczos_table_converges_to_exact_svd_warm_started():
+  shape, layers, p = _build("conv_relu")
+  net = network.from_layers(layers, p, shape)
+  exact, _ = _liplt(net, liplt.init_state(net, jax.random.key(0)), mode="pairwise")
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def bound(s):
+    return liplt.liplt_bound(net, s, num_iters=4, solver="lanczos")
+
+  s = liplt.init_state(net, jax.random.key(1))
+  for _ in range(25):
+    b, s = bound(s)
+  np.testing.assert_allclose(b, exact, rtol=1e-4, atol=1e-6)
+  naive, _ = liplt.naive_bound(net, s, num_iters=30, solver="lanczos")
+  want, _ = _naive(net, liplt.init_state(net, jax.random.key(0)), mode="pairwise")
+  np.testing.assert_allclose(naive, want, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="solver must be one of"):
+    liplt.lipschitz_bound(net, s, solver="arnoldi")

@@ -184,6 +184,7 @@ def test_invalid_config_is_refused_with_the_field_and_the_fix(tmp_path):
     ("eps", -1.0, "eps"),
     ("batch_size", 30, "divisible by the 8"),
     ("train_iters", 0, "train_iters"),
+    ("train_solver", "arnoldi", "train_solver"),
     ("sound_iters", 0, "sound_iters"),
     ("model", "VGG", "model"),
   ]:
@@ -309,8 +310,11 @@ def test_crm_step_with_the_aol_rescaled_liplt_bound():
 # ------------------------------------------- the penalty reaches the params through the bound
 
 
-@pytest.mark.parametrize("mode", ["pairwise", "per_class", "global"])
-def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
+@pytest.mark.parametrize(
+  "mode,solver",
+  [("pairwise", "power"), ("per_class", "power"), ("global", "power"), ("pairwise", "lanczos")],
+)
+def test_crm_step_gradient_reaches_the_params_through_the_bound(mode, solver):
   """One CRM step with SGD moves the params by -lr * grad of eq. 8 with the bound of the
   current params inside it, the gradient flowing through the bound too.
 
@@ -319,9 +323,10 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   dloss/dL``, one VJP of the bound. A step with the bound's gradient stopped (the penalty
   reaching the params through the logits only) is ``g_logits``: far from the step. The
   bound's share pushes the mean pairwise bound down. Every ``bound_mode`` (per_class and
-  global made pairwise), lambda and r0 in the middle of a ramp (``crm.ramp_epochs``).
+  global made pairwise), lambda and r0 in the middle of a ramp (``crm.ramp_epochs``), and
+  both ``train_solver`` iterations.
   """
-  config = _tiny_config(bound_mode=mode, train_iters=3)
+  config = _tiny_config(bound_mode=mode, train_iters=3, train_solver=solver)
   config.crm.warmup_epochs, config.crm.ramp_epochs, config.crm.lam = 0, 1, 5.0
   config.crm.penalty, config.crm.temperature = "exp", 1.0
   config.crm.r0 = config.crm.r0_start = 1e3  # every correct point penalised
@@ -347,7 +352,7 @@ def test_crm_step_gradient_reaches_the_params_through_the_bound(mode):
   def reference(p):
     lip, vjp = jax.vjp(
       lambda p: train_step.pairwise_bound(
-        model, p, power, method=config.bound, mode=mode, num_iters=config.train_iters
+        model, p, power, method=config.bound, mode=mode, num_iters=3, solver=solver
       )[0],
       p,
     )
@@ -402,3 +407,53 @@ def test_lambda_and_r0_ramp_after_the_warmup():
     config.crm.ramp_epochs = ramp_epochs
     _, r0_fn = train_step.penalty_schedules(config, spe)
     assert [float(r0_fn(s)) for s in (0, 9, 10, 20, 50)] == [2.5] * 5
+
+
+# ------------------------------------------------------------ the moving average of the weights
+
+
+def test_params_ema_follows_the_float64_recursion():
+  decay, lr = 0.9, 0.05
+  tx = optax.chain(optax.adam(lr), train_state.params_ema(decay=decay))
+  params = {"w": jnp.asarray([1.0, -2.0, 3.0]), "b": jnp.asarray(0.5)}
+  state = tx.init(params)
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(p["w"] ** 2 * jnp.arange(1.0, 4.0)) + p["b"] ** 4))
+  want = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  for _ in range(6):
+    updates, state = tx.update(grad(params), state, params)
+    params = optax.apply_updates(params, updates)
+    want = jax.tree.map(
+      lambda e, p: decay * e + (1 - decay) * np.asarray(p, np.float64), want, params
+    )
+  ema = optax.tree_utils.tree_get(state, "params_ema")
+  chex.assert_trees_all_close(ema, want, rtol=1e-6)
+  assert not np.allclose(ema["w"], params["w"])  # the average lags the moving params
+  with pytest.raises(ValueError, match="needs the params"):
+    tx.update(grad(params), state)
+
+
+def test_without_ema_the_optimizer_state_is_unchanged():
+  """``ema_decay = 0``: the optimizer is plain Adam, so checkpoints written before the
+  moving average existed restore into it, and ``eval_params`` is the params."""
+  config = _tiny_config()
+  assert config.ema_decay == 0.0
+  model, tx, _, _, state = _setup(config)
+  adam = optax.adam(train_state.learning_rate_schedule(config, 100))
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(adam.init(state.params))
+  assert train_state.eval_params(state) is state.params
+
+
+def test_a_run_with_ema_evaluates_and_saves_the_average(tmp_path):
+  from crmjax import certify, runs
+
+  config = _tiny_config(ema_decay=0.8)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  run = runs.load_run(str(tmp_path))
+  ema = optax.tree_utils.tree_get(run.state.opt_state, "params_ema")
+  chex.assert_trees_all_equal(run.params, ema)
+  assert not np.allclose(jax.tree.leaves(ema)[0], jax.tree.leaves(run.state.params)[0])
+  images, labels = runs.load_test(run, subset=config.test_subset)
+  logits = certify.batched_logits(run.model, run.params, images, batch_size=64)
+  assert result["clean_accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == labels)))
+  with pytest.raises(ValueError, match="ema_decay"):
+    train.train_and_evaluate(_tiny_config(ema_decay=1.0), str(tmp_path / "bad"))

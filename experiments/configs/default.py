@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = "crm"  # crm | ce | gloro
   c.bound = "liplt"  # liplt | naive | liplt_aol (LipLT of the AOL-rescaled network)
   c.bound_mode = "pairwise"  # pairwise | per_class | global
-  c.train_iters = 10  # warm-started power iterations per training step
+  c.train_iters = 10  # warm-started iterations (products with A^T A) per training step
+  c.train_solver = "power"  # power | lanczos (same cost per iteration, closer estimates)
   # The bound of the rescaled network rescale(net, D), D > 0 per neuron optimised to minimise
   # it (Theorem 3.2 refinement; crmjax.refinement.refresh_scales), refreshed every
   # `every_steps` steps from the first CRM step and fixed in between (0: off, needs
@@ -57,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.lr_warmup_epochs = 0  # linear warm-up (cosine) / rise (one_cycle) length
   c.weight_decay = 0.0  # > 0: AdamW
   c.grad_clip_norm = 0.0  # > 0: clip gradients to this global norm
+  # > 0: keep a moving average of the weights (decay per step), evaluated, certified and
+  # saved in the checkpoint (crmjax.train_state.params_ema); 0: the trained weights
+  c.ema_decay = 0.0
   # Host-side training augmentation (crmjax.input_pipeline.Augment): random crop by zero
   # padding, flip, then a random rotation (degrees) and integer translation (fraction of the
   # side) whose uncovered pixels take `fill` ([0, 1] pixel units).
