@@ -155,6 +155,13 @@ def _validate_sizes(config, num_devices: int) -> None:
       f"it must be divisible by the {num_devices} devices; use a multiple of {num_devices}",
     )
   require_integers(config, {"train_iters": 1, "eval_iters": 1, "sound_iters": 1})
+  if config.train_solver == "lanczos" and config.train_iters > liplt.MAX_LANCZOS_ITERS:
+    invalid_setting(
+      "train_iters",
+      config.train_iters,
+      f"Lanczos is unrolled for a few products: use at most {liplt.MAX_LANCZOS_ITERS} with "
+      "--config.train_solver=lanczos, or --config.train_solver=power",
+    )
   if not config.eps >= 0:
     bad("eps", config.eps, "the certified radius eps must be >= 0")
 

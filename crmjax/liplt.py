@@ -260,6 +260,7 @@ def lanczos_iterate(fn: Callable, us: Sequence[jax.Array], num_iters: int) -> tu
 
 
 SOLVERS = {"power": power_iterate, "lanczos": lanczos_iterate}
+MAX_LANCZOS_ITERS = 16  # the training configs' limit: the loop is unrolled, its basis kept
 
 
 # ------------------------------------------------------------------- the LipLT table

@@ -192,6 +192,9 @@ def test_invalid_config_is_refused_with_the_field_and_the_fix(tmp_path):
     c[field] = value
     with pytest.raises(ValueError, match=match):
       train.train_and_evaluate(c, str(tmp_path / field))
+  c = _tiny_config(train_solver="lanczos", train_iters=40)
+  with pytest.raises(ValueError, match="train_iters=40.*at most 16"):
+    train.train_and_evaluate(c, str(tmp_path / "lanczos"))
   c = _tiny_config()
   c.crm.temperature = 0.0
   with pytest.raises(ValueError, match="temperature"):

@@ -1,4 +1,4 @@
-"""Speed benchmark settings: the paper's models at batch 512 and 32 with their power iterations.
+"""Speed benchmark settings: the paper's models at batch 512 and 32 with their recipes' iterations.
 
 ``--config=experiments/configs/benchmark.py:smoke`` is a CPU check of a few minutes
 (batch 64, 3 timed steps; 8C2F at batch 16, cross-entropy only, see ``skip``; depths up
