@@ -90,6 +90,30 @@ TRAIN_BOUND = (  # the end of the CRM bound in the loss
 )
 
 MUTATIONS = [
+  Mutation(
+    "lanczos-no-power-step",
+    "crmjax/liplt.py",
+    "v = _per_row(theta[:, -1], w) * ritz + _per_row(y[:, -1], w) * w",
+    "v = _per_row(theta[:, -1], w) * ritz",
+    ("tests/test_liplt.py::test_lanczos_iterate_is_the_ritz_vector_of_the_krylov_space",),
+    "the Lanczos step drops the power step its last product paid for",
+  ),
+  Mutation(
+    "lanczos-no-reorthogonalisation",
+    "crmjax/liplt.py",
+    "  for _ in range(2):\n    for q in basis:",
+    "  for _ in range(0):\n    for q in basis:",
+    ("tests/test_liplt.py::test_lanczos_iterate_is_the_ritz_vector_of_the_krylov_space",),
+    "the Lanczos residual is not orthogonalised against the basis",
+  ),
+  Mutation(
+    "ema-not-evaluated",
+    "crmjax/train_state.py",
+    "return state.params if ema is None else ema",
+    "return state.params",
+    ("tests/test_train.py::test_a_run_with_ema_evaluates_and_saves_the_average",),
+    "a run with a moving average evaluates and certifies the raw weights",
+  ),
   # ------------------------------------------------------------------ the audit table
   Mutation(
     "losses-count-zero",
@@ -308,8 +332,8 @@ MUTATIONS = [
   Mutation(
     "train-epoch-eval-augmented",
     "crmjax/train.py",
-    "np.asarray(epoch_logits(state.params, test_x[i : i + size]))",
-    "np.asarray(epoch_logits(state.params, input_pipeline.augment_batch(test_x[i : i + size]"
+    "np.asarray(epoch_logits(params, test_x[i : i + size]))",
+    "np.asarray(epoch_logits(params, input_pipeline.augment_batch(test_x[i : i + size]"
     ".astype(np.float32) / 255, augment=input_pipeline.Augment(random_crop_padding=2),"
     " rng=np.random.default_rng(0))))",
     EVAL_SPLIT,
