@@ -266,6 +266,12 @@ def forward_column(setup: Setup, config) -> dict:
   return measure(fn, (setup.state.params, setup.images), timing.same_args, config)
 
 
+def row_label(row: dict) -> str:
+  """``4C3F (batch 32), 10 it`` (power iteration) or ``..., 4 Lanczos it``."""
+  solver = " Lanczos" if row.get("train_solver") == "lanczos" else ""
+  return f"{row['model']} (batch {row['batch_size']}), {row['train_iters']}{solver} it"
+
+
 def model_batches(name: str, config) -> list[int]:
   """The batches a model is timed at: its batch (``batch_sizes`` or ``batch_size``), then
   ``small_batch_size`` where set and different."""
@@ -395,15 +401,13 @@ def _bytes(v: int | None) -> str:
 
 def format_model_table(rows: list[dict]) -> str:
   head = (
-    ["model, power iterations"]
+    ["model, iterations per step"]
     + [HEADERS[c] for c in COLUMNS]
     + ["CRM/CE", "samples/s (CRM)", "peak mem"]
   )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [
-      f"{r['model']} (batch {r['batch_size']}), {r['train_iters']} {r.get('train_solver', 'power')} it"
-    ]
+    cells = [row_label(r)]
     cells += [_ms(r["ms"][c]) for c in COLUMNS]
     cells.append("n/a" if r["crm_ce_ratio"] is None else f"{r['crm_ce_ratio']:.2f}x")
     cells.append("n/a" if r["samples_per_s_crm"] is None else f"{r['samples_per_s_crm']:.0f}")
@@ -426,12 +430,10 @@ def format_compile_table(rows: list[dict]) -> str:
 
 def format_breakdown_table(rows: list[dict]) -> str:
   cols = ("ce", "ce_forward", "crm_liplt", "liplt_bound") + BREAKDOWN[1:]
-  head = ["model, power iterations"] + [HEADERS[c] for c in cols]
+  head = ["model, iterations per step"] + [HEADERS[c] for c in cols]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [
-      f"{r['model']} (batch {r['batch_size']}), {r['train_iters']} {r.get('train_solver', 'power')} it"
-    ]
+    cells = [row_label(r)]
     cells += [_ms(r["ms"].get(c)) for c in cols]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

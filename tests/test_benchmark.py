@@ -53,7 +53,7 @@ def test_benchmark_writes_every_column_with_consistent_ratios(tmp_path, capsys):
       assert r[method]["hlo_convolutions"] >= r["depth"]
 
   out = capsys.readouterr().out
-  assert "| model, power iterations | cross-entropy step | CRM step, LipLT |" in out
+  assert "| model, iterations per step | cross-entropy step | CRM step, LipLT |" in out
   assert "| MLP (batch 8), 1 it |" in out
   assert "| layers L | LipLT bound | LipLT ms/L |" in out
   assert f"{row['crm_ce_ratio']:.2f}x" in out
