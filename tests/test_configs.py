@@ -40,6 +40,8 @@ def test_mnist_recipes_differ_only_where_their_docstrings_say():
     "learning_rate",
     "lr_warmup_epochs",
     "lr_decay_start_epoch",
+    "train_solver",
+    "train_iters",
   }
   assert {k for k in main if main[k] != long[k]} == {"num_epochs"}
   assert (main["batch_size"], long["batch_size"], long["num_epochs"]) == (32, 32, 60)
