@@ -16,7 +16,7 @@ def _tiny_config(output, **overrides):
   c = benchmark_config.get_config("smoke")
   c.models = ("MLP",)
   c.batch_size, c.steps, c.warmup_steps = 8, 2, 1
-  c.train_iters["MLP"] = 1
+  c.train_iters["MLP"], c.train_solvers["MLP"] = 1, "lanczos"
   c.depth_sweep = True
   c.sweep.depths, c.sweep.width, c.sweep.input_shape = (2,), 4, (8, 8, 1)
   c.output = str(output)
@@ -34,6 +34,7 @@ def test_benchmark_writes_every_column_with_consistent_ratios(tmp_path, capsys):
   assert result["columns"] == list(benchmark.COLUMNS)
   (row,) = result["models"]
   assert row["model"] == "MLP" and row["batch_size"] == 8 and row["train_iters"] == 1
+  assert row["train_solver"] == "lanczos"
   for column in benchmark.COLUMNS:
     assert row["ms"][column] > 0, column
     assert row["compile_s"][column] > 0, column
@@ -54,7 +55,7 @@ def test_benchmark_writes_every_column_with_consistent_ratios(tmp_path, capsys):
 
   out = capsys.readouterr().out
   assert "| model, iterations per step | cross-entropy step | CRM step, LipLT |" in out
-  assert "| MLP (batch 8), 1 it |" in out
+  assert "| MLP (batch 8), 1 Lanczos it |" in out
   assert "| layers L | LipLT bound | LipLT ms/L |" in out
   assert f"{row['crm_ce_ratio']:.2f}x" in out
 
