@@ -142,9 +142,18 @@ def _row_norms(v):
   return _safe_sqrt(jnp.sum(jnp.square(_flat(v)), axis=-1))
 
 
+def _per_row(s, v):
+  return s.reshape((-1,) + (1,) * (v.ndim - 1))
+
+
 def _normalize_rows(v):
-  n = _row_norms(v)
-  return v / n.reshape((-1,) + (1,) * (v.ndim - 1))
+  return v / _per_row(_row_norms(v), v)
+
+
+def _gram_product(fn: Callable, us):
+  """``A^T A`` of every row of every input: one call of the linear map ``fn`` and its vjp."""
+  ys, vjp = jax.vjp(fn, us)
+  return vjp(ys)[0]
 
 
 def power_iterate(fn: Callable, us: Sequence[jax.Array], num_iters: int) -> tuple:
@@ -163,9 +172,7 @@ def power_iterate(fn: Callable, us: Sequence[jax.Array], num_iters: int) -> tupl
   us = tuple(jax.lax.stop_gradient(u) for u in us)
 
   def step(_, us):
-    ys, vjp = jax.vjp(fn, us)
-    (ws,) = vjp(ys)
-    return tuple(_normalize_rows(w) for w in ws)
+    return tuple(_normalize_rows(w) for w in _gram_product(fn, us))
 
   # Unrolled for the few iterations of a training step (XLA fuses across them); a loop
   # for the many iterations of evaluation and tests (bounded compile time).
@@ -175,10 +182,6 @@ def power_iterate(fn: Callable, us: Sequence[jax.Array], num_iters: int) -> tupl
 
 def _row_dot(a, b):
   return jnp.sum(_flat(a) * _flat(b), axis=-1)
-
-
-def _per_row(s, v):
-  return s.reshape((-1,) + (1,) * (v.ndim - 1))
 
 
 def _reorthogonalised(w: jax.Array, basis: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -239,13 +242,9 @@ def lanczos_iterate(fn: Callable, us: Sequence[jax.Array], num_iters: int) -> tu
   if num_iters < 1:
     return us
 
-  def product(qs):  # A^T A of every row of every input: one sweep and its vjp
-    ys, vjp = jax.vjp(fn, qs)
-    return vjp(ys)[0]
-
   bases, alphas, betas = [[u] for u in us], [[] for _ in us], [[] for _ in us]
   for j in range(num_iters):
-    ws = product(tuple(b[j] for b in bases))
+    ws = _gram_product(fn, tuple(b[j] for b in bases))
     residuals = []
     for t, w in enumerate(ws):
       w, alpha = _reorthogonalised(w, bases[t])
