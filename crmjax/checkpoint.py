@@ -9,7 +9,7 @@ A checkpoint step holds two items:
 * ``"meta"`` -- a small JSON dict (architecture name, epoch, config, ...),
  written with ``ocp.args.JsonSave`` / read with ``ocp.args.JsonRestore``;
 * optional extra pytree items (``EXTRA_ITEMS``: ``"rescaling"``, the training rescaling
- ``log D``), saved only when given (``save(..., extra=...)``) and read with
+ ``log D``; ``"pairwise_bound"``, the bound reused between two computations), saved only when given (``save(..., extra=...)``) and read with
  :meth:`Checkpointer.restore_extra`, which returns ``None`` for a step without the item.
  They are separate items, not part of ``"state"``, so the state's tree -- and every
  checkpoint written before the item existed -- is unchanged.
@@ -73,7 +73,9 @@ PyTree = Any
 _STATE = "state"
 _META = "meta"
 #: Optional pytree items a step may hold next to ``"state"`` (``Checkpointer.restore_extra``).
-EXTRA_ITEMS: tuple[str, ...] = ("rescaling",)
+#: ``"rescaling"``: the training rescaling's ``log D``; ``"pairwise_bound"``: the ``(K, K)``
+#: bound reused by the steps between two bound computations (``config.bound_every_steps``).
+EXTRA_ITEMS: tuple[str, ...] = ("rescaling", "pairwise_bound")
 
 
 class Checkpointer:

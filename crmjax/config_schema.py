@@ -59,6 +59,7 @@ ADDED_FIELDS: Mapping[str, Any] = {
   "process_id": -1,
   "train_solver": "power",
   "ema_decay": 0.0,
+  "bound_every_steps": 1,
 }
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ def _validate_sizes(config, num_devices: int) -> None:
       f"it must be divisible by the {num_devices} devices; use a multiple of {num_devices}",
     )
   require_integers(config, {"train_iters": 1, "eval_iters": 1, "sound_iters": 1})
+  _validate_bound_every(config)
   if config.train_solver == "lanczos" and config.train_iters > liplt.MAX_LANCZOS_ITERS:
     invalid_setting(
       "train_iters",
@@ -164,6 +166,25 @@ def _validate_sizes(config, num_devices: int) -> None:
     )
   if not config.eps >= 0:
     bad("eps", config.eps, "the certified radius eps must be >= 0")
+
+
+def _validate_bound_every(config) -> None:
+  every = config.bound_every_steps
+  if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+    invalid_setting("bound_every_steps", every, "use an integer >= 1 (1: the bound every step)")
+  if every > 1 and config.loss == "ce":
+    invalid_setting(
+      "bound_every_steps",
+      every,
+      "--config.loss=ce uses no bound: use --config.loss=crm or gloro, or bound_every_steps=1",
+    )
+  if every > 1 and config.rescaling.every_steps:
+    invalid_setting(
+      "bound_every_steps",
+      every,
+      "the refreshed rescaling needs the bound every step: use --config.bound_every_steps=1 "
+      "or --config.rescaling.every_steps=0",
+    )
 
 
 def _validate_training(config) -> None:

@@ -66,17 +66,20 @@ def plot_epoch_curves(
       in the panel's units (percent for accuracies).
     title: the figure's title.
   """
+  from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
   marks = marks or {}
-  fig = Figure(figsize=(17, 4.3), dpi=100)
+  legend_in = 0.17 * -(-len(runs) // 2)  # the runs' legend below the panels, two columns
+  fig = Figure(figsize=(17, 4.3 + legend_in), dpi=100)
   axes = fig.subplots(1, len(EPOCH_PANELS))
+  colors = colormaps["tab20"]
   styles = (("gray", "--"), ("tab:red", ":"), ("tab:purple", ":"), ("black", "-."))
   for ax, (key, name, scale, log_axis) in zip(axes, EPOCH_PANELS, strict=True):
     for i, (label, records) in enumerate(runs.items()):  # one colour per run in every panel
       epochs = [r["epoch"] for r in records if key in r]
       values = [scale * r[key] for r in records if key in r]
-      ax.plot(epochs, values, color=f"C{i % 10}", marker=".", lw=1.5, label=label)
+      ax.plot(epochs, values, color=colors(i % 20), marker=".", lw=1.5, label=label)
     lines = [
       ax.axhline(value, color=styles[i % 4][0], lw=1.2, ls=styles[i % 4][1], label=label)
       for i, (label, value) in enumerate(marks.get(key, {}).items())
@@ -85,10 +88,10 @@ def plot_epoch_curves(
       ax.set_yscale("log")
     ax.set(title=name, xlabel="epoch")
     ax.grid(alpha=0.3)
-    if ax is axes[0]:  # every run (one without points here too), with this panel's marks
-      ax.legend(fontsize=7, loc="lower right")
-    elif lines:
+    if lines:
       ax.legend(handles=lines, fontsize=7, loc="lower right")
+  # Every run (one without points in the first panel too), below the panels.
+  fig.legend(axes[0].get_lines()[: len(runs)], list(runs), loc="lower center", ncol=2, fontsize=7)
   fig.suptitle(title)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, (legend_in + 0.1) / (4.3 + legend_in), 1, 1))
   fig.savefig(path)

@@ -6,7 +6,9 @@ latest checkpoint when rerun with the same workdir, and ends with a test evaluat
 
 With ``config.rescaling.every_steps = N > 0`` the loop refreshes the rescaling ``D`` of the
 loss's bound every N steps (``train_step.make_refresh``) and checkpoints its ``log D`` next to
-the state.
+the state. With ``config.bound_every_steps = N > 1`` it computes the bound on one step in N and
+runs the ``stale`` step in between, checkpointing the reused bound. Both are the loop's
+``carry``: a dict of the checkpoint's extra items.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ class _Job:
     tx: the optimizer.
     replicated, batch_sharding: the data-parallel shardings.
     steps: the jitted train step, by whether it is regularised.
+    stale_step: the jitted step that reuses the bound (``None``: the bound every step).
     refresh: the jitted rescaling refresh (``None``: the rescaling is off).
     augment: the host-side augmentation.
     schedule_values: ``step -> {name: rate}`` of the logged schedules.
@@ -189,6 +192,7 @@ class _Job:
   replicated: NamedSharding
   batch_sharding: NamedSharding
   steps: dict[bool, Callable]
+  stale_step: Callable | None
   refresh: Callable | None
   augment: input_pipeline.Augment
   schedule_values: Callable[[int], dict[str, float]]
@@ -219,10 +223,20 @@ def _make_job(config: ml_collections.ConfigDict) -> _Job:
       train_step.make_train_step(model, tx, config, regularized=reg, steps_per_epoch=spe),
       replicated,
       batch_sharding,
-      rescaled=reg and refresh_every > 0,
+      extra=reg and refresh_every > 0,
     )
     for reg in {False, regular}
   }
+  stale_step = None
+  if regular and config.bound_every_steps > 1:
+    stale_step = train_step.jit_step(
+      train_step.make_train_step(
+        model, tx, config, regularized=True, steps_per_epoch=spe, stale=True
+      ),
+      replicated,
+      batch_sharding,
+      extra=True,
+    )
   refresh = (
     train_step.jit_refresh(train_step.make_refresh(model, config), replicated)
     if refresh_every
@@ -242,6 +256,7 @@ def _make_job(config: ml_collections.ConfigDict) -> _Job:
     replicated=replicated,
     batch_sharding=batch_sharding,
     steps=steps,
+    stale_step=stale_step,
     refresh=refresh,
     augment=input_pipeline.Augment(
       random_crop_padding=a.crop_padding,
@@ -254,8 +269,8 @@ def _make_job(config: ml_collections.ConfigDict) -> _Job:
 
 
 def _restore_or_create(job: _Job, ckpt: checkpoint.Checkpointer):
-  """``(state, log_d)``: from the latest checkpoint, else fresh (``log_d``: the refreshed
-  rescaling's ``log D``, ``None`` when it is off)."""
+  """``(state, carry)``: from the latest checkpoint, else fresh (``carry``: the refreshed
+  rescaling's ``log D`` and the reused bound, where they are on and stored)."""
   config, model = job.config, job.model
   latest = ckpt.latest_step()
   if latest is None:
@@ -270,8 +285,15 @@ def _restore_or_create(job: _Job, ckpt: checkpoint.Checkpointer):
     log.info(
       "resumed from step %d (epoch %d) in %s", int(state.step), meta["epoch"], ckpt.directory
     )
+  carry = {}
+  if job.stale_step is not None and latest is not None:  # else: computed at the next step
+    K = model.num_classes
+    target = {"value": jax.device_put(jnp.zeros((K, K), jnp.float32), job.replicated)}
+    stored = ckpt.restore_extra("pairwise_bound", target, step=latest)
+    if stored is not None:
+      carry["pairwise_bound"] = stored
   if job.refresh is None:
-    return state, None
+    return state, carry
   # log D lives outside TrainState (its own checkpoint item).
   log_d = jax.device_put(train_step.initial_log_scales(model, state.params), job.replicated)
   if latest is not None:
@@ -280,7 +302,7 @@ def _restore_or_create(job: _Job, ckpt: checkpoint.Checkpointer):
       log.info("checkpoint holds no rescaling D: D = I until the next refresh")
     else:
       log_d = stored
-  return state, log_d
+  return state, carry | {"rescaling": log_d}
 
 
 class _RunningMean:
@@ -324,16 +346,30 @@ def _log_window(job, window: _RunningMean, step: int, ckpt, writer, bar) -> None
   bar.set_postfix({k: f"{avg[k]:.4g}" for k in ("loss", "accuracy", "radius") if k in avg})
 
 
-def train_epoch(job: _Job, state, log_d, step: int, *, ckpt, writer, stop_at: int):
+def _bound_step(job: _Job, step_fn, state, x, y, carry: dict, *, reuse: bool, rescaled: bool):
+  """One regularised step: the ``stale`` one on the reused bound when ``reuse`` and one is
+  held, else ``step_fn``, whose computed bound (``bound_every_steps > 1``) joins ``carry``."""
+  if reuse and "pairwise_bound" in carry:
+    return job.stale_step(state, x, y, carry["pairwise_bound"]["value"])
+  state, m = step_fn(state, x, y, *((carry["rescaling"],) if rescaled else ()))
+  if "pairwise_bound" in m:  # a dict: Orbax's StandardSave takes no bare array
+    carry["pairwise_bound"] = {"value": m.pop("pairwise_bound")}
+  return state, m
+
+
+def train_epoch(job: _Job, state, carry: dict, step: int, *, ckpt, writer, stop_at: int):
   """Trains from ``step`` to the end of its epoch (or ``stop_at``), checkpointing as
-  configured; returns ``(state, log_d, step, record)`` (``record``: the epoch's means)."""
+  configured; returns ``(state, carry, step, record)`` (``record``: the epoch's means;
+  ``carry``: the checkpoint's extra items, updated in place)."""
   config, spe = job.config, job.steps_per_epoch
   steps, regular, warm_epochs = job.steps, job.regular, job.warm_epochs
   epoch, start = divmod(step, spe)
-  step_fn = steps[regular and epoch >= warm_epochs]
-  rescaled = job.refresh is not None and regular and epoch >= warm_epochs  # takes log_d
+  bounded = regular and epoch >= warm_epochs  # the loss uses the bound
+  step_fn = steps[bounded]
+  rescaled = job.refresh is not None and bounded  # takes log_d
   first_bound_step = warm_epochs * spe
   refresh_every = config.rescaling.every_steps
+  bound_every = config.bound_every_steps if job.stale_step is not None and bounded else 1
   batches = input_pipeline.epoch_batches(
     *job.train,
     batch_size=config.batch_size,
@@ -354,10 +390,16 @@ def train_epoch(job: _Job, state, log_d, step: int, *, ckpt, writer, stop_at: in
   )
   for x, y in _global_batches(batches, job.batch_sharding):
     if train_step.refreshes_at(step, every=refresh_every, first=first_bound_step):
-      log_d, power, info = job.refresh(state.params, state.power, log_d)
+      carry["rescaling"], power, info = job.refresh(state.params, state.power, carry["rescaling"])
       state = state.replace(power=power)
       writer.scalars(step, _refresh_scalars(info))
-    state, m = step_fn(state, x, y, *((log_d,) if rescaled else ()))
+    if bounded:
+      due = bound_every == 1 or train_step.refreshes_at(
+        step, every=bound_every, first=first_bound_step
+      )
+      state, m = _bound_step(job, step_fn, state, x, y, carry, reuse=not due, rescaled=rescaled)
+    else:
+      state, m = step_fn(state, x, y)
     epoch_mean.add(m)
     window.add(m)
     step += 1
@@ -367,14 +409,13 @@ def train_epoch(job: _Job, state, log_d, step: int, *, ckpt, writer, stop_at: in
       _log_window(job, window, step, ckpt, writer, bar)
       window = _RunningMean()
     if checkpoint_due or last_of_epoch or step == stop_at:
-      extra = {"rescaling": log_d} if log_d is not None else None
-      ckpt.save(step, state, _meta(config, job.model, step, spe), extra=extra)
+      ckpt.save(step, state, _meta(config, job.model, step, spe), extra=carry or None)
     if step == stop_at:
       break
   bar.close()
   record = {"epoch": epoch + 1, "step": step, "epoch_time_s": time.time() - t0}
   record |= {f"train/{k}": v for k, v in epoch_mean.mean().items()}
-  return state, log_d, step, record
+  return state, carry, step, record
 
 
 def log_epoch(writer: summary.MetricWriter, record: dict) -> None:
@@ -450,14 +491,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ) as ckpt,
     summary.MetricWriter(workdir, tensorboard=config.tensorboard) as writer,
   ):
-    state, log_d = _restore_or_create(job, ckpt)
+    state, carry = _restore_or_create(job, ckpt)
     step = int(state.step)
     stop_at = step + config.stop_after_steps if config.stop_after_steps else job.total
     epoch_eval, every = None, config.eval_every_epochs
     try:
       for epoch in range(step // job.steps_per_epoch, config.num_epochs):
-        state, log_d, step, record = train_epoch(
-          job, state, log_d, step, ckpt=ckpt, writer=writer, stop_at=stop_at
+        state, carry, step, record = train_epoch(
+          job, state, carry, step, ckpt=ckpt, writer=writer, stop_at=stop_at
         )
         if every and step % job.steps_per_epoch == 0 and (epoch + 1) % every == 0:
           if epoch_eval is None:

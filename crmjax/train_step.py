@@ -7,6 +7,12 @@ With ``config.rescaling.every_steps = N > 0`` the loss's bound is LipLT (eq. 19)
 rescaled network ``rescaling.rescale(net, D)``, with positive diagonal scales ``D`` (one per
 neuron; any ``D > 0`` keeps the bound valid, paper Theorem 3.2's refinement) re-optimised
 every N steps by ``refinement.refresh_scales`` and fixed in between (``make_refresh``).
+
+With ``config.bound_every_steps = N > 1`` the bound is computed (and its warm-started
+iteration advanced) on one step in N only; the N - 1 steps between reuse its ``(K, K)``
+values as constants (``make_train_step(..., stale=True)``), so they cost about a
+cross-entropy step. The step that computes it weights the bound's gradient by N, so that its
+sum over the N steps that use the bound is that of computing it every step.
 """
 
 from __future__ import annotations
@@ -120,6 +126,7 @@ def make_train_step(
   *,
   regularized: bool,
   steps_per_epoch: int,
+  stale: bool = False,
 ) -> Callable:
   """The pure train step ``(state, images, labels) -> (state, metrics)``.
 
@@ -130,15 +137,18 @@ def make_train_step(
   ``config.rescaling.every_steps > 0``, the step is ``(state, images, labels, log_d) ->
   (state, metrics)``: the bound is that of ``rescale(net, exp(log_d))``, ``log_d`` fixed
   (no gradient; ``make_refresh`` updates it).
+
+  With ``config.bound_every_steps = N > 1`` the regularised step also returns the bound it
+  computed, ``metrics['pairwise_bound']`` (``(K, K)``, no gradient), and its gradient is
+  weighted by N; ``stale=True`` builds the step of the N - 1 steps between, ``(state,
+  images, labels, bound) -> (state, metrics)``, whose loss reads that bound as a constant
+  (the power state is not advanced).
   """
   lam_fn, r0_fn = penalty_schedules(config, steps_per_epoch)
+  every = config.bound_every_steps if regularized else 1
 
-  def loss_fn(params, power, images, labels, step, log_d=None):
-    logits = model.apply(params, images)
-    if not regularized:
-      correct = jnp.mean(jnp.argmax(logits, axis=1) == labels)
-      ce = losses.cross_entropy(logits, labels)
-      return ce, ({"ce": ce, "accuracy": correct}, power)
+  def bound(params, power, log_d):
+    """The loss's bound (with the gradient weight ``every``) and the value to reuse."""
     lip, power = pairwise_bound(
       model,
       params,
@@ -149,6 +159,21 @@ def make_train_step(
       solver=config.train_solver,
       scales=None if log_d is None else [jnp.exp(l) for l in log_d],
     )
+    value = jax.lax.stop_gradient(lip)
+    if every > 1:  # the value of lip; the gradient of every * lip
+      lip = value + every * (lip - value)
+    return lip, value, power
+
+  def loss_fn(params, power, images, labels, step, log_d=None, reused=None):
+    logits = model.apply(params, images)
+    if not regularized:
+      correct = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+      ce = losses.cross_entropy(logits, labels)
+      return ce, ({"ce": ce, "accuracy": correct}, power)
+    if reused is None:
+      lip, value, power = bound(params, power, log_d)
+    else:
+      lip = value = jax.lax.stop_gradient(reused)
     if config.loss == "gloro":
       loss, aux = losses.gloro_loss(logits, labels, lip, eps=config.eps)
     else:
@@ -163,20 +188,27 @@ def make_train_step(
         normalize=config.crm.normalize,
       )
     K = lip.shape[0]
-    aux["lip"] = jnp.sum(lip) / (K * (K - 1))
+    aux["lip"] = jnp.sum(value) / (K * (K - 1))
+    if every > 1 and reused is None:
+      aux["pairwise_bound"] = value
     return loss, (aux, power)
 
-  def update(state: train_state.TrainState, images, labels, log_d):
+  def update(state: train_state.TrainState, images, labels, log_d, reused=None):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (aux, power)), grads = grad_fn(
-      state.params, state.power, images, labels, state.step, log_d
+      state.params, state.power, images, labels, state.step, log_d, reused
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, power=power)
     return new, {"loss": loss, **aux}
 
-  if regularized and config.rescaling.every_steps:
+  if regularized and stale:
+
+    def train_step(state: train_state.TrainState, images, labels, reused):
+      return update(state, images, labels, None, reused)
+
+  elif regularized and config.rescaling.every_steps:
 
     def train_step(state: train_state.TrainState, images, labels, log_d):
       return update(state, images, labels, log_d)
@@ -190,12 +222,13 @@ def make_train_step(
 
 
 def jit_step(
-  step_fn: Callable, replicated: NamedSharding, batch: NamedSharding, *, rescaled: bool = False
+  step_fn: Callable, replicated: NamedSharding, batch: NamedSharding, *, extra: bool = False
 ) -> Callable:
-  """``step_fn`` jitted; ``rescaled``: it takes the replicated ``log_d`` as a 4th argument."""
+  """``step_fn`` jitted; ``extra``: it takes a replicated 4th argument (the rescaling's
+  ``log_d``, or the reused bound of a ``stale`` step)."""
   return jax.jit(
     step_fn,
-    in_shardings=(replicated, batch, batch) + ((replicated,) if rescaled else ()),
+    in_shardings=(replicated, batch, batch) + ((replicated,) if extra else ()),
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
   )

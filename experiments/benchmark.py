@@ -9,7 +9,9 @@ For each model, on random images and labels, with the real training step
 (``crmjax.train_step.make_train_step`` + ``jit_step``, data parallel over every device): the median
 ms per step after warm-up of the cross-entropy step, the CRM step with the pairwise LipLT
 bound at the paper's power iterations and at 1 warm-started iteration, the CRM step with the
-naive bound, and the LipLT bound alone (forward); compile time apart. ``depth_sweep`` adds
+naive bound, and the LipLT bound alone (forward); compile time apart. Where the recipe
+computes the bound on one step in N (``bound_every_steps``), its CRM column is the mean step
+of such an N-step cycle. ``depth_sweep`` adds
 the bounds alone on equal-width conv nets of growing depth; ``breakdown`` the model's
 forward and the bound's forward+backward (what the CRM step adds to cross-entropy). Prints
 markdown tables and writes JSON (``--config.output``): per model ``ms``, ``compile_s``,
@@ -80,11 +82,13 @@ def train_config(
   train_iters: int,
   batch_size: int,
   solver: str = "power",
+  bound_every: int = 1,
 ) -> ml_collections.ConfigDict:
   """The training config of one CRM column (the paper's CRM settings, no warm-up)."""
   c = default.get_config()
   c.loss, c.bound, c.bound_mode = "crm", bound, "pairwise"
   c.train_iters, c.batch_size, c.train_solver = train_iters, batch_size, solver
+  c.bound_every_steps = bound_every
   c.crm = config.crm
   return c
 
@@ -191,20 +195,56 @@ def _advance_power(args, out):
   return (args[0], out[1])
 
 
+def bound_cycle(full: Callable, stale: Callable, every: int) -> Callable:
+  """``every`` train steps as training runs them with ``bound_every_steps = every``: the
+  step that computes the bound, then ``every - 1`` steps reusing it; the last metrics."""
+
+  def cycle(state, images, labels):
+    state, metrics = full(state, images, labels)
+    bound = metrics.pop("pairwise_bound")
+    for _ in range(every - 1):
+      state, metrics = stale(state, images, labels, bound)
+    return state, metrics
+
+  return cycle
+
+
 def step_column(
-  setup: Setup, config, *, regularized: bool, bound: str, train_iters: int, solver: str = "power"
+  setup: Setup,
+  config,
+  *,
+  regularized: bool,
+  bound: str,
+  train_iters: int,
+  solver: str = "power",
+  bound_every: int = 1,
 ) -> dict:
-  """Times ``jit_step(make_train_step(...))`` from the initial state on the fixed batch."""
+  """Times ``jit_step(make_train_step(...))`` from the initial state on the fixed batch.
+
+  ``bound_every > 1``: one ``bound_cycle`` of that many steps is jitted and timed, and the
+  times are per step (the cycle's divided by ``bound_every``).
+  """
   batch = setup.images.shape[0]
-  tc = train_config(config, bound=bound, train_iters=train_iters, batch_size=batch, solver=solver)
-  step = train_step.jit_step(
-    train_step.make_train_step(
-      setup.model, setup.tx, tc, regularized=regularized, steps_per_epoch=1000
-    ),
-    setup.replicated,
-    setup.batch_sharding,
+  tc = train_config(
+    config,
+    bound=bound,
+    train_iters=train_iters,
+    batch_size=batch,
+    solver=solver,
+    bound_every=bound_every if regularized else 1,
   )
-  return measure(step, (_copy(setup.state), setup.images, setup.labels), _advance_state, config)
+  make = lambda **kw: train_step.make_train_step(
+    setup.model, setup.tx, tc, regularized=regularized, steps_per_epoch=1000, **kw
+  )
+  fn, every = make(), tc.bound_every_steps
+  if every > 1:
+    fn = bound_cycle(fn, make(stale=True), every)
+  step = train_step.jit_step(fn, setup.replicated, setup.batch_sharding)
+  result = measure(step, (_copy(setup.state), setup.images, setup.labels), _advance_state, config)
+  if every > 1:
+    result["ms"] /= every
+    result["steps_ms"] = [t / every for t in result["steps_ms"]]
+  return result
 
 
 def bound_column(setup: Setup, config, *, train_iters: int, solver: str = "power") -> dict:
@@ -267,9 +307,12 @@ def forward_column(setup: Setup, config) -> dict:
 
 
 def row_label(row: dict) -> str:
-  """``4C3F (batch 32), 10 it`` (power iteration) or ``..., 4 Lanczos it``."""
+  """``4C3F (batch 32), 10 it`` (power iteration), ``..., 4 Lanczos it``, or with the bound
+  on one step in N, ``..., 4 Lanczos it, bound every 4 steps``."""
   solver = " Lanczos" if row.get("train_solver") == "lanczos" else ""
-  return f"{row['model']} (batch {row['batch_size']}), {row['train_iters']}{solver} it"
+  every = row.get("bound_every_steps", 1)
+  cadence = f", bound every {every} steps" if every > 1 else ""
+  return f"{row['model']} (batch {row['batch_size']}), {row['train_iters']}{solver} it{cadence}"
 
 
 def model_batches(name: str, config) -> list[int]:
@@ -286,6 +329,7 @@ def benchmark_model(
   """Every column of one model's row at one batch (``None`` where skipped)."""
   model = paper_model(name, config.datasets[name])
   iters, solver = config.train_iters[name], config.train_solvers[name]
+  every = config.bound_every[name]
   if batch % len(devices):
     raise ValueError(
       f"--config.batch_size={batch} ({name}) must be divisible by the {len(devices)} devices"
@@ -295,7 +339,13 @@ def benchmark_model(
   runs = {
     "ce": lambda: step_column(setup, config, regularized=False, bound="liplt", train_iters=iters),
     "crm_liplt": lambda: step_column(
-      setup, config, regularized=True, bound="liplt", train_iters=iters, solver=solver
+      setup,
+      config,
+      regularized=True,
+      bound="liplt",
+      train_iters=iters,
+      solver=solver,
+      bound_every=every,
     ),
     "crm_liplt_1it": lambda: step_column(
       setup, config, regularized=True, bound="liplt", train_iters=1
@@ -336,6 +386,7 @@ def benchmark_model(
     "batch_size": batch,
     "train_iters": iters,
     "train_solver": solver,
+    "bound_every_steps": every,
     "ms": ms,
     "compile_s": {k: (v["compile_s"] if v else None) for k, v in results.items()},
     "steps_ms": {k: (v["steps_ms"] if v else None) for k, v in results.items()},

@@ -3,6 +3,7 @@
 import json
 import math
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ def _tiny_config(output, **overrides):
   c.models = ("MLP",)
   c.batch_size, c.steps, c.warmup_steps = 8, 2, 1
   c.train_iters["MLP"], c.train_solvers["MLP"] = 1, "lanczos"
+  c.bound_every["MLP"] = 1  # the bound every step (the cycle has its own test)
   c.depth_sweep = True
   c.sweep.depths, c.sweep.width, c.sweep.input_shape = (2,), 4, (8, 8, 1)
   c.output = str(output)
@@ -58,6 +60,45 @@ def test_benchmark_writes_every_column_with_consistent_ratios(tmp_path, capsys):
   assert "| MLP (batch 8), 1 Lanczos it |" in out
   assert "| layers L | LipLT bound | LipLT ms/L |" in out
   assert f"{row['crm_ce_ratio']:.2f}x" in out
+
+
+def test_a_bound_every_n_steps_column_is_timed_per_step_of_its_cycle(tmp_path, capsys, monkeypatch):
+  """With ``bound_every['MLP'] = 3`` the CRM column times one jitted 3-step cycle (the step
+  that computes the bound and two reusing it: the power vectors advance once) and reports a
+  third of its time; the row's label says so."""
+  config = _tiny_config(tmp_path / "b.json", depth_sweep=False)
+  config.bound_every["MLP"] = 3
+  config.skip["MLP"] = ("crm_liplt_1it", "crm_naive", "liplt_bound")
+  (row,) = benchmark.run_benchmark(config)["models"]
+  assert row["bound_every_steps"] == 3
+  assert "| MLP (batch 8), 1 Lanczos it, bound every 3 steps |" in capsys.readouterr().out
+
+  setup = benchmark.make_setup(benchmark.paper_model("MLP"), config, jax.devices(), batch_size=8)
+  cycles, real = [], timing.measure
+
+  def spy(*args, **kwargs):
+    result = real(*args, **kwargs)
+    cycles.append(dict(result))  # a copy: the column divides the returned one
+    return result
+
+  monkeypatch.setattr(timing, "measure", spy)
+  column = benchmark.step_column(
+    setup, config, regularized=True, bound="liplt", train_iters=1, bound_every=3
+  )
+  (cycle,) = cycles
+  assert column["ms"] == pytest.approx(cycle["ms"] / 3)
+  np.testing.assert_allclose(column["steps_ms"], np.asarray(cycle["steps_ms"]) / 3)
+
+  tc = benchmark.train_config(config, bound="liplt", train_iters=1, batch_size=8, bound_every=3)
+  make = lambda **kw: benchmark.train_step.make_train_step(
+    setup.model, setup.tx, tc, regularized=True, steps_per_epoch=1000, **kw
+  )
+  after_cycle, metrics = jax.jit(benchmark.bound_cycle(make(), make(stale=True), 3))(
+    benchmark._copy(setup.state), setup.images, setup.labels
+  )
+  after_one, _ = jax.jit(make())(benchmark._copy(setup.state), setup.images, setup.labels)
+  assert int(after_cycle.step) == 3 and "pairwise_bound" not in metrics
+  chex.assert_trees_all_close(after_cycle.power, after_one.power, rtol=1e-6)
 
 
 def test_table_products_counts_the_in_flight_vectors_of_each_layer():
@@ -110,7 +151,7 @@ def test_models_take_their_shapes_from_their_dataset():
   from experiments.configs import cifar, mnist, tiny_imagenet
 
   for config in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config()):
-    want = (config.dataset, config.train_iters, config.train_solver)
+    want = (config.dataset, config.train_iters, config.train_solver, config.bound_every_steps)
     assert benchmark_config.MODELS[config.model] == want
   for name, (dataset, *_) in benchmark_config.MODELS.items():
     model, info = benchmark.paper_model(name), data.dataset_info(dataset)

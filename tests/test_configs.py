@@ -42,6 +42,8 @@ def test_mnist_recipes_differ_only_where_their_docstrings_say():
     "lr_decay_start_epoch",
     "train_solver",
     "train_iters",
+    "bound_every_steps",
+    "ema_decay",
   }
   assert {k for k in main if main[k] != long[k]} == {"num_epochs"}
   assert (main["batch_size"], long["batch_size"], long["num_epochs"]) == (32, 32, 60)

@@ -67,7 +67,7 @@ def test_refreshed_bound_is_eq19_of_the_rescaled_net_sound_and_below_plain_liplt
     ),
     rep,
     bat,
-    rescaled=True,
+    extra=True,
   )
   refresh = train_step.jit_refresh(
     chex.assert_max_traces(train_step.make_refresh(model, config), n=1), rep

@@ -460,3 +460,103 @@ def test_a_run_with_ema_evaluates_and_saves_the_average(tmp_path):
   assert result["clean_accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == labels)))
   with pytest.raises(ValueError, match="ema_decay"):
     train.train_and_evaluate(_tiny_config(ema_decay=1.0), str(tmp_path / "bad"))
+
+
+def test_bound_every_n_steps_weights_the_bounds_gradient_and_reuses_its_value():
+  """``bound_every_steps = 3``: the step that computes the bound moves the params (SGD) by
+  ``g_stale + 3 (g_1 - g_stale)``, where ``g_1`` is the every-step CRM gradient and
+  ``g_stale`` the gradient with the bound held fixed (the logits' share alone); it returns
+  the bound it computed, the every-step bound. The ``stale`` step given that bound has the
+  same loss, moves the params by ``g_stale`` and leaves the power vectors as they are."""
+  config = _tiny_config(train_iters=3)
+  config.crm.warmup_epochs, config.crm.penalty, config.crm.temperature = 0, "exp", 1.0
+  config.crm.r0 = 1e3  # every correct point penalised
+  model = train_state.make_model(config)
+  lr, tx = 0.1, optax.sgd(0.1)
+  rep, bat = train_state.make_mesh(jax.devices()[:1])
+  state0 = jax.device_get(train_state.create_state(model, tx, 0))
+  x, _ = _batch(32, seed=3)
+  y = jnp.argmax(model.apply(state0.params, x), axis=1)
+
+  def run(every, *args, **kw):
+    c = _tiny_config(train_iters=3, bound_every_steps=every)
+    c.crm = config.crm
+    fn = train_step.make_train_step(model, tx, c, regularized=True, steps_per_epoch=10, **kw)
+    step = train_step.jit_step(fn, rep, bat, extra="stale" in kw)
+    state = jax.device_put(jax.tree.map(np.array, state0), rep)
+    new, m = step(state, x, y, *args)
+    moved = jax.tree.map(lambda a, b: (a - b) / lr, state0.params, jax.device_get(new.params))
+    flat = np.concatenate([np.ravel(a) for a in jax.tree.leaves(moved)]).astype(np.float64)
+    return flat, jax.device_get(m), jax.device_get(new.power)
+
+  g_1, m_1, power_1 = run(1)
+  g_3, m_3, power_3 = run(3)
+  assert "pairwise_bound" not in m_1
+  bound = m_3["pairwise_bound"]
+  np.testing.assert_allclose(bound.sum() / 90, m_1["lip"], rtol=1e-6)
+  chex.assert_trees_all_close(power_3, power_1, rtol=1e-6)
+  g_s, m_s, power_s = run(3, jnp.asarray(bound), stale=True)
+  np.testing.assert_allclose(m_s["loss"], m_3["loss"], rtol=1e-5)
+  chex.assert_trees_all_equal(power_s, jax.device_get(state0.power))
+
+  def crm(p):
+    return losses.crm_loss(
+      model.apply(p, x),
+      y,
+      bound,
+      lam=config.crm.lam,
+      temperature=1.0,
+      r0=1e3,
+      penalty=losses.exp_penalty,
+    )[0]
+
+  g_ref = jax.grad(crm)(state0.params)
+  g_ref = np.concatenate([np.ravel(a) for a in jax.tree.leaves(g_ref)]).astype(np.float64)
+  np.testing.assert_allclose(g_s, g_ref, rtol=2e-3, atol=1e-3 * np.abs(g_ref).max())
+  share = g_1 - g_s  # the bound's share of the every-step gradient
+  assert np.linalg.norm(share) > 1e-3 * np.linalg.norm(g_s)
+  err = np.linalg.norm(g_3 - (g_s + 3 * share))
+  assert err < 0.02 * np.linalg.norm(share), err
+
+
+def test_a_run_with_the_bound_every_n_steps_alternates_and_resumes_bitwise(tmp_path, monkeypatch):
+  """After the 4-step warm-up epoch, steps 4-7 with ``bound_every_steps = 3``: computed at 4
+  and 7, reused at 5 and 6. Stopped after step 5 and resumed, step 6 reuses the bound restored
+  from the checkpoint, and the final evaluation is that of the uninterrupted run to the bit."""
+  taken = []  # (step, which jitted step ran) after the warm-up
+  real_jit = train_step.jit_step
+
+  def spy_jit(step_fn, replicated, batch, *, extra=False):
+    compiled = real_jit(step_fn, replicated, batch, extra=extra)
+
+    def call(state, *args):  # the step that reuses the bound takes it as a 3rd argument
+      if int(state.step) >= 4:
+        taken.append((int(state.step), "reused" if len(args) == 3 else "new"))
+      return compiled(state, *args)
+
+    return call
+
+  monkeypatch.setattr(train_step, "jit_step", spy_jit)
+  config = lambda **kw: _tiny_config(bound_every_steps=3, **kw)
+  full = train.train_and_evaluate(config(), str(tmp_path / "full"))
+  want = [(4, "new"), (5, "reused"), (6, "reused"), (7, "new")]
+  assert taken == want
+  taken.clear()
+  part = str(tmp_path / "part")
+  assert train.train_and_evaluate(config(stop_after_steps=6), part)["stopped"]
+  with checkpoint.Checkpointer(os.path.join(part, "checkpoints")) as ckpt:
+    assert ckpt.latest_step() == 6
+    like = {"value": jnp.zeros((10, 10), jnp.float32)}
+    assert ckpt.restore_extra("pairwise_bound", like) is not None
+  resumed = train.train_and_evaluate(config(), part)
+  assert taken == want  # 4-5 before the stop, 6-7 after it
+  for key in ("clean_accuracy", "certified_accuracy", "mean_pairwise_lipschitz"):
+    assert resumed[key] == full[key], key
+  with pytest.raises(ValueError, match="bound_every_steps"):
+    train.train_and_evaluate(_tiny_config(bound_every_steps=0), str(tmp_path / "zero"))
+  with pytest.raises(ValueError, match="loss=ce uses no bound"):
+    train.train_and_evaluate(config(loss="ce"), str(tmp_path / "ce"))
+  c = config()
+  c.rescaling.every_steps = 5
+  with pytest.raises(ValueError, match="rescaling needs the bound every step"):
+    train.train_and_evaluate(c, str(tmp_path / "rescaled"))

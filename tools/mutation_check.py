@@ -114,6 +114,37 @@ MUTATIONS = [
     ("tests/test_train.py::test_a_run_with_ema_evaluates_and_saves_the_average",),
     "a run with a moving average evaluates and certifies the raw weights",
   ),
+  Mutation(
+    "bound-every-unweighted",
+    "crmjax/train_step.py",
+    "lip = value + every * (lip - value)",
+    "lip = value + (lip - value)",
+    (
+      "tests/test_train.py::"
+      "test_bound_every_n_steps_weights_the_bounds_gradient_and_reuses_its_value",
+    ),
+    "the step computing the bound every N steps does not weight its gradient by N",
+  ),
+  Mutation(
+    "bound-every-never-reused",
+    "crmjax/train.py",
+    'if reuse and "pairwise_bound" in carry:',
+    'if False and reuse and "pairwise_bound" in carry:',
+    (
+      "tests/test_train.py::test_a_run_with_the_bound_every_n_steps_alternates_and_resumes_bitwise",
+    ),
+    "bound_every_steps > 1 computes the bound every step anyway (no speed-up)",
+  ),
+  Mutation(
+    "bound-every-not-checkpointed",
+    "crmjax/train.py",
+    'carry["pairwise_bound"] = stored',
+    "pass",
+    (
+      "tests/test_train.py::test_a_run_with_the_bound_every_n_steps_alternates_and_resumes_bitwise",
+    ),
+    "a resumed run forgets the reused bound and recomputes it at an off step",
+  ),
   # ------------------------------------------------------------------ the audit table
   Mutation(
     "losses-count-zero",
@@ -298,8 +329,8 @@ MUTATIONS = [
   Mutation(
     "train-warmup-ignored",
     "crmjax/train.py",
-    "step_fn = steps[regular and epoch >= warm_epochs]",
-    "step_fn = steps[regular]",
+    "bounded = regular and epoch >= warm_epochs",
+    "bounded = regular",
     ("tests/test_train.py", "-k", "compiles_each"),
     "the CE warm-up epochs run the CRM step",
   ),

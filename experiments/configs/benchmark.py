@@ -10,11 +10,11 @@ import ml_collections
 
 from experiments.configs import cifar, default, mnist, tiny_imagenet
 
-# name: (dataset, warm-started iterations per CRM step, their solver). The input shape and
-# the number of classes are the dataset's (crmjax.data.dataset_info); the paper's models
-# take their dataset and iterations from its training config.
+# name: (dataset, warm-started iterations per CRM step, their solver, steps per bound
+# computation). The input shape and the number of classes are the dataset's
+# (crmjax.data.dataset_info); the paper's models take the rest from their training config.
 MODELS = {
-  c.model: (c.dataset, c.train_iters, c.train_solver)
+  c.model: (c.dataset, c.train_iters, c.train_solver, c.bound_every_steps)
   for c in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config())
 }
 MODELS.update({name: MODELS["4C3F"] for name in ("Res4C3F", "MLP")})  # MNIST-size
@@ -30,6 +30,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.datasets = _per_model(0)  # the input shape and classes of each model's data
   c.train_iters = _per_model(1)  # the recipe's CRM column; another column uses 1 iteration
   c.train_solvers = _per_model(2)  # power | lanczos, as in the model's training recipe
+  # The recipe's CRM column computes the bound on one step in N and is timed per step over
+  # such a cycle (1: every step); the other columns compute it every step.
+  c.bound_every = _per_model(3)
   c.batch_size = 512
   c.batch_sizes = ml_collections.ConfigDict({name: 0 for name in MODELS})  # 0 = batch_size
   # Every model is timed again at this batch (0: not): the MNIST recipe's batch, where the

@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.bound_mode = "pairwise"  # pairwise | per_class | global
   c.train_iters = 10  # warm-started iterations (products with A^T A) per training step
   c.train_solver = "power"  # power | lanczos (same cost per iteration, closer estimates)
+  # Compute the bound on one step in N, its gradient weighted by N; the steps between reuse
+  # its value and cost about a cross-entropy step (1: every step).
+  c.bound_every_steps = 1
   # The bound of the rescaled network rescale(net, D), D > 0 per neuron optimised to minimise
   # it (Theorem 3.2 refinement; crmjax.refinement.refresh_scales), refreshed every
   # `every_steps` steps from the first CRM step and fixed in between (0: off, needs
