@@ -119,6 +119,26 @@ def refreshes_at(step: int, *, every: int, first: int) -> bool:
 # ------------------------------------------------------------------------ the step
 
 
+def training_bound(model: models.Model, config, params, power, log_d, *, every: int):
+  """``(lip, value, power)``: the configured pairwise bound of the loss, whose gradient is
+  weighted by ``every`` (the steps that reuse it, ``bound_every_steps``), its value (no
+  gradient) and the advanced power state."""
+  lip, power = pairwise_bound(
+    model,
+    params,
+    power,
+    method=config.bound,
+    mode=config.bound_mode,
+    num_iters=config.train_iters,
+    solver=config.train_solver,
+    scales=None if log_d is None else [jnp.exp(l) for l in log_d],
+  )
+  value = jax.lax.stop_gradient(lip)
+  if every > 1:  # the value of lip; the gradient of every * lip
+    lip = value + every * (lip - value)
+  return lip, value, power
+
+
 def make_train_step(
   model: models.Model,
   tx: optax.GradientTransformation,
@@ -147,23 +167,6 @@ def make_train_step(
   lam_fn, r0_fn = penalty_schedules(config, steps_per_epoch)
   every = config.bound_every_steps if regularized else 1
 
-  def bound(params, power, log_d):
-    """The loss's bound (with the gradient weight ``every``) and the value to reuse."""
-    lip, power = pairwise_bound(
-      model,
-      params,
-      power,
-      method=config.bound,
-      mode=config.bound_mode,
-      num_iters=config.train_iters,
-      solver=config.train_solver,
-      scales=None if log_d is None else [jnp.exp(l) for l in log_d],
-    )
-    value = jax.lax.stop_gradient(lip)
-    if every > 1:  # the value of lip; the gradient of every * lip
-      lip = value + every * (lip - value)
-    return lip, value, power
-
   def loss_fn(params, power, images, labels, step, log_d=None, reused=None):
     logits = model.apply(params, images)
     if not regularized:
@@ -171,7 +174,7 @@ def make_train_step(
       ce = losses.cross_entropy(logits, labels)
       return ce, ({"ce": ce, "accuracy": correct}, power)
     if reused is None:
-      lip, value, power = bound(params, power, log_d)
+      lip, value, power = training_bound(model, config, params, power, log_d, every=every)
     else:
       lip = value = jax.lax.stop_gradient(reused)
     if config.loss == "gloro":

@@ -85,8 +85,8 @@ AUGMENTED = (
   " rng=np.random.default_rng(0)) * 255).astype(np.uint8)"
 )
 EVAL_SPLIT = ("tests/test_eval_split.py",)
-TRAIN_BOUND = (  # the end of the CRM bound in the loss
-  "      scales=None if log_d is None else [jnp.exp(l) for l in log_d],\n    )\n"
+TRAIN_BOUND = (  # the end of the CRM bound in the loss (train_step.training_bound)
+  "    scales=None if log_d is None else [jnp.exp(l) for l in log_d],\n  )\n"
 )
 
 MUTATIONS = [
@@ -209,7 +209,7 @@ MUTATIONS = [
     "train-stop-gradient-bound",
     "crmjax/train_step.py",
     TRAIN_BOUND,
-    TRAIN_BOUND + "    lip = jax.lax.stop_gradient(lip)\n",
+    TRAIN_BOUND + "  lip = jax.lax.stop_gradient(lip)\n",
     ("tests/test_train.py::test_crm_step_gradient_reaches_the_params_through_the_bound",),
     "stop_gradient on the Lipschitz bound inside the CRM loss",
   ),
