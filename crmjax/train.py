@@ -394,9 +394,7 @@ def train_epoch(job: _Job, state, carry: dict, step: int, *, ckpt, writer, stop_
       state = state.replace(power=power)
       writer.scalars(step, _refresh_scalars(info))
     if bounded:
-      due = bound_every == 1 or train_step.refreshes_at(
-        step, every=bound_every, first=first_bound_step
-      )
+      due = train_step.refreshes_at(step, every=bound_every, first=first_bound_step)
       state, m = _bound_step(job, step_fn, state, x, y, carry, reuse=not due, rescaled=rescaled)
     else:
       state, m = step_fn(state, x, y)
