@@ -45,8 +45,9 @@ def test_mnist_recipes_differ_only_where_their_docstrings_say():
     "bound_every_steps",
     "ema_decay",
   }
-  assert {k for k in main if main[k] != long[k]} == {"num_epochs"}
+  assert {k for k in main if main[k] != long[k]} == {"num_epochs", "bound_every_steps"}
   assert (main["batch_size"], long["batch_size"], long["num_epochs"]) == (32, 32, 60)
+  assert (main["bound_every_steps"], long["bound_every_steps"]) == (5, 4)
 
 
 def test_unknown_variant_is_refused():
