@@ -10,7 +10,8 @@ A checkpoint step holds two items:
  written with ``ocp.args.JsonSave`` / read with ``ocp.args.JsonRestore``;
 * optional extra pytree items (``EXTRA_ITEMS``: ``"rescaling"``, the training rescaling
  ``log D``; ``"pairwise_bound"``, the bound reused between two computations), saved only
- when given (``save(..., extra=...)``) and read with :meth:`Checkpointer.restore_extra`, which returns ``None`` for a step without the item.
+ when given (``save(..., extra=...)``) and read with :meth:`Checkpointer.restore_extra`,
+ which returns ``None`` for a step without the item.
  They are separate items, not part of ``"state"``, so the state's tree -- and every
  checkpoint written before the item existed -- is unchanged.
 
