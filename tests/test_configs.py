@@ -44,7 +44,11 @@ def test_mnist_recipes_differ_only_where_their_docstrings_say():
     "train_iters",
     "bound_every_steps",
     "ema_decay",
+    "crm",  # temperature 20, not the reference's 5
   }
+  crm = {k for k in ref["crm"] if ref["crm"][k] != main["crm"][k]}
+  assert crm == {"temperature"}
+  assert (ref["crm"]["temperature"], main["crm"]["temperature"]) == (5, 20)
   assert {k for k in main if main[k] != long[k]} == {"num_epochs", "bound_every_steps"}
   assert (main["batch_size"], long["batch_size"], long["num_epochs"]) == (32, 32, 60)
   assert (main["bound_every_steps"], long["bound_every_steps"]) == (5, 4)
