@@ -20,7 +20,7 @@ changes measured to certify more per epoch or per hour (docs/results.md, "MNIST 
   (``ema_decay=0.999``), which certifies 4-9 points more than the raw weights mid-run.
 * a sharper soft-min in the soft radius (``crm.temperature=20`` instead of 5): the soft
   radius follows the smallest pair's radius more closely; ahead on clean and certified
-  accuracy in every run so far (5 and 20 epochs).
+  accuracy in every run so far (5, 20 and 60 epochs).
 
 Measured (docs/results.md; 2-core CPU, 20 epochs): 96.29% clean, **60.55% certified** at
 eps = 1.58 with the sound bound (2026-12-07; 112-139 s per epoch beside a second run). At
