@@ -13,7 +13,7 @@ import os
 import ml_collections
 import numpy as np
 
-from crmjax import checkpoint, config_schema, data, models, train_state
+from crmjax import checkpoint, config_schema, data, models, refinement, train_state
 
 LOSS_LABELS = {"crm": "CRM", "ce": "standard CE", "gloro": "GloRo"}
 TRAIN_COMMAND = (
@@ -34,6 +34,9 @@ class Run:
     model: the classifier.
     state: the restored ``crmjax.train_state.TrainState``.
     meta: the checkpoint's meta dict.
+    scales: the rescaling ``D`` (one array per block) the training loss used last
+      (``--config.rescaling.every_steps``), from the checkpoint's ``rescaling`` item;
+      ``None`` for runs trained without it.
   """
 
   workdir: str
@@ -41,6 +44,7 @@ class Run:
   model: models.Model
   state: train_state.TrainState
   meta: dict
+  scales: tuple[np.ndarray, ...] | None = None
 
   @property
   def params(self):
@@ -91,7 +95,12 @@ def load_run(workdir: str) -> Run:
       step=step,
       expected_meta={"architecture": model.name, "dataset": config.dataset},
     )
-  return Run(workdir=workdir, config=config, model=model, state=state, meta=meta)
+    log_d = None
+    if config.rescaling.every_steps:
+      like = refinement.unit_log_scales(model.lipnet(state.params))
+      log_d = ckpt.restore_extra("rescaling", like, step=step)
+  scales = None if log_d is None else tuple(np.exp(np.asarray(l)) for l in log_d)
+  return Run(workdir=workdir, config=config, model=model, state=state, meta=meta, scales=scales)
 
 
 def load_test(

@@ -682,15 +682,18 @@ def sound_bounds(
   factors = num_factors(len(net.blocks), method=base)
   inflate = (1.0 + margin) ** factors
   bounds = {m: np.asarray(b, np.float64) * inflate for m, b in bounds.items()}
-  info["kind"] = (
-    "guaranteed upper bound"
-    if info["failure_probability"] == 0
-    else f"upper bound with probability >= {1 - info['failure_probability']:.10g}"
-  )
+  info["kind"] = bound_kind(info["failure_probability"])
   info.update(
     norm=norm, method=method, relative_margin=margin, margin_factors=factors, rescaling=rescaled
   )
   return bounds, info
+
+
+def bound_kind(failure_probability: float) -> str:
+  """``info['kind']`` of a bound that fails with at most ``failure_probability``."""
+  if failure_probability == 0:
+    return "guaranteed upper bound"
+  return f"upper bound with probability >= {1 - failure_probability:.10g}"
 
 
 def fingerprint(net: LipNet) -> str:

@@ -102,16 +102,28 @@ def make_epoch_eval(
 
   Clean accuracy and the certified accuracy at ``eps`` with the power-iteration ESTIMATE of
   the pairwise bound (``eval_iters`` warm-started iterations; not a certificate: the
-  final evaluation certifies with the sound bound). Compiled once.
+  final evaluation certifies with the sound bound). Compiled once. With the training
+  rescaling's ``log_d`` (``evaluate(state, log_d)``) the bound is the per-pair minimum of
+  the plain bound and that of the rescaled network, as in the final evaluation.
   """
   if config.epoch_eval_subset:
     test_x, test_y = test_x[: config.epoch_eval_subset], test_y[: config.epoch_eval_subset]
 
   @jax.jit
-  def epoch_bound(params, power):
-    return train_step.pairwise_bound(
-      model, params, power, method=config.bound, mode="pairwise", num_iters=config.eval_iters
-    )[0]
+  def epoch_bound(params, power, log_d):
+    def bound(scales):
+      return train_step.pairwise_bound(
+        model,
+        params,
+        power,
+        method=config.bound,
+        mode="pairwise",
+        num_iters=config.eval_iters,
+        scales=scales,
+      )[0]
+
+    lip = bound(None)
+    return lip if log_d is None else jnp.minimum(lip, bound([jnp.exp(l) for l in log_d]))
 
   @jax.jit
   def epoch_logits(params, images):
@@ -119,12 +131,12 @@ def make_epoch_eval(
       images = images.astype(jnp.float32) / 255.0
     return model.apply(params, images)
 
-  def evaluate(state: train_state.TrainState) -> dict:
+  def evaluate(state: train_state.TrainState, log_d=None) -> dict:
     size, params = config.eval_batch_size, train_state.eval_params(state)
     logits = np.concatenate(
       [np.asarray(epoch_logits(params, test_x[i : i + size])) for i in range(0, len(test_x), size)]
     )
-    lip = np.asarray(epoch_bound(params, state.power))
+    lip = np.asarray(epoch_bound(params, state.power, log_d))
     radii = certify.radii_of(logits, test_y, lip)
     return {
       "test/clean_accuracy": float((logits.argmax(1) == test_y).mean()),
@@ -433,9 +445,11 @@ def log_epoch(writer: summary.MetricWriter, record: dict) -> None:
   )
 
 
-def final_evaluation(job: _Job, state, step: int, workdir: str, writer) -> dict:
+def final_evaluation(job: _Job, state, step: int, workdir: str, writer, log_d=None) -> dict:
   """The end-of-training test evaluation (``certify.evaluate``), written to ``results.json``,
-  ``metrics.jsonl`` and TensorBoard (``final/...``)."""
+  ``metrics.jsonl`` and TensorBoard (``final/...``). ``log_d``: the training rescaling's
+  ``log D`` (``--config.rescaling.every_steps``), whose bound then certifies where it is
+  smaller than the plain bound."""
   config = job.config
   sound = soundness.SoundSettings(iterations=config.sound_iters) if config.sound_eval else None
   result = certify.evaluate(
@@ -449,6 +463,7 @@ def final_evaluation(job: _Job, state, step: int, workdir: str, writer) -> dict:
     method=config.bound,
     sound=sound,
     extra_eps=tuple(config.report_eps),
+    scales=None if log_d is None else [np.exp(np.asarray(l)) for l in log_d],
   )
   result.update({"step": step, "model": job.model.name, "dataset": config.dataset})
   with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -501,7 +516,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if every and step % job.steps_per_epoch == 0 and (epoch + 1) % every == 0:
           if epoch_eval is None:
             epoch_eval = make_epoch_eval(job.model, config, *job.test)
-          record.update(epoch_eval(state))
+          record.update(epoch_eval(state, carry.get("rescaling")))
         log_epoch(writer, record)
         if step == stop_at:
           break
@@ -514,4 +529,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         job.total,
       )
       return {"step": step, "stopped": True}
-    return final_evaluation(job, state, step, workdir, writer)
+    return final_evaluation(job, state, step, workdir, writer, carry.get("rescaling"))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crmjax import certify, liplt, models, network, soundness
+from crmjax import certify, liplt, models, network, refinement, soundness
 from crmjax import layers as L
 from tests import reference as ref
 
@@ -571,3 +571,44 @@ def test_evaluate_probabilistic_bound_states_key_and_reproduces():
   assert again["mean_pairwise_lipschitz"] == out["mean_pairwise_lipschitz"]
   assert again["bound_details"]["norms"] == d["norms"]
   json.dumps(out)  # JSON-ready
+
+
+def test_evaluate_with_scales_certifies_with_the_per_pair_minimum_of_two_sound_bounds():
+  """With a rescaling D (the one training used), every bound is the per-pair minimum of the
+  network's bound and that of ``rescale(net, D)``, both valid: the sound one equals that
+  minimum of two independently computed sound bounds, stays above every pair's exact margin
+  gradient at sampled inputs, and the two probabilistic bounds share the failure
+  probability (union bound)."""
+  model, params, images, labels, logits = _tiny_model()
+  net = model.lipnet(params)
+  power = _init_state(net, 1)
+  # A D that lowers one pair's bound and raises the others': the optimised D, perturbed.
+  opt, _ = refinement.optimize_scales(net, mode="pairwise", steps=100)
+  noise = np.random.default_rng(14).uniform(0.5, 2.0, net.blocks[0].phi_shape)
+  scales = [opt[0] * jnp.asarray(noise, jnp.float32)]
+  kw = dict(eps=0.01, batch_size=7, eval_iters=5)
+  out = certify.evaluate(model, params, power, images, labels, scales=scales, **kw)
+  plain, _ = soundness.sound_bound(net, mode="pairwise")
+  scaled, _ = soundness.sound_bound(net, scales=scales, mode="pairwise")
+  off = ~np.eye(3, dtype=bool)
+  assert np.any(scaled[off] < plain[off]) and np.any(scaled[off] > plain[off])
+  want = np.minimum(plain, scaled)
+  assert out["mean_pairwise_lipschitz"] == pytest.approx(certify.mean_pairwise(want))
+  assert out["bound_details"]["rescaled"]["pairs_from_rescaled"] == np.triu(scaled < plain, 1).sum()
+  radii = certify.radii_of(logits, labels, want)
+  assert out["certified_accuracy"] == pytest.approx((radii > 0.01).mean())
+  assert out["mean_certified_radius"] == pytest.approx(radii.mean(), rel=1e-5, abs=1e-7)
+  f = lambda x: model.apply(params, x[None])[0]
+  xs = jax.random.uniform(jax.random.key(0), (512, 6, 6, 1))
+  jac = np.asarray(jax.jit(jax.vmap(jax.jacfwd(f)))(xs), np.float64).reshape(512, 3, -1)
+  pair = np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1).max(0)
+  assert np.all(pair[off] <= want[off])
+  est_plain = certify.evaluate(model, params, power, images, labels, sound=None, **kw)
+  assert out["estimate_mean_pairwise_lipschitz"] < est_plain["estimate_mean_pairwise_lipschitz"]
+  sound = soundness.SoundSettings(iterations=30, exact_size=1)
+  out = certify.evaluate(model, params, power, images, labels, scales=scales, sound=sound, **kw)
+  assert out["bound_details"]["failure_probability"] == pytest.approx(1e-6, rel=1e-12)
+  assert out["bound_details"]["probabilistic_norms"] == 1
+  assert out["bound_kind"] == "upper bound with probability >= 0.999999"
+  with pytest.raises(ValueError, match="'liplt' bound only"):
+    certify.evaluate(model, params, power, images, labels, method="naive", scales=scales, **kw)

@@ -61,9 +61,9 @@ def _spy(monkeypatch, rec: _Recorder) -> None:
     inner = real_epoch_eval(spy, config, test_x, test_y)
     rec.epoch_labels.append(np.array(test_y))
 
-    def evaluate(state):
+    def evaluate(state, log_d=None):
       rec.epoch_images.append([])
-      out = inner(state)
+      out = inner(state, log_d)
       jax.effects_barrier()
       return out
 

@@ -10,7 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crmjax import checkpoint, config_schema, models, train, train_state, train_step
+from crmjax import (
+  certify,
+  checkpoint,
+  config_schema,
+  models,
+  report_text,
+  reports,
+  runs,
+  soundness,
+  train,
+  train_state,
+  train_step,
+)
+from experiments.configs import certify as certify_config
 from tests import reference as ref
 from tests import test_recipes
 from tests.test_refinement import _mean_pairwise, _pairwise_lower, _rescaled_blocks
@@ -179,6 +192,29 @@ def _final(workdir, config):
   return jax.device_get(state), _stored(workdir, 8, _log_d_like(config))
 
 
+def test_final_and_epoch_evaluations_certify_with_the_training_d(warmup_run):
+  """The final evaluation bounds each pair by the smaller of the plain bound and that of the
+  training D (both valid): on ``TinyMLP``, where D lowers the bound, its bound is that of
+  ``certify.evaluate`` with the stored D and below the plain one; the per-epoch estimate
+  does the same, and with D = I it is the plain estimate."""
+  workdir, result, _ = warmup_run
+  config = _warmup_config()
+  state, log_d = _final(workdir, config)
+  job = train._make_job(config)
+  params, kw = train_state.eval_params(state), dict(eps=config.eps, sound=None, eval_iters=5)
+  args = (job.model, params, state.power, *job.test)
+  plain = certify.evaluate(*args, **kw)["estimate_mean_pairwise_lipschitz"]
+  scaled = certify.evaluate(*args, scales=[np.exp(l) for l in log_d], **kw)
+  assert result["estimate_mean_pairwise_lipschitz"] == scaled["estimate_mean_pairwise_lipschitz"]
+  assert result["estimate_mean_pairwise_lipschitz"] < 0.99 * plain
+  assert result["certified_accuracy"] == scaled["certified_accuracy"]
+  epoch_eval = train.make_epoch_eval(job.model, config, *job.test)
+  key = "test/mean_pairwise_lipschitz_estimate"
+  with_d, without = epoch_eval(state, log_d)[key], epoch_eval(state)[key]
+  assert with_d < 0.99 * without
+  assert epoch_eval(state, [np.zeros_like(l) for l in log_d])[key] == without
+
+
 def test_resume_with_refreshed_rescaling_is_bitwise(warmup_run, tmp_path):
   """Stopped at step 5 (the D of the refresh at 4 in the checkpoint) and resumed: the same
   params, power vectors, optimiser state and D as the uninterrupted run. Without the stored
@@ -247,3 +283,32 @@ def test_invalid_rescaling_config_is_refused_with_the_field_and_the_fix(setting,
   # Off (the default), the other rescaling settings and the bound are not constrained.
   config.rescaling.every_steps = 0
   config_schema.validate_config(config, num_devices=1)
+
+
+def test_certify_report_checks_the_training_d_certificate_against_pgd(warmup_run):
+  """``experiments.certify`` of a run trained with the rescaling restores its last D and
+  certifies with the per-pair minimum of the plain bound and that of D: the minimum of two
+  independently computed sound bounds, below the plain one, and checked by PGD."""
+  workdir, _, _ = warmup_run
+  run = runs.load_run(workdir)
+  _, log_d = _final(workdir, _warmup_config())
+  for got, want in zip(run.scales, log_d):
+    np.testing.assert_array_equal(got, np.exp(want))
+  c = certify_config.get_config("smoke")
+  c.test_subset, c.pgd_subset, c.pgd_batch_size, c.pgd_steps, c.eps = 64, 64, 32, 5, 0.05
+  c.refine, c.compare_power, c.progress, c.key, c.exact_max_dim = False, False, False, 7, 200
+  results = reports.certify_run(c, workdir)
+  row = results["certificates"]["sound_training_d"]
+  net = run.model.lipnet(run.params)
+  plain, _ = soundness.sound_bound(net, mode="pairwise")
+  scaled, _ = soundness.sound_bound(net, scales=run.scales, mode="pairwise")
+  assert row["mean_pairwise"] == pytest.approx(certify.mean_pairwise(np.minimum(plain, scaled)))
+  assert row["mean_pairwise"] < 0.99 * results["certificates"]["sound_lanczos"]["mean_pairwise"]
+  assert row["kind"] == "guaranteed upper bound"
+  t = results["table1"]
+  assert t["training_d_certified_accuracy"] == row["certified_accuracy"]
+  assert t["training_d_certified_accuracy"] >= t["certified_accuracy"]
+  check = results["soundness_check"]
+  assert "sound_training_d pairwise liplt bound" in check["certificates_checked"]
+  assert check["violations"] == 0
+  assert "training D: mean L_ij" in report_text.format_certificates(results)

@@ -24,10 +24,11 @@ changes measured to certify more per epoch or per hour (docs/results.md, "MNIST 
 
 Measured (docs/results.md; 2-core CPU, 20 epochs): 96.29% clean, **60.55% certified** at
 eps = 1.58 with the sound bound (2026-12-07; 112-139 s per epoch beside a second run). At
-temperature 5 (``--config.crm.temperature=5``, 2026-12-07): 95.99% / 60.28%. The runs
-below trained at temperature 5 (add that override to each): one step in 4
-(``--config.bound_every_steps=4``, 2026-12-06): 95.98% / 60.85% (76-103 s per epoch alone),
-and 96.03% / 60.44% at the raw weights (``--config.ema_decay=0``). With the bound every step
+temperature 5 (``--config.crm.temperature=5``, 2026-12-07): 95.99% / 60.28%. With the bound
+every step (``--config.bound_every_steps=1``, 2026-12-07; 165-289 s per epoch beside a second
+run): 96.19% / 61.29%. The runs below trained at temperature 5 (add that override to each):
+one step in 4 (``--config.bound_every_steps=4``, 2026-12-06): 95.98% / 60.85% (76-103 s per
+epoch alone), and 96.03% / 60.44% at the raw weights (``--config.ema_decay=0``). Every step
 (``--config.bound_every_steps=1``; 233-318 s per epoch beside a second run): 95.88% /
 61.25%, and 95.88% / 60.98% at the raw weights. With 10 power iterations per step at the
 raw weights (``--config.train_solver=power --config.train_iters=10
