@@ -13,7 +13,7 @@ import os
 import ml_collections
 import numpy as np
 
-from crmjax import checkpoint, config_schema, data, models, refinement, train_state
+from crmjax import checkpoint, config_schema, data, models, train_state, train_step
 
 LOSS_LABELS = {"crm": "CRM", "ce": "standard CE", "gloro": "GloRo"}
 TRAIN_COMMAND = (
@@ -97,7 +97,7 @@ def load_run(workdir: str) -> Run:
     )
     log_d = None
     if config.rescaling.every_steps:
-      like = refinement.unit_log_scales(model.lipnet(state.params))
+      like = train_step.initial_log_scales(model, state.params)  # the loop's restore target
       log_d = ckpt.restore_extra("rescaling", like, step=step)
   scales = None if log_d is None else tuple(np.exp(np.asarray(l)) for l in log_d)
   return Run(workdir=workdir, config=config, model=model, state=state, meta=meta, scales=scales)
