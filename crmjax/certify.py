@@ -79,6 +79,46 @@ def radii_of(logits: np.ndarray, labels: np.ndarray, lip: np.ndarray) -> np.ndar
   )
 
 
+def margin_gradient_norms(
+  model: models.Model, params, images: np.ndarray, *, batch_size: int = 100
+) -> np.ndarray:
+  """The largest margin gradient at the points, per pair: ``max_x ||grad_x (z_i - z_j)(x)||_2``.
+
+  Wherever the network is differentiable, ``||grad (z_i - z_j)(x)||`` is at most the true
+  Lipschitz constant of ``z_i - z_j``, so at most any valid ``L_ij`` (paper eq. 5's bound).
+  Two uses: a bound's ratio to it shows how much any tighter bound could still gain, and
+  the radii ``radii_of(logits, labels, result)`` bound from above the radius that any valid
+  global pairwise bound of this network can certify.
+
+  Args:
+    model, params: the classifier.
+    images: uint8 (0..255) or float ([0, 1]) images ``(N, H, W, C)``.
+    batch_size: points per Jacobian (``batch_size * K * H * W * C`` floats in memory).
+
+  Returns:
+    ``(K, K)`` float64, symmetric, zero diagonal; zeros without points.
+  """
+
+  def pair_norms(x):
+    with jax.default_matmul_precision("highest"):
+      jac = jax.vmap(jax.jacrev(lambda v: model.apply(params, v[None])[0]))(x)
+      jac = jac.reshape(x.shape[0], model.num_classes, -1)
+      gram = jnp.einsum("bid,bjd->bij", jac, jac)
+    diag = jnp.diagonal(gram, axis1=1, axis2=2)
+    squares = diag[:, :, None] + diag[:, None, :] - 2 * gram  # ||g_i - g_j||^2
+    return jnp.sqrt(jnp.maximum(squares, 0.0)).max(axis=0)
+
+  pair_norms = jax.jit(pair_norms)
+  out = np.zeros((model.num_classes,) * 2)
+  for i in range(0, len(images), batch_size):
+    x = images[i : i + batch_size].astype(np.float32)
+    if images.dtype == np.uint8:
+      x = x / np.float32(255)
+    out = np.maximum(out, np.asarray(pair_norms(jnp.asarray(x)), np.float64))
+  np.fill_diagonal(out, 0.0)
+  return out
+
+
 def evaluate(
   model: models.Model,
   params,

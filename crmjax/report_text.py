@@ -1,5 +1,5 @@
 """The certification report's results (``reports.certify_run``) as plain text: the Table 1
-row, the pairwise LipLT certificate computed every way, and Table 2."""
+row, the pairwise LipLT certificate computed every way, Table 2 and the margin gradients."""
 
 from __future__ import annotations
 
@@ -93,3 +93,18 @@ def format_certificates(results: dict) -> str:
         + ", ".join(f"{k}: {100 * v:.2f}%" for k, v in c["certified_accuracy_at"].items())
       )
   return "\n".join(lines)
+
+
+def format_margin_gradients(results: dict) -> str:
+  """How tight the sound bound is (``reports.margin_gradients``) as one line; ``''`` when the
+  report did not compute it."""
+  g = results.get("margin_gradients")
+  if not g:
+    return ""
+  r = g["bound_ratio"]
+  return (
+    f"margin gradients at {g['points']} points: largest ||grad (z_i - z_j)|| mean "
+    f"{g['mean_pairwise']:.4g} over pairs (a lower bound of the true constant); sound LipLT "
+    f"is {r['mean']:.3f}x it ({r['min']:.3f}-{r['max']:.3f}x); no valid global pairwise "
+    f"bound of this network certifies more than {100 * g['ceiling_certified_accuracy']:.2f}%"
+  )

@@ -15,8 +15,10 @@
   failure probability, key, exact / probabilistic norm counts and wall time), ``table2``
   (mean pairwise Lipschitz bounds, naive and LipLT, pairwise / per-class / global, both
   the sound bound and the power-iteration estimate, each with its kind), ``figure1``
-  (certified-radius curves) and ``soundness_check`` (points attacked, points certified,
-  violations of any certificate);
+  (certified-radius curves), ``soundness_check`` (points attacked, points certified,
+  violations of any certificate) and ``margin_gradients`` (``config.margin_gradients``:
+  the largest margin gradient per pair on the attacked points, a lower bound of the true
+  constant; the sound bound's ratio to it; the ceiling any global certificate could reach);
 * ``figure1.png``: share of test points certified at each radius, naive vs LipLT (and the
   LipLT curve of a second run, ``config.compare_workdir``).
 
@@ -395,6 +397,44 @@ def attack_check(
   }
 
 
+def margin_gradients(
+  run: runs.Run, config, images, logits, labels, bound: np.ndarray, *, eps: float
+) -> dict | None:
+  """How tight the sound pairwise LipLT ``bound`` is on this network (the results'
+  ``margin_gradients``; ``None`` without ``config.margin_gradients``).
+
+  ``certify.margin_gradient_norms`` on the first ``config.pgd_subset`` points (0: all) gives
+  a lower bound of each pair's true Lipschitz constant. Reported: its mean, the bound's
+  ratio to it (mean, min, max over the pairs), and the certified accuracy at ``eps`` with
+  it in place of the bound: the most that any valid global pairwise bound of this network
+  could certify (a ceiling, not a certificate).
+  """
+  if not config.margin_gradients:
+    return None
+  n = min(config.pgd_subset, len(labels)) if config.pgd_subset else len(labels)
+  _phase(f"margin gradients at {n} points", config.progress)
+  t0 = time.perf_counter()
+  low = certify.margin_gradient_norms(
+    run.model, run.params, images[:n], batch_size=config.pgd_batch_size
+  )
+  pairs = np.triu_indices(len(low), 1)
+  seen = low[pairs] > 0
+  ratio = np.asarray(bound)[pairs][seen] / low[pairs][seen]
+  ceiling = certify.radii_of(logits, labels, np.maximum(low, np.finfo(np.float32).tiny))
+  return {
+    "points": int(n),
+    "mean_pairwise": certify.mean_pairwise(low),
+    "bound_ratio": {
+      "mean": float(ratio.mean()) if seen.any() else float("nan"),
+      "min": float(ratio.min(initial=np.inf)),
+      "max": float(ratio.max(initial=0.0)),
+    },
+    "pairs_with_gradient": int(seen.sum()),
+    "ceiling_certified_accuracy": certify.certified_accuracy(ceiling, eps),
+    "seconds": time.perf_counter() - t0,
+  }
+
+
 def table1(
   clean: np.ndarray, broken: np.ndarray, radii: dict, lip: dict, certs: dict, *, eps, config
 ) -> dict:
@@ -540,6 +580,9 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checked = {f"sound pairwise {m} bound": radii[m] for m in liplt.METHODS}
   checked |= {f"{name} pairwise liplt bound": r for name, r in cert_radii.items()}
   broken, check = attack_check(run, config, images, labels, checked, eps=eps)
+  gradients = margin_gradients(
+    run, config, images, logits, labels, lip["pairwise_sound"]["liplt"], eps=eps
+  )
   curves = {f"{run.label}, naive": radii["naive"], f"{run.label}, LipLT": radii["liplt"]}
   compare = compare_run(run, config, images, labels, curves, eps=eps, sound=sound)
   outdir = os.path.join(workdir, "certify")
@@ -558,6 +601,7 @@ def certify_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "table2": table2(lip, config=config, sound=sound),
     "figure1": figure1(run, curves, outdir, eps=eps, config=config),
     "soundness_check": check,
+    "margin_gradients": gradients,
     "compare": compare,
   }
   with open(os.path.join(outdir, "results.json"), "w") as f:

@@ -10,6 +10,8 @@ run with ``SOUNDNESS BUG``. The pairwise LipLT certificate is also reported comp
 way (the power-iteration estimate, the former power-method sound bound, the Lanczos sound
 bound, the sound bound of the optimised Theorem 3.2 rescaling), with each bound's wall
 time, failure probability and key; ``--config.key=<int>`` reproduces a report's bounds.
+The largest margin gradients at the attacked points show how tight the bound is, and the
+most any global certificate of the network could certify (``--config.margin_gradients``).
 """
 
 import ml_collections
@@ -31,6 +33,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> None:
     f"{check['certified_liplt']} certified (LipLT), {check['pgd_broken']} broken by PGD, "
     f"{check['violations']} violations"
   )
+  if results["margin_gradients"]:
+    print(report_text.format_margin_gradients(results))
   if results["compare"]:
     c = results["compare"]
     print(

@@ -490,6 +490,47 @@ def test_certificates_use_highest_precision_logits():
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_margin_gradient_norms_match_the_float64_jacobian_of_the_tiny_net():
+  """Per pair, the largest ``||grad (z_i - z_j)||`` over the points, against the Jacobian
+  written out in float64 numpy (``W_dense^T diag(relu'(pre)) conv``); uint8 and float
+  images and any batch size give the same; no points give zeros."""
+  model, params, images, _, _ = _tiny_model()
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  conv, _ = ref.conv_matrix(p["layer_0"]["kernel"], (6, 6, 1), 2, 1)
+  x = images.reshape(7, -1).astype(np.float64) / 255
+  pre = x @ conv.T + np.tile(p["layer_0"]["bias"], 9)
+  jac = np.einsum("mk,nm,md->nkd", p["layer_3"]["kernel"], (pre > 0).astype(float), conv)
+  want = np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1).max(0)
+  assert want[0, 1] > 0 and np.allclose(np.diag(want), 0)
+  for imgs, batch in ((images, 3), (images.astype(np.float32) / 255, 100)):
+    got = certify.margin_gradient_norms(model, params, imgs, batch_size=batch)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  none = certify.margin_gradient_norms(model, params, images[:0])
+  np.testing.assert_array_equal(none, np.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("name,seed", [("relu_8", 0), ("leaky_tight", 1)])
+def test_margin_gradient_norms_stay_below_the_sound_bound_and_reach_a_linear_nets(name, seed):
+  """A lower bound of every valid ``L_ij``: below the sound pairwise bound of a 2-D net
+  (within 7% of it on the near-tight net), and equal to ``||w_i - w_j||``, the exact
+  constant, on a linear one."""
+  layers, p = _net_2d(name, seed=seed)
+  model = models.Model(name, layers, (2,))
+  lip, _ = soundness.sound_bound(model.lipnet(p), mode="pairwise")
+  xs = np.asarray(jax.random.uniform(jax.random.key(0), (2048, 2), minval=-3, maxval=3))
+  low = certify.margin_gradient_norms(model, p, xs, batch_size=512)
+  off = ~np.eye(3, dtype=bool)
+  assert np.all(low[off] > 0) and np.all(low <= lip)
+  if name == "leaky_tight":
+    assert (low[off] / lip[off]).max() >= 0.93
+  linear = models.Model("linear", (L.Dense(3),), (2,))
+  w = np.asarray(jax.random.normal(jax.random.key(seed), (2, 3)), np.float64)
+  params = {"layer_0": {"kernel": w, "bias": np.zeros(3)}}
+  exact = np.linalg.norm(w.T[:, None] - w.T[None, :], axis=-1)
+  got = certify.margin_gradient_norms(linear, params, xs[:5])
+  np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
+
+
 KEYS |= {"certified_accuracy_at"}
 
 

@@ -388,6 +388,22 @@ MUTATIONS = [
     ("tests/test_certify.py", "-k", "linf_sound_bound or margin"),
     "no inflation for float32 rounding (generic: the margin's default)",
   ),
+  Mutation(
+    "margin-gradients-sum-not-difference",
+    "crmjax/certify.py",
+    "- 2 * gram  # ||g_i - g_j||^2",
+    "+ 2 * gram  # ||g_i - g_j||^2",
+    ("tests/test_certify.py", "-k", "margin_gradient_norms"),
+    "the margin gradient of a pair is taken as the norm of g_i + g_j",
+  ),
+  Mutation(
+    "margin-gradients-every-test-point",
+    "crmjax/reports.py",
+    "images[:n], batch_size=config.pgd_batch_size",
+    "images, batch_size=config.pgd_batch_size",
+    ("tests/test_reports.py", "-k", "margin_gradients"),
+    "the report's margin gradients ignore pgd_subset (every test point, minutes more)",
+  ),
 ]
 
 
