@@ -82,13 +82,14 @@ def radii_of(logits: np.ndarray, labels: np.ndarray, lip: np.ndarray) -> np.ndar
 def margin_gradient_norms(
   model: models.Model, params, images: np.ndarray, *, batch_size: int = 100
 ) -> np.ndarray:
-  """The largest margin gradient at the points, per pair: ``max_x ||grad_x (z_i - z_j)(x)||_2``.
+  """The margin gradients ``||grad_x (z_i - z_j)(x)||_2`` at each point, per pair.
 
   Wherever the network is differentiable, ``||grad (z_i - z_j)(x)||`` is at most the true
   Lipschitz constant of ``z_i - z_j``, so at most any valid ``L_ij`` (paper eq. 5's bound).
-  Two uses: a bound's ratio to it shows how much any tighter bound could still gain, and
-  the radii ``radii_of(logits, labels, result)`` bound from above the radius that any valid
-  global pairwise bound of this network can certify.
+  Their maximum over the points (``.max(0)``) thus shows how much any tighter bound could
+  still gain, and ``radii_of(logits, labels, result.max(0))`` bounds from above the radius
+  that any valid global pairwise bound of this network can certify. ``first_order_radii``
+  linearises each point instead.
 
   Args:
     model, params: the classifier.
@@ -96,7 +97,7 @@ def margin_gradient_norms(
     batch_size: points per Jacobian (``batch_size * K * H * W * C`` floats in memory).
 
   Returns:
-    ``(K, K)`` float64, symmetric, zero diagonal; zeros without points.
+    ``(N, K, K)`` float64, each ``(K, K)`` symmetric with a zero diagonal.
   """
 
   def pair_norms(x):
@@ -106,17 +107,27 @@ def margin_gradient_norms(
       gram = jnp.einsum("bid,bjd->bij", jac, jac)
     diag = jnp.diagonal(gram, axis1=1, axis2=2)
     squares = diag[:, :, None] + diag[:, None, :] - 2 * gram  # ||g_i - g_j||^2
-    return jnp.sqrt(jnp.maximum(squares, 0.0)).max(axis=0)
+    return jnp.sqrt(jnp.maximum(squares, 0.0)) * (1 - jnp.eye(model.num_classes))
 
   pair_norms = jax.jit(pair_norms)
-  out = np.zeros((model.num_classes,) * 2)
+  out = [np.zeros((0,) + (model.num_classes,) * 2)]
   for i in range(0, len(images), batch_size):
     x = images[i : i + batch_size].astype(np.float32)
     if images.dtype == np.uint8:
       x = x / np.float32(255)
-    out = np.maximum(out, np.asarray(pair_norms(jnp.asarray(x)), np.float64))
-  np.fill_diagonal(out, 0.0)
-  return out
+    out.append(np.asarray(pair_norms(jnp.asarray(x)), np.float64))
+  return np.concatenate(out)
+
+
+def first_order_radii(logits: np.ndarray, labels: np.ndarray, grads: np.ndarray) -> np.ndarray:
+  """``min_{i != y} (z_y - z_i) / ||grad (z_y - z_i)(x)||`` per point ``(N,)``, 0 where
+  misclassified: eq. 5 with each point's own margin gradients (``margin_gradient_norms``)
+  in place of ``L``. NOT a certificate (the gradient at ``x``, not over the ball around
+  it), but a ceiling for local Lipschitz certificates: a bound over the ball is at least
+  the gradient at its centre, so none certifies a point at ``eps`` beyond this radius."""
+  one = lambda z, y, g: losses.certified_radius(z[None], y[None], g)[0]
+  args = (jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(grads, jnp.float32))
+  return np.asarray(jax.vmap(one)(*args))
 
 
 def evaluate(

@@ -96,7 +96,7 @@ def format_certificates(results: dict) -> str:
 
 
 def format_margin_gradients(results: dict) -> str:
-  """How tight the sound bound is (``reports.margin_gradients``) as one line; ``''`` when the
+  """How tight the sound bound is (``reports.margin_gradients``), two lines; ``''`` when the
   report did not compute it."""
   g = results.get("margin_gradients")
   if not g:
@@ -106,5 +106,8 @@ def format_margin_gradients(results: dict) -> str:
     f"margin gradients at {g['points']} points: largest ||grad (z_i - z_j)|| mean "
     f"{g['mean_pairwise']:.4g} over pairs (a lower bound of the true constant); sound LipLT "
     f"is {r['mean']:.3f}x it ({r['min']:.3f}-{r['max']:.3f}x); no valid global pairwise "
-    f"bound of this network certifies more than {100 * g['ceiling_certified_accuracy']:.2f}%"
+    f"bound of this network certifies more than {100 * g['ceiling_certified_accuracy']:.2f}%\n"
+    f"first-order radius (margin / its gradient at the point, not a certificate) > eps at "
+    f"{100 * g['first_order_accuracy']:.2f}% of the {g['points']} points (the bound "
+    f"certifies {100 * g['certified_accuracy']:.2f}%)"
   )

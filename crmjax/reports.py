@@ -18,7 +18,8 @@
   (certified-radius curves), ``soundness_check`` (points attacked, points certified,
   violations of any certificate) and ``margin_gradients`` (``config.margin_gradients``:
   the largest margin gradient per pair on the attacked points, a lower bound of the true
-  constant; the sound bound's ratio to it; the ceiling any global certificate could reach);
+  constant; the sound bound's ratio to it; the ceiling any global certificate could reach;
+  the share of those points whose first-order radius exceeds eps);
 * ``figure1.png``: share of test points certified at each radius, naive vs LipLT (and the
   LipLT curve of a second run, ``config.compare_workdir``).
 
@@ -403,24 +404,27 @@ def margin_gradients(
   """How tight the sound pairwise LipLT ``bound`` is on this network (the results'
   ``margin_gradients``; ``None`` without ``config.margin_gradients``).
 
-  ``certify.margin_gradient_norms`` on the first ``config.pgd_subset`` points (0: all) gives
-  a lower bound of each pair's true Lipschitz constant. Reported: its mean, the bound's
-  ratio to it (mean, min, max over the pairs), and the certified accuracy at ``eps`` with
-  it in place of the bound: the most that any valid global pairwise bound of this network
-  could certify (a ceiling, not a certificate).
+  ``certify.margin_gradient_norms`` on the first ``config.pgd_subset`` points (0: all): their
+  maximum over the points is a lower bound of each pair's true Lipschitz constant. Reported:
+  its mean, the bound's ratio to it (mean, min, max over the pairs), the certified accuracy
+  at ``eps`` with it in place of the bound (the most that any valid global pairwise bound of
+  this network could certify: a ceiling, not a certificate), and, on those points, the share
+  whose first-order radius (``certify.first_order_radii``, each point's own gradients: not a
+  certificate) exceeds ``eps`` beside the share the bound certifies.
   """
   if not config.margin_gradients:
     return None
   n = min(config.pgd_subset, len(labels)) if config.pgd_subset else len(labels)
   _phase(f"margin gradients at {n} points", config.progress)
   t0 = time.perf_counter()
-  low = certify.margin_gradient_norms(
+  grads = certify.margin_gradient_norms(
     run.model, run.params, images[:n], batch_size=config.pgd_batch_size
   )
+  low = grads.max(0, initial=0.0)
   pairs = np.triu_indices(len(low), 1)
   seen = low[pairs] > 0
   ratio = np.asarray(bound)[pairs][seen] / low[pairs][seen]
-  ceiling = certify.radii_of(logits, labels, np.maximum(low, np.finfo(np.float32).tiny))
+  first_order = certify.first_order_radii(logits[:n], labels[:n], grads)
   return {
     "points": int(n),
     "mean_pairwise": certify.mean_pairwise(low),
@@ -430,7 +434,13 @@ def margin_gradients(
       "max": float(ratio.max(initial=0.0)),
     },
     "pairs_with_gradient": int(seen.sum()),
-    "ceiling_certified_accuracy": certify.certified_accuracy(ceiling, eps),
+    "ceiling_certified_accuracy": certify.certified_accuracy(
+      certify.radii_of(logits, labels, low), eps
+    ),
+    "first_order_accuracy": certify.certified_accuracy(first_order, eps),
+    "certified_accuracy": certify.certified_accuracy(
+      certify.radii_of(logits[:n], labels[:n], bound), eps
+    ),
     "seconds": time.perf_counter() - t0,
   }
 

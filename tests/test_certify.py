@@ -490,23 +490,28 @@ def test_certificates_use_highest_precision_logits():
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_margin_gradient_norms_match_the_float64_jacobian_of_the_tiny_net():
-  """Per pair, the largest ``||grad (z_i - z_j)||`` over the points, against the Jacobian
-  written out in float64 numpy (``W_dense^T diag(relu'(pre)) conv``); uint8 and float
-  images and any batch size give the same; no points give zeros."""
-  model, params, images, _, _ = _tiny_model()
+def test_margin_gradient_norms_and_first_order_radii_match_float64_numpy_on_the_tiny_net():
+  """At each point and pair, ``||grad (z_i - z_j)||`` against the Jacobian written out in
+  float64 numpy (``W_dense^T diag(relu'(pre)) conv``); uint8 and float images and any batch
+  size give the same. The first-order radii against eq. 5 computed point by point."""
+  model, params, images, labels, logits = _tiny_model()
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   conv, _ = ref.conv_matrix(p["layer_0"]["kernel"], (6, 6, 1), 2, 1)
   x = images.reshape(7, -1).astype(np.float64) / 255
   pre = x @ conv.T + np.tile(p["layer_0"]["bias"], 9)
   jac = np.einsum("mk,nm,md->nkd", p["layer_3"]["kernel"], (pre > 0).astype(float), conv)
-  want = np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1).max(0)
-  assert want[0, 1] > 0 and np.allclose(np.diag(want), 0)
+  want = np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1)  # (7, 3, 3)
+  assert want[:, 0, 1].min() > 0 and np.all(want[:, [0, 1, 2], [0, 1, 2]] == 0)
+  assert not np.allclose(want[0], want[1])  # the points have different activation patterns
   for imgs, batch in ((images, 3), (images.astype(np.float32) / 255, 100)):
     got = certify.margin_gradient_norms(model, params, imgs, batch_size=batch)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-  none = certify.margin_gradient_norms(model, params, images[:0])
-  np.testing.assert_array_equal(none, np.zeros((3, 3)))
+  assert certify.margin_gradient_norms(model, params, images[:0]).shape == (0, 3, 3)
+  radii = certify.first_order_radii(logits, labels, want)
+  for n, (z, y) in enumerate(zip(logits.astype(np.float64), labels)):
+    r = min((z[y] - z[i]) / want[n, y, i] for i in range(3) if i != y)
+    assert radii[n] == pytest.approx(max(r, 0.0), rel=1e-5, abs=1e-7), n
+  assert radii[:2].max() == 0 and radii[2:].min() > 0  # the first two are misclassified
 
 
 @pytest.mark.parametrize("name,seed", [("relu_8", 0), ("leaky_tight", 1)])
@@ -518,7 +523,7 @@ def test_margin_gradient_norms_stay_below_the_sound_bound_and_reach_a_linear_net
   model = models.Model(name, layers, (2,))
   lip, _ = soundness.sound_bound(model.lipnet(p), mode="pairwise")
   xs = np.asarray(jax.random.uniform(jax.random.key(0), (2048, 2), minval=-3, maxval=3))
-  low = certify.margin_gradient_norms(model, p, xs, batch_size=512)
+  low = certify.margin_gradient_norms(model, p, xs, batch_size=512).max(0)
   off = ~np.eye(3, dtype=bool)
   assert np.all(low[off] > 0) and np.all(low <= lip)
   if name == "leaky_tight":
@@ -528,7 +533,7 @@ def test_margin_gradient_norms_stay_below_the_sound_bound_and_reach_a_linear_net
   params = {"layer_0": {"kernel": w, "bias": np.zeros(3)}}
   exact = np.linalg.norm(w.T[:, None] - w.T[None, :], axis=-1)
   got = certify.margin_gradient_norms(linear, params, xs[:5])
-  np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, np.broadcast_to(exact, (5, 3, 3)), rtol=1e-5, atol=1e-6)
 
 
 KEYS |= {"certified_accuracy_at"}

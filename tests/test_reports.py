@@ -143,46 +143,56 @@ def test_pgd_attack_runs_at_highest_precision(workdir):
 
 
 def _pair_gradient_norms(run, images):
-  """Per pair, the largest ``||grad (z_i - z_j)||`` over ``images``: forward-mode Jacobians,
-  differences formed explicitly in float64 (the report uses reverse mode and a Gram matrix)."""
+  """``||grad (z_i - z_j)||`` at each point ``(N, K, K)``: forward-mode Jacobians, differences
+  formed explicitly in float64 (the report uses reverse mode and a Gram matrix)."""
   import jax  # pylint: disable=import-outside-toplevel
 
   f = lambda v: run.model.apply(run.params, v[None])[0]
   x = images.astype(np.float32) / 255
   with jax.default_matmul_precision("highest"):
     jac = np.asarray(jax.vmap(jax.jacfwd(f))(x), np.float64).reshape(len(x), 10, -1)
-  return np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1).max(0)
+  return np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=-1)
+
+
+def _radii(logits, labels, lip):
+  """Eq. 5 in numpy with a ``(K, K)`` bound, or one per point ``(N, K, K)``."""
+  lip = np.broadcast_to(lip, (len(labels), 10, 10))[np.arange(len(labels)), labels]
+  margins = logits[np.arange(len(labels)), labels][:, None] - logits
+  ratios = np.where(np.eye(10, dtype=bool)[labels], np.inf, margins / np.maximum(lip, 1e-12))
+  return np.where(logits.argmax(1) == labels, np.maximum(ratios.min(1), 0), 0)
 
 
 def test_margin_gradients_bound_the_sound_bound_from_below(workdir, results):
   """The report's margin gradients: below the sound LipLT bound on every pair (ratio >= 1),
-  their ceiling between the certified and the clean accuracy; on the first
-  ``pgd_subset`` points only, against an independent Jacobian."""
+  their ceiling between the certified and the clean accuracy, the first-order share at
+  least the certified share; on the first ``pgd_subset`` points only, against an
+  independent Jacobian and eq. 5 in numpy."""
   g, t = results["margin_gradients"], results["table1"]
   assert g["points"] == 64 and g["pairs_with_gradient"] == 45 and g["seconds"] > 0
   assert 1 <= g["bound_ratio"]["min"] <= g["bound_ratio"]["mean"] <= g["bound_ratio"]["max"]
   assert t["certified_accuracy"] <= g["ceiling_certified_accuracy"] <= t["clean_accuracy"]
+  assert g["certified_accuracy"] == t["pgd_subset"]["certified_accuracy"]
+  assert g["certified_accuracy"] <= g["first_order_accuracy"] <= t["clean_accuracy"]
   mean_bound = results["certificates"]["sound_lanczos"]["mean_pairwise"]
   assert g["mean_pairwise"] <= mean_bound
-  assert f"certifies more than {100 * g['ceiling_certified_accuracy']:.2f}%" in (
-    report_text.format_margin_gradients(results)
-  )
+  text = report_text.format_margin_gradients(results)
+  assert f"certifies more than {100 * g['ceiling_certified_accuracy']:.2f}%" in text
+  assert f"> eps at {100 * g['first_order_accuracy']:.2f}% of the 64 points" in text
   run = runs.load_run(workdir)
   images, labels = runs.load_test(run, subset=64)
   logits = reports.certify.batched_logits(run.model, run.params, images, batch_size=64)
-  want = _pair_gradient_norms(run, images[:16])
+  per_point = _pair_gradient_norms(run, images[:16])
+  want = per_point.max(0)
   c = certify_config.get_config("smoke")
   c.pgd_subset, c.progress = 16, False
   got = reports.margin_gradients(run, c, images, logits, labels, 2 * want, eps=0.05)
   np.testing.assert_allclose(got["mean_pairwise"], want[np.triu_indices(10, 1)].mean(), rtol=1e-4)
   assert got["points"] == 16
   np.testing.assert_allclose([got["bound_ratio"][k] for k in ("min", "max")], 2, rtol=1e-4)
-  margins = logits[np.arange(64), labels][:, None] - logits
-  radii = np.where(
-    np.eye(10, dtype=bool)[labels], np.inf, margins / np.maximum(want[labels], 1e-30)
-  )
-  ceiling = ((logits.argmax(1) == labels) & (radii.min(1) > 0.05)).mean()
-  assert got["ceiling_certified_accuracy"] == ceiling
+  assert got["ceiling_certified_accuracy"] == (_radii(logits, labels, want) > 0.05).mean()
+  first = (_radii(logits[:16], labels[:16], per_point) > 0.05).mean()
+  assert got["first_order_accuracy"] == first
+  assert got["certified_accuracy"] == (_radii(logits[:16], labels[:16], 2 * want) > 0.05).mean()
   c.margin_gradients = False
   assert reports.margin_gradients(run, c, images, logits, labels, want, eps=0.05) is None
   assert report_text.format_margin_gradients({"margin_gradients": None}) == ""
