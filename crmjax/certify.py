@@ -79,28 +79,12 @@ def radii_of(logits: np.ndarray, labels: np.ndarray, lip: np.ndarray) -> np.ndar
   )
 
 
-def margin_gradient_norms(
-  model: models.Model, params, images: np.ndarray, *, batch_size: int = 100
-) -> np.ndarray:
-  """The margin gradients ``||grad_x (z_i - z_j)(x)||_2`` at each point, per pair.
+def margin_gradient_fn(model: models.Model) -> Callable:
+  """``jax.jit`` of ``(params, x) -> (B, K, K)``: ``||grad_x (z_i - z_j)(x)||_2`` at each of
+  the float images ``x`` ``(B, H, W, C)``, reverse-mode Jacobians at the highest matmul
+  precision, the pair norms from their Gram matrix (zero diagonal)."""
 
-  Wherever the network is differentiable, ``||grad (z_i - z_j)(x)||`` is at most the true
-  Lipschitz constant of ``z_i - z_j``, so at most any valid ``L_ij`` (paper eq. 5's bound).
-  Their maximum over the points (``.max(0)``) thus shows how much any tighter bound could
-  still gain, and ``radii_of(logits, labels, result.max(0))`` bounds from above the radius
-  that any valid global pairwise bound of this network can certify. ``first_order_radii``
-  linearises each point instead.
-
-  Args:
-    model, params: the classifier.
-    images: uint8 (0..255) or float ([0, 1]) images ``(N, H, W, C)``.
-    batch_size: points per Jacobian (``batch_size * K * H * W * C`` floats in memory).
-
-  Returns:
-    ``(N, K, K)`` float64, each ``(K, K)`` symmetric with a zero diagonal.
-  """
-
-  def pair_norms(x):
+  def pair_norms(params, x):
     with jax.default_matmul_precision("highest"):
       jac = jax.vmap(jax.jacrev(lambda v: model.apply(params, v[None])[0]))(x)
       jac = jac.reshape(x.shape[0], model.num_classes, -1)
@@ -109,22 +93,58 @@ def margin_gradient_norms(
     squares = diag[:, :, None] + diag[:, None, :] - 2 * gram  # ||g_i - g_j||^2
     return jnp.sqrt(jnp.maximum(squares, 0.0)) * (1 - jnp.eye(model.num_classes))
 
-  pair_norms = jax.jit(pair_norms)
+  return jax.jit(pair_norms)
+
+
+def margin_gradient_norms(
+  model: models.Model, params, images: np.ndarray, *, batch_size: int = 100
+) -> np.ndarray:
+  """The margin gradients ``||grad_x (z_i - z_j)(x)||_2`` at each point, per pair.
+
+  Wherever the network is differentiable, ``||grad (z_i - z_j)(x)||`` is at most the true
+  Lipschitz constant of ``z_i - z_j``, so at most any valid ``L_ij`` (paper eq. 5's bound).
+  (At a kink, e.g. a ReLU input exactly 0, autodiff's one-sided choice need not be the
+  gradient of any nearby piece.) Their maximum over the points (``.max(0)``) thus shows how
+  much any tighter bound could still gain, and ``radii_of(logits, labels, result.max(0))``
+  bounds from above the radius that any valid global pairwise bound of this network can
+  certify. ``first_order_radii`` linearises each point instead.
+
+  Args:
+    model, params: the classifier.
+    images: uint8 (0..255) or float ([0, 1]) images ``(N, H, W, C)``.
+    batch_size: points per Jacobian. Memory grows with ``batch_size * K`` backward passes:
+      100 suits MNIST and CIFAR-10 with 10 classes; use less with many classes.
+
+  Returns:
+    ``(N, K, K)`` float64, each ``(K, K)`` symmetric with a zero diagonal.
+  """
+  pair_norms = margin_gradient_fn(model)
   out = [np.zeros((0,) + (model.num_classes,) * 2)]
   for i in range(0, len(images), batch_size):
     x = images[i : i + batch_size].astype(np.float32)
     if images.dtype == np.uint8:
       x = x / np.float32(255)
-    out.append(np.asarray(pair_norms(jnp.asarray(x)), np.float64))
+    out.append(np.asarray(pair_norms(params, jnp.asarray(x)), np.float64))
   return np.concatenate(out)
 
 
 def first_order_radii(logits: np.ndarray, labels: np.ndarray, grads: np.ndarray) -> np.ndarray:
-  """``min_{i != y} (z_y - z_i) / ||grad (z_y - z_i)(x)||`` per point ``(N,)``, 0 where
-  misclassified: eq. 5 with each point's own margin gradients (``margin_gradient_norms``)
-  in place of ``L``. NOT a certificate (the gradient at ``x``, not over the ball around
-  it), but a ceiling for local Lipschitz certificates: a bound over the ball is at least
-  the gradient at its centre, so none certifies a point at ``eps`` beyond this radius."""
+  """Eq. 5 with each point's own margin gradients in place of ``L``.
+
+  ``min_{i != y} (z_y - z_i) / ||grad (z_y - z_i)(x)||``, 0 where misclassified. NOT a
+  certificate (the gradient at ``x``, not over the ball around it), but a ceiling for local
+  Lipschitz certificates (``margin > eps * L_local``): a bound over the ball is at least the
+  gradient at its centre (where differentiable), so none certifies a point at ``eps`` beyond
+  this radius. Exact verifiers, which do not go through a Lipschitz constant, can.
+
+  Args:
+    logits: ``(N, K)``.
+    labels: ``(N,)`` integer labels.
+    grads: ``(N, K, K)`` from ``margin_gradient_norms``.
+
+  Returns:
+    ``(N,)`` radii, ``>= 0``.
+  """
   one = lambda z, y, g: losses.certified_radius(z[None], y[None], g)[0]
   args = (jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(grads, jnp.float32))
   return np.asarray(jax.vmap(one)(*args))

@@ -98,16 +98,19 @@ def format_certificates(results: dict) -> str:
 def format_margin_gradients(results: dict) -> str:
   """How tight the sound bound is (``reports.margin_gradients``), two lines; ``''`` when the
   report did not compute it."""
-  g = results.get("margin_gradients")
+  g, t = results.get("margin_gradients"), results.get("table1", {})
   if not g:
     return ""
   r = g["bound_ratio"]
   return (
     f"margin gradients at {g['points']} points: largest ||grad (z_i - z_j)|| mean "
-    f"{g['mean_pairwise']:.4g} over pairs (a lower bound of the true constant); sound LipLT "
-    f"is {r['mean']:.3f}x it ({r['min']:.3f}-{r['max']:.3f}x); no valid global pairwise "
-    f"bound of this network certifies more than {100 * g['ceiling_certified_accuracy']:.2f}%\n"
-    f"first-order radius (margin / its gradient at the point, not a certificate) > eps at "
-    f"{100 * g['first_order_accuracy']:.2f}% of the {g['points']} points (the bound "
-    f"certifies {100 * g['certified_accuracy']:.2f}%)"
+    f"{g['mean_pairwise']:.4g} over pairs (where differentiable, a lower bound of the true "
+    f"constant); sound LipLT is {r['mean']:.3f}x it ({r['min']:.3f}-{r['max']:.3f}x); with "
+    f"it in place of the bound {100 * g['ceiling_certified_accuracy']:.2f}% of the "
+    f"{t.get('num_test', '')} test points certify (the bound: "
+    f"{100 * t.get('certified_accuracy', float('nan')):.2f}%), a ceiling for any global "
+    f"pairwise bound\n"
+    f"first-order radius (margin / its gradient at the point, a ceiling for local Lipschitz "
+    f"certificates) > eps at {100 * g['first_order_accuracy']:.2f}% of the {g['points']} "
+    f"points (the bound certifies {100 * g['certified_accuracy']:.2f}%)"
   )

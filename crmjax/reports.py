@@ -18,8 +18,9 @@
   (certified-radius curves), ``soundness_check`` (points attacked, points certified,
   violations of any certificate) and ``margin_gradients`` (``config.margin_gradients``:
   the largest margin gradient per pair on the attacked points, a lower bound of the true
-  constant; the sound bound's ratio to it; the ceiling any global certificate could reach;
-  the share of those points whose first-order radius exceeds eps);
+  constant where the network is differentiable; the sound bound's ratio to it; the ceiling
+  any global certificate could reach; the share of those points whose first-order radius
+  exceeds eps);
 * ``figure1.png``: share of test points certified at each radius, naive vs LipLT (and the
   LipLT curve of a second run, ``config.compare_workdir``).
 
@@ -404,13 +405,23 @@ def margin_gradients(
   """How tight the sound pairwise LipLT ``bound`` is on this network (the results'
   ``margin_gradients``; ``None`` without ``config.margin_gradients``).
 
-  ``certify.margin_gradient_norms`` on the first ``config.pgd_subset`` points (0: all): their
-  maximum over the points is a lower bound of each pair's true Lipschitz constant. Reported:
-  its mean, the bound's ratio to it (mean, min, max over the pairs), the certified accuracy
-  at ``eps`` with it in place of the bound (the most that any valid global pairwise bound of
-  this network could certify: a ceiling, not a certificate), and, on those points, the share
-  whose first-order radius (``certify.first_order_radii``, each point's own gradients: not a
-  certificate) exceeds ``eps`` beside the share the bound certifies.
+  ``certify.margin_gradient_norms`` on the first ``config.pgd_subset`` points (0: all): where
+  the network is differentiable, their maximum over the points is a lower bound of each
+  pair's true Lipschitz constant. Reported: its mean, the bound's ratio to it (mean, min,
+  max over the pairs: the bound is at most that much above the true constant), the
+  certified accuracy over all the test points with it in place of the bound (the most that
+  any valid global pairwise bound of this network could certify: a ceiling, not a
+  certificate), and, on the first points, the share whose first-order radius
+  (``certify.first_order_radii``: a ceiling for local Lipschitz certificates) exceeds
+  ``eps`` beside the share the bound certifies.
+
+  Args:
+    run: the loaded run (its evaluated params).
+    config: the certification config (``margin_gradients``, ``pgd_subset``,
+      ``pgd_batch_size``, ``progress``).
+    images, logits, labels: the test points ``(N, H, W, C)`` uint8, ``(N, K)``, ``(N,)``.
+    bound: ``(K, K)`` the sound pairwise LipLT bound.
+    eps: the radius.
   """
   if not config.margin_gradients:
     return None

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -488,6 +489,21 @@ def test_certificates_use_highest_precision_logits():
   want = h @ p["layer_3"]["kernel"] + p["layer_3"]["bias"]
   got = certify.batched_logits(model, params, images, batch_size=3)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_margin_gradients_run_at_highest_precision_with_params_as_an_argument():
+  """Every dot and convolution of the Jacobian program carries HIGHEST precision, and the
+  params are arguments (not constants baked into the program): one compile serves new
+  params."""
+  model, params, images, _, _ = _tiny_model()
+  x = jnp.asarray(images, jnp.float32) / 255
+  fn = certify.margin_gradient_fn(model)
+  text = fn.lower(params, x).as_text()
+  ops = [l for l in text.splitlines() if "convolution" in l or "dot_general" in l]
+  assert len(ops) >= 3 and all("HIGHEST" in l for l in ops), ops
+  counted = jax.jit(chex.assert_max_traces(fn.__wrapped__, n=1))
+  other = jax.tree.map(lambda a: 2 * a, params)  # both layers doubled: gradients x 4
+  np.testing.assert_allclose(counted(other, x), 4 * counted(params, x), rtol=1e-5, atol=1e-6)
 
 
 def test_margin_gradient_norms_and_first_order_radii_match_float64_numpy_on_the_tiny_net():
