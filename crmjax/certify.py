@@ -49,13 +49,17 @@ def batched_logits(
   At the highest matmul precision (``certified_apply``): these logits make certificates.
   """
   apply = certified_apply(model)
-  out = []
+  out = [np.asarray(apply(params, x)) for x in _unit_batches(images, batch_size)]
+  return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
+
+
+def _unit_batches(images: np.ndarray, batch_size: int):
+  """float32 batches in [0, 1] pixel space of uint8 (0..255) or float ([0, 1]) images."""
   for i in range(0, len(images), batch_size):
     x = images[i : i + batch_size].astype(np.float32)
     if images.dtype == np.uint8:
       x = x / np.float32(255)  # as crmjax.data.epoch_batches
-    out.append(np.asarray(apply(params, x)))
-  return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
+    yield x
 
 
 def mean_pairwise(lip: np.ndarray) -> float:
@@ -120,10 +124,7 @@ def margin_gradient_norms(
   """
   pair_norms = margin_gradient_fn(model)
   out = [np.zeros((0,) + (model.num_classes,) * 2)]
-  for i in range(0, len(images), batch_size):
-    x = images[i : i + batch_size].astype(np.float32)
-    if images.dtype == np.uint8:
-      x = x / np.float32(255)
+  for x in _unit_batches(images, batch_size):
     out.append(np.asarray(pair_norms(params, jnp.asarray(x)), np.float64))
   return np.concatenate(out)
 

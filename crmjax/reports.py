@@ -353,6 +353,11 @@ def certificates(
   return certs, cert_radii
 
 
+def _attacked(config, num_test: int) -> int:
+  """How many of the first test points the report attacks (``config.pgd_subset``; 0: all)."""
+  return min(config.pgd_subset, num_test) if config.pgd_subset else num_test
+
+
 def attack_check(
   run: runs.Run, config, images, labels, checked: dict[str, np.ndarray], *, eps: float
 ) -> tuple[np.ndarray, dict]:
@@ -367,7 +372,7 @@ def attack_check(
   Raises:
     RuntimeError: PGD broke a point some certificate certifies at ``eps`` (a soundness bug).
   """
-  n = min(config.pgd_subset, len(labels)) if config.pgd_subset else len(labels)
+  n = _attacked(config, len(labels))
   steps, restarts = config.pgd_steps, config.pgd_restarts
   _phase(f"PGD on {n} points ({steps} steps x {restarts} restarts)", config.progress)
   broken = attacks.pgd_success(
@@ -425,7 +430,7 @@ def margin_gradients(
   """
   if not config.margin_gradients:
     return None
-  n = min(config.pgd_subset, len(labels)) if config.pgd_subset else len(labels)
+  n = _attacked(config, len(labels))
   _phase(f"margin gradients at {n} points", config.progress)
   t0 = time.perf_counter()
   grads = certify.margin_gradient_norms(
