@@ -27,7 +27,9 @@ Measured (docs/results.md; 2-core CPU, 20 epochs): 96.29% clean, **60.55% certif
 5 (``--config.crm.temperature=5``, 2026-12-07): 95.99% / 60.28%. With the bound every step
 (``--config.bound_every_steps=1``, 2026-12-07; 165-289 s per epoch beside a second run): 96.19%
 / 61.29%; at batch 16 as well (``--config.batch_size=16``, 2026-12-07, 210-248 s per epoch
-alone): 96.29% / 61.71%, the best 20-epoch figure. The runs below trained at temperature 5 (add
+alone): 96.29% / 61.71%; with the peak learning rate scaled by the square root of the batch
+(``--config.learning_rate=1.4e-3``, 2026-12-07, 220-261 s per epoch alone): 96.34% / 62.00%,
+the best 20-epoch figure. The runs below trained at temperature 5 (add
 that override to each): one step in 4 (``--config.bound_every_steps=4``, 2026-12-06): 95.98% /
 60.85% (76-103 s per epoch alone), and 96.03% / 60.44% at the raw weights
 (``--config.ema_decay=0``). Every step (``--config.bound_every_steps=1``; 233-318 s per epoch
