@@ -28,18 +28,18 @@ Measured (docs/results.md; 2-core CPU, 20 epochs): 96.29% clean, **60.55% certif
 (``--config.bound_every_steps=1``, 2026-12-07; 165-289 s per epoch beside a second run): 96.19%
 / 61.29%; at batch 16 as well (``--config.batch_size=16``, 2026-12-07, 210-248 s per epoch
 alone): 96.29% / 61.71%; with the peak learning rate scaled by the square root of the batch
-(``--config.learning_rate=1.4e-3``, 2026-12-07, 220-261 s per epoch alone): 96.34% / 62.00%,
-the best 20-epoch figure. The runs below trained at temperature 5 (add
-that override to each): one step in 4 (``--config.bound_every_steps=4``, 2026-12-06): 95.98% /
-60.85% (76-103 s per epoch alone), and 96.03% / 60.44% at the raw weights
-(``--config.ema_decay=0``). Every step (``--config.bound_every_steps=1``; 233-318 s per epoch
-beside a second run): 95.88% / 61.25%, and 95.88% / 60.98% at the raw weights. With 10 power
-iterations per step at the raw weights (``--config.train_solver=power --config.train_iters=10
---config.bound_every_steps=1 --config.ema_decay=0``; 2026-12-02, 5.5-7 min per epoch): 95.78% /
-60.12% and 95.77% / 60.41%; batch 64: 95.30% / 57.10%; batch 128: 94.22% / 53.91%; batch 256:
-93.45% / 51.42%; the reference recipe: 92.48% / 46.73%. The test curves of every epoch (clean
-accuracy, certified accuracy of the estimate) go to metrics.jsonl and TensorBoard; the final
-evaluation certifies with the sound bound.
+(``--config.learning_rate=1.4e-3``, 2026-12-07, 220-261 s per epoch alone): 96.34% / 62.00%, the
+best 20-epoch figure. The runs below trained at temperature 5 (add that override to each): one
+step in 4 (``--config.bound_every_steps=4``, 2026-12-06): 95.98% / 60.85% (76-103 s per epoch
+alone), and 96.03% / 60.44% at the raw weights (``--config.ema_decay=0``). Every step
+(``--config.bound_every_steps=1``; 233-318 s per epoch beside a second run): 95.88% / 61.25%,
+and 95.88% / 60.98% at the raw weights. With 10 power iterations per step at the raw weights
+(``--config.train_solver=power --config.train_iters=10 --config.bound_every_steps=1
+--config.ema_decay=0``; 2026-12-02, 5.5-7 min per epoch): 95.78% / 60.12% and 95.77% / 60.41%;
+batch 64: 95.30% / 57.10%; batch 128: 94.22% / 53.91%; batch 256: 93.45% / 51.42%; the reference
+recipe: 92.48% / 46.73%. The test curves of every epoch (clean accuracy, certified accuracy of
+the estimate) go to metrics.jsonl and TensorBoard; the final evaluation certifies with the sound
+bound.
 ``mnist_60.py`` is this recipe over 60 epochs.
 
 ``--config=experiments/configs/mnist.py:smoke`` is a seconds-long CPU variant for tests.
