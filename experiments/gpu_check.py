@@ -18,9 +18,9 @@ Steps, each a subprocess with its own time limit inside one overall budget (``--
 * ``bench``: ``experiments.benchmark`` on 4C3F, 6C2F and 8C2F at batch 512 (cross-entropy and
   CRM steps, CRM/CE ratios, compile times, peak memory);
 * ``depth``: ``experiments.benchmark``'s depth sweep of the bounds alone (L = 4 ... 32);
-* ``train``: the main MNIST command (``experiments/configs/mnist.py``, 20 epochs at batch 32:
-  1,875 steps per epoch; the vendored data, no download); ``--train-config`` and
-  ``--train-arg`` run another recipe instead, e.g. the 60-epoch recipe: ``--steps
+* ``train``: the main MNIST command (``experiments/configs/mnist.py``, 20 epochs at batch 16:
+  3,750 steps per epoch, the bound on each; the vendored data, no download); ``--train-config``
+  and ``--train-arg`` run another recipe instead, e.g. the 60-epoch recipe: ``--steps
   install,env,train,certify --train-config experiments/configs/mnist_60.py``;
 * ``certify``: ``experiments.certify`` on that run (its latest checkpoint, also when the
   training step ran out of time).

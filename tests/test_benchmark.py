@@ -148,9 +148,9 @@ def test_random_state_is_shaped_like_create_state_with_fresh_optimizer_state():
 
 def test_models_take_their_shapes_from_their_dataset():
   from crmjax import data
-  from experiments.configs import cifar, mnist, tiny_imagenet
+  from experiments.configs import cifar, mnist_fast, tiny_imagenet
 
-  for config in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config()):
+  for config in (mnist_fast.get_config(), cifar.get_config(), tiny_imagenet.get_config()):
     want = (config.dataset, config.train_iters, config.train_solver, config.bound_every_steps)
     assert benchmark_config.MODELS[config.model] == want
   for name, (dataset, *_) in benchmark_config.MODELS.items():
@@ -188,12 +188,12 @@ def test_time_steps_threads_outputs_into_the_next_call_and_times_after_warmup():
 
 
 def test_default_settings_time_the_recipe_batch_too():
-  """The default run times each model at batch 512 and at the MNIST recipe's batch 32 (where
-  the bound is the largest share of a step); the smoke run at its one batch."""
-  from experiments.configs import mnist
+  """The default run times each model at batch 512 and at the fast MNIST recipe's batch 32
+  (where the bound is the largest share of a step); the smoke run at its one batch."""
+  from experiments.configs import mnist_fast
 
   config = benchmark_config.get_config()
-  assert config.small_batch_size == mnist.get_config().batch_size == 32
+  assert config.small_batch_size == mnist_fast.get_config().batch_size == 32
   assert benchmark.model_batches("4C3F", config) == [512, 32]
   assert benchmark.model_batches("6C2F", config) == [512, 32]
   config.batch_size = 32

@@ -14,6 +14,7 @@ from experiments.configs import (
   epoch_curves,
   mnist,
   mnist_60,
+  mnist_fast,
   mnist_reference,
   residual,
   tightness,
@@ -21,7 +22,7 @@ from experiments.configs import (
 )
 
 
-@pytest.mark.parametrize("module", [mnist, mnist_60, cifar, tiny_imagenet])
+@pytest.mark.parametrize("module", [mnist, mnist_fast, mnist_60, cifar, tiny_imagenet])
 @pytest.mark.parametrize("variant", ["", "smoke"])
 def test_configs_validate(module, variant):
   config = module.get_config(variant)
@@ -31,9 +32,10 @@ def test_configs_validate(module, variant):
 
 
 def test_mnist_recipes_differ_only_where_their_docstrings_say():
-  ref, main, long = (m.get_config().to_dict() for m in (mnist_reference, mnist, mnist_60))
+  recipes = (mnist_reference, mnist_fast, mnist, mnist_60)
+  ref, fast, main, long = (m.get_config().to_dict() for m in recipes)
   config_schema.validate_config(mnist_reference.get_config(), num_devices=1)
-  changed = {k for k in ref if ref[k] != main[k]}
+  changed = {k for k in ref if ref[k] != fast[k]}
   assert changed == {
     "batch_size",
     "lr_schedule",
@@ -46,16 +48,26 @@ def test_mnist_recipes_differ_only_where_their_docstrings_say():
     "ema_decay",
     "crm",  # temperature 20, not the reference's 5
   }
-  crm = {k for k in ref["crm"] if ref["crm"][k] != main["crm"][k]}
+  crm = {k for k in ref["crm"] if ref["crm"][k] != fast["crm"][k]}
   assert crm == {"temperature"}
-  assert (ref["crm"]["temperature"], main["crm"]["temperature"]) == (5, 20)
-  assert {k for k in main if main[k] != long[k]} == {"num_epochs", "bound_every_steps"}
-  assert (main["batch_size"], long["batch_size"], long["num_epochs"]) == (32, 32, 60)
-  assert (main["bound_every_steps"], long["bound_every_steps"]) == (5, 4)
+  assert (ref["crm"]["temperature"], fast["crm"]["temperature"]) == (5, 20)
+  # The main command: the fast recipe at batch 16, the bound every step, the peak 2e-3 *
+  # sqrt(16 / 32); the 60-epoch recipe: the fast one stretched, the bound on one step in 4.
+  assert {k for k in fast if fast[k] != main[k]} == {
+    "batch_size",
+    "bound_every_steps",
+    "learning_rate",
+  }
+  assert (main["batch_size"], main["bound_every_steps"], main["learning_rate"]) == (16, 1, 1.4e-3)
+  assert (fast["batch_size"], fast["bound_every_steps"], fast["learning_rate"]) == (32, 5, 2e-3)
+  assert {k for k in fast if fast[k] != long[k]} == {"num_epochs", "bound_every_steps"}
+  assert (long["batch_size"], long["num_epochs"], long["bound_every_steps"]) == (32, 60, 4)
+  # The smoke runs the tests train are the same for the main and the fast recipe.
+  assert mnist.get_config("smoke").to_dict() == mnist_fast.get_config("smoke").to_dict()
 
 
 def test_unknown_variant_is_refused():
-  for module in (mnist, mnist_60, cifar, tiny_imagenet):
+  for module in (mnist, mnist_fast, mnist_60, cifar, tiny_imagenet):
     with pytest.raises(ValueError, match="unknown variant"):
       module.get_config("huge")
 

@@ -100,6 +100,12 @@ def test_recorded_runs_are_per_epoch_test_records_ending_as_the_results_say():
     (20, 61.5, 96.2, 11.586722373962402),  # the same at soft-min temperature 20
     (20, 61.6, 95.9, 10.831128120422363),  # every step at batch 16
     (20, 61.8, 96.3, 12.493124961853027),  # the same at temperature 20 and the moving average
+    (
+      20,
+      62.0,
+      96.4,
+      10.990551948547363,
+    ),  # the main command since 2026-12-07, evening: a second seed
     (20, 62.1, 96.3, 11.309893608093262),  # the same with a 1.4e-3 peak learning rate
     (60, 61.8, 96.2, 10.0),
     (60, 62.3, 96.3, 13.820914268493652),  # the 60-epoch run of today's recipe

@@ -8,14 +8,14 @@ to 16). Per-model fields are keyed by model name: override them with brackets, e
 
 import ml_collections
 
-from experiments.configs import cifar, default, mnist, tiny_imagenet
+from experiments.configs import cifar, default, mnist_fast, tiny_imagenet
 
 # name: (dataset, warm-started iterations per CRM step, their solver, steps per bound
 # computation). The input shape and the number of classes are the dataset's
 # (crmjax.data.dataset_info); the paper's models take the rest from their training config.
 MODELS = {
   c.model: (c.dataset, c.train_iters, c.train_solver, c.bound_every_steps)
-  for c in (mnist.get_config(), cifar.get_config(), tiny_imagenet.get_config())
+  for c in (mnist_fast.get_config(), cifar.get_config(), tiny_imagenet.get_config())
 }
 MODELS.update({name: MODELS["4C3F"] for name in ("Res4C3F", "MLP")})  # MNIST-size
 
@@ -35,8 +35,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.bound_every = _per_model(3)
   c.batch_size = 512
   c.batch_sizes = ml_collections.ConfigDict({name: 0 for name in MODELS})  # 0 = batch_size
-  # Every model is timed again at this batch (0: not): the MNIST recipe's batch, where the
-  # bound, whose cost does not depend on the batch, is the largest share of a step.
+  # Every model is timed again at this batch (0: not): the batch of the fast MNIST recipe
+  # (mnist_fast.py), where the bound, whose cost does not depend on the batch, is the largest
+  # share of a step.
   c.small_batch_size = 32
   # columns not measured per model (printed as 'skipped'): any of benchmark.COLUMNS
   c.skip = ml_collections.ConfigDict({name: () for name in MODELS})

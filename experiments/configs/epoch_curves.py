@@ -1,13 +1,14 @@
 """Per-epoch test curves of MNIST runs (``experiments.epoch_curves``).
 
-``--config=experiments/configs/epoch_curves.py:smoke`` draws the main recipe's run alone.
+``--config=experiments/configs/epoch_curves.py:smoke`` draws the fast recipe's first run alone.
 """
 
 import ml_collections
 
 from experiments.configs import default
 
-MAIN_RUN = "mnist.py (batch 32), 20 epochs, 2026-12-02"  # the main command's first run
+# The fast recipe's first run (its config was then mnist.py).
+MAIN_RUN = "mnist.py (batch 32), 20 epochs, 2026-12-02"
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

@@ -16,8 +16,8 @@ The paper's settings (t=5, r0=2.2, lambda=30, 10 power iterations, Adam 1e-3, ba
 
 Measured (docs/results.md, 2026-11-25): 92.48% clean, 46.73% certified at eps = 1.58 with the
 sound bound of the time (power method); the reference code: 90.83% / 41.85%.
-``experiments/configs/mnist.py`` is the main command's recipe: this one with batch 32 and a
-one-cycle learning rate.
+``mnist_fast.py`` is this one with batch 32 and a one-cycle learning rate; ``mnist.py``, the
+main command's recipe, is that at batch 16 with the bound every step.
 
   python -m experiments.mnist --config=experiments/configs/mnist_reference.py --workdir=runs/mnist_reference
 """

@@ -9,13 +9,13 @@ and CtrlConv). Other models: ``--config.models=...`` (registered architecture na
 
 import ml_collections
 
-from experiments.configs import default, mnist
+from experiments.configs import default, mnist_fast
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  t = mnist.get_config()
-  # The main MNIST recipe (mnist.py: g(r) = -r, one-cycle learning rate), shortened, at the
+  t = mnist_fast.get_config()
+  # The fast MNIST recipe (mnist_fast.py: g(r) = -r, one-cycle learning rate), shortened, at the
   # batch (64) of the runs measured in docs/results.md.
   t.num_epochs, t.train_subset, t.batch_size = 3, 20000, 64
   t.progress_bar = False
