@@ -18,7 +18,7 @@ Measured (docs/results.md; 2-core CPU, 20 epochs, 2026-12-07): 96.34% clean, **6
 certified** at eps = 1.58 with the sound bound (220-261 s per epoch alone); a second run with
 ``--config.seed=1``: 96.36% / 61.94% (82 min wall beside a lower-priority run). Each epoch costs
 2-3x that of ``mnist_fast.py`` (60.55%). At the 2e-3 peak (``--config.learning_rate=2e-3``):
-96.29% / 61.71%. ``mnist_60.py`` is the fast recipe over 60 epochs.
+96.29% / 61.71%. ``mnist_60.py`` is the fast recipe over 60 epochs (the bound on one step in 4).
 
 ``--config=experiments/configs/mnist.py:smoke`` is a seconds-long CPU variant for tests (the
 same as ``mnist_fast.py``'s).
