@@ -112,7 +112,7 @@ def test_recorded_runs_are_per_epoch_test_records_ending_as_the_results_say():
     (60, 62.5, 96.2, 10.75844955444336),  # the 60-epoch batch-32 run, unrounded
     (60, 62.6, 96.6, 15.010294914245605),  # the 60-epoch run at temperature 20
     (60, 62.9, 96.7, 10.961478233337402),  # batch 16, a 1.4e-3 peak, the bound on one step in 2
-    (60, 63.1, 96.5, 10.758996963500977),  # the same with the bound every step
+    (60, 63.1, 96.5, 10.758996963500977),  # temperature 20 with the bound every step
   ]
   assert recorded["marks"]["test/certified_accuracy_estimate"]["paper, 400 epochs (sound)"] == 63.37
 
