@@ -50,6 +50,7 @@ ADDED_FIELDS: Mapping[str, Any] = {
   "stop_after_steps": 0,
   "crm.penalty": "exp",
   "crm.normalize": "correct",
+  "crm.r_floor": 0.0,
   "augment.rotation_degrees": 0.0,
   "augment.translation": 0.0,
   "augment.fill": 0.0,
@@ -219,6 +220,8 @@ def _validate_training(config) -> None:
   for field in ("r0", "r0_start"):
     if crm[field] is not None and not crm[field] > 0:
       bad(f"crm.{field}", crm[field], "the target radius must be > 0")
+  if not 0 <= crm.r_floor < crm.r0:
+    bad("crm.r_floor", crm.r_floor, "use 0 <= r_floor < r0 (0: every point below r0)")
   if crm.r0_start is not None and not crm.ramp_epochs:
     bad(
       "crm.r0_start",

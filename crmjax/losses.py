@@ -91,13 +91,15 @@ def crm_loss(
   r0: float | jax.Array,
   penalty: Callable[..., jax.Array] | None = None,
   normalize: str = "correct",
+  r_floor: float | jax.Array = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The CRM objective (paper eq. 8): cross-entropy plus a certified-radius penalty.
 
   ``loss = CE + lam * sum_b mask_b g(R_soft_b) / max(1, sum_b correct_b)``, where
   ``R_soft`` is eq. 6 with the pairwise bound, ``mask`` selects correctly classified points
   whose certified radius is below ``r0`` (points already certified beyond ``r0`` are left
-  alone), and the mean runs over the correctly classified points (``normalize='correct'``)
+  alone) and at least ``r_floor`` (0: all of them; above 0, points too close to the decision
+  boundary to be certified soon are left to the cross-entropy, a crmjax option), and the mean runs over the correctly classified points (``normalize='correct'``)
   or over the whole batch (``normalize='batch'``: divide by ``B``, eq. 8's plain mean).
 
   Args:
@@ -109,6 +111,7 @@ def crm_loss(
     r0: radius threshold above which points are not penalised.
     penalty: ``g``; called as ``g(r, temperature=t)``. Default ``exp_penalty``.
     normalize: ``'correct'`` or ``'batch'`` (``PENALTY_NORMALIZATIONS``), see above.
+    r_floor: radius below which correctly classified points are not penalised (0: none).
 
   Returns:
     ``(loss, aux)`` with aux ``ce``, ``penalty``, ``accuracy``, ``radius`` (mean certified
@@ -120,7 +123,7 @@ def crm_loss(
   ce = cross_entropy(logits, labels)
   correct = jnp.argmax(logits, axis=1) == labels
   radius = certified_radius(logits, labels, lip)
-  mask = correct & (radius < r0)
+  mask = correct & (radius < r0) & (radius >= r_floor)
   g = penalty(soft_radius(logits, labels, lip, temperature=temperature), temperature=temperature)
   count = jnp.maximum(jnp.sum(correct), 1) if normalize == "correct" else labels.shape[0]
   reg = jnp.sum(jnp.where(mask, g, 0.0)) / count

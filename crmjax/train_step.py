@@ -50,6 +50,15 @@ def penalty_schedules(
   return lam, r0
 
 
+def floor_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """``r_floor(step)`` of ``losses.crm_loss``: 0 until the penalty switches on, then linear to
+  ``crm.r_floor`` at the last step. A floor from the first CRM step would leave every point
+  unpenalised (all radii start near 0) and the bound would never be pushed down."""
+  start = config.crm.warmup_epochs * steps_per_epoch
+  span = max(config.num_epochs * steps_per_epoch - start, 1)
+  return optax.linear_schedule(0.0, config.crm.r_floor, span, transition_begin=start)
+
+
 def pairwise_bound(
   model: models.Model,
   params,
@@ -165,6 +174,7 @@ def make_train_step(
   (the power state is not advanced).
   """
   lam_fn, r0_fn = penalty_schedules(config, steps_per_epoch)
+  floor_fn = floor_schedule(config, steps_per_epoch)
   every = config.bound_every_steps if regularized else 1
 
   def loss_fn(params, power, images, labels, step, log_d=None, reused=None):
@@ -189,6 +199,7 @@ def make_train_step(
         r0=r0_fn(step),
         penalty=losses.PENALTIES[config.crm.penalty],
         normalize=config.crm.normalize,
+        r_floor=floor_fn(step),
       )
     K = lip.shape[0]
     aux["lip"] = jnp.sum(value) / (K * (K - 1))

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from crmjax import checkpoint, train_state
+from tests.conftest import QUICK_COMPILE
 from tests.distributed_worker import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +41,7 @@ def _free_port() -> int:
 def _env(cache: str) -> dict:
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env["JAX_COMPILATION_CACHE_DIR"] = cache  # per process: see tests/conftest.py
+  env.update(QUICK_COMPILE)  # the MLP's steps are compile-bound (tests/conftest.py)
   env.pop("XLA_FLAGS", None)
   return env
 

@@ -79,11 +79,11 @@ def ce_np(logits, labels):
   return -logp[np.arange(len(labels)), labels].mean()
 
 
-def crm_np(logits, labels, lip, *, lam, t, r0, g=None):
+def crm_np(logits, labels, lip, *, lam, t, r0, g=None, r_floor=0.0):
   g = (lambda r: np.exp(-t * r) / t) if g is None else g
   correct = np.asarray(logits).argmax(1) == labels
   rad = radius_np(logits, labels, lip)
-  mask = correct & (rad < r0)
+  mask = correct & (rad < r0) & (rad >= r_floor)
   pen = np.where(mask, g(soft_radius_np(logits, labels, lip, t)), 0.0).sum()
   pen /= max(1, correct.sum())
   return ce_np(logits, labels) + lam * pen, pen, mask, correct, rad
@@ -250,6 +250,23 @@ def test_crm_loss_matches_numpy(seed, lam):
   np.testing.assert_allclose(aux["penalised"], mask.mean(), rtol=1e-6)
   # the intended mask: misclassified (0) and above-r0 (1) points are not penalised
   assert not mask[0] and not mask[1] and mask[2:].all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_crm_floor_leaves_points_below_it_to_the_cross_entropy(seed):
+  logits, labels, lip = _batch(seed)
+  rad = radius_np(logits, labels, lip)
+  penalised = (logits.argmax(1) == labels) & (rad < R0)
+  floor = float(np.median(rad[penalised]))  # splits the penalised points
+  got, aux = losses.crm_loss(*_j(logits, labels, lip), lam=2.0, temperature=T, r0=R0, r_floor=floor)
+  want, pen, mask, *_ = crm_np(logits, labels, lip, lam=2.0, t=T, r0=R0, r_floor=floor)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(aux["penalty"], pen, rtol=1e-5)
+  np.testing.assert_allclose(aux["penalised"], mask.mean(), rtol=1e-6)
+  assert 0 < mask.sum() < penalised.sum()  # the floor dropped some penalised points, not all
+  # still the mean over all correctly classified points, not over the penalised ones
+  full = crm_np(logits, labels, lip, lam=2.0, t=T, r0=R0)[1]
+  assert pen < full
 
 
 def test_crm_mask_mean_and_lam_scaling():

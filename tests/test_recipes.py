@@ -179,6 +179,7 @@ def test_a_schedule_setting_the_schedule_never_reads_is_refused(overrides, match
     ("crm.ramp_epochs", -1, r"--config\.crm\.ramp_epochs=-1 is invalid"),
     ("crm.r0", 0.0, r"--config\.crm\.r0=0\.0 is invalid: the target radius must be > 0"),
     ("crm.r0_start", 1.0, r"crm\.r0_start=1\.0 is invalid: it is where r0's ramp starts, and"),
+    ("crm.r_floor", 2.2, r"--config\.crm\.r_floor=2\.2 is invalid: use 0 <= r_floor < r0"),
     ("normalize", (0.13, 0.31), r"--config\.normalize=\(0\.13, 0\.31\) is invalid: use \(\(mean"),
     ("normalize", ((0.13,), (0.0,)), r"--config\.normalize=.* is invalid: .*every std > 0"),
     (

@@ -413,6 +413,18 @@ def test_lambda_and_r0_ramp_after_the_warmup():
     assert [float(r0_fn(s)) for s in (0, 9, 10, 20, 50)] == [2.5] * 5
 
 
+def test_r_floor_rises_from_zero_after_the_warmup_to_its_value_at_the_last_step():
+  config = _tiny_config()
+  config.num_epochs, config.crm.warmup_epochs, config.crm.r_floor = 5, 1, 0.8
+  spe = 10  # warm-up = steps 0-9, the floor rises over steps 10-50
+  floor_fn = train_step.floor_schedule(config, spe)
+  for s in (0, 9, 10, 20, 30, 50, 60):
+    want = 0.8 * min(max(s - 10, 0) / 40, 1.0)
+    np.testing.assert_allclose(float(floor_fn(s)), want, rtol=1e-6, atol=1e-7, err_msg=s)
+  config.crm.r_floor = 0.0  # the default: no floor at any step
+  assert all(float(train_step.floor_schedule(config, spe)(s)) == 0.0 for s in (0, 10, 50))
+
+
 # ------------------------------------------------------------ the moving average of the weights
 
 

@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.crm.r0 = 2.2
   # Where r0 starts its ramp (crm.ramp_epochs > 0); None: no r0 ramp, r0 from the start.
   c.crm.r0_start = ml_collections.FieldReference(None, field_type=float)
+  # Correctly classified points certified below a floor get no penalty, only cross-entropy;
+  # the floor rises linearly from 0 when the penalty switches on to r_floor at the last step
+  # (0: all points below r0 are penalised, as in the paper).
+  c.crm.r_floor = 0.0
   c.crm.penalty = "exp"  # g of eq. 8: exp (g(r) = exp(-t r) / t) | linear (g(r) = -r)
   c.crm.warmup_epochs = 5  # plain cross-entropy before the penalty switches on
   c.crm.ramp_epochs = 0  # 0 = constant lambda / r0 after the warm-up, else a linear ramp
