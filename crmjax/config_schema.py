@@ -220,8 +220,15 @@ def _validate_training(config) -> None:
   for field in ("r0", "r0_start"):
     if crm[field] is not None and not crm[field] > 0:
       bad(f"crm.{field}", crm[field], "the target radius must be > 0")
-  if not 0 <= crm.r_floor < crm.r0:
-    bad("crm.r_floor", crm.r_floor, "use 0 <= r_floor < r0 (0: every point below r0)")
+  lowest_r0 = min(crm.r0, crm.r0 if crm.r0_start is None else crm.r0_start)
+  if not 0 <= crm.r_floor < lowest_r0:
+    bad(
+      "crm.r_floor",
+      crm.r_floor,
+      "use 0 <= r_floor < r0 (and < r0_start with an r0 ramp; 0: every point below r0)",
+    )
+  if crm.r_floor and config.loss != "crm":
+    bad("crm.r_floor", crm.r_floor, "it is a setting of the CRM penalty: use --config.loss=crm")
   if crm.r0_start is not None and not crm.ramp_epochs:
     bad(
       "crm.r0_start",

@@ -99,8 +99,9 @@ def crm_loss(
   ``R_soft`` is eq. 6 with the pairwise bound, ``mask`` selects correctly classified points
   whose certified radius is below ``r0`` (points already certified beyond ``r0`` are left
   alone) and at least ``r_floor`` (0: all of them; above 0, points too close to the decision
-  boundary to be certified soon are left to the cross-entropy, a crmjax option), and the mean runs over the correctly classified points (``normalize='correct'``)
-  or over the whole batch (``normalize='batch'``: divide by ``B``, eq. 8's plain mean).
+  boundary to be certified soon are left to the cross-entropy, a crmjax option), and the
+  mean runs over the correctly classified points (``normalize='correct'``) or over the whole
+  batch (``normalize='batch'``: divide by ``B``, eq. 8's plain mean).
 
   Args:
     logits: ``(B, K)``.

@@ -52,10 +52,11 @@ def penalty_schedules(
 
 def floor_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
   """``r_floor(step)`` of ``losses.crm_loss``: 0 until the penalty switches on, then linear to
-  ``crm.r_floor`` at the last step. A floor from the first CRM step would leave every point
-  unpenalised (all radii start near 0) and the bound would never be pushed down."""
+  ``crm.r_floor`` at the last step (``num_epochs * steps_per_epoch - 1``). A floor from the
+  first CRM step would leave every point unpenalised (all radii start near 0) and the bound
+  would never be pushed down."""
   start = config.crm.warmup_epochs * steps_per_epoch
-  span = max(config.num_epochs * steps_per_epoch - start, 1)
+  span = max(config.num_epochs * steps_per_epoch - 1 - start, 1)
   return optax.linear_schedule(0.0, config.crm.r_floor, span, transition_begin=start)
 
 

@@ -255,18 +255,19 @@ def test_crm_loss_matches_numpy(seed, lam):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_crm_floor_leaves_points_below_it_to_the_cross_entropy(seed):
   logits, labels, lip = _batch(seed)
-  rad = radius_np(logits, labels, lip)
+  args = _j(logits, labels, lip)
+  rad = np.asarray(losses.certified_radius(*args))  # float32, as the loss compares them
   penalised = (logits.argmax(1) == labels) & (rad < R0)
-  floor = float(np.median(rad[penalised]))  # splits the penalised points
-  got, aux = losses.crm_loss(*_j(logits, labels, lip), lam=2.0, temperature=T, r0=R0, r_floor=floor)
+  low, high = np.sort(rad[penalised])[:2]
+  floor = float(np.float32((low + high) / 2))  # between the two smallest penalised radii
+  got, aux = losses.crm_loss(*args, lam=2.0, temperature=T, r0=R0, r_floor=floor)
   want, pen, mask, *_ = crm_np(logits, labels, lip, lam=2.0, t=T, r0=R0, r_floor=floor)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(aux["penalty"], pen, rtol=1e-5)
-  np.testing.assert_allclose(aux["penalised"], mask.mean(), rtol=1e-6)
-  assert 0 < mask.sum() < penalised.sum()  # the floor dropped some penalised points, not all
-  # still the mean over all correctly classified points, not over the penalised ones
-  full = crm_np(logits, labels, lip, lam=2.0, t=T, r0=R0)[1]
-  assert pen < full
+  assert float(aux["penalised"]) * B == penalised.sum() - 1  # only the smallest one dropped
+  # A point exactly at the floor is still penalised (radius >= floor).
+  _, at = losses.crm_loss(*args, lam=2.0, temperature=T, r0=R0, r_floor=float(high))
+  assert float(at["penalised"]) * B == penalised.sum() - 1
 
 
 def test_crm_mask_mean_and_lam_scaling():

@@ -180,6 +180,7 @@ def test_a_schedule_setting_the_schedule_never_reads_is_refused(overrides, match
     ("crm.r0", 0.0, r"--config\.crm\.r0=0\.0 is invalid: the target radius must be > 0"),
     ("crm.r0_start", 1.0, r"crm\.r0_start=1\.0 is invalid: it is where r0's ramp starts, and"),
     ("crm.r_floor", 2.2, r"--config\.crm\.r_floor=2\.2 is invalid: use 0 <= r_floor < r0"),
+    ("crm.r_floor", -0.1, r"--config\.crm\.r_floor=-0\.1 is invalid: use 0 <= r_floor < r0"),
     ("normalize", (0.13, 0.31), r"--config\.normalize=\(0\.13, 0\.31\) is invalid: use \(\(mean"),
     ("normalize", ((0.13,), (0.0,)), r"--config\.normalize=.* is invalid: .*every std > 0"),
     (
@@ -206,6 +207,27 @@ def test_settings_that_would_fail_late_or_do_nothing_are_refused_up_front(field,
   config_schema.validate_config(ok, num_devices=1)
   ok.crm.r0_start, ok.crm.ramp_epochs = 1.0, 1  # r0_start with its ramp
   config_schema.validate_config(ok, num_devices=1)
+  ok.crm.r_floor = 0.9  # below r0 and r0_start
+  config_schema.validate_config(ok, num_devices=1)
+
+
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
+    ({"r0_start": 1.0, "ramp_epochs": 1}, r"r_floor=1\.5 is invalid: .*< r0_start with an r0 ramp"),
+    ({"loss": "gloro"}, r"r_floor=1\.5 is invalid: it is a setting of the CRM penalty"),
+  ],
+)
+def test_a_floor_above_the_ramps_r0_or_without_the_crm_penalty_is_refused(overrides, match):
+  c = _tiny_config(num_epochs=2)
+  c.crm.r_floor = 1.5
+  config_schema.validate_config(c, num_devices=1)  # below r0 = 2.2, no ramp: valid
+  if "loss" in overrides:
+    c.loss = overrides["loss"]
+  else:
+    c.crm.r0_start, c.crm.ramp_epochs = overrides["r0_start"], overrides["ramp_epochs"]
+  with pytest.raises(ValueError, match=match):
+    config_schema.validate_config(c, num_devices=1)
 
 
 def _adam_reference(grads, *, lr, wd=0.0, clip=0.0, p0=1.0, b1=0.9, b2=0.999, eps=1e-8):

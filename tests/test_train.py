@@ -418,11 +418,34 @@ def test_r_floor_rises_from_zero_after_the_warmup_to_its_value_at_the_last_step(
   config.num_epochs, config.crm.warmup_epochs, config.crm.r_floor = 5, 1, 0.8
   spe = 10  # warm-up = steps 0-9, the floor rises over steps 10-50
   floor_fn = train_step.floor_schedule(config, spe)
-  for s in (0, 9, 10, 20, 30, 50, 60):
-    want = 0.8 * min(max(s - 10, 0) / 40, 1.0)
+  for s in (0, 9, 10, 20, 30, 49, 60):  # 49: the last step
+    want = 0.8 * min(max(s - 10, 0) / 39, 1.0)
     np.testing.assert_allclose(float(floor_fn(s)), want, rtol=1e-6, atol=1e-7, err_msg=s)
   config.crm.r_floor = 0.0  # the default: no floor at any step
-  assert all(float(train_step.floor_schedule(config, spe)(s)) == 0.0 for s in (0, 10, 50))
+  assert all(float(train_step.floor_schedule(config, spe)(s)) == 0.0 for s in (0, 10, 49))
+
+
+def test_the_training_step_applies_the_floor_of_its_step():
+  """With every correct point below r0, the step at the start penalises all of them and the
+  last step (the floor above every radius) none."""
+  config = _tiny_config()
+  config.num_epochs, config.crm.warmup_epochs, config.crm.r0 = 2, 0, 1e3
+  config.crm.r_floor = 999.0
+  spe = 5
+  model = train_state.make_model(config)
+  tx = optax.sgd(0.0)
+  rep, bat = train_state.make_mesh(jax.devices()[:1])
+  x, _ = _batch(32, seed=3)
+  step = train_step.jit_step(
+    train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=spe), rep, bat
+  )
+  penalised = []
+  for at_step in (0, 2 * spe - 1):
+    state = train_state.create_state(model, tx, 0).replace(step=jnp.asarray(at_step, jnp.int32))
+    state = jax.device_put(state, rep)
+    y = jnp.argmax(model.apply(state.params, x), axis=1)  # every point correct
+    penalised.append(float(step(state, x, y)[1]["penalised"]))
+  assert penalised == [1.0, 0.0]
 
 
 # ------------------------------------------------------------ the moving average of the weights
