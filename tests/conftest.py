@@ -76,3 +76,29 @@ def _full_xla_optimisation_when_marked(request):
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+# The files that take longest, longest first (seconds of their tests in a two-worker run of the
+# whole suite, 2026-12-08). With ``--dist loadfile --no-loadscope-reorder`` (README's test
+# command) pytest-xdist hands files to the workers in collection order, so these start first
+# and the many short files even out the two workers' ends. xdist's own order (files with the
+# most tests first) started the single-test files of a minute or more last, so one worker
+# ran on alone at the end.
+LONGEST_FILES = (
+  "test_notebooks.py",  # ~115 s
+  "test_soundness.py",  # ~110 s
+  "test_train.py",  # ~100 s
+  "test_gpu_check.py",  # ~85 s
+  "test_liplt.py",  # ~85 s
+  "test_controlled.py",  # ~55 s
+  "test_distributed.py",  # ~45 s
+  "test_faults.py",  # ~45 s
+  "test_rescaled_training.py",  # ~40 s
+  "test_nnx.py",  # ~35 s
+  "test_recipes.py",  # ~35 s
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: others as before
