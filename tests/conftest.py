@@ -78,12 +78,12 @@ def _full_xla_optimisation_when_marked(request):
     jax.config.update("jax_disable_most_optimizations", before)
 
 
-# The files that take longest, longest first (seconds of their tests in a two-worker run of the
-# whole suite, 2026-12-08). With ``--dist loadfile --no-loadscope-reorder`` (README's test
-# command) pytest-xdist hands files to the workers in collection order, so these start first
-# and the many short files even out the two workers' ends. xdist's own order (files with the
-# most tests first) started the single-test files of a minute or more last, so one worker
-# ran on alone at the end.
+# The files that take longest, longest first (their slowest tests' seconds, from --durations in
+# a two-worker run of the whole suite, 2026-12-08). With ``--dist loadfile
+# --no-loadscope-reorder`` (README's test command) pytest-xdist hands files to the workers in
+# collection order, so these start first and the many short files even out the two workers'
+# ends. xdist's own order (files with the most tests first) handed the files of few but
+# minute-long tests out last, where one can leave the other worker with nothing to do.
 LONGEST_FILES = (
   "test_notebooks.py",  # ~115 s
   "test_soundness.py",  # ~110 s
