@@ -432,9 +432,7 @@ def test_the_training_step_applies_the_floor_of_its_step():
   config.num_epochs, config.crm.warmup_epochs, config.crm.r0 = 2, 0, 1e3
   config.crm.r_floor = 999.0
   spe = 5
-  model = train_state.make_model(config)
-  tx = optax.sgd(0.0)
-  rep, bat = train_state.make_mesh(jax.devices()[:1])
+  model, tx, rep, bat, _ = _setup(config, jax.devices()[:1])
   x, _ = _batch(32, seed=3)
   step = train_step.jit_step(
     train_step.make_train_step(model, tx, config, regularized=True, steps_per_epoch=spe), rep, bat
